@@ -1,0 +1,187 @@
+"""The `hemaclip` command line. Each command is a thin shell over the library; errors a user can
+fix (bad files, options, checkpoints) print one line on stderr and exit with status 1."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hemaclip import __version__
+from hemaclip.errors import HemaclipError
+
+app = typer.Typer(
+    name="hemaclip",
+    help=(
+        "Morphology-aware image-text learning for blood-cell images (research software, not for diagnosis).\n\n"
+        "Data is read from --data DIR, else $HEMACLIP_DATA, else ../shared/data beside the repository."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect the datasets: counts per split and class, duplicates found.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+DataOption = Annotated[
+    Optional[Path], typer.Option("--data", help="Data root (default: $HEMACLIP_DATA, else ../shared/data).", show_default=False)
+]
+DATASET_NAMES = ("wbcatt", "pbc", "pbc11", "all")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"hemaclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """hemaclip: teach a model to see blood cells the way a haematologist describes them."""
+
+
+@data_app.command("summary")
+def data_summary(
+    data: DataOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the splits made for datasets that ship none.")] = 0,
+) -> None:
+    """Count files, duplicates, and images per split and class for every dataset found under the data root.
+
+    Example: hemaclip data summary --json
+    """
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.paths import resolve_data_root
+
+    root = resolve_data_root(data)
+    report: dict = {"data_root": str(root), "datasets": {}}
+    for name in DATASET_NAMES:
+        try:
+            report["datasets"][name] = load_dataset(name, data_root=root, seed=seed).summary(root)
+        except HemaclipError as exc:
+            report["datasets"][name] = {"dataset": name, "absent_or_invalid": str(exc)}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, summary in report["datasets"].items():
+        if "absent_or_invalid" in summary:
+            console.print(f"[yellow]{name}[/]: {summary['absent_or_invalid']}")
+            continue
+        dup = summary["duplicates"]
+        title = f"{name}: {summary['files_found']} files, {summary['records']} after deduplication"
+        if dup:
+            title += f" ({dup['duplicate_groups']} duplicate groups, {dup['files_dropped']} dropped)"
+        table = Table(title=title, title_justify="left")
+        table.add_column("class")
+        for split in summary["per_split_class"]:
+            table.add_column(split, justify="right")
+        for cls in summary["classes"]:
+            table.add_row(cls, *(str(summary["per_split_class"][s].get(cls, 0)) for s in summary["per_split_class"]))
+        table.add_row("[bold]total", *(f"[bold]{n}" for n in summary["split_sizes"].values()))
+        console.print(table)
+        for group in (dup or {}).get("cross_label_groups", []):
+            console.print(f"  dropped: identical image filed under two classes: {' = '.join(group)}")
+
+
+@data_app.command("check")
+def data_check(
+    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, or folder (ImageFolder layout under --data).")] = "folder",
+    data: DataOption = None,
+    attributes_csv: Annotated[
+        Optional[Path], typer.Option(help="For --dataset folder: CSV of the 11 attributes (default ROOT/attributes.csv if present).")
+    ] = None,
+    keep_going: Annotated[bool, typer.Option(help="List every unreadable image instead of stopping at the first.")] = False,
+) -> None:
+    """Decode every image of a dataset and stop at the first unreadable one, naming it.
+
+    Use it before training or indexing on a folder from another lab.
+    Example: hemaclip data check --dataset folder --data /path/to/cells
+    """
+    from tqdm import tqdm
+
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.images import load_image
+    from hemaclip.errors import DataError
+
+    loaded = load_dataset(dataset, data_root=data if dataset != "folder" else None, folder=data, attributes_csv=attributes_csv)
+    bad: list[str] = []
+    for record in tqdm(loaded.records, desc=f"decoding {dataset}", unit="img", disable=not sys.stderr.isatty()):
+        try:
+            load_image(record.path)
+        except DataError as exc:
+            if not keep_going:
+                raise
+            bad.append(str(exc))
+    for line in bad:
+        err_console.print(f"bad image: {line}", highlight=False, soft_wrap=True)
+    if bad:
+        raise DataError(f"{len(bad)} of {len(loaded.records)} images in dataset '{dataset}' are unreadable (listed above)")
+    console.print(f"{dataset}: all {len(loaded.records)} images decode ({len(loaded.classes)} classes)")
+
+
+@app.command("captions")
+def captions(
+    dataset: Annotated[str, typer.Option(help="Dataset with attributes: wbcatt (or folder with an attributes CSV).")] = "wbcatt",
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "train",
+    n: Annotated[int, typer.Option("-n", help="Number of images to sample.", min=1)] = 5,
+    per_image: Annotated[int, typer.Option(help="Captions per image.", min=1)] = 3,
+    seed: Annotated[int, typer.Option(help="Seed for the image sample and caption phrasing.")] = 0,
+    data: DataOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Show sample images with the morphology captions generated from their 11 WBCAtt attributes.
+
+    Every caption states all 11 attribute values; `parse_caption` maps it back exactly.
+    Example: hemaclip captions --dataset wbcatt --split train -n 5 --seed 0
+    """
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.errors import DataError
+    from hemaclip.text.captions import caption_variants
+
+    records = [r for r in load_dataset(dataset, data_root=data, seed=seed).split(split) if r.attributes]
+    if not records:
+        raise DataError(f"dataset '{dataset}' split '{split}' has no images with attributes to caption")
+    sample = random.Random(seed).sample(records, min(n, len(records)))
+    for record in sample:
+        texts = caption_variants(record.attributes, n=per_image, seed=seed)
+        if as_json:
+            typer.echo(json.dumps({"path": str(record.path), "label": record.label, "captions": texts}))
+        else:
+            console.print(f"[bold]{record.path}[/] ({record.label})")
+            for text in texts:
+                console.print(f"  - {text}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
+    try:
+        app(standalone_mode=False)
+    except HemaclipError as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
