@@ -162,6 +162,46 @@ def captions(
                 console.print(f"  - {text}")
 
 
+@app.command("train")
+def train_command(
+    config: Annotated[str, typer.Option(help="Packaged config name (default, tiny) or a JSON/YAML file.")] = "default",
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, curves.png, splits.")] = Path("runs/default"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    data: DataOption = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config option, e.g. --set epochs=2 (JSON values).")
+    ] = None,
+) -> None:
+    """Train a dual encoder that aligns cell images with morphology sentences.
+
+    Single process: hemaclip train --config default --out runs/mine
+    Several processes (DDP): torchrun --nproc_per_node 2 -m hemaclip.cli train --config default --out runs/ddp
+    Resume after a stop or kill: hemaclip train --out runs/mine --resume
+    """
+    from hemaclip.train.config import load_train_config
+    from hemaclip.train.trainer import train
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise HemaclipError(f"--set {item}: expected KEY=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    if resume and (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text())["train"]
+        from hemaclip.train.config import TrainConfig
+
+        train_config = TrainConfig.from_dict({**saved, **overrides}, source=str(out / "config.json"))
+    else:
+        train_config = load_train_config(config, overrides)
+    metrics = train(train_config, out, resume=resume, data_root=data)
+    console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+    console.print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last); curves: {out / 'curves.png'}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
     try:

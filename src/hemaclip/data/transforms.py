@@ -6,12 +6,10 @@ colour jitter is kept small because colour *is* a labelled attribute (granule an
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,12 +30,12 @@ class AugmentConfig:
     hue: float = 0.02
 
 
-class RandomRot90:
-    """Rotate by a random multiple of 90 degrees (lossless, no interpolation)."""
+class RandomRot90(torch.nn.Module):
+    """Rotate a CHW tensor by a random multiple of 90 degrees (lossless, no interpolation)."""
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        turns = random.randint(0, 3)
-        return image if turns == 0 else image.rotate(90 * turns, expand=True)
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        turns = int(torch.randint(0, 4, ()).item())
+        return image if turns == 0 else torch.rot90(image, turns, dims=(-2, -1))
 
 
 def check_resolution(image_size: int) -> int:
@@ -46,23 +44,36 @@ def check_resolution(image_size: int) -> int:
     return image_size
 
 
-def eval_transform(image_size: int) -> T.Compose:
-    """Resize the whole (square) cell crop to `image_size` and normalise with ImageNet statistics."""
+Stats = tuple[float, float, float]
+
+
+def _to_normalised_float(mean: Stats, std: Stats) -> list:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+
+
+def eval_transform(image_size: int, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> T.Compose:
+    """Resize the whole (square) cell crop to `image_size` and normalise with the tower's statistics.
+
+    Accepts a PIL image or a uint8 CHW tensor (as held by the decoded-image cache).
+    """
     check_resolution(image_size)
     return T.Compose(
         [
+            T.ToImage(),
             T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *_to_normalised_float(mean, std),
         ]
     )
 
 
-def train_transform(image_size: int, config: AugmentConfig | None = None) -> T.Compose:
-    """Random resized crop, flips, 90-degree rotations and mild colour jitter."""
+def train_transform(
+    image_size: int, config: AugmentConfig | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
+) -> T.Compose:
+    """Random resized crop, flips, 90-degree rotations and mild colour jitter (PIL or uint8 tensor in)."""
     check_resolution(image_size)
     config = config or AugmentConfig()
     steps: list = [
+        T.ToImage(),
         T.RandomResizedCrop(
             image_size, scale=(config.crop_scale_min, 1.0), ratio=(0.9, 1.1), interpolation=T.InterpolationMode.BICUBIC, antialias=True
         )
@@ -75,12 +86,12 @@ def train_transform(image_size: int, config: AugmentConfig | None = None) -> T.C
         steps.append(RandomRot90())
     if any((config.brightness, config.contrast, config.saturation, config.hue)):
         steps.append(T.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += _to_normalised_float(mean, std)
     return T.Compose(steps)
 
 
-def denormalize(batch: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation (for plots and saliency overlays)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(-1, 1, 1)
+def denormalize(batch: torch.Tensor, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
+    """Undo the normalisation (for plots and saliency overlays)."""
+    mean = torch.tensor(mean, device=batch.device).view(-1, 1, 1)
+    std = torch.tensor(std, device=batch.device).view(-1, 1, 1)
     return (batch * std + mean).clamp(0, 1)

@@ -1,0 +1,100 @@
+"""Training configuration: one dataclass, read from a small JSON/YAML file, saved resolved in the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hemaclip.errors import HemaclipError
+
+
+@dataclass
+class TextMix:
+    """How the sentence paired with an image is drawn each epoch (probabilities, renormalised).
+
+    Images without attributes always get a class sentence.
+    """
+
+    caption: float = 0.55  # a full 11-attribute caption (one of `captions_per_image` phrasings)
+    attribute: float = 0.2  # a single-attribute statement ("a cell whose nucleus is bilobed")
+    klass: float = 0.25  # a class sentence or class prompt
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Unknown keys in a config file are an error."""
+
+    model: str = "effnet-lite0-128"  # model config name (see `hemaclip models`) or a JSON path
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "pbc"  # training images: 'pbc' = WBCAtt train (with attributes) + other PBC classes
+    val_dataset: str = "wbcatt"  # validation images (its val split); attributes give attribute metrics
+    prompts: str | None = None  # prompt file (None = the packaged one)
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 1e-3  # for new parameters (projections, heads)
+    backbone_lr: float = 3e-4  # for the image tower
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    loss: str = "multipos"  # 'clip' (InfoNCE), 'soft' (WBC-CLIP soft targets) or 'multipos'
+    soft_target_temperature: float = 10.0  # tau_t of the soft-target loss
+    contrastive_weight: float = 1.0
+    attribute_head_weight: float = 1.0  # auxiliary supervised heads (0 disables their loss)
+    class_head_weight: float = 0.5
+    captions_per_image: int = 8
+    text_mix: TextMix = field(default_factory=TextMix)
+    freeze_image_fraction: float = 0.0  # leading share of image-trunk parameters kept frozen (faster on CPU)
+    augment: bool = True
+    amp: str = "auto"  # 'auto' = bfloat16 autocast on CUDA, off on CPU; 'off'; 'bf16'
+    seed: int = 0
+    max_train_images: int | None = None  # a stratified subset, for tests and quick looks
+    max_val_images: int | None = None
+    save_every_steps: int = 200  # mid-epoch resumable checkpoint
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise HemaclipError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+        payload = dict(payload)
+        if isinstance(payload.get("text_mix"), dict):
+            try:
+                payload["text_mix"] = TextMix(**payload["text_mix"])
+            except TypeError as exc:
+                raise HemaclipError(f"{source}: bad text_mix ({exc})") from None
+        return cls(**payload)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def packaged_train_configs() -> dict[str, Path]:
+    folder = resources.files("hemaclip") / "configs" / "train"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".json", ".yaml", ".yml"))}
+
+
+def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a training config by packaged name (e.g. 'default') or path; apply `overrides` on top."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        packaged = packaged_train_configs()
+        if str(name_or_path) not in packaged:
+            raise HemaclipError(f"{name_or_path}: no such config file or packaged config (packaged: {', '.join(sorted(packaged))})")
+        path = packaged[str(name_or_path)]
+    try:
+        text = path.read_text()
+        payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise HemaclipError(f"{path}: cannot read training config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise HemaclipError(f"{path}: a training config must be a mapping of options")
+    payload.update(overrides or {})
+    return TrainConfig.from_dict(payload, source=str(path))

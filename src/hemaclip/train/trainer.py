@@ -1,0 +1,361 @@
+"""The training loop: contrastive image-text alignment plus optional supervised attribute/class heads.
+
+Design choices that matter to users:
+- Exact resume. Every random draw of a step (batch order, sentence choice, augmentation) is seeded
+  from (seed, epoch, step), and checkpoints hold model, optimizer, scheduler and position, so a run
+  killed at any point and resumed reaches the same weights as one never stopped.
+- Frozen-text speed. With a frozen text tower, every training sentence is embedded once and cached.
+- One global batch. Under torchrun each rank takes a contiguous slice of the same global batch and
+  contrastive features are gathered with gradients, so the loss equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hemaclip.data.attributes import ATTRIBUTES
+from hemaclip.data.datasets import CellRecord, load_dataset
+from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.transforms import eval_transform, train_transform
+from hemaclip.errors import HemaclipError
+from hemaclip.io import atomic_write, write_json
+from hemaclip.models import create_model
+from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+from hemaclip.models.losses import build_loss, supervised_head_loss
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.text.prompts import PromptSet, load_prompts
+from hemaclip.train.config import TrainConfig
+from hemaclip.train.distributed import DistInfo, barrier, cleanup, gather_with_grad, init_distributed
+from hemaclip.train.texts import build_text_bank, draw_texts, record_targets, statement_masks
+from hemaclip.train.validate import validate
+
+STORAGE_SIZE = 192  # decoded-cache resolution: the bundled data's native size, crops are taken from it
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs (used for every per-step random draw)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def stratified_subset(records: list[CellRecord], limit: int | None, seed: int) -> list[CellRecord]:
+    """At most `limit` records, keeping class proportions; deterministic for a seed."""
+    if limit is None or len(records) <= limit:
+        return records
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    by_label: dict[str, list[int]] = {}
+    for index in order:
+        by_label.setdefault(records[index].label, []).append(int(index))
+    share = limit / len(records)
+    chosen = [i for members in by_label.values() for i in members[: max(1, int(round(len(members) * share)))]]
+    return [records[i] for i in sorted(chosen[:limit])]
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Backbone at `backbone_lr`, new layers at `lr`; no weight decay on norms, biases and the temperature."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        backbone = name.startswith(("visual.trunk.", "text."))
+        no_decay = param.ndim <= 1 or name.endswith("logit_scale")
+        groups.setdefault((backbone, no_decay), []).append(param)
+    return [
+        {"params": params, "lr": config.backbone_lr if backbone else config.lr, "weight_decay": 0.0 if no_decay else config.weight_decay}
+        for (backbone, no_decay), params in groups.items()
+    ]
+
+
+@dataclass
+class RunPaths:
+    out: Path
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.out / "config.json"
+
+
+def freeze_leading_image_parameters(model: nn.Module, fraction: float) -> list[nn.Module]:
+    """Freeze the first `fraction` of the image trunk's parameter tensors (stem and early stages).
+
+    On a CPU this skips the backward pass through the costly high-resolution layers of a
+    pretrained tower. Returns the modules now wholly frozen, which must stay in eval mode so their
+    batch-norm statistics stay as pretrained.
+    """
+    params = list(model.visual.trunk.named_parameters())
+    count = int(round(len(params) * fraction))
+    for _, param in params[:count]:
+        param.requires_grad_(False)
+    return [
+        module
+        for module in model.visual.trunk.modules()
+        if any(True for _ in module.parameters(recurse=False)) and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.amp == "off" or (config.amp == "auto" and device.type != "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _append_history(paths: RunPaths, row: dict[str, Any]) -> None:
+    """Rewrite metrics.jsonl atomically with the new row, dropping rows of epochs being redone after a resume."""
+    rows = [json.loads(line) for line in paths.history.read_text().splitlines() if line.strip()] if paths.history.exists() else []
+    rows = [r for r in rows if r["epoch"] < row["epoch"]] + [row]
+    with atomic_write(paths.history) as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _plot_history(paths: RunPaths) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in paths.history.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss")
+    left.set_xlabel("epoch")
+    left.set_title("training loss")
+    left.legend()
+    for key, label in (
+        ("val_zs_class_macro_f1", "zero-shot class"),
+        ("val_zs_attr_macro_f1", "zero-shot attributes (mean)"),
+        ("val_head_attr_macro_f1", "attribute heads (mean)"),
+        ("val_head_class_macro_f1", "class head"),
+    ):
+        if key in rows[0]:
+            right.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+    right.set_ylim(0, 1)
+    right.set_xlabel("epoch")
+    right.set_title("validation macro F1")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(paths.out / "curves.png", "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _select_score(metrics: dict[str, float]) -> float:
+    keys = [k for k in ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1") if k in metrics]
+    return float(np.mean([metrics[k] for k in keys])) if keys else -metrics.get("train_loss", 0.0)
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    data_root: str | Path | None = None,
+    progress: bool | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train a dual encoder as `config` says, writing checkpoints, history and curves to `out_dir`.
+
+    `stop_after_steps` ends the run early after that many optimiser steps (used by the resume tests to
+    simulate a kill). Returns the last validation metrics.
+    """
+    info = init_distributed(config.device)
+    try:
+        return _train(config, RunPaths(Path(out_dir)), resume, data_root, info, progress, stop_after_steps)
+    finally:
+        cleanup(info)
+
+
+def _train(
+    config: TrainConfig,
+    paths: RunPaths,
+    resume: bool,
+    data_root: str | Path | None,
+    info: DistInfo,
+    progress: bool | None,
+    stop_after_steps: int | None,
+) -> dict[str, Any]:
+    if config.batch_size % info.world_size:
+        raise HemaclipError(f"batch_size {config.batch_size} must be divisible by the number of processes {info.world_size}")
+    if paths.out.exists() and paths.last.exists() and not resume:
+        raise HemaclipError(f"{paths.out}: run folder already holds a checkpoint; pass --resume to continue or choose another --out")
+    if resume and not paths.last.exists():
+        raise HemaclipError(f"{paths.last}: nothing to resume from")
+    paths.out.mkdir(parents=True, exist_ok=True)
+    show = (sys.stderr.isatty() if progress is None else progress) and info.is_main
+    torch.manual_seed(config.seed)
+
+    # Data: the training split of `dataset`, the validation split of `val_dataset`; splits saved in the run.
+    dataset = load_dataset(config.dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
+    train_records = stratified_subset(dataset.split("train"), config.max_train_images, config.seed)
+    val_set = load_dataset(config.val_dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
+    val_records = stratified_subset(val_set.split("val"), config.max_val_images, config.seed)
+    if len(train_records) < config.batch_size:
+        raise HemaclipError(f"only {len(train_records)} training images, fewer than one batch of {config.batch_size}")
+    prompts: PromptSet = load_prompts(config.prompts)
+
+    if resume:
+        model, meta = load_checkpoint(paths.last)
+        state = meta["extra"]["train_state"]
+    else:
+        model = create_model(config.model, class_names=dataset.classes, **config.model_overrides)
+        state = None
+    model.to(info.device).to(memory_format=torch.channels_last)
+    frozen_modules = freeze_leading_image_parameters(model, config.freeze_image_fraction)
+    if info.is_main:
+        write_json(paths.config, {"train": config.to_dict(), "model": model.config.to_dict(), "world_size": info.world_size})
+
+    # Sentences: each with its statement; frozen text features computed once and cached on disk.
+    bank = build_text_bank(train_records, model.class_names, prompts, config.dataset, config.captions_per_image, config.seed)
+    text_cache = PooledTextCache(model.text)
+    frozen_text = model.config.text_trainable_layers == 0
+    bank_features = text_cache.get(bank.texts, progress=show) if frozen_text else None
+    text_class, text_attributes = bank.statement_tensors()
+    image_class, image_attributes = record_targets(train_records, model.class_names)
+
+    images = decoded_images([r.path for r in train_records], STORAGE_SIZE, progress=show)
+    val_images = decoded_images([r.path for r in val_records], model.config.image_size, progress=show)
+    stats = {"mean": tuple(model.config.image_mean), "std": tuple(model.config.image_std)}
+    size = model.config.image_size
+    augment = train_transform(size, **stats) if config.augment else eval_transform(size, **stats)
+
+    contrastive = build_loss(config.loss, target_temperature=config.soft_target_temperature)
+    optimizer = torch.optim.AdamW(param_groups(model, config))
+    steps_per_epoch = len(train_records) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, min(config.warmup_steps, total_steps // 5), total_steps)
+    )
+    start_epoch, start_step, best_score = 0, 0, -float("inf")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step, best_score = state["epoch"], state["step"], state["best_score"]
+    ddp_model: nn.Module = model
+    if info.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    local = config.batch_size // info.world_size
+    mix = {"caption": config.text_mix.caption, "attribute": config.text_mix.attribute, "klass": config.text_mix.klass}
+
+    def save(target: Path, epoch: int, step: int, metrics: dict[str, Any] | None) -> None:
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best_score": best_score,
+        }
+        save_checkpoint(target, model, extra={"train_config": config.to_dict(), "train_state": train_state, "metrics": metrics})
+
+    metrics: dict[str, Any] = {}
+    steps_done = 0
+    for epoch in range(start_epoch, config.epochs):
+        ddp_model.train()
+        for module in frozen_modules:
+            module.eval()
+        order = np.random.default_rng(step_seed(config.seed, epoch)).permutation(len(train_records))
+        first = start_step if epoch == start_epoch else 0
+        losses: list[float] = []
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not show)
+        tick = time.perf_counter()
+        for step in bar:
+            global_ids = order[step * config.batch_size : (step + 1) * config.batch_size]
+            rng = np.random.default_rng(step_seed(config.seed, epoch, step))
+            text_ids = torch.from_numpy(draw_texts(bank, global_ids, mix, rng))
+            mine = global_ids[info.rank * local : (info.rank + 1) * local]
+            torch.manual_seed(step_seed(config.seed, epoch, step, info.rank))
+            batch = torch.stack([augment(torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)) for i in mine])
+            batch = batch.to(info.device).contiguous(memory_format=torch.channels_last)
+            my_text = text_ids[info.rank * local : (info.rank + 1) * local]
+            with _autocast(config, info.device):
+                if frozen_text:
+                    text_input = bank_features[my_text].to(info.device)
+                else:
+                    text_input = model.text.tokenize([bank.texts[i] for i in my_text.tolist()])
+                    text_input = {k: v.to(info.device) for k, v in text_input.items()}
+                out = ddp_model(batch, text_input)
+            image_features = gather_with_grad(out["image_features"].float(), info)
+            text_features = gather_with_grad(out["text_features"].float(), info)
+            gids = torch.from_numpy(global_ids)
+            positive, known = statement_masks(image_class[gids], image_attributes[gids], text_class[text_ids], text_attributes[text_ids])
+            loss = config.contrastive_weight * contrastive(
+                image_features, text_features, out["logit_scale"], positive=positive.to(info.device), known=known.to(info.device)
+            )
+            if config.attribute_head_weight or config.class_head_weight:
+                mine_t = torch.from_numpy(mine)
+                loss = loss + supervised_head_loss(
+                    out,
+                    class_targets=image_class[mine_t].to(info.device),
+                    attribute_targets=image_attributes[mine_t].to(info.device),
+                    attribute_weight=config.attribute_head_weight,
+                    class_weight=config.class_head_weight,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            steps_done += 1
+            elapsed = time.perf_counter() - tick
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{(step - first + 1) * config.batch_size / elapsed:.1f}")
+            at_end = step + 1 == steps_per_epoch
+            if info.is_main and not at_end and config.save_every_steps and (step + 1) % config.save_every_steps == 0:
+                save(paths.last, epoch, step + 1, None)
+            if stop_after_steps is not None and steps_done >= stop_after_steps and not at_end:
+                if info.is_main:
+                    save(paths.last, epoch, step + 1, None)
+                barrier(info)
+                return {"stopped_at": {"epoch": epoch, "step": step + 1}}
+        train_seconds = time.perf_counter() - tick
+        barrier(info)
+        if info.is_main:
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "train_images_per_s": (steps_per_epoch - first) * config.batch_size / max(train_seconds, 1e-9),
+                "lr": scheduler.get_last_lr()[0],
+                **validate(model, val_images, val_records, val_set.classes, prompts, config.val_dataset, text_cache, info.device),
+            }
+            score = _select_score(metrics)
+            if score > best_score:
+                best_score = score
+                save(paths.best, epoch + 1, 0, metrics)
+            save(paths.last, epoch + 1, 0, metrics)
+            _append_history(paths, metrics)
+            _plot_history(paths)
+            if show:
+                shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)}
+                tqdm.write(f"epoch {epoch + 1}: loss {metrics['train_loss']:.4f} {shown}")
+        barrier(info)
+    return metrics
