@@ -1,0 +1,268 @@
+"""Calibration and confidence quality: ECE, reliability diagrams, temperature scaling, selective accuracy.
+
+A morphology model is only useful to a reviewer if its confidence means something: these functions
+measure whether confidence matches accuracy (ECE, reliability bins), whether it ranks right above
+wrong answers (AUROC, point-biserial correlation, selective accuracy) and fix the scale post hoc
+(temperature scaling). Inputs are numpy arrays; results are plain Python values.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.io import atomic_write
+
+__all__ = [
+    "apply_temperature",
+    "confidence_auroc",
+    "confidence_correctness_correlation",
+    "expected_calibration_error",
+    "fit_temperature",
+    "negative_log_likelihood",
+    "plot_reliability",
+    "reliability_bins",
+    "selective_accuracy",
+    "softmax",
+]
+
+DEFAULT_COVERAGES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TEMPERATURE_BOUNDS: tuple[float, float] = (1e-2, 1e2)
+
+
+def _probs_and_labels(probs: Any, y_true: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true)
+    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
+        raise ValueError(f"probs must be a non-empty [N, C] array, got shape {p.shape}")
+    if y.shape != (p.shape[0],):
+        raise ValueError(f"y_true must have shape ({p.shape[0]},), got {y.shape}")
+    if not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0 + 1e-6:
+        raise ValueError("probs must be finite and within [0, 1] (pass softmax outputs, not logits)")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"y_true has values outside [0, {p.shape[1]})")
+    return p, y
+
+
+def _confidence_and_correct(confidence: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    c = np.asarray(confidence, dtype=np.float64)
+    k = np.asarray(correct)
+    if c.ndim != 1 or c.shape != k.shape:
+        raise ValueError(f"confidence and correct must be 1-D of equal length, got {c.shape} and {k.shape}")
+    if c.size == 0:
+        raise ValueError("need at least one item")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("confidence must be finite")
+    return c, k.astype(bool)
+
+
+def reliability_bins(probs: Any, y_true: Any, n_bins: int = 15) -> dict[str, Any]:
+    """Top-label reliability data for diagrams and ECE, with equal-width bins on [0, 1].
+
+    Confidence is the largest probability per row, the prediction its argmax (first on ties). Bin
+    ``b`` holds confidences in ``(b/n, (b+1)/n]``; confidence 0 goes to the first bin. Returns
+    lists ``edges`` (n_bins + 1), ``count``, ``accuracy``, ``confidence`` (mean per bin) and
+    ``gap`` (confidence - accuracy), plus ``ece``, ``mce`` (largest gap over non-empty bins) and
+    ``n``. Empty bins report 0.0 for accuracy/confidence/gap (their ``count`` of 0 tells them
+    apart) so the result stays valid JSON.
+    """
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p, y = _probs_and_labels(probs, y_true)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
+    sum_acc = np.bincount(idx, weights=correct, minlength=n_bins)
+    nonempty = count > 0
+    mean_conf = np.zeros(n_bins)
+    mean_acc = np.zeros(n_bins)
+    np.divide(sum_conf, count, out=mean_conf, where=nonempty)
+    np.divide(sum_acc, count, out=mean_acc, where=nonempty)
+    gap = mean_conf - mean_acc
+    n = int(conf.size)
+    ece = float(np.sum(count / n * np.abs(gap)))
+    return {
+        "n": n,
+        "n_bins": int(n_bins),
+        "edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(),
+        "count": count.astype(int).tolist(),
+        "accuracy": mean_acc.tolist(),
+        "confidence": mean_conf.tolist(),
+        "gap": gap.tolist(),
+        "ece": ece,
+        "mce": float(np.max(np.abs(gap[nonempty]))),
+    }
+
+
+def expected_calibration_error(probs: Any, y_true: Any, n_bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): sum over bins of (bin share) * |accuracy - mean confidence|."""
+    return float(reliability_bins(probs, y_true, n_bins)["ece"])
+
+
+def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable softmax of ``logits / temperature`` along the last axis."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+apply_temperature = softmax
+
+
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    s = z / temperature
+    m = s.max(axis=1)
+    lse = m + np.log(np.exp(s - m[:, None]).sum(axis=1))
+    return float(np.mean(lse - s[np.arange(y.size), y]))
+
+
+def negative_log_likelihood(logits: Any, y_true: Any, temperature: float = 1.0) -> float:
+    """Mean cross-entropy of ``softmax(logits / temperature)`` against integer labels."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).astype(np.int64)
+    if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
+        raise ValueError(f"need logits [N, C] with N > 0 and labels [N], got {z.shape} and {y.shape}")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"y_true has values outside [0, {z.shape[1]})")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _nll(z, y, float(temperature))
+
+
+def fit_temperature(logits_val: Any, y_val: Any) -> float:
+    """Temperature T > 0 minimising validation NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    Searched on log T within :data:`TEMPERATURE_BOUNDS` with a bounded scalar minimiser, since NLL
+    is smooth and unimodal in practice there. Returns 1.0 (leave the model unchanged) for
+    degenerate input where no temperature is meaningful: no items, fewer than 2 classes,
+    non-finite logits, logits constant within every row, or an optimum no better than T = 1.
+    Note that a validation set the model gets entirely right pushes T to the lower bound.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits_val, dtype=np.float64)
+    y = np.asarray(y_val)
+    if z.ndim != 2 or y.shape != (z.shape[0],):
+        raise ValueError(f"need logits [N, C] and labels [N], got {z.shape} and {y.shape}")
+    if z.shape[0] == 0 or z.shape[1] < 2:
+        return 1.0
+    if not np.all(np.isfinite(z)) or np.all(np.ptp(z, axis=1) == 0):
+        return 1.0
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"y_val has values outside [0, {z.shape[1]})")
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    res = minimize_scalar(lambda log_t: _nll(z, y, math.exp(log_t)), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-5})
+    if not res.success or not np.isfinite(res.fun):
+        return 1.0
+    temperature = float(math.exp(res.x))
+    return temperature if _nll(z, y, temperature) < _nll(z, y, 1.0) else 1.0
+
+
+def confidence_auroc(confidence: Any, correct: Any) -> float:
+    """AUROC of confidence for telling right from wrong predictions (1 = perfect ranking, 0.5 = none).
+
+    Returns NaN when every prediction is right or every one is wrong: AUROC needs both classes and
+    is undefined otherwise (scikit-learn would raise), which should read as "not measurable".
+    """
+    from sklearn.metrics import roc_auc_score
+
+    c, k = _confidence_and_correct(confidence, correct)
+    if k.all() or not k.any():
+        return float("nan")
+    return float(roc_auc_score(k, c))
+
+
+def confidence_correctness_correlation(confidence: Any, correct: Any) -> float:
+    """Point-biserial correlation, i.e. Pearson r between confidence and correctness (0/1).
+
+    NaN when either is constant (all right, all wrong, or one confidence value): r is undefined.
+    """
+    c, k = _confidence_and_correct(confidence, correct)
+    kf = k.astype(np.float64)
+    cd, kd = c - c.mean(), kf - kf.mean()
+    denom = math.sqrt(float(np.dot(cd, cd)) * float(np.dot(kd, kd)))
+    if denom == 0.0:
+        return float("nan")
+    return float(np.clip(np.dot(cd, kd) / denom, -1.0, 1.0))
+
+
+def selective_accuracy(
+    confidence: Any, correct: Any, coverages: Sequence[float] = DEFAULT_COVERAGES
+) -> dict[str, Any]:
+    """Accuracy on the most confident fraction of items, for each coverage (accuracy-coverage curve).
+
+    At coverage ``c`` the ``ceil(c * N)`` most confident items are kept (at least 1); ties in
+    confidence are broken by item order (stable sort), so results are deterministic. Returns
+    parallel lists ``coverage``, ``n_kept``, ``accuracy`` and ``threshold`` (lowest kept
+    confidence), plus ``n``.
+    """
+    c, k = _confidence_and_correct(confidence, correct)
+    covs = [float(x) for x in coverages]
+    if any(not 0.0 < x <= 1.0 for x in covs):
+        raise ValueError(f"coverages must lie in (0, 1], got {covs}")
+    order = np.argsort(-c, kind="stable")
+    hits = np.cumsum(k[order])
+    n = c.size
+    kept = [max(1, min(n, math.ceil(round(x * n, 9)))) for x in covs]
+    return {
+        "n": int(n),
+        "coverage": covs,
+        "n_kept": kept,
+        "accuracy": [float(hits[m - 1] / m) for m in kept],
+        "threshold": [float(c[order[m - 1]]) for m in kept],
+    }
+
+
+def plot_reliability(bins: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Draw a reliability diagram from :func:`reliability_bins` output and write it as PNG atomically.
+
+    Uses a standalone Agg figure (no pyplot state, no display needed). Bars show per-bin accuracy
+    for non-empty bins; the diagonal is perfect calibration; ECE is printed in the legend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(bins["edges"], dtype=np.float64)
+    count = np.asarray(bins["count"])
+    acc = np.asarray(bins["accuracy"], dtype=np.float64)
+    conf = np.asarray(bins["confidence"], dtype=np.float64)
+    nonempty = count > 0
+    left, width = edges[:-1], np.diff(edges)
+
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(left[nonempty], acc[nonempty], width=width[nonempty], align="edge", edgecolor="black",
+           color="#4C72B0", label="accuracy")
+    ax.bar(left[nonempty], (conf - acc)[nonempty], bottom=acc[nonempty], width=width[nonempty], align="edge",
+           color="#DD8452", alpha=0.45, edgecolor="#DD8452", label="gap")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect")
+    ece = bins.get("ece")
+    if ece is not None:
+        ax.plot([], [], " ", label=f"ECE = {float(ece):.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return path

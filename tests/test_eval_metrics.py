@@ -1,0 +1,105 @@
+"""Classification metrics agree with scikit-learn and hand counts, including empty classes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from hemaclip.eval.metrics import (
+    attribute_table,
+    classification_report_dict,
+    format_attribute_table,
+    macro_f1,
+    row_normalize,
+)
+
+LABELS = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+# Class 3 (eosinophil) has no true and no predicted items.
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+Y_PRED = np.array([0, 1, 0, 1, 1, 2, 0, 2, 1, 0])
+
+
+def test_report_matches_sklearn_and_hand_counts() -> None:
+    rep = classification_report_dict(Y_TRUE, Y_PRED, LABELS)
+    assert rep["n"] == 10 and rep["labels"] == LABELS
+    assert rep["accuracy"] == pytest.approx(accuracy_score(Y_TRUE, Y_PRED)) == pytest.approx(0.7)
+    assert rep["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(Y_TRUE, Y_PRED))
+    labels = [0, 1, 2, 3]
+    assert rep["macro_f1"] == pytest.approx(f1_score(Y_TRUE, Y_PRED, labels=labels, average="macro", zero_division=0))
+    assert rep["weighted_f1"] == pytest.approx(
+        f1_score(Y_TRUE, Y_PRED, labels=labels, average="weighted", zero_division=0)
+    )
+    # Hand counts: neutrophil TP=3, FP=1 (a monocyte), FN=1 (-> lymphocyte).
+    neu = rep["per_class"]["neutrophil"]
+    assert neu == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    lym = rep["per_class"]["lymphocyte"]
+    assert lym["precision"] == pytest.approx(0.5) and lym["recall"] == 1.0 and lym["support"] == 2
+    assert rep["per_class"]["eosinophil"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # Macro F1 averages over all 4 classes, the empty one counting 0.
+    f1s = [rep["per_class"][n]["f1"] for n in LABELS]
+    assert rep["macro_f1"] == pytest.approx(sum(f1s) / 4)
+    assert rep["confusion_matrix"] == [[3, 1, 0, 0], [0, 2, 0, 0], [1, 1, 2, 0], [0, 0, 0, 0]]
+
+
+def test_normalized_confusion_has_zero_rows_not_nan() -> None:
+    rep = classification_report_dict(Y_TRUE, Y_PRED, LABELS)
+    norm = np.array(rep["confusion_matrix_normalized"])
+    assert not np.isnan(norm).any()
+    np.testing.assert_allclose(norm[:3].sum(axis=1), 1.0)
+    np.testing.assert_array_equal(norm[3], 0.0)
+    np.testing.assert_allclose(norm[2], [0.25, 0.25, 0.5, 0.0])
+    json.dumps(rep)  # JSON-ready, no numpy types
+    np.testing.assert_array_equal(row_normalize(np.zeros((2, 2))), 0.0)
+
+
+def test_balanced_accuracy_ignores_classes_without_support() -> None:
+    # y_pred uses a class that never occurs in y_true; balanced accuracy averages supported classes.
+    t, p = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    rep = classification_report_dict(t, p, ["a", "b", "c"])
+    assert rep["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert rep["per_class"]["c"]["precision"] == 0.0 and rep["per_class"]["c"]["support"] == 0
+
+
+def test_macro_f1_counts_absent_classes_as_zero() -> None:
+    t = np.array([0, 0, 1, 1])
+    assert macro_f1(t, t, 2) == 1.0
+    assert macro_f1(t, t, 3) == pytest.approx(2 / 3)
+    assert macro_f1(Y_TRUE, Y_PRED, 4) == pytest.approx(
+        f1_score(Y_TRUE, Y_PRED, labels=range(4), average="macro", zero_division=0)
+    )
+
+
+@pytest.mark.parametrize(
+    ("t", "p", "n"),
+    [([0, 1], [0], 2), ([0, 3], [0, 1], 3), ([], [], 2), ([0.5, 1], [0, 1], 2), ([[0, 1]], [[0, 1]], 2)],
+)
+def test_invalid_inputs_raise(t: list, p: list, n: int) -> None:
+    with pytest.raises(ValueError):
+        macro_f1(t, p, n)
+
+
+def test_attribute_table_layout_and_markdown() -> None:
+    rows = [
+        {
+            "name": "cell class",
+            "labels": ["a", "b", "c", "d", "e"],
+            "macro_f1": {"point": 0.91, "low": 0.88, "high": 0.93},
+        },
+        {"name": "granularity", "n_choices": 2, "macro_f1": 0.8, "ci": (0.75, 0.85)},
+        {"name": "cell_shape", "choices": ["round", "irregular"], "macro_f1": 0.7},
+    ]
+    table = attribute_table(rows)
+    assert [r["name"] for r in table] == ["cell class", "granularity", "cell_shape"]
+    assert [r["n_choices"] for r in table] == [5, 2, 2]
+    assert table[0] == {"name": "cell class", "n_choices": 5, "macro_f1": 0.91, "ci_low": 0.88, "ci_high": 0.93}
+    assert table[1]["ci_low"] == 0.75 and table[2]["ci_low"] is None
+    md = format_attribute_table(table)
+    assert md.splitlines()[0] == "| Attribute | Choices | Macro F1 | CI |"
+    assert "| granularity | 2 | 80.0 | 75.0–85.0 |" in md
+    assert "| cell_shape | 2 | 70.0 | – |" in md
+    assert "CI" not in format_attribute_table(attribute_table(rows[2:]))
+    with pytest.raises(ValueError):
+        attribute_table([{"name": "x", "macro_f1": 0.5}])

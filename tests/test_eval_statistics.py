@@ -1,0 +1,148 @@
+"""Bootstrap intervals and paired tests behave as theory says on cases with known answers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from hemaclip.eval.metrics import macro_f1
+from hemaclip.eval.statistics import (
+    bootstrap_ci,
+    bootstrap_macro_f1,
+    paired_bootstrap_macro_f1,
+    paired_bootstrap_test,
+    resample_indices,
+)
+
+
+def accuracy(t: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(t == p))
+
+
+def noisy_predictions(y: np.ndarray, n_classes: int, error_rate: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(y.size) < error_rate
+    return np.where(wrong, (y + rng.integers(1, n_classes, y.size)) % n_classes, y)
+
+
+def test_constant_metric_gives_zero_width_interval() -> None:
+    y = np.arange(50) % 3
+    res = bootstrap_ci(lambda t, p: 0.42, y, y, n_resamples=100)
+    assert res["point"] == res["low"] == res["high"] == 0.42
+    assert res["n_resamples"] == 100 and res["se"] == 0.0
+    perfect = bootstrap_macro_f1(y, y, 3, n_resamples=200)
+    assert perfect["point"] == perfect["low"] == perfect["high"] == 1.0
+
+
+def test_bernoulli_accuracy_interval_matches_normal_approximation() -> None:
+    rng = np.random.default_rng(123)
+    n, p_true = 1000, 0.8
+    y = np.zeros(n, dtype=int)
+    pred = np.where(rng.random(n) < p_true, 0, 1)
+    res = bootstrap_ci(accuracy, y, pred, n_resamples=2000, stratified=False, seed=1)
+    acc = res["point"]
+    half = 1.959964 * np.sqrt(acc * (1 - acc) / n)
+    assert res["low"] == pytest.approx(acc - half, abs=0.004)
+    assert res["high"] == pytest.approx(acc + half, abs=0.004)
+    assert res["se"] == pytest.approx(np.sqrt(acc * (1 - acc) / n), rel=0.1)
+
+
+def test_same_seed_same_result_other_seed_differs() -> None:
+    y = np.arange(300) % 4
+    pred = noisy_predictions(y, 4, 0.3, seed=0)
+    a = bootstrap_macro_f1(y, pred, 4, n_resamples=300, seed=7)
+    b = bootstrap_macro_f1(y, pred, 4, n_resamples=300, seed=7)
+    c = bootstrap_macro_f1(y, pred, 4, n_resamples=300, seed=8)
+    assert a == b and (a["low"], a["high"]) != (c["low"], c["high"])
+
+
+def test_stratified_resampling_keeps_class_counts() -> None:
+    y = np.array([0] * 7 + [1] * 2 + [2] * 11)
+    rng = np.random.default_rng(0)
+    y = y[rng.permutation(y.size)]
+    blocks = list(resample_indices(y, 50, seed=3, stratified=True))
+    idx = np.concatenate(blocks)
+    assert idx.shape == (50, y.size)
+    for row in idx:
+        np.testing.assert_array_equal(np.bincount(y[row], minlength=3), [7, 2, 11])
+    # Unstratified resamples do vary the class counts.
+    free = np.concatenate(list(resample_indices(y, 50, seed=3, stratified=False)))
+    assert len({tuple(np.bincount(y[row], minlength=3)) for row in free}) > 1
+
+
+def test_fast_macro_f1_equals_generic_path() -> None:
+    y = np.arange(240) % 5
+    y[:3] = 4  # unbalanced, and class 5 of 6 never occurs (empty class)
+    pred = noisy_predictions(y, 5, 0.35, seed=2)
+    for stratified in (True, False):
+        generic = bootstrap_ci(lambda t, p: macro_f1(t, p, 6), y, pred, n_resamples=150, seed=4, stratified=stratified)
+        fast = bootstrap_macro_f1(y, pred, 6, n_resamples=150, seed=4, stratified=stratified)
+        assert fast["point"] == generic["point"]
+        for key in ("low", "high", "se"):
+            assert fast[key] == pytest.approx(generic[key], abs=1e-12)
+        assert fast["low"] < fast["point"] < fast["high"]
+
+
+def test_fast_macro_f1_is_fast() -> None:
+    y = np.arange(3000) % 5
+    pred = noisy_predictions(y, 5, 0.25, seed=0)
+    start = time.perf_counter()
+    res = bootstrap_macro_f1(y, pred, 5, n_resamples=2000)
+    elapsed = time.perf_counter() - start
+    assert res["n_resamples"] == 2000 and res["low"] < res["point"] < res["high"]
+    assert elapsed < 5.0
+
+
+def test_paired_identical_predictions_give_zero_difference_and_p_one() -> None:
+    y = np.arange(120) % 3
+    pred = noisy_predictions(y, 3, 0.3, seed=5)
+    res = paired_bootstrap_test(accuracy, y, pred, pred.copy(), n_resamples=200)
+    assert res["difference"] == 0.0 and res["low"] == res["high"] == 0.0 and res["p_value"] == 1.0
+    fast = paired_bootstrap_macro_f1(y, pred, pred, 3, n_resamples=200)
+    assert fast["difference"] == 0.0 and fast["p_value"] == 1.0
+
+
+def test_paired_clearly_better_predictions_are_significant() -> None:
+    y = np.arange(600) % 4
+    good = noisy_predictions(y, 4, 0.10, seed=1)
+    bad = noisy_predictions(y, 4, 0.35, seed=2)
+    res = paired_bootstrap_test(accuracy, y, good, bad, n_resamples=300, seed=0)
+    assert res["difference"] > 0.15 and res["low"] > 0 and res["p_value"] < 0.05
+    assert res["p_value"] == pytest.approx(1 / 301)
+    fast = paired_bootstrap_macro_f1(y, good, bad, 4, n_resamples=2000)
+    assert fast["difference"] == pytest.approx(macro_f1(y, good, 4) - macro_f1(y, bad, 4))
+    assert fast["p_value"] < 0.05 and fast["low"] > 0
+    swapped = paired_bootstrap_macro_f1(y, bad, good, 4, n_resamples=2000)
+    assert swapped["difference"] == pytest.approx(-fast["difference"]) and swapped["p_value"] == fast["p_value"]
+
+
+def test_paired_small_noise_difference_is_not_significant() -> None:
+    y = np.arange(200) % 2
+    a = noisy_predictions(y, 2, 0.2, seed=10)
+    b = a.copy()
+    b[[0, 1]] = 1 - b[[0, 1]]  # flip two items: a tiny, noisy difference
+    res = paired_bootstrap_test(accuracy, y, a, b, n_resamples=400, seed=0)
+    assert res["p_value"] > 0.05 and res["low"] <= res["difference"] <= res["high"]
+
+
+def test_fast_paired_equals_generic_path() -> None:
+    y = np.arange(150) % 3
+    a, b = noisy_predictions(y, 3, 0.2, seed=1), noisy_predictions(y, 3, 0.3, seed=2)
+    generic = paired_bootstrap_test(lambda t, p: macro_f1(t, p, 3), y, a, b, n_resamples=100, seed=9)
+    fast = paired_bootstrap_macro_f1(y, a, b, 3, n_resamples=100, seed=9)
+    assert fast["difference"] == generic["difference"]
+    assert fast["low"] == pytest.approx(generic["low"], abs=1e-12)
+    assert fast["p_value"] == pytest.approx(generic["p_value"], abs=0.011)
+
+
+@pytest.mark.parametrize("kwargs", [{"n_resamples": 0}, {"confidence": 1.0}, {"confidence": 0.0}])
+def test_invalid_arguments_raise(kwargs: dict) -> None:
+    y = np.array([0, 1, 1])
+    with pytest.raises(ValueError):
+        bootstrap_ci(accuracy, y, y, **kwargs)
+    with pytest.raises(ValueError):
+        bootstrap_macro_f1(y, y, 2, **kwargs)
+    with pytest.raises(ValueError):
+        bootstrap_ci(accuracy, y, y[:2])
