@@ -48,13 +48,13 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def gather_with_grad(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate `tensor` from every rank, in rank order, keeping gradients (open_clip's gather_with_grad)."""
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
+    """The mean of a scalar over all ranks (for logging a loss that is the same as one process's)."""
     if not info.distributed:
-        return tensor
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+        return float(value)
+    reduced = value.detach().clone().float()
+    dist.all_reduce(reduced)
+    return float(reduced) / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

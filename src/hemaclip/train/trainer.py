@@ -32,11 +32,11 @@ from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, write_json
 from hemaclip.models import create_model
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
-from hemaclip.models.losses import build_loss, supervised_head_loss
+from hemaclip.models.losses import aux_supervised_loss, build_loss
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.text.prompts import PromptSet, load_prompts
 from hemaclip.train.config import TrainConfig
-from hemaclip.train.distributed import DistInfo, barrier, cleanup, gather_with_grad, init_distributed
+from hemaclip.train.distributed import DistInfo, barrier, cleanup, init_distributed, mean_over_ranks
 from hemaclip.train.texts import build_text_bank, draw_texts, record_targets, statement_masks
 from hemaclip.train.validate import validate
 
@@ -60,6 +60,17 @@ def stratified_subset(records: list[CellRecord], limit: int | None, seed: int) -
     share = limit / len(records)
     chosen = [i for members in by_label.values() for i in members[: max(1, int(round(len(members) * share)))]]
     return [records[i] for i in sorted(chosen[:limit])]
+
+
+def rank_share(local_labels: torch.Tensor, global_labels: torch.Tensor, world_size: int) -> float:
+    """Weight turning this rank's mean loss over labelled rows into its part of the global-batch mean.
+
+    Ranks hold different numbers of labelled rows (cells without attributes carry -1), so a plain
+    average of per-rank means is not the global mean; DDP averages gradients over ranks, hence the
+    factor `world_size`. Equals 1 in a single process whenever the batch has any labelled row.
+    """
+    total = int((global_labels >= 0).sum())
+    return world_size * int((local_labels >= 0).sum()) / total if total else 0.0
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -248,7 +259,15 @@ def _train(
     size = model.config.image_size
     augment = train_transform(size, **stats) if config.augment else eval_transform(size, **stats)
 
-    contrastive = build_loss(config.loss, target_temperature=config.soft_target_temperature)
+    loss_options: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "gather_with_grad": True}
+    if config.loss == "soft":
+        loss_options["target_scale"] = config.soft_target_temperature
+    contrastive = build_loss(config.loss, **loss_options)
+
+    def augment_one(index: int, seed: int) -> torch.Tensor:
+        """Augment one image with its own seed, so pixels do not depend on the number of processes."""
+        torch.manual_seed(seed)
+        return augment(torch.from_numpy(np.array(images[index])).permute(2, 0, 1))
     optimizer = torch.optim.AdamW(param_groups(model, config))
     steps_per_epoch = len(train_records) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -273,10 +292,12 @@ def _train(
             "epoch": epoch,
             "step": step,
             "best_score": best_score,
+            "epoch_losses": list(losses) if step else [],
         }
         save_checkpoint(target, model, extra={"train_config": config.to_dict(), "train_state": train_state, "metrics": metrics})
 
     metrics: dict[str, Any] = {}
+    losses: list[float] = []
     steps_done = 0
     for epoch in range(start_epoch, config.epochs):
         ddp_model.train()
@@ -284,7 +305,7 @@ def _train(
             module.eval()
         order = np.random.default_rng(step_seed(config.seed, epoch)).permutation(len(train_records))
         first = start_step if epoch == start_epoch else 0
-        losses: list[float] = []
+        losses: list[float] = list(state["epoch_losses"]) if (state is not None and first) else []
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not show)
         tick = time.perf_counter()
         for step in bar:
@@ -292,8 +313,7 @@ def _train(
             rng = np.random.default_rng(step_seed(config.seed, epoch, step))
             text_ids = torch.from_numpy(draw_texts(bank, global_ids, mix, rng))
             mine = global_ids[info.rank * local : (info.rank + 1) * local]
-            torch.manual_seed(step_seed(config.seed, epoch, step, info.rank))
-            batch = torch.stack([augment(torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)) for i in mine])
+            batch = torch.stack([augment_one(i, step_seed(config.seed, epoch, step, info.rank * local + k)) for k, i in enumerate(mine)])
             batch = batch.to(info.device).contiguous(memory_format=torch.channels_last)
             my_text = text_ids[info.rank * local : (info.rank + 1) * local]
             with _autocast(config, info.device):
@@ -303,21 +323,25 @@ def _train(
                     text_input = model.text.tokenize([bank.texts[i] for i in my_text.tolist()])
                     text_input = {k: v.to(info.device) for k, v in text_input.items()}
                 out = ddp_model(batch, text_input)
-            image_features = gather_with_grad(out["image_features"].float(), info)
-            text_features = gather_with_grad(out["text_features"].float(), info)
             gids = torch.from_numpy(global_ids)
             positive, known = statement_masks(image_class[gids], image_attributes[gids], text_class[text_ids], text_attributes[text_ids])
             loss = config.contrastive_weight * contrastive(
-                image_features, text_features, out["logit_scale"], positive=positive.to(info.device), known=known.to(info.device)
+                out["image_features"].float(),
+                out["text_features"].float(),
+                out["logit_scale"],
+                positive=positive.to(info.device),
+                known=known.to(info.device),
             )
             if config.attribute_head_weight or config.class_head_weight:
                 mine_t = torch.from_numpy(mine)
-                loss = loss + supervised_head_loss(
+                attr_share = rank_share(image_attributes[mine_t][:, 0], image_attributes[gids][:, 0], info.world_size)
+                class_share = rank_share(image_class[mine_t], image_class[gids], info.world_size)
+                loss = loss + aux_supervised_loss(
                     out,
-                    class_targets=image_class[mine_t].to(info.device),
-                    attribute_targets=image_attributes[mine_t].to(info.device),
-                    attribute_weight=config.attribute_head_weight,
-                    class_weight=config.class_head_weight,
+                    attribute_labels=image_attributes[mine_t].to(info.device),
+                    class_labels=image_class[mine_t].to(info.device),
+                    attribute_weight=config.attribute_head_weight * attr_share,
+                    class_weight=config.class_head_weight * class_share,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,7 +349,7 @@ def _train(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(mean_over_ranks(loss.detach(), info))
             steps_done += 1
             elapsed = time.perf_counter() - tick
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{(step - first + 1) * config.batch_size / elapsed:.1f}")
@@ -354,8 +378,13 @@ def _train(
             save(paths.last, epoch + 1, 0, metrics)
             _append_history(paths, metrics)
             _plot_history(paths)
-            if show:
-                shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)}
-                tqdm.write(f"epoch {epoch + 1}: loss {metrics['train_loss']:.4f} {shown}")
+            if progress is not False:  # one line per epoch even when bars are off (logs, CI)
+                headline = ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1", "val_head_class_macro_f1")
+                shown = " ".join(f"{k.removeprefix('val_')}={metrics[k]:.3f}" for k in headline if k in metrics)
+                tqdm.write(
+                    f"epoch {epoch + 1}/{config.epochs}: loss {metrics['train_loss']:.4f}, "
+                    f"{metrics['train_images_per_s']:.1f} img/s, {shown}",
+                    file=sys.stderr,
+                )
         barrier(info)
     return metrics
