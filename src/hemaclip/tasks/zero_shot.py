@@ -1,0 +1,149 @@
+"""Zero-shot classification of cached image features with text prompts (classes and WBCAtt attributes).
+
+A class (or attribute value) is the normalised mean embedding of all its prompts (prompt ensemble,
+see :func:`hemaclip.models.zero_shot.build_zero_shot_classifier`); logits are
+``logit_scale * cosine``. The features must come from the same model's image tower
+(:func:`hemaclip.tasks.features.extract_features`); external encoders have no text tower.
+Prompts per class can be built from string or callable templates with
+:func:`hemaclip.text.prompts.build_prompts`. Nothing is silently dropped: records whose label is
+not among the prompt classes, or that have no attributes, are excluded and counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from hemaclip.errors import DataError
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.models.zero_shot import build_zero_shot_classifier
+from hemaclip.tasks.features import FeatureSet
+from hemaclip.text.prompts import PromptSet
+
+__all__ = ["class_embeddings", "zero_shot_attributes", "zero_shot_classes", "zero_shot_scores"]
+
+_CHUNK = 8192
+
+
+def _text_cache(model: Any, text_cache: PooledTextCache | None) -> PooledTextCache:
+    return text_cache if text_cache is not None else PooledTextCache(model.text)
+
+
+def class_embeddings(
+    model: Any, prompts: Mapping[str, Sequence[str]], text_cache: PooledTextCache | None = None
+) -> np.ndarray:
+    """Normalised prompt-ensemble embeddings [C, D] float32, one per key of `prompts`, in its order."""
+    weights = build_zero_shot_classifier(model, prompts, _text_cache(model, text_cache))
+    return weights.detach().float().cpu().numpy()
+
+
+def _check_dim(model: Any, features: np.ndarray, weights: np.ndarray) -> None:
+    if features.ndim != 2 or features.shape[1] != weights.shape[1]:
+        raise DataError(
+            f"features of shape {tuple(features.shape)} do not match the model's embedding width {weights.shape[1]};"
+            " zero-shot needs features from this model's own image tower"
+        )
+
+
+def _logit_scale(model: Any) -> float:
+    with torch.no_grad():
+        return float(model.get_logit_scale())
+
+
+def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """logit_scale x cosine of normalised `features` [N, D] against normalised `weights` [C, D]."""
+    features = np.asarray(features, dtype=np.float32)
+    _check_dim(model, features, weights)
+    scale = np.float32(_logit_scale(model))
+    out = np.empty((len(features), len(weights)), dtype=np.float32)
+    for start in range(0, len(features), _CHUNK):
+        out[start : start + _CHUNK] = scale * (features[start : start + _CHUNK] @ weights.T)
+    return out
+
+
+def zero_shot_scores(
+    model: Any,
+    features: np.ndarray,
+    prompts: Mapping[str, Sequence[str]],
+    text_cache: PooledTextCache | None = None,
+) -> np.ndarray:
+    """Logits [N, C] (logit_scale x cosine with the prompt-ensemble classifier), columns in `prompts` order.
+
+    `features` must be L2-normalised image features of `model` (FeatureSet.features is).
+    """
+    return scores_against(model, features, class_embeddings(model, prompts, text_cache))
+
+
+def zero_shot_classes(
+    model: Any,
+    fs: FeatureSet,
+    prompt_set: PromptSet,
+    dataset: str,
+    classes: Sequence[str] | None = None,
+    text_cache: PooledTextCache | None = None,
+) -> dict[str, Any]:
+    """Zero-shot class logits for the rows of `fs` whose label is one of the prompt classes.
+
+    `classes` restricts (and orders) the classes of `dataset`'s prompts; None = all of them. Returns
+    ``y_true`` (labels of the kept rows), ``logits`` [M, C], ``class_names``, ``indices`` (kept rows
+    of `fs`), ``missing_labels`` (how many rows were excluded because their label has no prompt)
+    and ``missing_label_counts`` ({label: count}).
+    """
+    all_prompts = prompt_set.class_prompts(dataset)
+    names = list(all_prompts) if classes is None else [str(c) for c in classes]
+    unknown = [c for c in names if c not in all_prompts]
+    if unknown:
+        raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
+    if not names:
+        raise DataError("zero-shot needs at least one class")
+    prompts = {c: all_prompts[c] for c in names}
+    wanted = set(names)
+    keep = np.array([i for i, label in enumerate(fs.labels) if label in wanted], dtype=np.int64)
+    missing = Counter(label for label in fs.labels if label not in wanted)
+    logits = zero_shot_scores(model, fs.features[keep], prompts, text_cache)
+    return {
+        "y_true": [fs.labels[i] for i in keep],
+        "logits": logits,
+        "class_names": names,
+        "indices": keep,
+        "missing_labels": int(sum(missing.values())),
+        "missing_label_counts": dict(sorted(missing.items())),
+    }
+
+
+def zero_shot_attributes(
+    model: Any,
+    fs: FeatureSet,
+    prompt_set: PromptSet,
+    attributes: Sequence[str] | None = None,
+    text_cache: PooledTextCache | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per WBCAtt attribute: zero-shot logits over its values for the rows of `fs` that have attributes.
+
+    Returns {attribute: {"y_true", "logits" [M, V], "values", "indices", "missing_attributes"}};
+    ``missing_attributes`` counts rows without attribute annotations (excluded). An attribute with
+    no annotated rows still appears, with empty arrays.
+    """
+    table = prompt_set.attribute_prompts()
+    names = list(table) if attributes is None else [str(a) for a in attributes]
+    unknown = [a for a in names if a not in table]
+    if unknown:
+        raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    cache = _text_cache(model, text_cache)
+    keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
+    feats = fs.features[keep]
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        prompts = table[name]
+        out[name] = {
+            "y_true": [fs.attributes[i][name] for i in keep],
+            "logits": zero_shot_scores(model, feats, prompts, cache),
+            "values": list(prompts),
+            "indices": keep,
+            "missing_attributes": int(len(fs) - len(keep)),
+        }
+    return out
