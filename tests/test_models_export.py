@@ -12,7 +12,7 @@ pytest.importorskip("onnx", reason="ONNX export test needs 'onnx' (pip install '
 ort = pytest.importorskip("onnxruntime", reason="ONNX export test needs 'onnxruntime' (pip install 'hemaclip[export]')")
 
 from hemaclip.models import create_model  # noqa: E402
-from hemaclip.models.export import export_onnx, image_output_names  # noqa: E402
+from hemaclip.models.export import export_onnx, image_output_names, verify_onnx  # noqa: E402
 
 
 def test_onnx_matches_pytorch(tmp_path) -> None:
@@ -44,3 +44,6 @@ def test_onnx_matches_pytorch(tmp_path) -> None:
     got_proj = ort.InferenceSession(str(paths["text_projection"])).run(None, {"pooled": pooled.numpy()})[0]
     np.testing.assert_allclose(got_proj, expected_proj.numpy(), atol=1e-4)
     assert model.text.transformer.config._attn_implementation == "sdpa"  # restored after export
+    differences = verify_onnx(model, paths)
+    assert set(differences) == {"image", "text", "text_projection"}
+    assert max(differences.values()) < 1e-4

@@ -202,6 +202,111 @@ def train_command(
     console.print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last); curves: {out / 'curves.png'}")
 
 
+CheckpointOption = Annotated[
+    Optional[Path], typer.Option("--checkpoint", help="Model checkpoint (default: the model shipped with hemaclip).", show_default=False)
+]
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the packaged model configs (use one with `train --set model=NAME`)."""
+    from hemaclip.models import get_model_config, list_models
+
+    table = Table(title="model configs")
+    for column in ("name", "image tower", "px", "pretrained image weights", "text layers trained"):
+        table.add_column(column)
+    for name in list_models():
+        config = get_model_config(name)
+        table.add_row(name, config.image_tower, str(config.image_size), str(config.image_pretrained or "none (random init)"), str(config.text_trainable_layers))
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option(help="Folder for the ONNX files.")] = Path("export"),
+    checkpoint: CheckpointOption = None,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export both towers to ONNX (checked against PyTorch).")] = True,
+) -> None:
+    """Export the image encoder and the text encoder/projection to ONNX for use outside PyTorch.
+
+    Example: hemaclip export --onnx --out export/
+    """
+    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.models.export import export_onnx, verify_onnx
+
+    if not onnx:
+        raise HemaclipError("nothing to export: ONNX is the only export format (drop --no-onnx)")
+    model, _ = load_checkpoint(resolve_checkpoint(checkpoint))
+    written = export_onnx(model, out)
+    for name, path in written.items():
+        console.print(f"{name}: {path}")
+    differences = verify_onnx(model, written)
+    console.print("largest |onnxruntime - PyTorch| per file: " + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()))
+    if max(differences.values()) > 1e-3:
+        raise HemaclipError(f"{out}: ONNX outputs differ from PyTorch by up to {max(differences.values()):.1e}")
+
+
+@app.command("demo")
+def demo_command(
+    data: DataOption = None,
+    checkpoint: CheckpointOption = None,
+    n: Annotated[int, typer.Option("-n", help="Cells per class to classify.", min=1)] = 2,
+) -> None:
+    """The main job on the embedded default: data summary, sample captions, and zero-shot reading of
+    real WBCAtt test cells (class and 11 attributes) with the shipped model."""
+    from hemaclip.data.attributes import ATTRIBUTES
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.images import load_image
+    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.models.inference import model_eval_transform
+    from hemaclip.models.text_cache import PooledTextCache
+    from hemaclip.models.zero_shot import build_zero_shot_classifier
+    from hemaclip.text.captions import caption_variants
+    from hemaclip.text.prompts import load_prompts
+
+    import torch
+
+    console.rule("1. data")
+    data_summary(data=data, as_json=False, seed=0)
+    console.rule("2. captions generated from WBCAtt attributes")
+    captions(dataset="wbcatt", split="train", n=2, per_image=2, seed=0, data=data, as_json=False)
+    console.rule("3. zero-shot reading of test cells with the shipped model")
+    path = resolve_checkpoint(checkpoint)
+    model, _ = load_checkpoint(path)
+    prompts = load_prompts()
+    dataset = load_dataset("wbcatt", data_root=data)
+    cache = PooledTextCache(model.text)
+    class_weights = build_zero_shot_classifier(model, prompts.class_prompts("wbcatt"), cache)
+    attribute_prompts = prompts.attribute_prompts()
+    attribute_weights = {
+        name: build_zero_shot_classifier(model, {v: attribute_prompts[name][v] for v in values}, cache) for name, values in ATTRIBUTES.items()
+    }
+    transform = model_eval_transform(model)
+    test = dataset.split("test")
+    chosen = [r for cls in dataset.classes for r in [x for x in test if x.label == cls][:n]]
+    model.eval()
+    table = Table(title=f"{len(chosen)} WBCAtt test cells, zero-shot through text prompts ({path.name})")
+    for column in ("image", "true class", "predicted (p)", "attributes right"):
+        table.add_column(column)
+    descriptions: list[str] = []
+    with torch.no_grad():
+        for record in chosen:
+            feature = model.encode_image(transform(load_image(record.path)).unsqueeze(0), normalize=True)
+            probabilities = (model.get_logit_scale() * feature @ class_weights.T).softmax(dim=-1)[0]
+            best = int(probabilities.argmax())
+            predicted = {name: values[int((feature @ weights.T).argmax())] for (name, values), weights in zip(ATTRIBUTES.items(), attribute_weights.values())}
+            right = sum(predicted[k] == record.attributes[k] for k in ATTRIBUTES)
+            table.add_row(record.path.name, record.label, f"{dataset.classes[best]} ({probabilities[best]:.2f})", f"{right}/11")
+            descriptions.append(f"{record.path.name}: {caption_variants(predicted, n=1)[0]}")
+    console.print(table)
+    console.print("Sentences built from the predicted attributes:")
+    for line in descriptions:
+        console.print(f"  {line}", highlight=False)
+    console.print("Research software: these readings are not a diagnosis.")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
     try:

@@ -12,10 +12,12 @@ Needs the optional packages `onnx` (and `onnxruntime` to run the files).
 from __future__ import annotations
 
 import json
+
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -143,3 +145,35 @@ def export_onnx(model: DualEncoder, out_dir: str | Path, opset: int = 17) -> dic
     paths["meta"] = out / META_FILE
     paths["meta"].write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return paths
+
+
+@torch.no_grad()
+def verify_onnx(model: DualEncoder, paths: dict[str, Path], batch: int = 3, seed: int = 0) -> dict[str, float]:
+    """Largest absolute difference between onnxruntime and PyTorch outputs, per exported file.
+
+    Uses a batch size different from the export example, so the dynamic batch axis is exercised.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise HemaclipError("checking the ONNX files needs 'onnxruntime' (pip install 'hemaclip[export]')") from exc
+    model = model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    texts = ["a cell", "a big round cell with purple granules", "segmented nucleus, frosted cytoplasm"][:batch]
+    tokens = model.tokenize(texts)
+    pooled = model.embed_sentences(texts)
+    embeds = model.encode_image(images, normalize=False)
+    attrs, classes = model.aux_logits(embeds)
+    expected_image = [F.normalize(embeds, dim=-1)] + ([classes, *attrs.values()] if attrs is not None else [])
+    got_image = ort.InferenceSession(str(paths["image"])).run(None, {"images": images.numpy()})
+    got_text = ort.InferenceSession(str(paths["text"])).run(
+        None, {"input_ids": tokens["input_ids"].numpy(), "attention_mask": tokens["attention_mask"].numpy()}
+    )[0]
+    got_projection = ort.InferenceSession(str(paths["text_projection"])).run(None, {"pooled": pooled.numpy()})[0]
+    return {
+        "image": max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got_image, expected_image, strict=True)),
+        "text": float(np.abs(got_text - model.encode_text(tokens).numpy()).max()),
+        "text_projection": float(np.abs(got_projection - model.encode_text_features(pooled).numpy()).max()),
+    }

@@ -1,0 +1,59 @@
+"""Test-split numbers of a checkpoint (default: the shipped model) on WBCAtt: zero-shot class and
+attribute macro F1 through text prompts, and the supervised heads. Writes bench/results/eval_default.json.
+
+Until the evaluation command lands this is the script issue 3 asks for; it reuses the very function
+that validates during training, pointed at the test split (never used for any choice in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info  # noqa: E402
+
+from hemaclip.data.datasets import load_dataset  # noqa: E402
+from hemaclip.data.image_cache import decoded_images  # noqa: E402
+from hemaclip.io import write_json  # noqa: E402
+from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
+from hemaclip.models.default import default_checkpoint_path  # noqa: E402
+from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
+from hemaclip.text.prompts import load_prompts  # noqa: E402
+from hemaclip.train.validate import validate  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_default.json")
+    args = parser.parse_args()
+    checkpoint = args.checkpoint or default_checkpoint_path()
+    start = time.perf_counter()
+    model, meta = load_checkpoint(checkpoint)
+    dataset = load_dataset("wbcatt")
+    records = dataset.split(args.split)
+    images = decoded_images([r.path for r in records], model.config.image_size)
+    prompts = load_prompts()
+    metrics = validate(model, images, records, dataset.classes, prompts, "wbcatt", PooledTextCache(model.text), "cpu")
+    metrics = {k.replace("val_", f"{args.split}_", 1): v for k, v in metrics.items()}
+    result = {
+        "what": f"WBCAtt {args.split} split ({len(records)} images), macro F1",
+        "checkpoint": str(checkpoint),
+        "date": date.today().isoformat(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "metrics": metrics,
+        "machine": machine_info(),
+    }
+    write_json(args.out, result)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
