@@ -28,7 +28,7 @@ import torch
 from hemaclip.errors import DataError
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import FeatureSet
-from hemaclip.tasks.zero_shot import _text_cache, class_embeddings
+from hemaclip.tasks.zero_shot import _text_cache, annotated_attributes, check_same_width, class_embeddings
 from hemaclip.text.prompts import PromptSet
 
 __all__ = [
@@ -64,14 +64,6 @@ def embed_texts(model: Any, texts: Sequence[str], text_cache: PooledTextCache | 
     finally:
         model.train(was_training)
     return torch.cat(chunks).numpy()
-
-
-def _check_dim(features: np.ndarray, other: np.ndarray) -> None:
-    if features.shape[1] != other.shape[1]:
-        raise DataError(
-            f"image features have width {features.shape[1]} but text embeddings {other.shape[1]};"
-            " image-text retrieval needs features from this model's own image tower"
-        )
 
 
 def ranked_topk(
@@ -145,7 +137,7 @@ def text_to_image_by_class(
     if unknown:
         raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
     weights = class_embeddings(model, {c: all_prompts[c] for c in names}, text_cache)
-    _check_dim(fs.features, weights)
+    check_same_width(fs.features, weights)
     labels = np.asarray(fs.labels, dtype=object)
     wanted = set(names)
     relevant = np.stack([labels == c for c in names]) if names else np.zeros((0, len(fs)), dtype=bool)
@@ -172,17 +164,12 @@ def text_to_image_by_attribute(
     ``query_attributes`` lists (attribute, value) per query. Values no image has still get a query
     (no relevant item; :func:`retrieval_metrics` reports such queries).
     """
-    table = prompt_set.attribute_prompts()
-    names = list(table) if attributes is None else [str(a) for a in attributes]
-    unknown = [a for a in names if a not in table]
-    if unknown:
-        raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    table, names, keep = annotated_attributes(prompt_set, fs, attributes)
     cache = _text_cache(model, text_cache)
-    keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
     gallery = fs.features[keep]
     pairs = [(name, value) for name in names for value in table[name]]
     weights = class_embeddings(model, {f"{n}={v}": table[n][v] for n, v in pairs}, cache)
-    _check_dim(gallery if len(gallery) else fs.features, weights)
+    check_same_width(gallery if len(gallery) else fs.features, weights)
     relevant = np.array(
         [[fs.attributes[i][name] == value for i in keep] for name, value in pairs], dtype=bool
     ).reshape(len(pairs), len(keep))
@@ -219,7 +206,7 @@ def image_to_text_by_class(
     texts = [t for c in names for t in all_prompts[c]]
     text_labels = np.asarray([c for c in names for _ in all_prompts[c]], dtype=object)
     text_emb = embed_texts(model, texts, text_cache)
-    _check_dim(fs.features, text_emb)
+    check_same_width(fs.features, text_emb)
     wanted = set(names)
     keep = np.array([i for i, label in enumerate(fs.labels) if label in wanted], dtype=np.int64)
     query_labels = np.asarray([fs.labels[i] for i in keep], dtype=object)
@@ -272,7 +259,7 @@ def paired_image_text(
     if len(captions) != len(fs):
         raise DataError(f"paired retrieval needs one caption per image: {len(captions)} captions for {len(fs)} images")
     text_emb = embed_texts(model, captions, text_cache)
-    _check_dim(fs.features, text_emb)
+    check_same_width(fs.features, text_emb)
     n = len(fs)
     if k is None:
         scores = np.empty((n, n), dtype=np.float32)

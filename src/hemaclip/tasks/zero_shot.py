@@ -41,12 +41,26 @@ def class_embeddings(
     return weights.detach().float().cpu().numpy()
 
 
-def _check_dim(model: Any, features: np.ndarray, weights: np.ndarray) -> None:
-    if features.ndim != 2 or features.shape[1] != weights.shape[1]:
+def check_same_width(features: np.ndarray, text_embeddings: np.ndarray) -> None:
+    """Image features and text embeddings must come from the same model (external features cannot)."""
+    if features.ndim != 2 or features.shape[1] != text_embeddings.shape[1]:
         raise DataError(
-            f"features of shape {tuple(features.shape)} do not match the model's embedding width {weights.shape[1]};"
-            " zero-shot needs features from this model's own image tower"
+            f"image features of shape {tuple(features.shape)} do not match the text embedding width "
+            f"{text_embeddings.shape[1]}; text-based tasks need features from this model's own image tower"
         )
+
+
+def annotated_attributes(
+    prompt_set: PromptSet, fs: FeatureSet, attributes: Sequence[str] | None
+) -> tuple[dict[str, dict[str, list[str]]], list[str], np.ndarray]:
+    """(attribute prompt table, attribute names asked for, rows of `fs` that carry attribute labels)."""
+    table = prompt_set.attribute_prompts()
+    names = list(table) if attributes is None else [str(a) for a in attributes]
+    unknown = [a for a in names if a not in table]
+    if unknown:
+        raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
+    return table, names, keep
 
 
 def _logit_scale(model: Any) -> float:
@@ -57,7 +71,7 @@ def _logit_scale(model: Any) -> float:
 def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """logit_scale x cosine of normalised `features` [N, D] against normalised `weights` [C, D]."""
     features = np.asarray(features, dtype=np.float32)
-    _check_dim(model, features, weights)
+    check_same_width(features, weights)
     scale = np.float32(_logit_scale(model))
     out = np.empty((len(features), len(weights)), dtype=np.float32)
     for start in range(0, len(features), _CHUNK):
@@ -128,13 +142,8 @@ def zero_shot_attributes(
     ``missing_attributes`` counts rows without attribute annotations (excluded). An attribute with
     no annotated rows still appears, with empty arrays.
     """
-    table = prompt_set.attribute_prompts()
-    names = list(table) if attributes is None else [str(a) for a in attributes]
-    unknown = [a for a in names if a not in table]
-    if unknown:
-        raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    table, names, keep = annotated_attributes(prompt_set, fs, attributes)
     cache = _text_cache(model, text_cache)
-    keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
     feats = fs.features[keep]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
