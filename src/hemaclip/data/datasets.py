@@ -296,15 +296,16 @@ def load_folder(options: LoadOptions) -> CellDataset:
     splits: dict[Path, str] = {}
     if csv_path is not None:
         rows = read_csv_rows(csv_path, ATTRIBUTE_NAMES)
+        by_name: dict[str, Path] = {p.name: p for p in labels}
         for line, row in enumerate(rows, start=2):
             source = f"{csv_path}:{line}"
-            if row.get("path"):
-                path = root / row["path"]
-            elif row.get("img_name"):
-                matches = [p for p in labels if p.name == row["img_name"]]
-                path = matches[0] if matches else root / row["img_name"]
-            else:
+            if not (row.get("path") or row.get("img_name")):
                 raise DataError(f"{csv_path}: needs an 'img_name' or 'path' column")
+            # `path` relative to ROOT wins; else the file name (`img_name`, or the last part of `path`).
+            path = root / row["path"] if row.get("path") else None
+            if path not in labels:
+                name = row.get("img_name") or Path(row["path"]).name
+                path = by_name.get(name, root / name)
             if path not in labels:
                 raise DataError(f"{source}: image '{path.name}' is not in any class folder of {root}")
             attributes[path] = validate_attributes(row, source)
