@@ -307,6 +307,73 @@ def demo_command(
     console.print("Research software: these readings are not a diagnosis.")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.json, report.md, report.html, PNGs.")],
+    checkpoint: CheckpointOption = None,
+    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, or folder (with --data DIR).")] = "wbcatt",
+    split: Annotated[str, typer.Option(help="Split to evaluate (temperature is fitted on val, probes trained on train).")] = "test",
+    data: DataOption = None,
+    class_map: Annotated[
+        Optional[Path], typer.Option(help="For --dataset folder: JSON or CSV mapping folder classes to known class names.")
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.", min=100)] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of bootstrap, probes and splits.")] = 0,
+    probes: Annotated[bool, typer.Option("--probes/--no-probes", help="Logistic, kNN and MLP probes on frozen embeddings.")] = True,
+    nshot: Annotated[bool, typer.Option("--nshot/--no-nshot", help="n-shot probe curves (1 to 200 per class, 3 seeds).")] = True,
+    features: Annotated[Optional[Path], typer.Option(help="Evaluate another encoder's features (.npy) instead of a checkpoint.")] = None,
+    index_csv: Annotated[Optional[Path], typer.Option(help="Index CSV (path,label,split) of --features.")] = None,
+    max_per_class: Annotated[Optional[int], typer.Option(help="Cap images per class and split (quick looks).")] = None,
+) -> None:
+    """Evaluate a model the way the field does, with 95 % bootstrap intervals: zero-shot class and attributes,
+    supervised heads, calibration, retrieval both ways, probes and n-shot curves, embedding maps.
+
+    Example: hemaclip evaluate --dataset wbcatt --split test --out reports/default/wbcatt-test
+    Out of distribution: hemaclip evaluate --dataset folder --data DIR --class-map map.json --out reports/ood
+    """
+    from hemaclip.eval.evaluate import run_evaluation
+
+    metrics = run_evaluation(
+        checkpoint,
+        dataset,
+        split,
+        out,
+        data_root=data if dataset != "folder" else None,
+        folder=data if dataset == "folder" else None,
+        class_map=class_map,
+        n_boot=n_boot,
+        seed=seed,
+        probes=probes,
+        nshot=nshot,
+        features=features,
+        index_csv=index_csv,
+        progress=sys.stderr.isatty(),
+        max_per_class=max_per_class,
+    )
+    console.print(f"{metrics.get('n_images', '?')} images evaluated in {metrics.get('seconds', 0):.0f} s; report: {out / 'report.html'}")
+
+
+@app.command("compare")
+def compare_command(
+    a: Annotated[str, typer.Argument(help="Checkpoint A, or FEATURES.npy:INDEX.csv of another encoder.")],
+    b: Annotated[str, typer.Argument(help="Checkpoint B, or FEATURES.npy:INDEX.csv.")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.json and the report.")] = Path("reports/compare"),
+    dataset: Annotated[str, typer.Option(help="Dataset both are evaluated on.")] = "wbcatt",
+    split: Annotated[str, typer.Option(help="Split both are evaluated on.")] = "test",
+    data: DataOption = None,
+    n_boot: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Paired bootstrap test of two models on the same images: difference, 95 % interval and p.
+
+    Example: hemaclip compare runs/a/best.pt runs/b/best.pt --dataset wbcatt --split test
+    """
+    from hemaclip.eval.compare import run_compare
+
+    run_compare(a, b, dataset, split, out, data_root=data, n_boot=n_boot, seed=seed, progress=sys.stderr.isatty())
+    console.print(f"comparison: {out / 'compare.json'}, {out / 'report.html'}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
     try:

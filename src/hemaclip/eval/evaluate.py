@@ -68,7 +68,7 @@ from hemaclip.eval import calibration as cal
 from hemaclip.eval import plots
 from hemaclip.eval.metrics import attribute_table, classification_report_dict, row_normalize
 from hemaclip.eval.report import Section, Table, write_report
-from hemaclip.eval.retrieval import retrieval_metrics
+from hemaclip.eval.retrieval import paired_recall_at_k, retrieval_metrics
 from hemaclip.eval.statistics import bootstrap_ci, bootstrap_macro_f1
 
 __all__ = [
@@ -739,6 +739,9 @@ def _retrieval_part(ctx: _Context) -> None:
             profile = ["|".join(a[n] for n in ATTRIBUTE_NAMES) for a in sub.attributes]
             results["image_to_image_by_attribute_profile"] = _topk_metrics(
                 rt.image_to_image(sub, k=kmax, labels=profile), len(sub) - 1, ks)
+    paired = _paired_retrieval(ctx)
+    if paired:
+        results["paired_caption"] = paired
     ctx.metrics["retrieval"] = results
     rows = []
     for task, m in results.items():
@@ -752,7 +755,36 @@ def _retrieval_part(ctx: _Context) -> None:
             "every other image with the same class (or the same 11-attribute profile). k = 1, 3, 5, 10 are in metrics.json.")
     if ctx.model is None:
         text += " External features have no text tower: only image→image retrieval applies."
-    ctx.sections.append(Section("Retrieval", text, [Table(columns, rows, caption="Retrieval (k = 1, 5, 10)")], figs))
+    tables = [Table(columns, rows, caption="Retrieval (k = 1, 5, 10)")]
+    if paired:
+        tables.append(Table(["Direction", "Pairs", "R@1", "R@5", "R@10", "median rank"],
+                            [[d.replace("_", " "), m["n_queries"], m["R@1"], m["R@5"], m["R@10"], m.get("median_rank")]
+                             for d, m in paired.items() if isinstance(m, dict)],
+                            caption="open_clip-style 1:1 recall: only an image's own caption counts (pessimistic: "
+                                    "cells with identical attributes share one caption wording)"))
+    ctx.sections.append(Section("Retrieval", text, tables, figs))
+
+
+PAIRED_MAX_IMAGES = 4000  # the 1:1 score matrix is N x N
+
+
+def _paired_retrieval(ctx: _Context) -> dict[str, Any]:
+    """open_clip's paired R@k: each attributed image against one generated caption of its own attributes."""
+    from hemaclip.tasks import retrieval as rt
+    from hemaclip.text.captions import caption_variants
+
+    if ctx.model is None:
+        return {}
+    rows = np.array([i for i, a in enumerate(ctx.eval_fs.attributes) if a is not None], dtype=np.int64)[:PAIRED_MAX_IMAGES]
+    if len(rows) < 2:
+        return {}
+    sub = ctx.eval_fs.subset(rows)
+    captions = [caption_variants(a, n=1, seed=ctx.seed)[0] for a in sub.attributes]
+    res = rt.paired_image_text(ctx.model, sub, captions, text_cache=ctx.text_cache)
+    out: dict[str, Any] = {"caption_seed": ctx.seed}
+    for direction in ("image_to_text", "text_to_image"):
+        out[direction] = paired_recall_at_k(np.asarray(res[direction]["scores"]), (1, 5, 10))
+    return out
 
 
 def _thumbnail(path: str, size: int = 192) -> Any:
@@ -843,6 +875,46 @@ def _nshot_part(ctx: _Context) -> None:
                                 "Probes trained on n images per class of the train split (classes with fewer images use all; "
                                 "actual counts in metrics.json), tested on the whole evaluated split.",
                                 [table], [(fig, "Macro F1 against training images per class.")]))
+
+
+ATTRIBUTE_NSHOT_SHOTS = (1, 5, 10, 25, 50, 100, 200)
+
+
+def _attribute_probe_part(ctx: _Context) -> None:
+    """Logistic probe per WBCAtt attribute (train split -> evaluated split) and its n-shot curve."""
+    from hemaclip.tasks.probes import attribute_labels, nshot_curve, run_probes
+
+    if ctx.train_fs is None or not any(a is not None for a in ctx.eval_fs.attributes):
+        return
+    if not any(a is not None for a in ctx.train_fs.attributes):
+        return
+    ctx.log("attribute probes")
+    blocks: dict[str, Any] = {}
+    curves: dict[int, list[float]] = {}
+    for name, values in ATTRIBUTES.items():
+        result = run_probes(ctx.train_fs, ctx.eval_fs, kinds=("logistic",), label_fn=attribute_labels(name), seed=ctx.seed)["logistic"]
+        blocks[name] = _attribute_block(result["y_true"], result["y_pred"], list(values), ctx.n_boot, ctx.seed)
+        for row in nshot_curve(ctx.train_fs, ctx.eval_fs, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=ctx.nshot_seeds,
+                               kinds=("logistic",), label_fn=attribute_labels(name)):
+            t, p, used = _encode(row["y_true"], row["y_pred"], list(values))
+            curves.setdefault(int(row["shots"]), []).append(_macro_f1_np(t, p, len(used)))
+    table_rows, mean = _attribute_summary(blocks)
+    n_seeds = len(ctx.nshot_seeds)
+    summary = []
+    for shots, values in sorted(curves.items()):
+        per_seed = np.asarray(values).reshape(len(ATTRIBUTES), n_seeds).mean(axis=0)  # mean over attributes, per seed
+        summary.append({"kind": "logistic (mean of 11 attributes)", "shots": shots, "macro_f1": float(per_seed.mean()),
+                        "low": float(per_seed.min()), "high": float(per_seed.max())})
+    ctx.metrics["attribute_probes"] = {"logistic": blocks, "mean_macro_f1": mean, "nshot": summary}
+    fig = plots.plot_per_attribute_f1(table_rows, _figure(ctx.out, "attribute_probe_f1.png", ctx.figures),
+                                      reference=plots.HUMAN_INTER_ANNOTATOR_F1, title="Attribute macro F1, logistic probe")
+    nfig = plots.plot_nshot_curves(summary, _figure(ctx.out, "attribute_nshot.png", ctx.figures),
+                                   title="Attribute n-shot: mean macro F1 over the 11 attributes")
+    ctx.sections.append(_attribute_section(
+        "Attribute probes", blocks, mean, fig,
+        "A logistic probe per attribute (fixed C = 1, train split -> evaluated split) and its n-shot curve "
+        "(n images per attribute value, mean over the 11 attributes; shaded: min-max over seeds)."))
+    ctx.sections[-1].figures.append((nfig, "Attribute n-shot curve."))
 
 
 def _lvlm_part(ctx: _Context) -> None:
@@ -1191,6 +1263,7 @@ def run_evaluation(
         _probe_part(ctx)
     if nshot:
         _nshot_part(ctx)
+        _attribute_probe_part(ctx)
     if probes or not external:
         _lvlm_part(ctx)
     _embedding_part(ctx)
