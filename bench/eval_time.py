@@ -39,7 +39,7 @@ def main() -> None:
     warmup, _ = timed(**common)  # fills the feature cache if it is empty; not the measured figure
     full, metrics = timed(**common)
     light, _ = timed(**common, probes=False, nshot=False)
-    committed_path = Path(__file__).resolve().parents[1] / "reports" / "default" / "wbcatt-test" / "metrics.json"
+    committed_path = Path(__file__).resolve().parents[1] / "reports" / "default" / "wbc5-attributes-test" / "metrics.json"
     reproduction = None
     if committed_path.is_file() and args.checkpoint is None:
         import json

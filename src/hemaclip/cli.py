@@ -328,7 +328,7 @@ def evaluate_command(
     """Evaluate a model the way the field does, with 95 % bootstrap intervals: zero-shot class and attributes,
     supervised heads, calibration, retrieval both ways, probes and n-shot curves, embedding maps.
 
-    Example: hemaclip evaluate --dataset wbcatt --split test --out reports/default/wbcatt-test
+    Example: hemaclip evaluate --dataset wbcatt --split test --out reports/default/wbc5-attributes-test
     Out of distribution: hemaclip evaluate --dataset folder --data DIR --class-map map.json --out reports/ood
     """
     from hemaclip.eval.evaluate import run_evaluation
