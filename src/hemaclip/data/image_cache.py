@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from hemaclip.data.dedupe import cache_dir
@@ -55,17 +53,3 @@ def decoded_images(paths: Sequence[Path], size: int, directory: Path | None = No
         raise
     return np.load(target, mmap_mode="r")
 
-
-class CachedImageDataset(Dataset):
-    """Items `{"image", "index"}` from a decoded cache, passed through a (v2) transform."""
-
-    def __init__(self, images: np.ndarray, transform) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        chw = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
-        return {"image": self.transform(chw), "index": torch.tensor(index)}

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -66,7 +65,7 @@ from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.errors import DataError, HemaclipError
 from hemaclip.eval import calibration as cal
 from hemaclip.eval import plots
-from hemaclip.eval.metrics import attribute_table, classification_report_dict, row_normalize
+from hemaclip.eval.metrics import attribute_table, classification_report_dict, macro_f1, row_normalize
 from hemaclip.eval.report import Section, Table, write_report
 from hemaclip.eval.retrieval import paired_recall_at_k, retrieval_metrics
 from hemaclip.eval.statistics import bootstrap_ci, bootstrap_macro_f1
@@ -136,10 +135,6 @@ def _weighted_f1_fn(n: int) -> Callable[[np.ndarray, np.ndarray], float]:
     return fn
 
 
-def _macro_f1_np(t: np.ndarray, p: np.ndarray, n: int) -> float:
-    return float(np.mean(_f1_per_class(t, p, n)[0]))
-
-
 def _point_only(value: float) -> dict[str, Any]:
     return {"point": float(value), "low": None, "high": None, "n_resamples": 0}
 
@@ -149,7 +144,7 @@ def _metric_ci(name: str, t: np.ndarray, p: np.ndarray, n: int, n_boot: int, see
         "accuracy": _accuracy_fn,
         "balanced_accuracy": _balanced_accuracy_fn(n),
         "weighted_f1": _weighted_f1_fn(n),
-        "macro_f1": lambda a, b: _macro_f1_np(a, b, n),
+        "macro_f1": lambda a, b: macro_f1(a, b, n),
     }
     if n_boot < 1:
         return _point_only(fns[name](t, p))
@@ -848,7 +843,7 @@ def _nshot_part(ctx: _Context) -> None:
         values = []
         for r in group:
             t, p, used = _encode(r["y_true"], r["y_pred"], r["classes"])
-            values.append(_macro_f1_np(t, p, len(used)))
+            values.append(macro_f1(t, p, len(used)))
         summary.append({
             "kind": kind,
             "shots": int(shots),
@@ -897,7 +892,7 @@ def _attribute_probe_part(ctx: _Context) -> None:
         for row in nshot_curve(ctx.train_fs, ctx.eval_fs, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=ctx.nshot_seeds,
                                kinds=("logistic",), label_fn=attribute_labels(name)):
             t, p, used = _encode(row["y_true"], row["y_pred"], list(values))
-            curves.setdefault(int(row["shots"]), []).append(_macro_f1_np(t, p, len(used)))
+            curves.setdefault(int(row["shots"]), []).append(macro_f1(t, p, len(used)))
     table_rows, mean = _attribute_summary(blocks)
     n_seeds = len(ctx.nshot_seeds)
     summary = []

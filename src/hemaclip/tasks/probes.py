@@ -202,6 +202,18 @@ def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
         raise DataError(f"train and test feature sets share {len(shared)} image(s) (e.g. {example}); probes never test on training images")
 
 
+def _train_test_rows(
+    train: FeatureSet, test: FeatureSet, label_fn: LabelFn, purpose: str
+) -> tuple[np.ndarray, list[str], int, np.ndarray, list[str], int]:
+    """Features and labels of the labelled rows of train and test (disjoint), with excluded counts."""
+    _check_disjoint(train, test)
+    tr_idx, ytr, ex_tr = _labelled(train, label_fn, "train")
+    te_idx, yte, ex_te = _labelled(test, label_fn, "test")
+    if not ytr:
+        raise DataError(f"no labelled training rows for {purpose}")
+    return train.features[tr_idx], ytr, ex_tr, test.features[te_idx], yte, ex_te
+
+
 def run_probes(
     train: FeatureSet,
     test: FeatureSet,
@@ -217,12 +229,7 @@ def run_probes(
     ``proba_classes`` (sorted training labels). Test labels never seen in training are kept (always
     wrong) and listed in ``unseen_test_labels``.
     """
-    _check_disjoint(train, test)
-    tr_idx, ytr, ex_tr = _labelled(train, label_fn, "train")
-    te_idx, yte, ex_te = _labelled(test, label_fn, "test")
-    if not ytr:
-        raise DataError("no labelled training rows for the probes")
-    Xtr, Xte = train.features[tr_idx], test.features[te_idx]
+    Xtr, ytr, ex_tr, Xte, yte, ex_te = _train_test_rows(train, test, label_fn, "the probes")
     train_classes = sorted(set(ytr))
     classes = sorted(set(ytr) | set(yte))
     out: dict[str, dict[str, Any]] = {}
@@ -268,12 +275,7 @@ def nshot_curve(
     "per_class" ({label: actual count}, fewer than `shots` where a class has fewer images)}. For
     one (shots, seed) every kind sees the same training subset; `y_true` is shared between rows.
     """
-    _check_disjoint(train, test)
-    tr_idx, ytr, _ = _labelled(train, label_fn, "train")
-    te_idx, yte, _ = _labelled(test, label_fn, "test")
-    if not ytr:
-        raise DataError("no labelled training rows for the n-shot curve")
-    Xtr_all, Xte = train.features[tr_idx], test.features[te_idx]
+    Xtr_all, ytr, _, Xte, yte, _ = _train_test_rows(train, test, label_fn, "the n-shot curve")
     ytr_arr = np.asarray(ytr, dtype=object)
     classes = sorted(set(ytr) | set(yte))
     rows: list[dict[str, Any]] = []

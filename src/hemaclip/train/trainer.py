@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.transforms import eval_transform, train_transform
