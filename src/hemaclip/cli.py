@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hemaclip import __version__
+from hemaclip.commands import register_all
+from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
 from hemaclip.errors import HemaclipError
 
 app = typer.Typer(
@@ -28,12 +29,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect the datasets: counts per split and class, duplicates found.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
-
-DataOption = Annotated[
-    Optional[Path], typer.Option("--data", help="Data root (default: $HEMACLIP_DATA, else ../shared/data).", show_default=False)
-]
 DATASET_NAMES = ("wbcatt", "pbc", "pbc11", "all")
 
 
@@ -202,11 +197,6 @@ def train_command(
     console.print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last); curves: {out / 'curves.png'}")
 
 
-CheckpointOption = Annotated[
-    Optional[Path], typer.Option("--checkpoint", help="Model checkpoint (default: the model shipped with hemaclip).", show_default=False)
-]
-
-
 @app.command("models")
 def models_command() -> None:
     """List the packaged model configs (use one with `train --set model=NAME`)."""
@@ -372,6 +362,9 @@ def compare_command(
 
     run_compare(a, b, dataset, split, out, data_root=data, n_boot=n_boot, seed=seed, progress=sys.stderr.isatty())
     console.print(f"comparison: {out / 'compare.json'}, {out / 'report.html'}")
+
+
+register_all(app)
 
 
 def main() -> None:
