@@ -111,3 +111,13 @@ def test_two_process_ddp_loss_matches_one_process(data_root: Path, tmp_path: Pat
     after_one, after_two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
     for key in after_one:
         torch.testing.assert_close(after_two[key], after_one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_select_metric_names_the_validation_number_that_picks_best() -> None:
+    from hemaclip.train.trainer import _select_score
+
+    metrics = {"val_zs_class_macro_f1": 0.9, "val_head_class_macro_f1": 0.4, "train_loss": 1.0}
+    assert _select_score(metrics, "val_head_class_macro_f1") == 0.4
+    assert _select_score(metrics) == 0.9  # default: mean of the headline F1s present
+    with pytest.raises(HemaclipError, match="select_metric 'val_nope'"):
+        _select_score(metrics, "val_nope")

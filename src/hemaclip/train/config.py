@@ -32,6 +32,9 @@ class TrainConfig:
 
     model: str = "effnet-lite0-128"  # model config name (see `hemaclip models`) or a JSON path
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Start from a checkpoint's weights instead of `model` ("default" = the shipped model, or a .pt path);
+    # its class head is replaced by a fresh one when the training classes differ (fine-tuning to a new set).
+    init_checkpoint: str | None = None
     dataset: str = "pbc"  # training images: 'pbc' = WBCAtt train (with attributes) + other PBC classes
     val_dataset: str = "wbcatt"  # validation images (its val split); attributes give attribute metrics
     prompts: str | None = None  # prompt file (None = the packaged one)
@@ -51,11 +54,15 @@ class TrainConfig:
     text_mix: TextMix = field(default_factory=TextMix)
     freeze_image_fraction: float = 0.0  # leading share of image-trunk parameters kept frozen (faster on CPU)
     augment: bool = True
+    # HED-space stain jitter of training images (0 = off; 0.2 = stain concentrations scaled by up to
+    # +-20 %), drawn per image from the same seed as the other augmentations; needs `augment`.
+    stain_jitter: float = 0.0
     amp: str = "auto"  # 'auto' = bfloat16 autocast on CUDA, off on CPU; 'off'; 'bf16'
     seed: int = 0
     max_train_images: int | None = None  # a stratified subset, for tests and quick looks
     max_val_images: int | None = None
     save_every_steps: int = 200  # mid-epoch resumable checkpoint
+    select_metric: str | None = None  # validation metric that picks best.pt (None = mean of the headline F1s)
     device: str = "auto"
 
     @classmethod

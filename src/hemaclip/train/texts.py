@@ -60,7 +60,9 @@ def build_text_bank(
         texts = [*sentences.get(name, []), *templates.get(name, [])]
         class_ids[name] = [bank.add(text, klass=index) for text in texts]
     attribute_ids: dict[tuple[str, str], list[int]] = {}
-    for name, by_value in prompts.attribute_prompts().items():
+    # Attribute statements only where some image is annotated (none for e.g. the ALL set): class sentences alone.
+    annotated = any(record.attributes for record in records)
+    for name, by_value in (prompts.attribute_prompts() if annotated else {}).items():
         for value, texts in by_value.items():
             attribute_ids[(name, value)] = [bank.add(text, attributes={name: value}) for text in texts]
     for record in records:

@@ -11,11 +11,13 @@ Design choices that matter to users:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,12 @@ from tqdm import tqdm
 
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
-from hemaclip.data.transforms import eval_transform, train_transform
+from hemaclip.data.transforms import AugmentConfig, eval_transform, train_transform
 from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, write_json
 from hemaclip.models import create_model
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+from hemaclip.models.default import resolve_checkpoint
 from hemaclip.models.losses import aux_supervised_loss, build_loss
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.text.prompts import PromptSet, load_prompts
@@ -180,9 +183,33 @@ def _plot_history(paths: RunPaths) -> None:
     plt.close(fig)
 
 
-def _select_score(metrics: dict[str, float]) -> float:
+def _select_score(metrics: dict[str, float], key: str | None = None) -> float:
+    if key is not None:
+        if key not in metrics:
+            raise HemaclipError(f"select_metric '{key}' is not a validation metric (have: {', '.join(sorted(metrics))})")
+        return float(metrics[key])
     keys = [k for k in ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1") if k in metrics]
     return float(np.mean([metrics[k] for k in keys])) if keys else -metrics.get("train_loss", 0.0)
+
+
+def initial_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
+    """The model a new run starts from: `config.model` freshly built, or `config.init_checkpoint`'s weights.
+
+    Fine-tuning to another label set (e.g. the shipped 8-class model onto the 4 ALL classes) keeps every
+    weight but the class head, which is rebuilt (seeded) for `class_names`.
+    """
+    if config.init_checkpoint is None:
+        return create_model(config.model, class_names=tuple(class_names), **config.model_overrides)
+    if config.model_overrides:
+        raise HemaclipError("model_overrides cannot be combined with init_checkpoint (the checkpoint fixes the model)")
+    path = resolve_checkpoint(None if config.init_checkpoint == "default" else config.init_checkpoint)
+    model, _ = load_checkpoint(path)
+    if tuple(model.class_names) != tuple(class_names):
+        model.config = dataclasses.replace(model.config, class_names=tuple(class_names))
+        if model.class_head is not None:
+            torch.manual_seed(config.seed)
+            model.class_head = nn.Linear(model.config.embed_dim, len(class_names))
+    return model
 
 
 def train(
@@ -237,8 +264,11 @@ def _train(
         model, meta = load_checkpoint(paths.last)
         state = meta["extra"]["train_state"]
     else:
-        model = create_model(config.model, class_names=dataset.classes, **config.model_overrides)
+        model = initial_model(config, dataset.classes)
         state = None
+    if not config.contrastive_weight:  # a plain supervised classifier: the text side is not trained
+        model.text_projection.requires_grad_(False)
+        model.logit_scale.requires_grad_(False)
     model.to(info.device).to(memory_format=torch.channels_last)
     frozen_modules = freeze_leading_image_parameters(model, config.freeze_image_fraction)
     if info.is_main:
@@ -256,7 +286,10 @@ def _train(
     val_images = decoded_images([r.path for r in val_records], model.config.image_size, progress=show)
     stats = {"mean": tuple(model.config.image_mean), "std": tuple(model.config.image_std)}
     size = model.config.image_size
-    augment = train_transform(size, **stats) if config.augment else eval_transform(size, **stats)
+    if config.stain_jitter < 0:
+        raise HemaclipError(f"stain_jitter must be >= 0, got {config.stain_jitter}")
+    augment_config = AugmentConfig(stain_jitter=float(config.stain_jitter))
+    augment = train_transform(size, augment_config, **stats) if config.augment else eval_transform(size, **stats)
 
     loss_options: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "gather_with_grad": True}
     if config.loss == "soft":
@@ -323,14 +356,16 @@ def _train(
                     text_input = {k: v.to(info.device) for k, v in text_input.items()}
                 out = ddp_model(batch, text_input)
             gids = torch.from_numpy(global_ids)
-            positive, known = statement_masks(image_class[gids], image_attributes[gids], text_class[text_ids], text_attributes[text_ids])
-            loss = config.contrastive_weight * contrastive(
-                out["image_features"].float(),
-                out["text_features"].float(),
-                out["logit_scale"],
-                positive=positive.to(info.device),
-                known=known.to(info.device),
-            )
+            loss = out["image_features"].new_zeros((), dtype=torch.float32)
+            if config.contrastive_weight:
+                positive, known = statement_masks(image_class[gids], image_attributes[gids], text_class[text_ids], text_attributes[text_ids])
+                loss = loss + config.contrastive_weight * contrastive(
+                    out["image_features"].float(),
+                    out["text_features"].float(),
+                    out["logit_scale"],
+                    positive=positive.to(info.device),
+                    known=known.to(info.device),
+                )
             if config.attribute_head_weight or config.class_head_weight:
                 mine_t = torch.from_numpy(mine)
                 attr_share = rank_share(image_attributes[mine_t][:, 0], image_attributes[gids][:, 0], info.world_size)
@@ -370,7 +405,7 @@ def _train(
                 "lr": scheduler.get_last_lr()[0],
                 **validate(model, val_images, val_records, val_set.classes, prompts, config.val_dataset, text_cache, info.device),
             }
-            score = _select_score(metrics)
+            score = _select_score(metrics, config.select_metric)
             if score > best_score:
                 best_score = score
                 save(paths.best, epoch + 1, 0, metrics)
