@@ -1,0 +1,55 @@
+"""`hemaclip serve`: the web page and JSON API on this machine (loopback by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
+from hemaclip.errors import HemaclipError
+
+
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to bind. The default serves this machine only; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    checkpoint: CheckpointOption = None,
+    index: Annotated[
+        Optional[Path], typer.Option("--index", help="Index to search and to take neighbours from (default: WBCAtt train, built once).")
+    ] = None,
+    data: DataOption = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.", min=0.01)] = 10.0,
+    stain_norm: Annotated[str, typer.Option("--stain-norm", help="Stain normalisation of uploads: none, macenko or reinhard.")] = "none",
+    saliency: Annotated[bool, typer.Option("--saliency/--no-saliency", help="Compute a Grad-CAM overlay for each upload.")] = True,
+) -> None:
+    """Serve the hemaclip page (upload a cell image, search by description) and its JSON API (/docs).
+
+    Example: hemaclip serve --port 8000   then open http://127.0.0.1:8000
+    """
+    import uvicorn
+
+    from hemaclip.commands.index import _stain
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.serve.app import ServeSettings, create_app
+    from hemaclip.tasks.describe import Describer
+    from hemaclip.tasks.features import file_sha1
+    from hemaclip.tasks.index import CellIndex
+
+    path = resolve_checkpoint(checkpoint)
+    loaded_index = CellIndex.load(index) if index is not None else "default"
+    console.print("loading the model" + (" and building the reference index (first run only)" if index is None else ""))
+    describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=_stain(stain_norm), progress=True)
+    search_index = describer.index
+    if search_index is not None and search_index.checkpoint_id != file_sha1(path):
+        raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
+    app = create_app(describer, search_index, settings=ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"note: serving on {host}: anyone who can reach this machine can use the page", highlight=False)
+    console.print(f"hemaclip at http://{host}:{port}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `serve` command."""
+    app.command("serve")(serve_command)

@@ -1,0 +1,214 @@
+"""Is what `hemaclip describe` says true of the cell? Statement-level checks against WBCAtt annotations.
+
+Three measurements, all on the sentences `describe` actually writes (see
+:func:`hemaclip.tasks.describe.statements_for_rows`):
+
+* **Statement agreement**: of all attribute statements made, the fraction that match the ground-truth
+  annotation, with a percentile bootstrap interval over images (the ratio of sums is resampled, so an
+  image with many statements weighs more, as it does for a reader). **Coverage** is statements made
+  divided by statements possible (11 per annotated image): a higher threshold trades coverage for
+  agreement, so both are always reported together, also as a threshold sweep.
+* **Human ceiling**: WBCAtt ships a second, independent annotation of 1,000 images
+  (``pbc_attr_reannotations.csv``); the same agreement (coverage 1) and the mean over the 11
+  attributes of the macro F1 between the two annotators tell what "good" can mean.
+* **Textbook test**: on misclassified cells, does the sentence follow the *predicted* class's textbook
+  (the per-class modal value on WBCAtt train) instead of the cell? Reported as two fractions of the
+  statements: matching the predicted class's textbook, matching the cell's own annotation; and the
+  same on the statements where those two disagree (the informative ones).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES, validate_attributes
+from hemaclip.errors import DataError
+from hemaclip.eval.statistics import bootstrap_ci
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "REANNOTATION_CSV",
+    "annotator_agreement",
+    "statement_agreement",
+    "textbook_attributes",
+    "textbook_test",
+    "threshold_sweep",
+]
+
+REANNOTATION_CSV = "pbc_attr_reannotations.csv"
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+Statements = Sequence[Mapping[str, str]]
+Truth = Sequence[Mapping[str, str] | None]
+
+
+def _ratio(agree: np.ndarray, stated: np.ndarray) -> float:
+    total = float(np.sum(stated))
+    return float(np.sum(agree)) / total if total > 0 else float("nan")
+
+
+def _counts(statements: Statements, truth: Truth) -> tuple[np.ndarray, np.ndarray, Counter, Counter]:
+    if len(statements) != len(truth):
+        raise ValueError(f"{len(statements)} statement sets but {len(truth)} annotations")
+    agree, stated = [], []
+    per_attr_made: Counter = Counter()
+    per_attr_agree: Counter = Counter()
+    for said, true in zip(statements, truth):
+        if true is None:
+            continue
+        hits = [name for name, value in said.items() if true.get(name) == value]
+        agree.append(len(hits))
+        stated.append(len(said))
+        per_attr_made.update(said.keys())
+        per_attr_agree.update(hits)
+    return np.asarray(agree, dtype=np.float64), np.asarray(stated, dtype=np.float64), per_attr_made, per_attr_agree
+
+
+def statement_agreement(statements: Statements, truth: Truth, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Fraction of statements matching the annotation, with a bootstrap interval over images, and coverage.
+
+    `statements[i]` is {attribute: value} said of image i; `truth[i]` its annotation (None = not
+    annotated, left out). Returns ``agreement`` (point/low/high; None if nothing was stated), ``n_images``, ``n_statements``,
+    ``coverage`` (statements / (11 x images)) and ``per_attribute`` {name: {"n", "agreement"}}.
+    """
+    agree, stated, made, hits = _counts(statements, truth)
+    n_images = int(len(stated))
+    n_statements = int(stated.sum())
+    if n_statements == 0:
+        agreement: dict[str, Any] | None = None  # nothing was said: agreement is undefined, not 0 or 1
+    elif n_boot < 1:
+        agreement = {"point": _ratio(agree, stated), "low": None, "high": None, "n_resamples": 0}
+    else:
+        agreement = bootstrap_ci(_ratio, agree, stated, n_resamples=n_boot, seed=seed, stratified=False)
+    return {
+        "agreement": agreement,
+        "n_images": n_images,
+        "n_statements": n_statements,
+        "coverage": n_statements / (len(ATTRIBUTE_NAMES) * n_images) if n_images else float("nan"),
+        "per_attribute": {n: {"n": int(made[n]), "agreement": hits[n] / made[n] if made[n] else None}
+                          for n in ATTRIBUTE_NAMES},
+    }
+
+
+def threshold_sweep(
+    statements_at: Any, truth: Truth, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> list[dict[str, float]]:
+    """Agreement and coverage at each threshold; `statements_at(t)` returns the statements at threshold t."""
+    rows = []
+    for t in thresholds:
+        agree, stated, _, _ = _counts(statements_at(float(t)), truth)
+        rows.append({"threshold": float(t), "agreement": _ratio(agree, stated),
+                     "coverage": float(stated.sum() / (len(ATTRIBUTE_NAMES) * len(stated))) if len(stated) else float("nan"),
+                     "n_statements": int(stated.sum())})
+    return rows
+
+
+def textbook_attributes(labels: Sequence[str], attributes: Truth) -> dict[str, dict[str, str]]:
+    """Per class, the modal value of each attribute (ties: the value listed first in ATTRIBUTES)."""
+    counts: dict[str, dict[str, Counter]] = {}
+    for label, attrs in zip(labels, attributes):
+        if attrs is None:
+            continue
+        per = counts.setdefault(label, {n: Counter() for n in ATTRIBUTE_NAMES})
+        for n in ATTRIBUTE_NAMES:
+            per[n][attrs[n]] += 1
+    return {
+        label: {n: max(ATTRIBUTES[n], key=lambda v, c=per[n]: (c[v], -ATTRIBUTES[n].index(v))) for n in ATTRIBUTE_NAMES}
+        for label, per in sorted(counts.items())
+    }
+
+
+def textbook_test(
+    statements: Statements,
+    truth: Truth,
+    true_labels: Sequence[str],
+    predicted_labels: Sequence[str | None],
+    textbook: Mapping[str, Mapping[str, str]],
+) -> dict[str, Any]:
+    """On misclassified, annotated cells whose predicted class has a textbook: how the statements split
+    between the predicted class's textbook and the cell's own annotation (all statements, and those
+    where textbook and annotation differ)."""
+    n_cells = 0
+    made = match_book = match_truth = 0
+    d_made = d_book = d_truth = 0
+    for said, true, label, pred in zip(statements, truth, true_labels, predicted_labels):
+        if true is None or pred is None or pred == label or pred not in textbook:
+            continue
+        n_cells += 1
+        book = textbook[pred]
+        for name, value in said.items():
+            made += 1
+            match_book += value == book[name]
+            match_truth += value == true[name]
+            if book[name] != true[name]:
+                d_made += 1
+                d_book += value == book[name]
+                d_truth += value == true[name]
+
+    def frac(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {
+        "n_misclassified": n_cells,
+        "n_statements": made,
+        "match_predicted_textbook": frac(match_book, made),
+        "match_own_annotation": frac(match_truth, made),
+        "n_discriminating_statements": d_made,
+        "discriminating_match_predicted_textbook": frac(d_book, d_made),
+        "discriminating_match_own_annotation": frac(d_truth, d_made),
+    }
+
+
+def _macro_f1(a: Sequence[str], b: Sequence[str]) -> float:
+    from sklearn.metrics import f1_score
+
+    labels = sorted(set(a) | set(b))
+    return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
+
+
+def annotator_agreement(data_root: str | Path | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The human ceiling: WBCAtt's second annotation of 1,000 images against the published one.
+
+    Statement agreement counts all 11 statements per image (coverage 1), with a bootstrap interval
+    over images; ``mean_macro_f1`` averages over attributes the macro F1 of annotator 2 against the
+    published labels (values occurring in either). Raises DataError if the files are missing.
+    """
+    from hemaclip.data.datasets import WBCATT_CSV, WBCATT_DIR, read_csv_rows
+    from hemaclip.data.paths import resolve_data_root
+    from hemaclip.data.splits import SPLIT_NAMES
+
+    folder = resolve_data_root(data_root) / WBCATT_DIR
+    required = ("img_name", *ATTRIBUTE_NAMES)
+    published: dict[str, dict[str, str]] = {}
+    for split in SPLIT_NAMES:
+        path = folder / WBCATT_CSV.format(split=split)
+        for line, row in enumerate(read_csv_rows(path, required), start=2):
+            published[row["img_name"]] = validate_attributes(row, f"{path}:{line}")
+    path = folder / REANNOTATION_CSV
+    second: list[dict[str, str]] = []
+    first: list[dict[str, str]] = []
+    missing = 0
+    for line, row in enumerate(read_csv_rows(path, required), start=2):
+        if row["img_name"] not in published:
+            missing += 1
+            continue
+        second.append(validate_attributes(row, f"{path}:{line}"))
+        first.append(published[row["img_name"]])
+    if not second:
+        raise DataError(f"{path}: no re-annotated image is in the published WBCAtt splits")
+    result = statement_agreement(second, first, n_boot=n_boot, seed=seed)
+    per_f1 = {n: _macro_f1([f[n] for f in first], [s[n] for s in second]) for n in ATTRIBUTE_NAMES}
+    return {
+        "source": str(path),
+        "n_images": len(second),
+        "n_not_in_splits": missing,
+        "statement_agreement": result["agreement"],
+        "per_attribute_agreement": {n: v["agreement"] for n, v in result["per_attribute"].items()},
+        "per_attribute_macro_f1": per_f1,
+        "mean_macro_f1": float(np.mean(list(per_f1.values()))),
+    }

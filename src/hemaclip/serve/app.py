@@ -1,0 +1,353 @@
+"""The hemaclip web app: one static page and a small JSON API over a Describer and a CellIndex.
+
+Why it is built this way:
+
+* `create_app` takes already-loaded objects (describer, index, model), so tests run it on a tiny
+  random model and a 20-image index, and the `serve` command decides what to load.
+* Uploads are read into memory with a hard byte limit (checked on Content-Length and again while
+  the body streams), decoded fully with PIL (the content decides, not the header or file name), and
+  never written to a named file. Every failure is a 4xx JSON ``{"detail": "..."}`` a person can act on:
+  415 not an image / wrong content type, 413 too large, 422 corrupt or truncated.
+* Reference images are served by index row only (`/api/reference/{row}/image`): the path comes from
+  the index's own table, so no request can name a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hemaclip import __version__
+from hemaclip.data.images import MAX_IMAGE_PIXELS, _to_rgb
+from hemaclip.errors import HemaclipError
+
+__all__ = ["ServeSettings", "UploadError", "create_app", "decode_upload", "parse_where_param"]
+
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+# Raw image bodies may say so, or be generic bytes; forms (curl -F) are read the same way.
+RAW_TYPES = ("image/", "application/octet-stream")
+FORM_TYPE = "multipart/form-data"
+DISCLAIMER = "Research software: these readings are not a diagnosis."
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits of the API (all configurable from `hemaclip serve`)."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_k: int = 100
+    default_k: int = 12
+    saliency: bool = True
+
+
+class UploadError(Exception):
+    """An upload the API refuses, with the HTTP status that says why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
+    """Decode image bytes fully into RGB (content decides the type), or raise UploadError (413/415/422)."""
+    if not data:
+        raise UploadError(415, f"{name}: empty body, not an image")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                opened = Image.open(io.BytesIO(data))
+            except UnidentifiedImageError:
+                raise UploadError(415, f"{name}: not an image (content is not JPEG, PNG, BMP, TIFF, WebP or GIF)") from None
+            with opened:
+                if opened.format not in IMAGE_FORMATS:
+                    raise UploadError(415, f"{name}: image format {opened.format} is not accepted; send JPEG, PNG, BMP, TIFF or WebP")
+                opened.load()
+                image = _to_rgb(ImageOps.exif_transpose(opened))
+                image.load()
+    except UploadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(413, f"{name}: image has too many pixels (limit {MAX_IMAGE_PIXELS})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UploadError(422, f"{name}: corrupt or truncated image ({first})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if min(image.size) < 8:
+        raise UploadError(422, f"{name}: image is {image.size[0]}x{image.size[1]} pixels, too small to be a cell image")
+    return image
+
+
+def parse_where_param(items: list[str] | None) -> dict[str, str]:
+    """`where=granule_colour=red&where=label=eosinophil` (or one comma-separated item) -> dict."""
+    where: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            column, sep, value = part.partition("=")
+            if not sep or not column.strip() or not value.strip():
+                raise HTTPException(400, f"where '{part}': expected COLUMN=VALUE, e.g. granule_colour=red")
+            where[column.strip()] = value.strip()
+    return where
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise UploadError(413, f"upload of {int(declared)} bytes is larger than the limit of {limit} bytes")
+        except ValueError:
+            raise UploadError(400, "invalid Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise UploadError(413, f"upload is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _upload_bytes(request: Request, settings: ServeSettings) -> tuple[bytes, str]:
+    """Image bytes and a display name from a raw image body or a multipart form field 'file'."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (content_type.startswith(RAW_TYPES) or content_type == FORM_TYPE):
+        shown = content_type or "none"
+        raise UploadError(415, f"content type '{shown}' is not accepted: send the image bytes as image/* or a multipart form field 'file'")
+    # A form carries a little overhead beyond the file itself.
+    body = await _read_limited(request, settings.max_upload_bytes + (64 * 1024 if content_type == FORM_TYPE else 0))
+    if content_type != FORM_TYPE:
+        from urllib.parse import unquote
+
+        return body, unquote(request.headers.get("x-filename", "upload"))[:200]
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive=receive)
+    try:
+        form = await replay.form(max_files=1, max_fields=8, max_part_size=settings.max_upload_bytes)
+    except Exception as exc:  # starlette raises its own MultiPartException / HTTPException for bad forms
+        raise UploadError(400, f"malformed multipart form ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:
+        item = form.get("file")
+        if item is None or isinstance(item, str):
+            raise UploadError(400, "multipart form needs a file field named 'file'")
+        data = await item.read()
+        if len(data) > settings.max_upload_bytes:
+            raise UploadError(413, f"upload is larger than the limit of {settings.max_upload_bytes} bytes")
+        return data, str(item.filename or "upload")[:200]
+    finally:
+        await form.close()
+
+
+def _saliency_functions() -> tuple[Any, Any] | None:
+    try:
+        from hemaclip.tasks.saliency import overlay_png, saliency_map
+    except ImportError:
+        return None
+    return saliency_map, overlay_png
+
+
+def _with_image_urls(hits: list[dict[str, Any]], index: Any) -> list[dict[str, Any]]:
+    """Hits for the browser: paths stay server-side facts, images are fetched by index row."""
+    out = []
+    for hit in hits:
+        item = {k: v for k, v in hit.items() if k != "path"}
+        row = hit.get("row")
+        if row is None and index is not None and hit.get("path"):
+            row = index.row_for_path(hit["path"])
+        item["row"] = None if row is None else int(row)
+        item["name"] = str(hit.get("path", "")).replace("\\", "/").rsplit("/", 1)[-1]
+        item["image_url"] = None if row is None else f"/api/reference/{int(row)}/image"
+        out.append(item)
+    return out
+
+
+def create_app(
+    describer: Any = None,
+    index: Any = None,
+    *,
+    model: Any = None,
+    settings: ServeSettings = ServeSettings(),
+    title: str = "hemaclip",
+) -> FastAPI:
+    """The FastAPI app. `describer` (hemaclip.tasks.describe.Describer) answers /api/describe; `index`
+    (CellIndex) answers /api/search and, if given, is also where the describer finds neighbours;
+    `model` embeds text queries (default: the describer's model). Any of them may be None: the
+    endpoints that need it answer 503 with a message."""
+    if index is None and describer is not None:
+        index = getattr(describer, "index", None)
+    elif index is not None and describer is not None:
+        describer.index = index  # neighbours and search share rows, so thumbnails resolve the same way
+    if model is None and describer is not None:
+        model = describer.model
+    if model is not None and index is not None:
+        index.check_model(model)
+    saliency = _saliency_functions() if settings.saliency else None
+    model_lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
+
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        description=(
+            "Describe blood-cell images (class, 11 morphological attributes, a grounded sentence, saliency, "
+            "nearest reference cells) and search cells by description. " + DISCLAIMER
+        ),
+    )
+    static = resources.files("hemaclip.serve") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(HemaclipError)
+    async def _user_error(_: Request, exc: HemaclipError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/api/health", summary="What the server has loaded")
+    def health() -> dict[str, Any]:
+        config = getattr(model, "config", None)
+        return {
+            "status": "ok",
+            "version": __version__,
+            "describe": describer is not None,
+            "search": index is not None and model is not None,
+            "saliency": saliency is not None and describer is not None,
+            "calibrated": bool(getattr(describer, "calibrated", False)),
+            "model": {"image_tower": getattr(config, "image_tower", None), "image_size": getattr(config, "image_size", None)}
+            if config is not None
+            else None,
+            "index": {"count": len(index), "kind": index.kind, "dim": index.dim} if index is not None else None,
+            "max_upload_bytes": settings.max_upload_bytes,
+            "filter_columns": _filter_columns(index),
+            "disclaimer": DISCLAIMER,
+        }
+
+    @app.post(
+        "/api/describe",
+        summary="Describe one cell image",
+        description=(
+            "Send the image bytes as the body (Content-Type image/jpeg, image/png, ...) or as a multipart form "
+            "field 'file'. Returns the class with calibrated probability, the 11 attributes, a sentence that states "
+            "only confident attributes, the nearest reference cells and a saliency overlay (PNG data URL). "
+            "Errors: 413 too large, 415 not an image / wrong content type, 422 corrupt or truncated image."
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+                    },
+                },
+            }
+        },
+    )
+    async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> dict[str, Any]:
+        if describer is None:
+            raise HTTPException(503, "this server was started without a model to describe cells")
+        data, name = await _upload_bytes(request, settings)
+        image = decode_upload(data, name)
+        del data
+        result = await _run_sync(_describe_one, describer, image, name, saliency if saliency_map else None, model_lock)
+        result["neighbours"] = _with_image_urls(list(result.get("neighbours") or []), index)
+        return result
+
+    @app.get("/api/search", summary="Find cells by description")
+    def search(
+        q: str = Query(..., description="What to look for, e.g. 'large cell with coarse red granules'."),
+        k: int = Query(settings.default_k, ge=1, le=settings.max_k, description="Number of hits."),
+        where: list[str] | None = Query(None, description="COLUMN=VALUE filters (repeat, or comma-separate)."),
+    ) -> dict[str, Any]:
+        if index is None or model is None:
+            raise HTTPException(503, "this server was started without an index to search")
+        if not q.strip():
+            raise HTTPException(400, "empty query: describe the cells to find")
+        filters = parse_where_param(where)
+        from hemaclip.tasks.index import embed_texts
+
+        if filters:
+            index.matching_rows(filters)  # unknown column/value -> 400 before any model work
+        with model_lock:
+            vectors = embed_texts(model, [q])
+        hits = index.search(vectors, k=k, where=filters or None)[0]
+        return {"query": q, "k": k, "where": filters, "hits": _with_image_urls(hits, index)}
+
+    @app.get("/api/reference/{row}/image", summary="Image of one indexed cell (by row number only)")
+    def reference_image(row: int) -> FileResponse:
+        if index is None:
+            raise HTTPException(503, "this server was started without an index")
+        if row < 0 or row >= len(index):
+            raise HTTPException(404, f"no row {row} in the index ({len(index)} rows)")
+        path = index.image_path(row)
+        if not path.is_file():
+            raise HTTPException(404, f"image of row {row} is no longer on disk")
+        media = {".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp"}
+        return FileResponse(path, media_type=media.get(path.suffix.lower(), "image/jpeg"), headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def _filter_columns(index: Any) -> dict[str, list[str]]:
+    if index is None:
+        return {}
+    from hemaclip.tasks.index import FILTER_COLUMNS
+
+    out = {}
+    for column in FILTER_COLUMNS:
+        values = sorted(index.column_values(column))
+        if values and column != "split":
+            out[column] = values
+    return out
+
+
+async def _run_sync(fn: Any, *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _describe_one(describer: Any, image: Image.Image, name: str, saliency: Any, lock: threading.Lock) -> dict[str, Any]:
+    """Describe one decoded image; add the saliency overlay and browser-ready neighbour links."""
+    array = np.asarray(image, dtype=np.uint8)
+    with lock:
+        description = describer.describe_arrays([array], [name])[0]
+        result: Mapping[str, Any] = description.to_dict()
+        overlay = None
+        if saliency is not None and description.error is None:
+            saliency_map, overlay_png = saliency
+            prepared = describer.prepare(image)
+            heat = saliency_map(describer.model, prepared, target="class")
+            overlay = "data:image/png;base64," + base64.b64encode(overlay_png(prepared, heat)).decode("ascii")
+    if description.error is not None:
+        raise UploadError(422, description.error)
+    out = dict(result)
+    out["saliency_png"] = overlay
+    out["disclaimer"] = DISCLAIMER
+    return out

@@ -1,0 +1,590 @@
+"""Describe cells in checkable words: class with a calibrated probability, 11 attributes, a sentence, neighbours.
+
+Why it is built this way:
+
+* **Calibrated probabilities.** A raw softmax is over-confident; the class and every attribute read-out
+  get a temperature fitted on validation images (`hemaclip calibrate`), stored beside the checkpoint
+  in ``<checkpoint>.calibration.json`` (the shipped model has one). A checkpoint without it is
+  described as *uncalibrated* (T = 1) instead of pretending.
+* **Only confident statements.** The sentence states an attribute only when its calibrated probability
+  exceeds a threshold; the rest is left unsaid, never filled in from what the class usually looks like.
+  The sentence uses the words of the training captions (:mod:`hemaclip.text.captions`), and what it
+  states is read back with :func:`hemaclip.text.captions.parse_caption`, so ``stated`` flags are the
+  parser's reading of the actual sentence, not a promise.
+* **Streaming.** :meth:`Describer.describe_paths` decodes one batch at a time (a background thread
+  decodes the next batch while the model runs), so a folder of any size runs in constant memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
+from hemaclip.data.images import is_image_file, load_image
+from hemaclip.errors import CheckpointError, DataError, HemaclipError
+from hemaclip.text.captions import (
+    CHROMATIN_WORDS,
+    CYTOPLASM_COLOUR_WORDS,
+    CELL_SHAPE_WORDS,
+    CELL_SIZE_WORDS,
+    GRANULE_COLOUR_WORDS,
+    GRANULE_NIL_BOTH,
+    GRANULE_NIL_COLOUR,
+    GRANULE_NIL_TYPE,
+    GRANULE_TYPE_WORDS,
+    GRANULES_SPARSE,
+    NIL,
+    NUCLEUS_PRE,
+    RATIO_NOUNS,
+    RATIO_WORDS,
+    TEXTURE_WORDS,
+    parse_caption,
+)
+
+__all__ = [
+    "CALIBRATION_FORMAT",
+    "Calibration",
+    "CellDescription",
+    "DescribeSettings",
+    "Describer",
+    "Readout",
+    "attribute_sentence",
+    "calibration_path",
+    "iter_image_paths",
+    "load_calibration",
+    "select_statements",
+    "statements_for_rows",
+]
+
+CALIBRATION_FORMAT = 1
+CALIBRATION_SUFFIX = ".calibration.json"
+
+
+@dataclass(frozen=True)
+class DescribeSettings:
+    """Defaults of `hemaclip describe`; chosen on the WBCAtt val split (see the README), never on test."""
+
+    # An attribute is stated when its calibrated probability exceeds this.
+    attribute_threshold: float = 0.7
+    # The class is reported but flagged `abstain` when its calibrated probability is below this.
+    abstain_below: float = 0.5
+    neighbours: int = 5
+    batch_size: int = 64
+    # The 11 WBCAtt attributes describe white blood cells; for these predicted classes none is stated.
+    classes_without_attributes: tuple[str, ...] = ("platelet", "erythroblast")
+    # Prompt-set dataset whose class prompts are used when a checkpoint has no class head.
+    zero_shot_dataset: str = "pbc"
+
+
+DEFAULTS = DescribeSettings()
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the sentence
+# ------------------------------------------------------------------------------------------------ #
+
+
+def _article(phrase: str) -> str:
+    return f"{'an' if phrase[:1].lower() in 'aeiou' else 'a'} {phrase}"
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _granule_np(kind: str | None, colour: str | None) -> str:
+    """Granules with the stated type and colour ('nil' said as 'of indeterminate ...')."""
+    words = []
+    if kind is not None and kind != NIL:
+        words.append(GRANULE_TYPE_WORDS[kind][0])
+    if colour is not None and colour != NIL:
+        words.append(GRANULE_COLOUR_WORDS[colour][0])
+    np_ = " ".join([*words, "granules"])
+    if kind == NIL and colour == NIL:
+        return f"{np_} {GRANULE_NIL_BOTH}"
+    if kind == NIL:
+        return f"{np_} {GRANULE_NIL_TYPE}"
+    if colour == NIL:
+        return f"{np_} {GRANULE_NIL_COLOUR}"
+    return np_
+
+
+def _granule_statements(stated: Mapping[str, str]) -> tuple[str | None, str, set[str]]:
+    """(granule phrase or None, state, attributes it states).
+
+    Any mention of granules states granularity, and "no granules" also states type and colour "nil"
+    to a reader, so granule type/colour are only said together with granularity, and absence only
+    when type and colour are confident too; otherwise granules are not mentioned at all.
+    """
+    granularity = stated.get("granularity")
+    kind, colour = stated.get("granule_type"), stated.get("granule_colour")
+    if granularity == "yes":
+        used = {"granularity"} | {n for n, v in (("granule_type", kind), ("granule_colour", colour)) if v is not None}
+        return _granule_np(kind, colour), "present", used
+    if granularity == "no" and kind is not None and colour is not None:
+        used = {"granularity", "granule_type", "granule_colour"}
+        if kind == NIL and colour == NIL:
+            return "no granules", "none", used
+        return GRANULES_SPARSE.format(_granule_np(kind, colour)), "sparse", used
+    return None, "", set()
+
+
+def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """One sentence in the training captions' words stating (a subset of) `stated`; returns it with
+    what it states as read back by :func:`parse_caption`.
+
+    Attributes that cannot be said alone without implying another one (granule type/colour without
+    granularity) are left out; the returned dict is therefore the truth about the sentence.
+    """
+    s = {k: v for k, v in stated.items() if k in ATTRIBUTES}
+    for name, value in s.items():
+        if value not in ATTRIBUTES[name]:
+            raise DataError(f"unknown value '{value}' for attribute '{name}'")
+    cell_adj = [w for w in (CELL_SIZE_WORDS[s["cell_size"]][0] if "cell_size" in s else None,
+                            CELL_SHAPE_WORDS[s["cell_shape"]][0] if "cell_shape" in s else None) if w]
+    with_items = []
+    if "nucleus_shape" in s:
+        with_items.append(f"{_article(NUCLEUS_PRE[s['nucleus_shape']][0])} nucleus")
+    if "chromatin_density" in s:
+        with_items.append(f"{CHROMATIN_WORDS[s['chromatin_density']][0]} chromatin")
+    if "nuclear_cytoplasmic_ratio" in s:
+        with_items.append(f"{_article(RATIO_WORDS[s['nuclear_cytoplasmic_ratio']][0])} {RATIO_NOUNS[0]}")
+    cyto_adj = [w for w in (CYTOPLASM_COLOUR_WORDS[s["cytoplasm_colour"]][0] if "cytoplasm_colour" in s else None,
+                            TEXTURE_WORDS[s["cytoplasm_texture"]][0] if "cytoplasm_texture" in s else None) if w]
+    granules, state, _ = _granule_statements(s)
+    vacuole = {"yes": "a few vacuoles", "no": "no vacuoles"}.get(s.get("cytoplasm_vacuole", ""))
+    if granules and vacuole:
+        if state == "none":
+            contents = "neither granules nor vacuoles" if vacuole == "no vacuoles" else f"{vacuole} but no granules"
+        elif state == "sparse":  # vacuoles first, as the training captions do
+            contents = f"{vacuole} and {granules}"
+        else:
+            contents = f"{granules} and {vacuole}"
+    else:
+        contents = granules or vacuole
+    if not cell_adj and not with_items and not cyto_adj and not contents:
+        return "No attribute is stated: none reaches the confidence threshold.", {}
+    text = _article(" ".join(filter(None, [", ".join(cell_adj), "white blood cell"])))
+    if with_items:
+        text += f" with {_join(with_items)}"
+    if contents:
+        verb = "shows" if state == "sparse" else "contains"
+        subject = f"its {', '.join(cyto_adj)} cytoplasm" if cyto_adj else "its cytoplasm"
+        text += f"; {subject} {verb} {contents}"
+    elif cyto_adj:
+        text += f"; its cytoplasm is {_join(cyto_adj)}"
+    sentence = text[:1].upper() + text[1:] + "."
+    return sentence, parse_caption(sentence)
+
+
+def select_statements(
+    values: Mapping[str, str], probabilities: Mapping[str, float], threshold: float
+) -> dict[str, str]:
+    """The predicted attribute values whose calibrated probability exceeds `threshold`."""
+    return {n: values[n] for n in ATTRIBUTE_NAMES if n in values and float(probabilities[n]) > threshold}
+
+
+def statements_for_rows(
+    attribute_probs: Mapping[str, np.ndarray],
+    attribute_values: Mapping[str, Sequence[str]],
+    threshold: float,
+    allowed: Sequence[bool] | None = None,
+) -> list[dict[str, str]]:
+    """What the sentence of each row states, given calibrated attribute probabilities {name: [N, V]}.
+
+    This is exactly what `Describer` writes (same selection, same sentence, same read-back), so the
+    faithfulness check measures the sentences users see. `allowed[i]` False states nothing (the
+    predicted class has no WBCAtt attributes).
+    """
+    names = [n for n in ATTRIBUTE_NAMES if n in attribute_probs]
+    n = len(next(iter(attribute_probs.values()))) if attribute_probs else 0
+    best = {a: np.argmax(attribute_probs[a], axis=1) for a in names}
+    top = {a: np.max(attribute_probs[a], axis=1) for a in names}
+    said: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}  # many cells share one selection
+    out = []
+    for i in range(n):
+        if allowed is not None and not allowed[i]:
+            out.append({})
+            continue
+        values = {a: attribute_values[a][int(best[a][i])] for a in names}
+        chosen = select_statements(values, {a: float(top[a][i]) for a in names}, threshold)
+        key = tuple(chosen.items())
+        if key not in said:
+            said[key] = attribute_sentence(chosen)[1]
+        out.append(dict(said[key]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ #
+# calibration
+# ------------------------------------------------------------------------------------------------ #
+
+
+@dataclass
+class Calibration:
+    """Temperatures of the class read-out and of each attribute read-out, fitted on validation images."""
+
+    checkpoint_sha1: str
+    class_source: str  # "head" or "zero-shot"
+    class_names: list[str]
+    class_temperature: float
+    attribute_source: str  # "heads" or "zero-shot"
+    attribute_temperatures: dict[str, float]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    format: int = CALIBRATION_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str) -> Calibration:
+        try:
+            if int(data.get("format", -1)) != CALIBRATION_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {CALIBRATION_FORMAT}")
+            return cls(
+                checkpoint_sha1=str(data["checkpoint_sha1"]),
+                class_source=str(data["class_source"]),
+                class_names=[str(c) for c in data["class_names"]],
+                class_temperature=float(data["class_temperature"]),
+                attribute_source=str(data["attribute_source"]),
+                attribute_temperatures={str(k): float(v) for k, v in data["attribute_temperatures"].items()},
+                fitted_on=dict(data.get("fitted_on", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{source}: not a valid calibration file ({err})") from err
+
+
+def calibration_path(checkpoint: str | Path) -> Path:
+    """Where the calibration of `checkpoint` lives: ``<name>.calibration.json`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + CALIBRATION_SUFFIX)
+
+
+def load_calibration(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Calibration | None, str]:
+    """(calibration, "") if a sidecar exists and was fitted for these exact weights, else (None, reason)."""
+    path = calibration_path(checkpoint)
+    if not path.is_file():
+        return None, f"no calibration file {path.name} beside the checkpoint (run `hemaclip calibrate`)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: calibration file cannot be read ({err})") from err
+    calibration = Calibration.from_dict(data, str(path))
+    if calibration.checkpoint_sha1 != checkpoint_sha1:
+        return None, f"{path.name} was fitted for other weights (SHA-1 {calibration.checkpoint_sha1[:10]})"
+    return calibration, ""
+
+
+# ------------------------------------------------------------------------------------------------ #
+# read-outs: logits of the class and the attributes from image outputs
+# ------------------------------------------------------------------------------------------------ #
+
+
+class Readout:
+    """Class and attribute logits of a model: its supervised heads if it has them, else zero-shot prompts."""
+
+    def __init__(self, model: Any, zero_shot_dataset: str) -> None:
+        self.model = model
+        self.has_class_head = getattr(model, "class_head", None) is not None
+        self.has_attribute_heads = getattr(model, "attribute_heads", None) is not None
+        self._class_weights: np.ndarray | None = None
+        self._attr_weights: dict[str, np.ndarray] = {}
+        if self.has_class_head:
+            self.class_names = list(model.class_names)
+        else:
+            from hemaclip.text.prompts import load_prompts
+
+            prompts = load_prompts()
+            dataset = zero_shot_dataset
+            if dataset not in prompts.datasets:
+                raise HemaclipError(f"no prompts for dataset '{dataset}' in {prompts.source}")
+            self._class_prompts = prompts.class_prompts(dataset)
+            self.class_names = list(self._class_prompts)
+        if self.has_attribute_heads:
+            self.attribute_values = {n: list(v) for n, v in model.attributes.items() if n in ATTRIBUTES}
+        else:
+            from hemaclip.text.prompts import load_prompts
+
+            table = load_prompts().attribute_prompts()
+            self._attribute_prompts = table
+            self.attribute_values = {n: list(table[n]) for n in ATTRIBUTE_NAMES if n in table}
+
+    def _zero_shot(self, features: np.ndarray, prompts: Mapping[str, Sequence[str]], key: str | None) -> np.ndarray:
+        from hemaclip.models.text_cache import PooledTextCache
+        from hemaclip.tasks.zero_shot import class_embeddings, scores_against
+
+        if key is None:
+            if self._class_weights is None:
+                self._class_weights = class_embeddings(self.model, prompts, PooledTextCache(self.model.text))
+            weights = self._class_weights
+        else:
+            if key not in self._attr_weights:
+                self._attr_weights[key] = class_embeddings(self.model, prompts, PooledTextCache(self.model.text))
+            weights = self._attr_weights[key]
+        return scores_against(self.model, features, weights)
+
+    def class_logits(self, features: np.ndarray, head_logits: np.ndarray | None) -> np.ndarray:
+        if self.has_class_head and head_logits is not None:
+            return np.asarray(head_logits, dtype=np.float64)
+        return self._zero_shot(features, self._class_prompts, None).astype(np.float64)
+
+    def attribute_logits(self, features: np.ndarray, head_logits: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+        if self.has_attribute_heads and head_logits:
+            return {n: np.asarray(head_logits[n], dtype=np.float64) for n in self.attribute_values}
+        return {n: self._zero_shot(features, self._attribute_prompts[n], n).astype(np.float64) for n in self.attribute_values}
+
+
+# ------------------------------------------------------------------------------------------------ #
+# descriptions
+# ------------------------------------------------------------------------------------------------ #
+
+
+@dataclass
+class CellDescription:
+    """What hemaclip says about one image (or, with `error` set, why it could not read it)."""
+
+    source: str
+    label: str | None = None
+    probability: float | None = None
+    runner_up: str | None = None
+    runner_up_probability: float | None = None
+    abstain: bool = False
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sentence: str = ""
+    neighbours: list[dict[str, Any]] = field(default_factory=list)
+    calibrated: bool = True
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; an error record is just {"source", "error"}."""
+        if self.error is not None:
+            return {"source": self.source, "error": self.error}
+        data = asdict(self)
+        data.pop("error")
+        return data
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    from scipy.special import softmax
+
+    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
+
+
+def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
+    """Each input file as given, and image files under each directory (recursively, sorted)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    candidate = Path(root) / name
+                    if is_image_file(candidate):
+                        yield candidate
+        else:
+            yield path  # missing or unreadable files become error records
+
+
+def _prepare(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """uint8 [size, size, 3] exactly as the decoded-image cache makes it (bicubic resize of the whole crop)."""
+    if isinstance(image, np.ndarray):
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise DataError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
+        if array.shape[:2] == (size, size):
+            return array
+        image = Image.fromarray(array)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+class Describer:
+    """Loads a model, its calibration and a reference index once; describes arrays or files."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        calibration: Calibration | None = None,
+        uncalibrated_reason: str = "",
+        index: Any = None,
+        attribute_threshold: float = DEFAULTS.attribute_threshold,
+        abstain_below: float = DEFAULTS.abstain_below,
+        stain_normalizer: Any = None,
+        settings: DescribeSettings = DEFAULTS,
+        device: str = "cpu",
+    ) -> None:
+        if not 0.0 <= float(attribute_threshold) <= 1.0:
+            raise HemaclipError(f"attribute threshold must be within [0, 1], got {attribute_threshold}")
+        if not 0.0 <= float(abstain_below) <= 1.0:
+            raise HemaclipError(f"abstain-below must be within [0, 1], got {abstain_below}")
+        self.model = model.eval()
+        self.settings = settings
+        self.readout = Readout(model, settings.zero_shot_dataset)
+        if calibration is not None and list(calibration.class_names) != list(self.readout.class_names):
+            calibration, uncalibrated_reason = None, "calibration classes differ from the model's"
+        self.calibration = calibration
+        self.uncalibrated_reason = uncalibrated_reason
+        self.index = index
+        self.attribute_threshold = float(attribute_threshold)
+        self.abstain_below = float(abstain_below)
+        self.stain_normalizer = stain_normalizer
+        self.device = device
+        self.image_size = int(model.config.image_size)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        index: Any = "default",
+        data_root: str | Path | None = None,
+        attribute_threshold: float = DEFAULTS.attribute_threshold,
+        abstain_below: float = DEFAULTS.abstain_below,
+        stain_normalizer: Any = None,
+        progress: bool = False,
+        device: str = "cpu",
+    ) -> Describer:
+        """Load `checkpoint` (None = the shipped model), its calibration sidecar and the reference index.
+
+        `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
+        a path of a saved index, a loaded index, or None for no neighbours.
+        """
+        from hemaclip.models.checkpoint import load_checkpoint
+        from hemaclip.models.default import resolve_checkpoint
+        from hemaclip.tasks.features import file_sha1
+
+        path = resolve_checkpoint(checkpoint)
+        model, _meta = load_checkpoint(path, map_location=device)
+        calibration, reason = load_calibration(path, file_sha1(path))
+        loaded = None
+        if isinstance(index, str) and index == "default":
+            from hemaclip.tasks.index import default_reference_index
+
+            loaded = default_reference_index(model, path, data_root=data_root, progress=progress)
+        elif isinstance(index, (str, Path)):
+            from hemaclip.tasks.index import CellIndex
+
+            loaded = CellIndex.load(Path(index))
+        else:
+            loaded = index
+        if loaded is not None and getattr(loaded, "dim", model.config.embed_dim) != model.config.embed_dim:
+            raise CheckpointError(f"reference index has dimension {loaded.dim}, the model embeds to {model.config.embed_dim}")
+        return cls(model, calibration=calibration, uncalibrated_reason=reason, index=loaded,
+                   attribute_threshold=attribute_threshold, abstain_below=abstain_below,
+                   stain_normalizer=stain_normalizer, device=device)
+
+    # -- core ------------------------------------------------------------------------------------
+
+    def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """The uint8 array the model sees (resized to the model's resolution, stain-normalised if asked)."""
+        array = _prepare(image, self.image_size)
+        if self.stain_normalizer is not None:
+            array = self.stain_normalizer(array)
+        return array
+
+    def _describe_prepared(self, arrays: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
+        from hemaclip.models.inference import image_outputs
+
+        if not arrays:
+            return []
+        out = image_outputs(self.model, np.stack(arrays), batch_size=max(1, len(arrays)), device=self.device)
+        features = out["features"].numpy().astype(np.float32, copy=False)
+        head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
+        head_attr = {k: v.numpy() for k, v in out["attribute_logits"].items()} if out["attribute_logits"] else None
+        cal = self.calibration
+        class_probs = _softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0)
+        attr_logits = self.readout.attribute_logits(features, head_attr)
+        attr_probs = {n: _softmax(l, cal.attribute_temperatures.get(n, 1.0) if cal else 1.0) for n, l in attr_logits.items()}
+        names = self.readout.class_names
+        hits: list[list[dict[str, Any]]] = [[] for _ in arrays]
+        if self.index is not None and self.settings.neighbours > 0:
+            hits = self.index.search(features, k=self.settings.neighbours)
+        results = []
+        for i, source in enumerate(sources):
+            order = np.argsort(-class_probs[i], kind="stable")
+            label = names[order[0]]
+            second = names[order[1]] if len(order) > 1 else None
+            attributes, values, probs = {}, {}, {}
+            for name, p in attr_probs.items():
+                j = int(np.argmax(p[i]))
+                values[name] = self.readout.attribute_values[name][j]
+                probs[name] = float(p[i, j])
+            stated: dict[str, str] = {}
+            if label in self.settings.classes_without_attributes:
+                sentence = f"No attribute is stated: the WBCAtt attributes describe white blood cells, not a {label}."
+            else:
+                sentence, stated = attribute_sentence(select_statements(values, probs, self.attribute_threshold))
+            for name in values:
+                attributes[name] = {"value": values[name], "probability": round(probs[name], 4),
+                                    "stated": stated.get(name) == values[name]}
+            neighbours = [{"path": str(h.get("path")), "label": h.get("label"), "score": round(float(h.get("score", 0.0)), 4)}
+                          for h in hits[i]]
+            prob = float(class_probs[i, order[0]])
+            results.append(CellDescription(
+                source=str(source), label=label, probability=round(prob, 4), runner_up=second,
+                runner_up_probability=round(float(class_probs[i, order[1]]), 4) if second else None,
+                abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
+                neighbours=neighbours, calibrated=self.calibrated))
+        return results
+
+    def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
+        """Describe uint8 HxWx3 RGB arrays (any size; resized like the training images)."""
+        if len(images) != len(sources):
+            raise HemaclipError(f"{len(images)} images but {len(sources)} sources")
+        return self._describe_prepared([self.prepare(a) for a in images], [str(s) for s in sources])
+
+    def _load(self, path: Path) -> np.ndarray | str:
+        try:
+            return self.prepare(load_image(path))
+        except DataError as err:
+            return str(err)
+        except (OSError, ValueError) as err:  # a normaliser or resize failing on an odd file
+            return f"{path}: {type(err).__name__}: {err}"
+
+    def _load_batch(self, paths: Sequence[Path]) -> list[np.ndarray | str]:
+        return [self._load(p) for p in paths]
+
+    def describe_paths(
+        self, paths: Iterable[str | Path], batch_size: int = DEFAULTS.batch_size, progress: bool = True
+    ) -> Iterator[CellDescription]:
+        """Describe image files (directories are walked recursively), yielding results in input order.
+
+        Memory stays constant: one batch is decoded while the previous one runs through the model.
+        An unreadable file yields a description with `error` set instead of stopping the run.
+        """
+        if int(batch_size) < 1:
+            raise HemaclipError(f"batch size must be >= 1, got {batch_size}")
+        files = list(iter_image_paths(paths))  # names only; images are decoded batch by batch
+        batches = [files[i : i + int(batch_size)] for i in range(0, len(files), int(batch_size))]
+        show = progress and sys.stderr.isatty()
+        bar = tqdm(total=len(files), desc="describing", unit="img", disable=not show)
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(self._load_batch, batches[0]) if batches else None
+                for b, batch in enumerate(batches):
+                    loaded = pending.result()
+                    pending = pool.submit(self._load_batch, batches[b + 1]) if b + 1 < len(batches) else None
+                    good = [(p, a) for p, a in zip(batch, loaded) if not isinstance(a, str)]
+                    described = iter(self._describe_prepared([a for _, a in good], [str(p) for p, _ in good]))
+                    for p, a in zip(batch, loaded):
+                        yield CellDescription(source=str(p), error=a) if isinstance(a, str) else next(described)
+                    bar.update(len(batch))
+        finally:
+            bar.close()

@@ -1,0 +1,132 @@
+"""`hemaclip describe` through the real CLI on real PBC images with a tiny random checkpoint, and the Describer API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hemaclip.data.attributes import ATTRIBUTE_NAMES
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.images import load_image
+from hemaclip.models.checkpoint import save_checkpoint
+from hemaclip.models.factory import create_model
+from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
+from hemaclip.tasks.features import file_sha1
+from hemaclip.text.captions import parse_caption
+
+CLI = [sys.executable, "-m", "hemaclip.cli", "describe"]
+KEYS = {"source", "label", "probability", "runner_up", "runner_up_probability", "abstain", "attributes", "sentence",
+        "neighbours", "calibrated"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model)
+    return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def records(data_root: Path) -> list:
+    train = load_dataset("wbcatt", data_root=data_root).split("train")
+    by_class = {}
+    for r in train:
+        by_class.setdefault(r.label, r)
+    return list(by_class.values())[:4]
+
+
+@pytest.fixture()
+def folder(tmp_path: Path, records: list) -> Path:
+    root = tmp_path / "cells"
+    (root / "sub").mkdir(parents=True)
+    for i, r in enumerate(records[:3]):
+        shutil.copy(r.path, (root if i < 2 else root / "sub") / Path(r.path).name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "notes.txt").write_text("not an image, skipped")
+    return root
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "400"}  # wide enough that rich does not wrap the table's text
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_json_lines_threshold_and_corrupt_file(tiny, folder: Path, tmp_path: Path) -> None:
+    _, ckpt = tiny
+    threshold = 0.45
+    result = run(str(folder), "--checkpoint", str(ckpt), "--index", "none", "--json", "--threshold", str(threshold),
+                 "--batch-size", "2", "--saliency", str(tmp_path / "maps"), "--saliency-target", "nucleus_shape")
+    assert result.returncode == 1, result.stderr  # one file failed
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 4  # 3 images + broken.jpg, recursively, notes.txt skipped
+    errors = [d for d in lines if "error" in d]
+    assert len(errors) == 1 and errors[0]["source"].endswith("broken.jpg") and "broken.jpg" in errors[0]["error"]
+    assert "broken.jpg" in result.stderr and "uncalibrated" in result.stderr
+    described = [d for d in lines if "error" not in d]
+    stated_any = False
+    for d in described:
+        assert set(d) == KEYS and d["calibrated"] is False and d["neighbours"] == []
+        assert 0.0 <= d["runner_up_probability"] <= d["probability"] <= 1.0
+        assert set(d["attributes"]) == set(ATTRIBUTE_NAMES)
+        stated = {n: a["value"] for n, a in d["attributes"].items() if a["stated"]}
+        assert all(d["attributes"][n]["probability"] > threshold for n in stated)
+        assert parse_caption(d["sentence"]) == stated  # the sentence says exactly the stated attributes
+        stated_any |= bool(stated)
+    assert stated_any  # binary attributes of a random model sit near 0.5, some above 0.45
+    assert len(list((tmp_path / "maps").glob("*.nucleus_shape.png"))) == 3
+
+
+def test_cli_table_abstains_and_states_nothing_at_threshold_one(tiny, records: list) -> None:
+    _, ckpt = tiny
+    result = run(str(records[0].path), "--checkpoint", str(ckpt), "--index", "none",
+                 "--threshold", "1.0", "--abstain-below", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert Path(records[0].path).name in result.stdout and "uncalibrated" in result.stdout
+    assert "abstain" in result.stdout and "No attribute is stated" in result.stdout
+
+
+def test_cli_refuses_a_folder_without_images(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hemaclip.cli import app
+    from hemaclip.errors import HemaclipError
+
+    result = CliRunner().invoke(app, ["describe", str(tmp_path), "--index", "none"])
+    assert isinstance(result.exception, HemaclipError) and "no image files" in str(result.exception)
+
+
+def test_calibration_sidecar_and_neighbours(tiny, records: list, tmp_path: Path) -> None:
+    from hemaclip.tasks.index import CellIndex
+
+    model, ckpt = tiny
+    images = [np.asarray(load_image(r.path)) for r in records]
+    plain = Describer(model, index=None).describe_arrays(images, ["a", "b", "c", "d"][: len(images)])
+    sha1 = file_sha1(ckpt)
+    assert load_calibration(ckpt, sha1)[0] is None  # none written yet: uncalibrated
+    temps = {n: 0.5 for n in ATTRIBUTE_NAMES}
+    calibration = Calibration(sha1, "head", list(model.class_names), 0.25, "heads", temps)
+    sidecar = calibration_path(ckpt)
+    sidecar.write_text(json.dumps(calibration.to_dict()))
+    try:
+        loaded, reason = load_calibration(ckpt, sha1)
+        assert loaded == calibration and reason == ""
+        assert load_calibration(ckpt, "0" * 40)[0] is None  # other weights: not used
+    finally:
+        sidecar.unlink()
+    index = CellIndex.build(model, records, tmp_path / "index", checkpoint_id=sha1, progress=False)
+    sharp = Describer(model, calibration=calibration, index=index).describe_arrays(images, ["a", "b", "c", "d"][: len(images)])
+    strict = Describer(model, attribute_threshold=1.0, abstain_below=1.0).describe_arrays(images[:1], ["a"])[0]
+    assert strict.abstain and not any(a["stated"] for a in strict.attributes.values())
+    for p, s in zip(plain, sharp):
+        assert s.calibrated and not p.calibrated and s.label == p.label
+        assert s.probability > p.probability  # T < 1 sharpens
+        assert len(s.neighbours) == len(records) and s.neighbours[0]["label"] in {r.label for r in records}
+    # The image itself is in the index: it is its own nearest neighbour.
+    assert Path(sharp[0].neighbours[0]["path"]).name == Path(records[0].path).name
