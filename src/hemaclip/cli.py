@@ -241,59 +241,43 @@ def export_command(
 def demo_command(
     data: DataOption = None,
     checkpoint: CheckpointOption = None,
-    n: Annotated[int, typer.Option("-n", help="Cells per class to classify.", min=1)] = 2,
+    n: Annotated[int, typer.Option("-n", help="WBCAtt test cells per class to describe.", min=1)] = 2,
+    index_size: Annotated[int, typer.Option(help="WBCAtt test cells in the demo search index.", min=10)] = 300,
+    out: Annotated[Path, typer.Option(help="Folder for the HTML/Markdown report and its figures.")] = Path("demo-output"),
+    reference: Annotated[
+        bool,
+        typer.Option(
+            "--reference/--no-reference",
+            help="Show nearest reference cells: the WBCAtt train split, embedded once into the cache (a few minutes the first time).",
+        ),
+    ] = True,
 ) -> None:
-    """The main job on the embedded default: data summary, sample captions, and zero-shot reading of
-    real WBCAtt test cells (class and 11 attributes) with the shipped model."""
-    from hemaclip.data.attributes import ATTRIBUTES
-    from hemaclip.data.datasets import load_dataset
-    from hemaclip.data.images import load_image
-    from hemaclip.models.checkpoint import load_checkpoint
-    from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.models.inference import model_eval_transform
-    from hemaclip.models.text_cache import PooledTextCache
-    from hemaclip.models.zero_shot import build_zero_shot_classifier
-    from hemaclip.text.captions import caption_variants
-    from hemaclip.text.prompts import load_prompts
+    """The main job on the shipped model: data summary, describe real WBCAtt test cells (class, attributes,
+    sentence, saliency, nearest reference cells), build a small search index, search it by description,
+    and write everything to an HTML report.
 
-    import torch
+    Example: hemaclip demo --out demo-output   (then open demo-output/report.html)
+    """
+    import time
 
+    from hemaclip.commands._demo import demo_data_lines, demo_describe, demo_search, demo_write_report
+
+    started = time.perf_counter()
     console.rule("1. data")
-    data_summary(data=data, as_json=False, seed=0)
-    console.rule("2. captions generated from WBCAtt attributes")
-    captions(dataset="wbcatt", split="train", n=2, per_image=2, seed=0, data=data, as_json=False)
-    console.rule("3. zero-shot reading of test cells with the shipped model")
-    path = resolve_checkpoint(checkpoint)
-    model, _ = load_checkpoint(path)
-    prompts = load_prompts()
-    dataset = load_dataset("wbcatt", data_root=data)
-    cache = PooledTextCache(model.text)
-    class_weights = build_zero_shot_classifier(model, prompts.class_prompts("wbcatt"), cache)
-    attribute_prompts = prompts.attribute_prompts()
-    attribute_weights = {
-        name: build_zero_shot_classifier(model, {v: attribute_prompts[name][v] for v in values}, cache) for name, values in ATTRIBUTES.items()
-    }
-    transform = model_eval_transform(model)
-    test = dataset.split("test")
-    chosen = [r for cls in dataset.classes for r in [x for x in test if x.label == cls][:n]]
-    model.eval()
-    table = Table(title=f"{len(chosen)} WBCAtt test cells, zero-shot through text prompts ({path.name})")
-    for column in ("image", "true class", "predicted (p)", "attributes right"):
-        table.add_column(column)
-    descriptions: list[str] = []
-    with torch.no_grad():
-        for record in chosen:
-            feature = model.encode_image(transform(load_image(record.path)).unsqueeze(0), normalize=True)
-            probabilities = (model.get_logit_scale() * feature @ class_weights.T).softmax(dim=-1)[0]
-            best = int(probabilities.argmax())
-            predicted = {name: values[int((feature @ weights.T).argmax())] for (name, values), weights in zip(ATTRIBUTES.items(), attribute_weights.values())}
-            right = sum(predicted[k] == record.attributes[k] for k in ATTRIBUTES)
-            table.add_row(record.path.name, record.label, f"{dataset.classes[best]} ({probabilities[best]:.2f})", f"{right}/11")
-            descriptions.append(f"{record.path.name}: {caption_variants(predicted, n=1)[0]}")
-    console.print(table)
-    console.print("Sentences built from the predicted attributes:")
-    for line in descriptions:
+    data_lines = demo_data_lines(data)
+    for line in data_lines:
+        console.print(line, highlight=False)
+    console.rule("2. describe real WBCAtt test cells with the shipped model")
+    described = demo_describe(data, checkpoint, n, out, reference=reference)
+    console.print(described["table"])
+    for line in described["sentences"]:
         console.print(f"  {line}", highlight=False)
+    console.rule("3. search cells by description")
+    searched = demo_search(data, described["describer"], described["checkpoint"], index_size, out)
+    for line in searched["lines"]:
+        console.print(line, highlight=False)
+    paths = demo_write_report(out, data_lines, described, searched, time.perf_counter() - started)
+    console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['metrics'].name}); took {time.perf_counter() - started:.0f} s")
     console.print("Research software: these readings are not a diagnosis.")
 
 
@@ -314,14 +298,22 @@ def evaluate_command(
     features: Annotated[Optional[Path], typer.Option(help="Evaluate another encoder's features (.npy) instead of a checkpoint.")] = None,
     index_csv: Annotated[Optional[Path], typer.Option(help="Index CSV (path,label,split) of --features.")] = None,
     max_per_class: Annotated[Optional[int], typer.Option(help="Cap images per class and split (quick looks).")] = None,
+    stain_norm: Annotated[
+        str, typer.Option(help="Stain normalisation before the model: none, macenko or reinhard (shipped PBC reference).")
+    ] = "none",
 ) -> None:
     """Evaluate a model the way the field does, with 95 % bootstrap intervals: zero-shot class and attributes,
     supervised heads, calibration, retrieval both ways, probes and n-shot curves, embedding maps.
 
     Example: hemaclip evaluate --dataset wbcatt --split test --out reports/default/wbc5-attributes-test
     Out of distribution: hemaclip evaluate --dataset folder --data DIR --class-map map.json --out reports/ood
+    Another lab's stain: hemaclip evaluate --dataset all --stain-norm macenko --out reports/all-macenko
     """
+    from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer
     from hemaclip.eval.evaluate import run_evaluation
+
+    if stain_norm.lower() not in NORMALIZER_NAMES:
+        raise HemaclipError(f"--stain-norm must be one of {', '.join(NORMALIZER_NAMES)}, not '{stain_norm}'")
 
     metrics = run_evaluation(
         checkpoint,
@@ -339,6 +331,7 @@ def evaluate_command(
         index_csv=index_csv,
         progress=sys.stderr.isatty(),
         max_per_class=max_per_class,
+        stain_normalizer=get_normalizer(stain_norm),
     )
     console.print(f"{metrics.get('n_images', '?')} images evaluated in {metrics.get('seconds', 0):.0f} s; report: {out / 'report.html'}")
 

@@ -72,6 +72,6 @@ def validate_attributes(values: dict[str, str], source: str) -> dict[str, str]:
             raise DataError(f"{source}: missing attribute column '{name}'")
         value = str(values[name]).strip()
         if value not in allowed:
-            raise DataError(f"{source}: unknown value '{value}' for attribute '{name}' (allowed: {', '.join(allowed)})")
+            raise DataError(f"{source}: unknown value {value!r} for attribute '{name}' (allowed: {', '.join(allowed)})")
         clean[name] = value
     return clean

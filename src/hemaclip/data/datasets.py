@@ -147,6 +147,15 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
+def clean_csv_row(row: dict, path: Path, line: int) -> dict[str, str]:
+    """Strip keys and values of a DictReader row; a row with more fields than the header is an error
+    (its values would be silently misaligned) unless the extra fields are empty (trailing commas)."""
+    extra = row.pop(None, None)
+    if extra and any((v or "").strip() for v in extra):
+        raise DataError(f"{path}:{line}: row has {len(extra)} more field(s) than the header")
+    return {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+
+
 def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     """Read a CSV (BOM tolerated), raising a one-line `DataError` naming the file for missing columns."""
     if not path.is_file():
@@ -155,7 +164,7 @@ def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = [clean_csv_row(row, path, reader.line_num) for row in reader]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text CSV") from None
     except csv.Error as exc:
@@ -174,7 +183,7 @@ def _wbcatt_rows(root: Path) -> dict[str, list[dict[str, str]]]:
 def _wbcatt_record(row: dict[str, str], split: str, root: Path, source: str) -> CellRecord:
     label = row["label"].lower()
     if label not in WBCATT_CLASSES:
-        raise DataError(f"{source}: unknown label '{row['label']}' (expected one of {', '.join(WBCATT_CLASSES)})")
+        raise DataError(f"{source}: unknown label {row['label']!r} (expected one of {', '.join(WBCATT_CLASSES)})")
     return CellRecord(
         path=root / row["path"],
         label=label,
@@ -307,11 +316,11 @@ def load_folder(options: LoadOptions) -> CellDataset:
                 name = row.get("img_name") or Path(row["path"]).name
                 path = by_name.get(name, root / name)
             if path not in labels:
-                raise DataError(f"{source}: image '{path.name}' is not in any class folder of {root}")
+                raise DataError(f"{source}: image {path.name!r} is not in any class folder of {root}")
             attributes[path] = validate_attributes(row, source)
             if row.get("split"):
                 if row["split"] not in SPLIT_NAMES:
-                    raise DataError(f"{source}: unknown split '{row['split']}'")
+                    raise DataError(f"{source}: unknown split {row['split']!r}")
                 splits[path] = row["split"]
     kept, report = deduplicate(labels, labels)
     if splits and all(p in splits for p in kept):
@@ -329,6 +338,7 @@ def load_folder(options: LoadOptions) -> CellDataset:
 __all__ = [
     "CellDataset",
     "CellRecord",
+    "clean_csv_row",
     "DATASETS",
     "LoadOptions",
     "load_dataset",

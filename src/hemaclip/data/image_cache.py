@@ -25,7 +25,8 @@ def _cache_key(paths: Sequence[Path], size: int) -> str:
     digest = hashlib.sha1(f"v1|{size}".encode())
     for path in paths:
         stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: file names that are not valid UTF-8 still hash (to their original bytes).
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
 
 

@@ -7,6 +7,7 @@ on later runs, so every experiment on the same run folder sees the same images i
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,18 +56,24 @@ def stratified_split(keys: Sequence[str], labels: Sequence[str], fractions: Spli
 
 
 def save_split(path: Path, assignment: dict[str, str], labels: dict[str, str]) -> None:
-    """Write the split as CSV (key, label, split) atomically."""
-    with atomic_write(path) as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["key", "label", "split"])
-        for key in sorted(assignment):
-            writer.writerow([key, labels[key], assignment[key]])
+    """Write the split as CSV (key, label, split) atomically.
+
+    File names that are not valid UTF-8 (undecodable bytes, held as surrogate escapes) are written
+    back as their original bytes, so `load_split` reads the same keys.
+    """
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["key", "label", "split"])
+    for key in sorted(assignment):
+        writer.writerow([key, labels[key], assignment[key]])
+    with atomic_write(path, "wb") as handle:
+        handle.write(text.getvalue().encode("utf-8", errors="surrogateescape"))
 
 
 def load_split(path: Path, expected_keys: set[str]) -> dict[str, str]:
     """Read a saved split, refusing one that no longer matches the files on disk."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as exc:
         raise DataError(f"{path}: cannot read saved split ({exc.strerror})") from None

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
+
+from hemaclip.data.stain import hed_jitter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +31,7 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.08
     hue: float = 0.02
+    stain_jitter: float = 0.0  # HED stain jitter strength (see hemaclip.data.stain.hed_jitter); 0 = off
 
 
 class RandomRot90(torch.nn.Module):
@@ -36,6 +40,29 @@ class RandomRot90(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         turns = int(torch.randint(0, 4, ()).item())
         return image if turns == 0 else torch.rot90(image, turns, dims=(-2, -1))
+
+
+class RandomHEDJitter(torch.nn.Module):
+    """Random haematoxylin/eosin/DAB concentration jitter of a uint8 CHW image (Tellez et al., 2018).
+
+    Draws from torch's generator, so a per-image `torch.manual_seed` makes it reproducible like the
+    other augmentations here.
+    """
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        if strength < 0:
+            raise ValueError(f"stain jitter strength must be >= 0, got {strength}")
+        self.strength = float(strength)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return image
+        alphas = 1.0 + (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.strength
+        betas = (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.strength / 20.0
+        hwc = image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy()
+        out = hed_jitter(hwc, None, self.strength, alphas=alphas.numpy(), betas=betas.numpy())
+        return tv_tensors.Image(torch.from_numpy(out).permute(2, 0, 1).contiguous())
 
 
 def check_resolution(image_size: int) -> int:
@@ -69,11 +96,15 @@ def eval_transform(image_size: int, mean: Stats = IMAGENET_MEAN, std: Stats = IM
 def train_transform(
     image_size: int, config: AugmentConfig | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
 ) -> T.Compose:
-    """Random resized crop, flips, 90-degree rotations and mild colour jitter (PIL or uint8 tensor in)."""
+    """Optional HED stain jitter, random resized crop, flips, 90-degree rotations and mild colour jitter.
+
+    Takes a PIL image or a uint8 CHW tensor.
+    """
     check_resolution(image_size)
     config = config or AugmentConfig()
     steps: list = [
         T.ToImage(),
+        *([RandomHEDJitter(config.stain_jitter)] if config.stain_jitter > 0 else []),
         T.RandomResizedCrop(
             image_size, scale=(config.crop_scale_min, 1.0), ratio=(0.9, 1.1), interpolation=T.InterpolationMode.BICUBIC, antialias=True
         )

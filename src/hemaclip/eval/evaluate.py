@@ -17,6 +17,9 @@
   split (never on the evaluated split), ECE (15 bins) before/after, reliability diagrams,
   AUROC and point-biserial correlation of the top probability with correctness, selective
   accuracy at coverage 0.5 ... 1.0.
+* **Faithfulness** of the sentences ``hemaclip describe`` writes (when the images carry attributes):
+  statement agreement with the annotation and coverage, beside the two WBCAtt annotators' agreement,
+  a threshold sweep, and the textbook test on misclassified cells (:mod:`hemaclip.eval.faithfulness`).
 * **Retrieval**, both directions, where any relevant item counts: text->image and image->text by
   class and by attribute value, image->image by class and by the full attribute profile;
   Hit@k, Precision@k, MRR@k and Recall@k for k = 1, 3, 5, 10; a retrieval grid figure.
@@ -687,6 +690,117 @@ def _calibration_part(ctx: _Context) -> None:
     ctx.sections.append(Section("Calibration", text, [table, conf_table, sel_table], figs))
 
 
+def _faithfulness_part(ctx: _Context) -> None:
+    """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip.eval.faithfulness`."""
+    from hemaclip.eval import faithfulness as fa
+    from hemaclip.tasks.describe import DEFAULTS, statements_for_rows
+
+    fs = ctx.eval_fs
+    rows = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
+    if not len(rows):
+        return
+    ctx.log("faithfulness")
+    notes: list[str] = []
+
+    def attribute_logits(feature_set: Any, keep: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list[str]], str]:
+        if feature_set.attribute_logits:
+            vocab = feature_set.meta.get("attributes") or {}
+            names = [n for n in ATTRIBUTE_NAMES if n in feature_set.attribute_logits and n in vocab]
+            return ({n: np.asarray(feature_set.attribute_logits[n])[keep] for n in names},
+                    {n: list(vocab[n]) for n in names}, "supervised attribute heads")
+        from hemaclip.tasks.zero_shot import zero_shot_attributes
+
+        zsa = zero_shot_attributes(ctx.model, feature_set.subset(keep), ctx.prompt_set, text_cache=ctx.text_cache)
+        return ({n: np.asarray(p["logits"]) for n, p in zsa.items()}, {n: list(p["values"]) for n, p in zsa.items()},
+                "zero-shot attribute prompts")
+
+    logits, values, source = attribute_logits(fs, rows)
+    temps = {n: 1.0 for n in logits}
+    val = ctx.val_zs
+    val_rows = (np.array([i for i, a in enumerate(val.attributes) if a is not None], dtype=np.int64)
+                if val is not None and ctx.split not in ("val", "all") else np.zeros(0, dtype=np.int64))
+    val_probs: dict[str, np.ndarray] = {}
+    if len(val_rows):
+        val_logits, _, _ = attribute_logits(val, val_rows)
+        for n in logits:
+            y = np.array([values[n].index(val.attributes[i][n]) for i in val_rows])
+            temps[n] = float(cal.fit_temperature(val_logits[n], y))
+            val_probs[n] = cal.softmax(val_logits[n], temps[n])
+    else:
+        notes.append("No annotated val images outside the evaluated split: attribute probabilities are uncalibrated (T = 1).")
+    probs = {n: cal.softmax(logits[n], temps[n]) for n in logits}
+    truth = [fs.attributes[i] for i in rows]
+
+    predicted: list[str | None] = [None] * len(fs)
+    class_pred = ctx.head_pred if ctx.head_pred is not None else ctx.zs_pred
+    for j, i in enumerate(np.asarray(ctx.zs["indices"]) if ctx.zs is not None else []):
+        predicted[int(i)] = class_pred[j]
+    pred_rows = [predicted[i] for i in rows]
+    allowed = [p not in DEFAULTS.classes_without_attributes for p in pred_rows]
+    threshold = DEFAULTS.attribute_threshold
+    statements = statements_for_rows(probs, values, threshold, allowed)
+    result: dict[str, Any] = {
+        "threshold": threshold,
+        "attribute_source": source,
+        "temperatures": temps,
+        "temperatures_fitted_on": "val" if len(val_rows) else None,
+        **fa.statement_agreement(statements, truth, n_boot=ctx.n_boot, seed=ctx.seed),
+    }
+    result["threshold_sweep"] = fa.threshold_sweep(lambda t: statements_for_rows(probs, values, t, allowed), truth)
+    if val_probs:
+        val_truth = [val.attributes[i] for i in val_rows]
+        result["threshold_sweep_val"] = fa.threshold_sweep(lambda t: statements_for_rows(val_probs, values, t), val_truth)
+    try:
+        human = fa.annotator_agreement(ctx.data_root, n_boot=ctx.n_boot, seed=ctx.seed)
+    except DataError as err:
+        human = None
+        notes.append(f"Human ceiling not available: {err}")
+    result["human"] = human
+    if ctx.train_fs is not None and any(a is not None for a in ctx.train_fs.attributes):
+        textbook = fa.textbook_attributes(ctx.train_fs.labels, ctx.train_fs.attributes)
+        true_labels = [ctx.eval_zs.labels[i] for i in rows]
+        result["textbook"] = {"classes": textbook,
+                              **fa.textbook_test(statements, truth, true_labels, pred_rows, textbook)}
+    else:
+        notes.append("Textbook test not run: no annotated train images to define each class's modal attributes.")
+    result["notes"] = notes
+    ctx.metrics["faithfulness"] = result
+
+    head_mean = (ctx.metrics.get("heads") or {}).get("attribute_mean_macro_f1")
+    main_rows = [[f"describe sentences ({source}, threshold {threshold:g})", result["agreement"], result["coverage"],
+                  result["n_statements"], result["n_images"], head_mean]]
+    if human:
+        main_rows.append(["second WBCAtt annotator vs published labels", human["statement_agreement"], 1.0,
+                          11 * human["n_images"], human["n_images"], human["mean_macro_f1"]])
+    tables = [Table(["Statements by", "Agreement with annotation", "Coverage", "Statements", "Images",
+                     "Mean macro F1 (all 11, no threshold)"], main_rows,
+                    caption="Statement agreement (95 % bootstrap interval over images) beside the human ceiling")]
+    per = result["per_attribute"]
+    tables.append(Table(["Attribute", "Statements", "Agreement", "Human agreement"],
+                        [[n, per[n]["n"], per[n]["agreement"], human["per_attribute_agreement"][n] if human else None]
+                         for n in ATTRIBUTE_NAMES], caption="Per attribute"))
+    val_sweep = {r["threshold"]: r for r in result.get("threshold_sweep_val", [])}
+    tables.append(Table(["Threshold", "Agreement", "Coverage", "Agreement (val)", "Coverage (val)"],
+                        [[r["threshold"], r["agreement"], r["coverage"], val_sweep.get(r["threshold"], {}).get("agreement"),
+                          val_sweep.get(r["threshold"], {}).get("coverage")] for r in result["threshold_sweep"]],
+                        caption="Threshold sweep: a higher threshold states less and is right more often"))
+    tb = result.get("textbook")
+    if tb:
+        tables.append(Table(["Misclassified cells", "Statements", "Match predicted class's textbook", "Match own annotation",
+                             "Discriminating statements", "… match textbook", "… match own annotation"],
+                            [[tb["n_misclassified"], tb["n_statements"], tb["match_predicted_textbook"],
+                              tb["match_own_annotation"], tb["n_discriminating_statements"],
+                              tb["discriminating_match_predicted_textbook"], tb["discriminating_match_own_annotation"]]],
+                            caption="Textbook test: on misclassified cells, does the sentence describe the predicted "
+                                    "class's typical cell (modal WBCAtt train values) or the cell itself? Discriminating "
+                                    "statements are those where the two differ."))
+    text = (f"Each evaluated cell gets the sentence `hemaclip describe` would write: the predicted value of each attribute "
+            f"({source}, temperature fitted per attribute on the val split) is stated only if its calibrated probability "
+            f"exceeds {threshold:g}; what a sentence states is read back from its text. Agreement is the fraction of those "
+            f"statements that match the WBCAtt annotation; coverage is statements made / (11 × images).")
+    ctx.sections.append(Section("Faithfulness of generated descriptions", "\n\n".join([text, *notes]), tables))
+
+
 def _topk_metrics(res: Mapping[str, Any], n_gallery: int, ks: Sequence[int]) -> dict[str, Any]:
     """retrieval_metrics on the top-k form of hemaclip.tasks.retrieval, with Recall@k from n_relevant."""
     rel = np.asarray(res["relevant"], dtype=bool)
@@ -1054,6 +1168,7 @@ class _Context:
     sections: list[Section] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    data_root: Any = None
 
 
 def _relabel(fs: Any, mapping: Mapping[str, str] | None) -> Any:
@@ -1072,11 +1187,13 @@ def load_model_features(
     batch_size: int = 128,
     device: str = "cpu",
     progress: bool = False,
+    stain_normalizer: Any = None,
 ) -> tuple[Any, Path, str, dict[str, Any]]:
     """Load a checkpoint (None = the shipped default) and extract features for each named record list.
 
     Returns (model, checkpoint path, checkpoint sha1, {name: FeatureSet}). Features are cached on
-    disk per record list (see :func:`hemaclip.tasks.features.extract_features`).
+    disk per record list (see :func:`hemaclip.tasks.features.extract_features`). `stain_normalizer`
+    (from :func:`hemaclip.data.stain.get_normalizer`) is applied to every image of every list.
     """
     from hemaclip.models.checkpoint import load_checkpoint
     from hemaclip.models.default import resolve_checkpoint
@@ -1087,7 +1204,7 @@ def load_model_features(
     sha1 = file_sha1(path)
     sets = {
         name: extract_features(model, list(records), checkpoint_id=sha1, batch_size=batch_size, device=device,
-                               progress=progress)
+                               progress=progress, stain_normalizer=stain_normalizer)
         for name, records in record_splits.items()
     }
     return model, path, sha1, sets
@@ -1118,6 +1235,7 @@ def run_evaluation(
     map_attribute: str | None = DEFAULT_MAP_ATTRIBUTE,
     batch_size: int = 128,
     device: str = "cpu",
+    stain_normalizer: Any = None,
 ) -> dict[str, Any]:
     """Evaluate `checkpoint` (None = the shipped default) on `split` of `dataset`; write the report into `out`.
 
@@ -1127,7 +1245,8 @@ def run_evaluation(
     tests and quick looks), `nshot_shots` / `nshot_seeds` (the n-shot grid), `prompts` (a prompt
     file; default the packaged one), `split_dir` (where dataset splits made here are saved),
     `embed_method` ("auto", "tsne", "pca", "umap"), `map_attribute` (colour of the second
-    embedding map; None for none), `batch_size`, `device`. With `features` + `index_csv` the
+    embedding map; None for none), `batch_size`, `device`, `stain_normalizer` (a callable from
+    :func:`hemaclip.data.stain.get_normalizer`, applied to the images of every split used). With `features` + `index_csv` the
     external encoder's features are evaluated instead of a checkpoint (give no checkpoint then).
     Returns the metrics dict also written to ``out/metrics.json``. Raises a one-line
     HemaclipError / DataError for an unknown split, a dataset without images in the split, an
@@ -1149,7 +1268,7 @@ def run_evaluation(
         raise HemaclipError(f"a class map applies to dataset 'folder' only, not '{dataset}'")
     out = Path(out)
     log = _Log(progress)
-    ctx = _Context(out=out, dataset=dataset, split=split, n_boot=int(n_boot), seed=int(seed), log=log,
+    ctx = _Context(out=out, dataset=dataset, split=split, n_boot=int(n_boot), seed=int(seed), log=log, data_root=data_root,
                    nshot_shots=tuple(int(s) for s in nshot_shots), nshot_seeds=tuple(int(s) for s in nshot_seeds),
                    embed_method=embed_method, map_attribute=map_attribute)
     external = features is not None
@@ -1161,7 +1280,10 @@ def run_evaluation(
         "seed": int(seed),
         "max_per_class": max_per_class,
         "mode": "external_features" if external else "checkpoint",
+        "stain_normalization": getattr(stain_normalizer, "name", None) or "none",
     }
+    if external and stain_normalizer is not None:
+        raise HemaclipError("stain normalisation needs images; it does not apply to external features")
     mapping: ClassMapping | None = None
     unmapped: list[str] = []
     if external:
@@ -1218,7 +1340,7 @@ def run_evaluation(
                              else "the dataset has no train images.")
         log(f"features for {', '.join(f'{k} ({len(v)})' for k, v in needed.items())}")
         model, path, sha1, sets = load_model_features(checkpoint, needed, batch_size=batch_size, device=device,
-                                                      progress=progress)
+                                                      progress=progress, stain_normalizer=stain_normalizer)
         header["checkpoint"] = str(path)
         header["checkpoint_sha1"] = sha1
         ctx.model = model
@@ -1253,6 +1375,7 @@ def run_evaluation(
         _zero_shot_attribute_part(ctx)
         _heads_part(ctx)
         _calibration_part(ctx)
+        _faithfulness_part(ctx)
     _retrieval_part(ctx)
     if probes:
         _probe_part(ctx)

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, validate_attributes
-from hemaclip.data.datasets import CellRecord
+from hemaclip.data.datasets import CellRecord, clean_csv_row
 from hemaclip.data.dedupe import cache_dir
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.splits import SPLIT_NAMES
+from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import DataError
 from hemaclip.io import atomic_write
 from hemaclip.models.inference import image_outputs
@@ -232,7 +233,7 @@ def feature_cache_key(checkpoint_id: str, paths: Sequence[str | Path], image_siz
     for p in paths:
         p = Path(p)
         stat = p.stat()
-        digest.update(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -266,6 +267,7 @@ def extract_features(
     cache: bool = True,
     progress: bool = False,
     source: str | None = None,
+    stain_normalizer: Normalizer | None = None,
 ) -> FeatureSet:
     """Embed `records` with `model` at `model.config.image_size` (decoded-image cache + eval transform).
 
@@ -274,8 +276,12 @@ def extract_features(
     splits and attributes always come from `records`. `checkpoint_id` must identify the weights
     (e.g. ``file_sha1(checkpoint_path)``); reusing an id for different weights returns stale features.
     The model must already be on `device`; it is put in eval mode for the pass and restored after.
+    `stain_normalizer` (see :func:`hemaclip.data.stain.get_normalizer`) is applied to each decoded
+    image before the model sees it; it is part of the cache key.
     """
     records = list(records)
+    if stain_normalizer is not None:
+        checkpoint_id = f"{checkpoint_id}|stain={normalizer_id(stain_normalizer)}"
     size = int(model.config.image_size)
     paths = [Path(r.path) for r in records]
     meta = {
@@ -298,7 +304,7 @@ def extract_features(
                     records, cached.features, cached.class_logits, cached.attribute_logits, source, meta
                 )
     if records:
-        images = decoded_images(paths, size, progress=progress)
+        images = normalize_batch(decoded_images(paths, size, progress=progress), stain_normalizer)
         out = image_outputs(model, images, batch_size=batch_size, device=device, progress=progress)
         features = out["features"].numpy().astype(np.float32, copy=False)
         class_logits = out["class_logits"].numpy() if out["class_logits"] is not None else None
@@ -382,7 +388,7 @@ def load_external_features(
         with index_csv.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = [clean_csv_row(row, index_csv, reader.line_num) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{index_csv}: index CSV cannot be read ({err})") from err
     missing = [c for c in INDEX_COLUMNS if c not in columns]
