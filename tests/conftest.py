@@ -27,3 +27,15 @@ def data_root() -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep hash/feature caches of the tests out of the user's home, shared across one session."""
     monkeypatch.setenv("HEMACLIP_CACHE", str(tmp_path_factory.getbasetemp() / "hemaclip-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: tiny models gain nothing from more, and
+    spinning OpenMP threads on a busy shared machine can make each forward pass tens of times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from hemaclip import __version__
 from hemaclip.commands import register_all
-from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
+from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console, parse_set_options
 from hemaclip.errors import HemaclipError
 
 app = typer.Typer(
@@ -176,15 +176,7 @@ def train_command(
     from hemaclip.train.config import load_train_config
     from hemaclip.train.trainer import train
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise HemaclipError(f"--set {item}: expected KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
+    overrides = parse_set_options(set_)
     if resume and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())["train"]
         from hemaclip.train.config import TrainConfig

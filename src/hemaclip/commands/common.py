@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+
+from hemaclip.errors import HemaclipError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -18,3 +22,17 @@ CheckpointOption = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", help="Model checkpoint (.pt). Default: the model shipped with hemaclip.", show_default=False),
 ]
+
+
+def parse_set_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` options as a dict; values are read as JSON when they parse, else kept as text."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise HemaclipError(f"--set {item}: expected KEY=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides

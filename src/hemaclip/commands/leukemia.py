@@ -6,7 +6,6 @@ tests) and the report are done here because they use the eval layer, which tasks
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -18,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 import numpy as np
 import typer
 
-from hemaclip.commands.common import DataOption, console, err_console
+from hemaclip.commands.common import DataOption, console, err_console, parse_set_options
 from hemaclip.errors import HemaclipError
 
 DEFAULT_INITS = ("default", "imagenet")
@@ -273,19 +272,6 @@ def _comparison_summary(comparisons: Sequence[Mapping[str, Any]], classes: Seque
 # ------------------------------------------------------------------------------------------------
 
 
-def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise HemaclipError(f"--set {item}: expected KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    return overrides
-
-
 def run_study(
     out: Path,
     runs_dir: Path,
@@ -358,7 +344,7 @@ def register(app: typer.Typer) -> None:
         Example: hemaclip leukemia run --out reports/leukemia --init default --init imagenet --epochs 6
         Quick look: hemaclip leukemia run --out /tmp/all --runs /tmp/all-runs --init default --epochs 1 --max-train-images 256
         """
-        overrides = _parse_sets(set_)
+        overrides = parse_set_options(set_)
         if epochs is not None:
             overrides["epochs"] = epochs
         if max_train_images is not None:
