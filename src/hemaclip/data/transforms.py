@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
 from hemaclip.data.stain import hed_jitter
+from hemaclip.errors import HemaclipError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,6 +33,10 @@ class AugmentConfig:
     saturation: float = 0.08
     hue: float = 0.02
     stain_jitter: float = 0.0  # HED stain jitter strength (see hemaclip.data.stain.hed_jitter); 0 = off
+
+    def __post_init__(self) -> None:
+        if self.stain_jitter < 0:
+            raise HemaclipError(f"stain_jitter must be >= 0, got {self.stain_jitter}")
 
 
 class RandomRot90(torch.nn.Module):

@@ -286,8 +286,6 @@ def _train(
     val_images = decoded_images([r.path for r in val_records], model.config.image_size, progress=show)
     stats = {"mean": tuple(model.config.image_mean), "std": tuple(model.config.image_std)}
     size = model.config.image_size
-    if config.stain_jitter < 0:
-        raise HemaclipError(f"stain_jitter must be >= 0, got {config.stain_jitter}")
     augment_config = AugmentConfig(stain_jitter=float(config.stain_jitter))
     augment = train_transform(size, augment_config, **stats) if config.augment else eval_transform(size, **stats)
 
