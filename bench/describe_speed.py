@@ -7,7 +7,9 @@ separately and reported, not counted):
   5 neighbours), the way the CLI runs it;
 * baseline: bare embedding of the same files (decode + `image_outputs`), so the ratio shows what the
   description itself costs;
-* a breakdown: decoding alone and the model alone on already-decoded arrays.
+* a breakdown: decoding alone and the model alone on already-decoded arrays, and the model alone
+  without the BatchNorm folding `Describer` applies (`prepare_for_inference`): the before/after of
+  that speed-up.
 
 Peak resident memory comes from `resource.getrusage` (the process's high-water mark, read after each
 phase). Writes bench/results/describe_speed.json.
@@ -84,7 +86,15 @@ def main() -> None:
     start = time.perf_counter()
     image_outputs(describer.model, stacked, batch_size=args.batch_size)
     model_s = time.perf_counter() - start
-    del stacked, arrays
+    # before/after of the BatchNorm folding that Describer.from_checkpoint applies (same arrays, same process)
+    from hemaclip.models.checkpoint import load_checkpoint
+
+    unfolded, _ = load_checkpoint(resolve_checkpoint(None))
+    image_outputs(unfolded, stacked[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    start = time.perf_counter()
+    image_outputs(unfolded, stacked, batch_size=args.batch_size)
+    unfolded_s = time.perf_counter() - start
+    del stacked, arrays, unfolded
 
     start = time.perf_counter()
     for i in range(0, len(paths), args.batch_size):
@@ -101,6 +111,8 @@ def main() -> None:
         "describe_vs_baseline_throughput_ratio": round(baseline_s / describe_s, 3),
         "decode_only_images_per_second": round(args.n / decode_s, 1),
         "model_only_images_per_second": round(args.n / model_s, 1),
+        "model_only_unfolded_images_per_second": round(args.n / unfolded_s, 1),
+        "batchnorm_folding_speedup": round(unfolded_s / model_s, 3),
         "errors": errors,
         "peak_rss_mib_before_describe": rss_before,
         "peak_rss_mib_after_describe": rss_describe,

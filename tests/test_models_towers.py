@@ -123,3 +123,33 @@ def test_local_image_weights_errors(tmp_path) -> None:
     ) as info:
         build_trunk("timm", "resnet18", 64, pretrained=str(wrong))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["effnet-lite0-128", "resnet18-128", "mobilenetv2-128"])
+def test_prepare_for_inference_folds_batchnorm_without_changing_outputs(name: str) -> None:
+    from hemaclip.models.inference import image_outputs, prepare_for_inference
+
+    model = create_model(name, image_size=64, embed_dim=32, image_pretrained=None).eval()
+    with torch.no_grad():  # give BatchNorm non-trivial statistics, as a trained model has
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8).numpy()
+    before = image_outputs(model, images, batch_size=2)
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.visual.trunk.modules())
+    fast = prepare_for_inference(model)
+    assert n_norms > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.visual.trunk.modules())
+    after = image_outputs(fast, images, batch_size=2)
+    assert torch.allclose(before["features"], after["features"], atol=1e-4)
+    assert torch.allclose(before["class_logits"], after["class_logits"], atol=1e-3)
+
+
+def test_fold_batchnorm_leaves_a_vit_alone() -> None:
+    from hemaclip.models.inference import fold_batchnorm
+
+    model = create_model("vit-tiny-128", image_size=64, embed_dim=32, image_pretrained=None)
+    assert fold_batchnorm(model) == 0

@@ -187,3 +187,24 @@ def test_sample_cli_refuses_another_datasets_or_a_non_gan_checkpoint(tmp_path: P
     assert len(list((tmp_path / "s").rglob("*.png"))) == 8
     with pytest.raises(CheckpointError, match="not 'pbc'"):
         read_gan(checkpoint, dataset="pbc")
+
+
+def test_minibatch_std_is_zero_for_copies_and_positive_for_spread() -> None:
+    from hemaclip.models.gan import minibatch_std
+
+    same = torch.randn(1, 8, 4, 4).expand(8, -1, -1, -1).contiguous()
+    spread = torch.randn(8, 8, 4, 4)
+    assert minibatch_std(same).shape == (8, 1, 4, 4)
+    assert minibatch_std(same).max().item() < 1e-3
+    assert minibatch_std(spread).min().item() > 0.1
+    assert minibatch_std(torch.randn(3, 8, 4, 4)).abs().sum().item() == 0.0  # odd batch: no groups, zeros
+
+
+def test_mode_seeking_loss_is_lower_when_noises_give_different_images() -> None:
+    from hemaclip.models.gan import mode_seeking_loss
+
+    z_a, z_b = torch.randn(4, 16), torch.randn(4, 16)
+    image = torch.rand(4, 3, 8, 8)
+    collapsed = mode_seeking_loss(image, image + 0.01, z_a, z_b)
+    diverse = mode_seeking_loss(image, torch.rand(4, 3, 8, 8), z_a, z_b)
+    assert diverse.item() < collapsed.item()

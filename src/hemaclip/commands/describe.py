@@ -208,10 +208,10 @@ def calibrate(
 
     Example: hemaclip calibrate --checkpoint runs/mine/best.pt
     """
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     path = resolve_checkpoint(checkpoint)
-    model, _ = load_checkpoint(path)
+    model, _ = load_for_inference(path)
     result = fit_calibration(model, path, data_root=data, progress=True)
     console.print(f"class temperature ({result.class_source}): {result.class_temperature:.3f}")
     for name, t in result.attribute_temperatures.items():

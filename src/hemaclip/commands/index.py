@@ -62,7 +62,7 @@ def index_build(
     A packaged dataset: hemaclip index build --dataset wbcatt --split test --out wbc-test.index
     """
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.features import file_sha1
     from hemaclip.tasks.index import INDEX_KINDS, CellIndex
@@ -80,7 +80,7 @@ def index_build(
     records = loaded.split(split)
     normalizer = _stain(stain_norm)
     path = resolve_checkpoint(checkpoint)
-    model, _ = load_checkpoint(path)
+    model, _ = load_for_inference(path)
     index = CellIndex.build(
         model,
         records,

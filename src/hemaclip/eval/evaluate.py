@@ -1195,12 +1195,12 @@ def load_model_features(
     disk per record list (see :func:`hemaclip.tasks.features.extract_features`). `stain_normalizer`
     (from :func:`hemaclip.data.stain.get_normalizer`) is applied to every image of every list.
     """
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.features import extract_features, file_sha1
 
     path = resolve_checkpoint(checkpoint)
-    model, _meta = load_checkpoint(path, map_location=device)
+    model, _meta = load_for_inference(path, map_location=device)
     sha1 = file_sha1(path)
     sets = {
         name: extract_features(model, list(records), checkpoint_id=sha1, batch_size=batch_size, device=device,

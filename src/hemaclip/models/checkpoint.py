@@ -165,3 +165,11 @@ def _state_problem(expected: Mapping[str, Tensor], loaded: Mapping[str, Any]) ->
     if bad:
         return f"non-tensor entries {', '.join(bad[:4])}"
     return describe_mismatch(expected, loaded)
+
+
+def load_for_inference(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DualEncoder, dict[str, Any]]:
+    """`load_checkpoint`, then made ready for fast inference (see `prepare_for_inference`); never train it."""
+    from hemaclip.models.inference import prepare_for_inference
+
+    model, meta = load_checkpoint(path, map_location=map_location)
+    return prepare_for_inference(model), meta

@@ -466,12 +466,12 @@ class Describer:
         `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
         a path of a saved index, a loaded index, or None for no neighbours.
         """
-        from hemaclip.models.checkpoint import load_checkpoint
+        from hemaclip.models.checkpoint import load_for_inference
         from hemaclip.models.default import resolve_checkpoint
         from hemaclip.tasks.features import file_sha1
 
         path = resolve_checkpoint(checkpoint)
-        model, _meta = load_checkpoint(path, map_location=device)
+        model, _meta = load_for_inference(path, map_location=device)
         calibration, reason = load_calibration(path, file_sha1(path))
         loaded = None
         if isinstance(index, str) and index == "default":

@@ -622,13 +622,13 @@ def index_model(index: CellIndex, checkpoint: str | Path | None = None) -> tuple
     matches. A `checkpoint` of another width is refused; one of other weights is allowed (the
     caller may warn: scores then compare two different embedding spaces).
     """
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import default_checkpoint_path, resolve_checkpoint
     from hemaclip.tasks.features import file_sha1
 
     if checkpoint is not None:
         path = resolve_checkpoint(checkpoint)
-        model, _ = load_checkpoint(path)
+        model, _ = load_for_inference(path)
         index.check_model(model, f"checkpoint {path}")
         return model, path
     candidates = [Path(index.meta["checkpoint_path"])] if index.meta.get("checkpoint_path") else []
@@ -638,7 +638,7 @@ def index_model(index: CellIndex, checkpoint: str | Path | None = None) -> tuple
         pass
     for path in candidates:
         if path.is_file() and file_sha1(path) == index.checkpoint_id:
-            model, _ = load_checkpoint(path)
+            model, _ = load_for_inference(path)
             index.check_model(model, f"checkpoint {path}")
             return model, path
     where = index.meta.get("checkpoint_path") or "an unknown path"

@@ -45,6 +45,7 @@ from hemaclip.models.gan import (
     diff_augment,
     g_hinge_loss,
     generate,
+    mode_seeking_loss,
     read_gan,
     save_gan,
     to_uint8,
@@ -72,6 +73,9 @@ class GanTrainConfig:
     lr_d: float = 4e-4  # two time-scale update rule (TTUR): D learns faster
     betas: tuple[float, float] = (0.0, 0.9)
     ema_decay: float = 0.995
+    # mode-seeking term (Mao et al. 2019): pushes two noises of one class apart in image space, the
+    # remedy for a conditional generator that learns to ignore z (seen here without it); 0 disables
+    mode_seeking_weight: float = 1.0
     sampling: str = "balanced"  # "balanced": each real image's class drawn uniformly, so rare classes train as often
     real_flips: bool = True  # flips/90-degree turns of real images (cells have no up or down)
     save_every_steps: int = 50
@@ -443,16 +447,20 @@ def train_gan(
             real = real.to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels[idx]).long().to(device)
             z = torch.randn(len(idx), model_config.z_dim, device=device)
+            half = len(idx) // 2
+            y_fake = torch.cat([y[:half], y[:half], y[2 * half :]])  # two noises per class label: pairs i, i + half
 
-            fake = generator(z, y)
+            fake = generator(z, y_fake)
             real_logits = discriminator(diff_augment(real, config.augment), y)
-            fake_logits = discriminator(diff_augment(fake.detach(), config.augment), y)
+            fake_logits = discriminator(diff_augment(fake.detach(), config.augment), y_fake)
             loss_d = d_hinge_loss(real_logits, fake_logits)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
 
-            loss_g = g_hinge_loss(discriminator(diff_augment(fake, config.augment), y))
+            loss_g = g_hinge_loss(discriminator(diff_augment(fake, config.augment), y_fake))
+            if config.mode_seeking_weight > 0 and half > 0:
+                loss_g = loss_g + config.mode_seeking_weight * mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
