@@ -199,3 +199,14 @@ def test_folder_dataset_with_attributes_csv(tmp_path: Path, data_root: Path) -> 
     assert len(dataset.records) == 8
     assert sum(r.attributes is not None for r in dataset.records) == len(chosen)
     assert torch.equal(attribute_targets(dataset.records[0]), attribute_targets(dataset.records[0]))
+
+
+def test_remove_stale_temps_deletes_only_atomic_write_leftovers(tmp_path: Path) -> None:
+    from hemaclip.io import remove_stale_temps
+
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half")
+    (tmp_path / "last.pt").write_bytes(b"whole")
+    (tmp_path / "notes.tmp").write_text("a user's file")
+    removed = remove_stale_temps(tmp_path)
+    assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]

@@ -36,6 +36,19 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files `atomic_write` leaves in `folder` when its process was killed (-9).
+
+    Called when a run resumes: those files never became results, and nothing else writes that pattern.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically with stable key order and indentation (diff-friendly results)."""
     with atomic_write(path) as handle:

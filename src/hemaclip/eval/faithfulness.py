@@ -204,7 +204,7 @@ def annotator_agreement(data_root: str | Path | None = None, n_boot: int = 2000,
     result = statement_agreement(second, first, n_boot=n_boot, seed=seed)
     per_f1 = {n: _macro_f1([f[n] for f in first], [s[n] for s in second]) for n in ATTRIBUTE_NAMES}
     return {
-        "source": str(path),
+        "source": f"{WBCATT_DIR}/{REANNOTATION_CSV} (under the data root)",
         "n_images": len(second),
         "n_not_in_splits": missing,
         "statement_agreement": result["agreement"],

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.io import atomic_write, write_json
+from hemaclip.io import atomic_write, remove_stale_temps, write_json
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,
@@ -340,6 +340,7 @@ def train_gan(
         raise HemaclipError(f"{last}: nothing to resume (no checkpoint)")
     state: GanState | None = None
     if resume:
+        remove_stale_temps(out)
         state = read_gan(last, dataset)
         config = GanTrainConfig.from_dict(state.extra["train_config"], source=str(last))
         reduce = state.extra.get("reduce") or {}

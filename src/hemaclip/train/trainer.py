@@ -30,7 +30,7 @@ from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.transforms import AugmentConfig, eval_transform, train_transform
 from hemaclip.errors import HemaclipError
-from hemaclip.io import atomic_write, write_json
+from hemaclip.io import atomic_write, remove_stale_temps, write_json
 from hemaclip.models import create_model
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaclip.models.default import resolve_checkpoint
@@ -261,6 +261,7 @@ def _train(
     prompts: PromptSet = load_prompts(config.prompts)
 
     if resume:
+        remove_stale_temps(paths.out)
         model, meta = load_checkpoint(paths.last)
         state = meta["extra"]["train_state"]
     else:
