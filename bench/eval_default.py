@@ -20,7 +20,7 @@ from machine import machine_info  # noqa: E402
 
 from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.io import display_path, write_json  # noqa: E402
 from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
 from hemaclip.models.default import default_checkpoint_path  # noqa: E402
 from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     metrics = {k.replace("val_", f"{args.split}_", 1): v for k, v in metrics.items()}
     result = {
         "what": f"WBCAtt {args.split} split ({len(records)} images), macro F1",
-        "checkpoint": str(checkpoint),
+        "checkpoint": display_path(checkpoint),
         "date": date.today().isoformat(),
         "seconds": round(time.perf_counter() - start, 1),
         "metrics": metrics,

@@ -29,7 +29,7 @@ from machine import machine_info  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.data.image_cache import decoded_images  # noqa: E402
 from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer, normalize_batch  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.io import display_path, write_json  # noqa: E402
 from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
 from hemaclip.models.default import resolve_checkpoint  # noqa: E402
 from hemaclip.models.inference import image_outputs  # noqa: E402
@@ -103,7 +103,7 @@ def normalisation(checkpoint: Path | None, out: Path) -> None:
         "what": "stain normalisation (none / Macenko / Reinhard, shipped PBC reference) before the default model",
         "date": str(date.today()),
         "command": "python bench/stain_studies.py normalisation",
-        "checkpoint": str(path),
+        "checkpoint": display_path(path),
         "wbcatt_test_subset": {"per_class": PER_CLASS, "seed": SEED, "n_images": len(records),
                                "corruption": "stain_shift severities 4 and 5 (hemaclip.data.corruptions)", "scores": shifted},
         "all_set": {"n_images": len(all_records), "note": "every ALL image is lymphoid; fraction predicted 'lymphocyte' "

@@ -210,3 +210,14 @@ def test_remove_stale_temps_deletes_only_atomic_write_leftovers(tmp_path: Path) 
     removed = remove_stale_temps(tmp_path)
     assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+def test_display_path_hides_machine_specific_prefixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hemaclip
+    from hemaclip.io import display_path
+
+    packaged = Path(hemaclip.__file__).parent / "assets" / "hemaclip-default.pt"
+    assert display_path(packaged) == "hemaclip/assets/hemaclip-default.pt"
+    monkeypatch.chdir(tmp_path)
+    assert display_path(tmp_path / "runs" / "best.pt") == "runs/best.pt"
+    assert display_path("/elsewhere/model.pt") == "/elsewhere/model.pt"

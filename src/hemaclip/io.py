@@ -36,6 +36,24 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def display_path(path: str | Path) -> str:
+    """How a path is written into reports: files of the installed package as ``hemaclip/...``, files
+    under the working folder relative to it, anything else as given (reports then read the same on
+    every machine and do not leak a home folder)."""
+    text = str(path)
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return text
+    package = Path(__file__).resolve().parent
+    for base, prefix in ((package, "hemaclip/"), (Path.cwd().resolve(), "")):
+        try:
+            return prefix + resolved.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return text
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete the temporary files `atomic_write` leaves in `folder` when its process was killed (-9).
 

@@ -17,6 +17,7 @@ import typer
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
 from hemaclip.errors import DataError, HemaclipError
+from hemaclip.io import display_path
 
 METRIC_TITLES = {
     "zs_class": "class macro F1, zero-shot (text prompts)",
@@ -246,7 +247,7 @@ def run_robustness_report(
     sections += study_sections
 
     metrics_out = {
-        "checkpoint": str(path),
+        "checkpoint": display_path(path),
         **settings,
         **result,
         "studies": study_raw,

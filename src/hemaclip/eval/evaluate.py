@@ -66,6 +66,7 @@ import hemaclip
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.errors import DataError, HemaclipError
+from hemaclip.io import display_path
 from hemaclip.eval import calibration as cal
 from hemaclip.eval import plots
 from hemaclip.eval.metrics import attribute_table, classification_report_dict, macro_f1, row_normalize
@@ -473,7 +474,7 @@ def _zero_shot_class_part(ctx: _Context) -> None:
          "Zero-shot classes: confusion matrix, each row divided by the class's number of images."),
     ]
     text = (
-        f"Prompt ensembles of the '{ctx.prompt_dataset}' classes in the prompt file ({ctx.prompt_set.source}); "
+        f"Prompt ensembles of the '{ctx.prompt_dataset}' classes in the prompt file ({display_path(ctx.prompt_set.source)}); "
         f"{result['n']} images scored."
     )
     if result["excluded_images"]:
@@ -1341,7 +1342,7 @@ def run_evaluation(
         log(f"features for {', '.join(f'{k} ({len(v)})' for k, v in needed.items())}")
         model, path, sha1, sets = load_model_features(checkpoint, needed, batch_size=batch_size, device=device,
                                                       progress=progress, stain_normalizer=stain_normalizer)
-        header["checkpoint"] = str(path)
+        header["checkpoint"] = display_path(path)
         header["checkpoint_sha1"] = sha1
         ctx.model = model
         ctx.text_cache = PooledTextCache(model.text)

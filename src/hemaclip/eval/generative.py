@@ -35,6 +35,7 @@ import numpy as np
 
 from hemaclip.data.datasets import CellRecord
 from hemaclip.errors import HemaclipError
+from hemaclip.io import display_path
 
 __all__ = [
     "fid",
@@ -406,7 +407,7 @@ def evaluate_synthesis(
         "classes": classes,
         "gan_training": {k: state.extra.get(k) for k in ("step", "total_steps", "status", "train_counts", "parameters")},
         "feature_space": "256-d L2-normalised image embedding of the encoder; 64 px images resized (bicubic) to its 128 px input",
-        "encoder": str(encoder_path),
+        "encoder": display_path(encoder_path),
         "note": note,
         "fidelity": fidelity,
         "memorisation": memorisation,
