@@ -29,8 +29,8 @@ def parse_set_options(items: Sequence[str] | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise HemaclipError(f"--set {item}: expected KEY=VALUE")
+        if not sep or not key.strip():
+            raise HemaclipError(f"--set {item}: expected KEY=VALUE (e.g. epochs=5 or model.g_channels=32)")
         try:
             overrides[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:

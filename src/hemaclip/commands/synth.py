@@ -13,31 +13,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from hemaclip.commands.common import DataOption, console
+from hemaclip.commands.common import DataOption, console, parse_set_options
 
 synth_app = typer.Typer(help="Class-conditional GAN synthesis (class balancing), judged for fidelity, memorisation and utility.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(synth_app, name="synth")
-
-
-def _overrides(items: list[str] | None) -> dict[str, object]:
-    """`--set key=value` pairs (values parsed as JSON when possible, else kept as text)."""
-    import json
-
-    from hemaclip.errors import HemaclipError
-
-    out: dict[str, object] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise HemaclipError(f"--set '{item}': expected KEY=VALUE (e.g. epochs=5 or model.g_channels=32)")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 @synth_app.command("train")
@@ -65,7 +47,7 @@ def train_command(
     from hemaclip.io import write_json
     from hemaclip.tasks.synthesis import load_gan_config, parse_reduce, train_gan
 
-    overrides = _overrides(set_)
+    overrides = parse_set_options(set_)
     if size is not None:
         overrides["model.image_size"] = size
     if epochs is not None:

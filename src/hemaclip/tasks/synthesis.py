@@ -75,7 +75,7 @@ class GanTrainConfig:
     ema_decay: float = 0.995
     # mode-seeking term (Mao et al. 2019): pushes two noises of one class apart in image space, the
     # remedy for a conditional generator that learns to ignore z (seen here without it); 0 disables
-    mode_seeking_weight: float = 1.0
+    mode_seeking_weight: float = 0.2
     sampling: str = "balanced"  # "balanced": each real image's class drawn uniformly, so rare classes train as often
     real_flips: bool = True  # flips/90-degree turns of real images (cells have no up or down)
     save_every_steps: int = 50
