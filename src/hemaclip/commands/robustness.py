@@ -134,7 +134,7 @@ def run_robustness_report(
     from hemaclip.data.stain import get_normalizer
     from hemaclip.eval import plots
     from hemaclip.eval.report import Section, Table, write_report
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.factory import create_model
     from hemaclip.tasks.features import file_sha1
@@ -153,7 +153,7 @@ def run_robustness_report(
     except ValueError as exc:
         raise HemaclipError(str(exc)) from None
     path = resolve_checkpoint(checkpoint)
-    model, _meta = load_checkpoint(path)
+    model, _meta = load_for_inference(path)
     prompt_set = load_prompts()
     if dataset not in prompt_set.datasets:
         raise DataError(f"no class prompts for dataset '{dataset}' (have: {', '.join(prompt_set.datasets)})")

@@ -344,7 +344,7 @@ def evaluate_synthesis(
     """Run all three axes and write ``report.md``, ``report.html``, ``metrics.json`` and figures to `out`."""
     from hemaclip.data.datasets import load_dataset
     from hemaclip.eval.report import Section, Table, write_report
-    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.gan import load_generator
     from hemaclip.tasks.synthesis import image_grid, sample_images, write_png
@@ -360,7 +360,7 @@ def evaluate_synthesis(
     if generator.config.image_size != EMBED_SIZE:
         raise HemaclipError(f"{checkpoint}: evaluation compares images at {EMBED_SIZE} px, this GAN makes {generator.config.image_size} px")
     encoder_path = resolve_checkpoint(encoder)
-    model, _ = load_checkpoint(encoder_path)
+    model, _ = load_for_inference(encoder_path)
     ds = load_dataset(state.dataset, data_root)
     if list(ds.classes) != classes:
         raise HemaclipError(f"{checkpoint}: GAN classes {classes} differ from dataset '{state.dataset}' classes {list(ds.classes)}")

@@ -34,7 +34,7 @@ from hemaclip.data.datasets import CellDataset, CellRecord, load_dataset
 from hemaclip.data.dedupe import file_hashes
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import HemaclipError
-from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.checkpoint import load_for_inference
 from hemaclip.models.default import default_checkpoint_path
 from hemaclip.models.inference import image_outputs
 from hemaclip.models.text_cache import PooledTextCache
@@ -322,7 +322,7 @@ def predict_study(
     truth: dict[str, np.ndarray] = {}
     for name, checkpoint, methods in models:
         tick = time.perf_counter()
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_for_inference(checkpoint)
         model.to(device)
         prompts_file = ((meta.get("extra") or {}).get("train_config") or {}).get("prompts")
         emb = embed_splits(model, records, classes, device=device, progress=progress)
