@@ -8,8 +8,8 @@ separately and reported, not counted):
 * baseline: bare embedding of the same files (decode + `image_outputs`), so the ratio shows what the
   description itself costs;
 * a breakdown: decoding alone and the model alone on already-decoded arrays, and the model alone
-  without the BatchNorm folding `Describer` applies (`prepare_for_inference`): the before/after of
-  that speed-up.
+  as loaded for training (no `prepare_for_inference`: BatchNorm folding and static "same" padding):
+  the before/after of that speed-up.
 
 Peak resident memory comes from `resource.getrusage` (the process's high-water mark, read after each
 phase). Writes bench/results/describe_speed.json.
@@ -86,15 +86,15 @@ def main() -> None:
     start = time.perf_counter()
     image_outputs(describer.model, stacked, batch_size=args.batch_size)
     model_s = time.perf_counter() - start
-    # before/after of the BatchNorm folding that Describer.from_checkpoint applies (same arrays, same process)
+    # before/after of prepare_for_inference, which Describer.from_checkpoint applies (same arrays, same process)
     from hemaclip.models.checkpoint import load_checkpoint
 
-    unfolded, _ = load_checkpoint(resolve_checkpoint(None))
-    image_outputs(unfolded, stacked[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    unprepared, _ = load_checkpoint(resolve_checkpoint(None))
+    image_outputs(unprepared, stacked[: args.batch_size], batch_size=args.batch_size)  # warm-up
     start = time.perf_counter()
-    image_outputs(unfolded, stacked, batch_size=args.batch_size)
-    unfolded_s = time.perf_counter() - start
-    del stacked, arrays, unfolded
+    image_outputs(unprepared, stacked, batch_size=args.batch_size)
+    unprepared_s = time.perf_counter() - start
+    del stacked, arrays, unprepared
 
     start = time.perf_counter()
     for i in range(0, len(paths), args.batch_size):
@@ -111,8 +111,8 @@ def main() -> None:
         "describe_vs_baseline_throughput_ratio": round(baseline_s / describe_s, 3),
         "decode_only_images_per_second": round(args.n / decode_s, 1),
         "model_only_images_per_second": round(args.n / model_s, 1),
-        "model_only_unfolded_images_per_second": round(args.n / unfolded_s, 1),
-        "batchnorm_folding_speedup": round(unfolded_s / model_s, 3),
+        "model_only_unprepared_images_per_second": round(args.n / unprepared_s, 1),
+        "prepare_for_inference_speedup": round(unprepared_s / model_s, 3),
         "errors": errors,
         "peak_rss_mib_before_describe": rss_before,
         "peak_rss_mib_after_describe": rss_describe,

@@ -143,6 +143,7 @@ def test_prepare_for_inference_folds_batchnorm_without_changing_outputs(name: st
     fast = prepare_for_inference(model)
     assert n_norms > 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.visual.trunk.modules())
+    assert not any(type(m).__name__ == "Conv2dSame" for m in fast.modules())  # static padding at 64 px
     after = image_outputs(fast, images, batch_size=2)
     assert torch.allclose(before["features"], after["features"], atol=1e-4)
     assert torch.allclose(before["class_logits"], after["class_logits"], atol=1e-3)

@@ -24,7 +24,7 @@ def model_eval_transform(model: torch.nn.Module):
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold every eval-mode BatchNorm into the convolution registered just before it, in place.
 
-    Why: on a 2-core CPU the separate normalisation pass costs about a quarter of an EfficientNet's
+    Why: on a 2-core CPU the separate normalisation pass is a sizeable part of an EfficientNet's
     forward time (bench/results/describe_speed.json); folded, outputs agree to ~1e-5. Only for
     models that will not train again (BatchNorm statistics are gone). A timm ``BatchNormAct2d`` keeps
     its dropout and activation. Returns how many BatchNorms were folded (0 for a ViT).
@@ -48,10 +48,69 @@ def fold_batchnorm(module: nn.Module) -> int:
     return folded
 
 
+def _static_same_conv(conv: nn.Conv2d, input_hw: tuple[int, int]) -> nn.Conv2d:
+    """An ordinary conv equal to TF-"same" `conv` on inputs of size `input_hw`, without the pad copy.
+
+    TF "same" pads p // 2 before and p - p // 2 after. The same sums come from symmetric padding of the
+    larger side and a kernel grown by the difference, with the original taps at its far end:
+    out[j] = sum_k w[k] x[s*j + k - before] either way, with the same output size.
+    """
+    grow, pads = [], []
+    for size, k, s, d in zip(input_hw, conv.kernel_size, conv.stride, conv.dilation):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        before, after = total // 2, total - total // 2
+        grow.append(after - before)
+        pads.append(after)
+    static = nn.Conv2d(conv.in_channels, conv.out_channels, (conv.kernel_size[0] + grow[0], conv.kernel_size[1] + grow[1]),
+                       stride=conv.stride, padding=tuple(pads), dilation=conv.dilation, groups=conv.groups,
+                       bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        static.weight.zero_()
+        static.weight[:, :, grow[0] :: conv.dilation[0], grow[1] :: conv.dilation[1]][:, :, : conv.kernel_size[0], : conv.kernel_size[1]] = conv.weight
+        if conv.bias is not None:
+            static.bias.copy_(conv.bias)
+    return static
+
+
+def static_same_padding(model: nn.Module, image_size: int) -> int:
+    """Replace timm's dynamically padded TF-"same" convs by static ones for `image_size` inputs, in place.
+
+    Why: tf_efficientnet_lite0 pads five stride-2 convs with a separate `F.pad` copy at every call,
+    about a sixth of its CPU forward time. Only valid while inputs are `image_size` square (the
+    inference paths always resize to it). Returns how many convs were replaced.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+
+    targets = {m for m in model.modules() if isinstance(m, Conv2dSame) and max(m.dilation) == 1}
+    if not targets:
+        return 0
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        shapes.setdefault(module, tuple(args[0].shape[-2:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in targets]
+    try:
+        with torch.no_grad():
+            model.encode_image(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in shapes:
+                setattr(parent, name, _static_same_conv(child, shapes[child]))
+                replaced += 1
+    return replaced
+
+
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Eval mode, BatchNorm folded into convolutions, channels-last weights: the fast CPU layout."""
+    """Eval mode, BatchNorm folded into convolutions, static "same" padding at the model's resolution,
+    channels-last weights: the fast CPU layout. Inputs must then be `model.config.image_size` square."""
     model.eval()
     fold_batchnorm(model)
+    static_same_padding(model, int(model.config.image_size))
     return model.to(memory_format=torch.channels_last)
 
 

@@ -566,8 +566,11 @@ class Describer:
     ) -> Iterator[CellDescription]:
         """Describe image files (directories are walked recursively), yielding results in input order.
 
-        Memory stays constant: one batch is decoded while the previous one runs through the model.
-        An unreadable file yields a description with `error` set instead of stopping the run.
+        Memory stays constant: one batch at a time. Where a CPU core is left over beside torch's threads,
+        the next batch is decoded while this one runs through the model; where none is (2 cores, 2 torch
+        threads), decoding in parallel only slows the model's threads down, so batches run in turn
+        (bench/results/describe_speed.json). An unreadable file yields a description with `error` set
+        instead of stopping the run.
         """
         if int(batch_size) < 1:
             raise HemaclipError(f"batch size must be >= 1, got {batch_size}")
@@ -575,12 +578,16 @@ class Describer:
         batches = [files[i : i + int(batch_size)] for i in range(0, len(files), int(batch_size))]
         show = progress and sys.stderr.isatty()
         bar = tqdm(total=len(files), desc="describing", unit="img", disable=not show)
+        import torch
+
+        overlap = (os.cpu_count() or 1) > torch.get_num_threads()
         try:
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(self._load_batch, batches[0]) if batches else None
+                pending = pool.submit(self._load_batch, batches[0]) if batches and overlap else None
                 for b, batch in enumerate(batches):
-                    loaded = pending.result()
-                    pending = pool.submit(self._load_batch, batches[b + 1]) if b + 1 < len(batches) else None
+                    loaded = pending.result() if overlap else self._load_batch(batch)
+                    if overlap and b + 1 < len(batches):
+                        pending = pool.submit(self._load_batch, batches[b + 1])
                     good = [(p, a) for p, a in zip(batch, loaded) if not isinstance(a, str)]
                     described = iter(self._describe_prepared([a for _, a in good], [str(p) for p, _ in good]))
                     for p, a in zip(batch, loaded):
