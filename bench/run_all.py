@@ -29,7 +29,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from machine import machine_info  # noqa: E402
 
-from hemaclip.io import atomic_write, write_json  # noqa: E402
+from hemaclip.io import atomic_write, display_path, write_json  # noqa: E402
 
 # Files in bench/ that are not benchmarks, and why.
 NOT_BENCHMARKS = {
@@ -102,12 +102,12 @@ def run_one(script: Path, device: str, results_dir: Path, timeout: float, log_di
     seconds = time.perf_counter() - start
     peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else None
     record: dict[str, Any] = {
-        "command": "python " + " ".join(command),
+        "command": "python " + " ".join(display_path(c) if Path(c).is_absolute() else c for c in command),
         "exit_status": child.returncode,
         "seconds": round(seconds, 1),
         "peak_rss_mib": round(peak, 1) if peak is not None else None,
         "timed_out": timed_out,
-        "log": str(log),
+        "log": display_path(log),
     }
     fresh = out.exists() and (before is None or out.stat().st_mtime > before)
     if child.returncode == 0 and fresh:
