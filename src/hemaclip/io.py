@@ -67,6 +67,40 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def packaged_configs(kind: str) -> dict[str, Path]:
+    """Name -> file of the configs shipped in ``hemaclip/configs/<kind>/`` (JSON or YAML)."""
+    from importlib import resources
+
+    folder = resources.files("hemaclip") / "configs" / kind
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".json", ".yaml", ".yml"))}
+
+
+def read_config(name_or_path: str | Path, kind: str, what: str) -> tuple[Path, dict[str, Any]]:
+    """A config by file path or by the name of a packaged one of `kind`, read as a mapping.
+
+    One-line `HemaclipError` naming the file for a missing name, an unreadable file or a non-mapping;
+    `what` names the config in those messages ("training config", "GAN config").
+    """
+    import yaml
+
+    from hemaclip.errors import HemaclipError
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        packaged = packaged_configs(kind)
+        if str(name_or_path) not in packaged:
+            raise HemaclipError(f"{name_or_path}: no such {what} file or packaged config (packaged: {', '.join(sorted(packaged))})")
+        path = packaged[str(name_or_path)]
+    try:
+        text = path.read_text()
+        payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise HemaclipError(f"{path}: cannot read {what} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise HemaclipError(f"{path}: a {what} must be a mapping of options")
+    return path, payload
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically with stable key order and indentation (diff-friendly results)."""
     with atomic_write(path) as handle:

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.io import atomic_write, remove_stale_temps, write_json
+from hemaclip.io import atomic_write, read_config, remove_stale_temps, write_json
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,
@@ -48,7 +47,6 @@ from hemaclip.models.gan import (
     mode_seeking_loss,
     read_gan,
     save_gan,
-    to_uint8,
 )
 
 LAST = "last.pt"
@@ -111,28 +109,12 @@ class GanTrainConfig:
             raise HemaclipError(f"{source}: {exc}") from None
 
 
-def packaged_gan_configs() -> dict[str, Path]:
-    folder = resources.files("hemaclip") / "configs" / "gan"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json")}
-
-
 def load_gan_config(name_or_path: str | Path = "default", overrides: Mapping[str, Any] | None = None) -> GanTrainConfig:
     """A packaged GAN config by name ('default', 'tiny') or a JSON path, with `overrides` on top.
 
     Override keys may be top-level options or ``model.<key>`` / ``augment.<key>``.
     """
-    path = Path(name_or_path)
-    if not path.is_file():
-        packaged = packaged_gan_configs()
-        if str(name_or_path) not in packaged:
-            raise HemaclipError(f"{name_or_path}: no such GAN config file or packaged config (packaged: {', '.join(sorted(packaged))})")
-        path = packaged[str(name_or_path)]
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise HemaclipError(f"{path}: cannot read GAN config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(payload, dict):
-        raise HemaclipError(f"{path}: a GAN config must be a JSON object")
+    path, payload = read_config(name_or_path, "gan", "GAN config")
     for key, value in (overrides or {}).items():
         if "." in key:
             group, sub = key.split(".", 1)

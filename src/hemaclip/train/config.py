@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hemaclip.errors import HemaclipError
+from hemaclip.io import read_config
 
 
 @dataclass
@@ -83,25 +80,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def packaged_train_configs() -> dict[str, Path]:
-    folder = resources.files("hemaclip") / "configs" / "train"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".json", ".yaml", ".yml"))}
-
-
 def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training config by packaged name (e.g. 'default') or path; apply `overrides` on top."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        packaged = packaged_train_configs()
-        if str(name_or_path) not in packaged:
-            raise HemaclipError(f"{name_or_path}: no such config file or packaged config (packaged: {', '.join(sorted(packaged))})")
-        path = packaged[str(name_or_path)]
-    try:
-        text = path.read_text()
-        payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise HemaclipError(f"{path}: cannot read training config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(payload, dict):
-        raise HemaclipError(f"{path}: a training config must be a mapping of options")
+    path, payload = read_config(name_or_path, "train", "training config")
     payload.update(overrides or {})
     return TrainConfig.from_dict(payload, source=str(path))
