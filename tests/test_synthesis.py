@@ -208,3 +208,15 @@ def test_mode_seeking_loss_is_lower_when_noises_give_different_images() -> None:
     collapsed = mode_seeking_loss(image, image + 0.01, z_a, z_b)
     diverse = mode_seeking_loss(image, torch.rand(4, 3, 8, 8), z_a, z_b)
     assert diverse.item() < collapsed.item()
+
+
+
+def test_resuming_weights_that_do_not_fit_this_version_is_one_clear_error(tmp_path: Path, data_root: Path) -> None:
+    train_gan("all", tmp_path / "run", load_gan_config("tiny"), data_root=data_root, max_images=48, stop_after_steps=3, progress=False)
+    # as a run saved before the discriminator's last conv became its own `final` block looks to this version
+    raw = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    raw["discriminator"] = {k: v for k, v in raw["discriminator"].items() if not k.startswith("final.")}
+    torch.save(raw, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match="last.pt: cannot resume this run with this hemaclip version"):
+        train_gan("all", tmp_path / "run", load_gan_config("tiny"), data_root=data_root, max_images=48, resume=True, progress=False)
+    assert read_gan(tmp_path / "run" / "last.pt").extra["step"] == 3  # the refused resume wrote nothing over it

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
-from hemaclip.errors import DataError, HemaclipError
+from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.io import atomic_write, read_config, remove_stale_temps, write_json
 from hemaclip.models.gan import (
     DiffAugmentConfig,
@@ -353,11 +353,15 @@ def train_gan(
     step = 0
     history: list[dict[str, Any]] = []
     if state is not None:
-        generator.load_state_dict(state.generator)
-        discriminator.load_state_dict(state.discriminator)
-        ema.load_state_dict(state.generator_ema)
-        opt_g.load_state_dict(state.extra["opt_g"])
-        opt_d.load_state_dict(state.extra["opt_d"])
+        try:
+            generator.load_state_dict(state.generator)
+            discriminator.load_state_dict(state.discriminator)
+            ema.load_state_dict(state.generator_ema)
+            opt_g.load_state_dict(state.extra["opt_g"])
+            opt_d.load_state_dict(state.extra["opt_d"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{last}: cannot resume this run with this hemaclip version ({first})") from None
         step = int(state.extra["step"])
         history = list(state.extra.get("history", []))
         if int(state.extra.get("train_images", len(records))) != len(records):
