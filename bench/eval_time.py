@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_info  # noqa: E402
 
-from hemaclip.eval.evaluate import run_evaluation  # noqa: E402
+from hemaclip.studies.evaluate import run_evaluation  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
 
 

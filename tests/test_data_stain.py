@@ -163,7 +163,7 @@ def test_evaluate_refuses_an_unknown_stain_norm() -> None:
 def test_evaluation_passes_the_normaliser_to_feature_extraction(data_root: Path, tmp_path: Path) -> None:
     from hemaclip.data.datasets import load_dataset
     from hemaclip.errors import HemaclipError
-    from hemaclip.eval.evaluate import load_model_features, run_evaluation
+    from hemaclip.studies.evaluate import load_model_features, run_evaluation
     from hemaclip.models.checkpoint import save_checkpoint
     from hemaclip.models.factory import create_model
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hemaclip.errors import CheckpointError, HemaclipError
-from hemaclip.eval.generative import fid, kid, nearest_real, precision_recall, utility_arms
+from hemaclip.metrics.generative import fid, kid, nearest_real, precision_recall
+from hemaclip.studies.generative import utility_arms
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,

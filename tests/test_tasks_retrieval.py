@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemaclip.errors import DataError
-from hemaclip.eval.retrieval import retrieval_metrics
+from hemaclip.metrics.retrieval import retrieval_metrics
 from hemaclip.tasks.features import FeatureSet, l2_normalize
 from hemaclip.tasks.retrieval import (
     embed_texts,

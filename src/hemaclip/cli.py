@@ -302,7 +302,7 @@ def evaluate_command(
     Another lab's stain: hemaclip evaluate --dataset all --stain-norm macenko --out reports/all-macenko
     """
     from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer
-    from hemaclip.eval.evaluate import run_evaluation
+    from hemaclip.studies.evaluate import run_evaluation
 
     if stain_norm.lower() not in NORMALIZER_NAMES:
         raise HemaclipError(f"--stain-norm must be one of {', '.join(NORMALIZER_NAMES)}, not '{stain_norm}'")
@@ -343,7 +343,7 @@ def compare_command(
 
     Example: hemaclip compare runs/a/best.pt runs/b/best.pt --dataset wbcatt --split test
     """
-    from hemaclip.eval.compare import run_compare
+    from hemaclip.studies.compare import run_compare
 
     run_compare(a, b, dataset, split, out, data_root=data, n_boot=n_boot, seed=seed, progress=sys.stderr.isatty())
     console.print(f"comparison: {out / 'compare.json'}, {out / 'report.html'}")

@@ -160,7 +160,7 @@ def fit_calibration(
     Writes ``<checkpoint>.calibration.json`` atomically when `write`.
     """
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.eval.calibration import fit_temperature
+    from hemaclip.metrics.calibration import fit_temperature
     from hemaclip.tasks.features import extract_features, file_sha1
 
     checkpoint = Path(checkpoint)

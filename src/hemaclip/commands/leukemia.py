@@ -29,30 +29,22 @@ N_RESAMPLES = 2000
 # ------------------------------------------------------------------------------------------------
 
 
-def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else float("nan")
-
-
 def _class_f1(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
     """F1 of one class as a metric of (y_true, y_pred), for per-class paired tests."""
+    from hemaclip.metrics.classification import class_f1
 
-    def f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-        tp = float(np.sum((y_true == index) & (y_pred == index)))
-        denom = float(np.sum(y_true == index) + np.sum(y_pred == index))
-        return 2 * tp / denom if denom else 0.0
-
-    return f1
+    return lambda y_true, y_pred: class_f1(y_true, y_pred, index)
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict[str, Any]:
     """Accuracy and macro F1 with 95 % stratified bootstrap intervals, per-class numbers, confusion counts."""
-    from hemaclip.eval.metrics import classification_report_dict
-    from hemaclip.eval.statistics import bootstrap_ci, bootstrap_macro_f1
+    from hemaclip.metrics.classification import accuracy, classification_report_dict
+    from hemaclip.metrics.statistics import bootstrap_ci, bootstrap_macro_f1
 
     report = classification_report_dict(y_true, y_pred, list(classes))
     return {
         "n": int(len(y_true)),
-        "accuracy": bootstrap_ci(_accuracy, y_true, y_pred, n_resamples=N_RESAMPLES, seed=seed),
+        "accuracy": bootstrap_ci(accuracy, y_true, y_pred, n_resamples=N_RESAMPLES, seed=seed),
         "macro_f1": bootstrap_macro_f1(y_true, y_pred, len(classes), n_resamples=N_RESAMPLES, seed=seed),
         "per_class": report["per_class"],
         "confusion_matrix": report["confusion_matrix"],
@@ -64,7 +56,8 @@ def compare_twins(arm_names: Sequence[str], predictions: Mapping[str, Mapping[st
 
     Overall accuracy and macro F1, plus per-class F1 differences (where language helps or hurts).
     """
-    from hemaclip.eval.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
+    from hemaclip.metrics.classification import accuracy
+    from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
 
     pairs = []
     inits = dict.fromkeys(name.rsplit("-", 1)[0] for name in arm_names)
@@ -77,7 +70,7 @@ def compare_twins(arm_names: Sequence[str], predictions: Mapping[str, Mapping[st
             pairs.append({
                 "a": a,
                 "b": b,
-                "accuracy": paired_bootstrap_test(_accuracy, y_true, pa, pb, n_resamples=N_RESAMPLES),
+                "accuracy": paired_bootstrap_test(accuracy, y_true, pa, pb, n_resamples=N_RESAMPLES),
                 "macro_f1": paired_bootstrap_macro_f1(y_true, pa, pb, len(classes), n_resamples=N_RESAMPLES),
                 "per_class_f1": {c: paired_bootstrap_test(_class_f1(i), y_true, pa, pb, n_resamples=N_RESAMPLES) for i, c in enumerate(classes)},
             })
@@ -151,8 +144,8 @@ def write_leukaemia_report(
     training: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html and metrics.json with confusion matrices, F1 bars and training curves."""
-    from hemaclip.eval.plots import plot_confusion
-    from hemaclip.eval.report import Section, Table, write_report
+    from hemaclip.studies.plots import plot_confusion
+    from hemaclip.studies.report import Section, Table, write_report
     from hemaclip.tasks.leukaemia import SPLITS
 
     out.mkdir(parents=True, exist_ok=True)

@@ -6,18 +6,17 @@ A class is represented by the normalised mean of the normalised embeddings of al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
+from hemaclip.errors import DataError
+from hemaclip.models.modes import eval_mode
 from hemaclip.models.text_cache import PooledTextCache
 
-Template = str | Callable[[str], str]
-
-
-def build_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> dict[str, list[str]]:
-    """Prompts per class from templates that are format strings with '{}' or callables."""
-    return {name: [t(name) if callable(t) else t.format(name) for t in templates] for name in classnames}
+_CHUNK = 8192
 
 
 @torch.no_grad()
@@ -31,13 +30,9 @@ def build_zero_shot_classifier(
     if any(not prompts[name] for name in names):
         empty = [name for name in names if not prompts[name]]
         raise ValueError(f"no prompts for class(es) {', '.join(empty)}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         device = next(model.parameters()).device
         embedded = model.encode_text(cache.get(flat).to(device), normalize=True)
-    finally:
-        model.train(was_training)
     weights, start = [], 0
     for name in names:
         count = len(prompts[name])
@@ -45,3 +40,49 @@ def build_zero_shot_classifier(
         weights.append(mean / mean.norm().clamp_min(1e-12))
         start += count
     return torch.stack(weights)
+
+
+def class_embeddings(
+    model: Any, prompts: Mapping[str, Sequence[str]], text_cache: PooledTextCache | None = None
+) -> np.ndarray:
+    """Normalised prompt-ensemble embeddings [C, D] float32, one per key of `prompts`, in its order."""
+    weights = build_zero_shot_classifier(model, prompts, text_cache if text_cache is not None else PooledTextCache(model.text))
+    return weights.detach().float().cpu().numpy()
+
+
+def check_same_width(features: np.ndarray, text_embeddings: np.ndarray) -> None:
+    """Image features and text embeddings must come from the same model (external features cannot)."""
+    if features.ndim != 2 or features.shape[1] != text_embeddings.shape[1]:
+        raise DataError(
+            f"image features of shape {tuple(features.shape)} do not match the text embedding width "
+            f"{text_embeddings.shape[1]}; text-based tasks need features from this model's own image tower"
+        )
+
+
+def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """logit_scale x cosine of normalised `features` [N, D] against normalised `weights` [C, D].
+
+    The one zero-shot scoring of hemaclip: training-time validation, `evaluate`, `describe` and
+    robustness all read classes and attributes through it, so they agree on every prediction.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    check_same_width(features, weights)
+    with torch.no_grad():
+        scale = np.float32(float(model.get_logit_scale()))
+    out = np.empty((len(features), len(weights)), dtype=np.float32)
+    for start in range(0, len(features), _CHUNK):
+        out[start : start + _CHUNK] = scale * (features[start : start + _CHUNK] @ weights.T)
+    return out
+
+
+def zero_shot_scores(
+    model: Any,
+    features: np.ndarray,
+    prompts: Mapping[str, Sequence[str]],
+    text_cache: PooledTextCache | None = None,
+) -> np.ndarray:
+    """Logits [N, C] (logit_scale x cosine with the prompt-ensemble classifier), columns in `prompts` order.
+
+    `features` must be L2-normalised image features of `model`.
+    """
+    return scores_against(model, features, class_embeddings(model, prompts, text_cache))

@@ -2,7 +2,7 @@
 
 Every function returns a dict with ``scores`` (float32, higher = better; cosine similarity of
 L2-normalised embeddings) and a boolean ``relevant`` of the same shape, ready for
-:func:`hemaclip.eval.retrieval.retrieval_metrics` / ``paired_recall_at_k`` (imported by callers, not
+:func:`hemaclip.metrics.retrieval.retrieval_metrics` / ``paired_recall_at_k`` (imported by callers, not
 here), plus ``n_relevant`` [Q] = how many gallery items are relevant to each query in the whole
 gallery.
 
@@ -11,7 +11,7 @@ they return full matrices. Image-to-image and paired image-text are N x N (20k i
 float32 scores alone), so they take ``k``: with ``k`` set, each query keeps only its top-``k``
 gallery items, computed in row chunks (about 4 M scores per chunk), and the result holds
 ``scores`` [Q, k] sorted best-first, ``indices`` [Q, k] (gallery positions) and ``relevant`` [Q, k].
-Ties are broken by lower gallery index, as in :mod:`hemaclip.eval.retrieval`, so hit@k,
+Ties are broken by lower gallery index, as in :mod:`hemaclip.metrics.retrieval`, so hit@k,
 precision@k and MRR@k computed on the top-k matrices equal those of the full matrix for any
 cut-off <= k. Recall@k is NOT (the top-k matrix does not see relevant items beyond k): compute it
 as ``relevant[:, :k].sum(1) / n_relevant``. ``k=None`` keeps the whole ranking (N x N memory).

@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from hemaclip.data.attributes import ATTRIBUTE_NAMES
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.corruptions import CORRUPTION_NAMES, SEVERITIES, corrupt_batch
 from hemaclip.data.datasets import CellRecord
 from hemaclip.data.stain import Normalizer, normalize_batch
 from hemaclip.errors import DataError
+from hemaclip.metrics.classification import macro_f1
 from hemaclip.models.inference import image_outputs, model_eval_transform
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import l2_normalize
@@ -71,11 +71,9 @@ class RobustnessConfig:
     metrics: tuple[str, ...] = field(default=METRICS)
 
 
-def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
-    """Macro F1 over the labels that occur in the truth or the predictions."""
-    if not len(y_true):
-        return float("nan")
-    return float(f1_score(list(y_true), list(y_pred), average="macro", zero_division=0))
+def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> float:
+    """hemaclip's macro F1 over `labels` (NaN for no images)."""
+    return macro_f1(y_true, y_pred, labels) if len(y_true) else float("nan")
 
 
 class _ModelScorer:
@@ -102,10 +100,10 @@ class _ModelScorer:
         out = image_outputs(self.model, images, batch_size=self.batch_size)
         features = out["features"].numpy()
         scores: dict[str, float] = {}
-        scores["zs_class"] = _macro_f1(labels, [self.classes[i] for i in np.argmax(features @ self.class_weights.T, axis=1)])
+        scores["zs_class"] = _macro_f1(labels, [self.classes[i] for i in np.argmax(features @ self.class_weights.T, axis=1)], self.classes)
         if out["class_logits"] is not None and self.head_cols is not None:
             logits = out["class_logits"].numpy()[:, self.head_cols]
-            scores["head_class"] = _macro_f1(labels, [self.classes[i] for i in np.argmax(logits, axis=1)])
+            scores["head_class"] = _macro_f1(labels, [self.classes[i] for i in np.argmax(logits, axis=1)], self.classes)
         rows = [i for i, a in enumerate(attributes) if a is not None]
         if rows:
             zs, head = [], []
@@ -113,11 +111,11 @@ class _ModelScorer:
                 truth = [attributes[i][name] for i in rows]
                 if name in self.attr_weights:
                     values, weights = self.attr_weights[name]
-                    zs.append(_macro_f1(truth, [values[j] for j in np.argmax(features[rows] @ weights.T, axis=1)]))
+                    zs.append(_macro_f1(truth, [values[j] for j in np.argmax(features[rows] @ weights.T, axis=1)], ATTRIBUTES[name]))
                 if out["attribute_logits"] is not None and name in out["attribute_logits"] and name in self.attr_vocab:
                     values = self.attr_vocab[name]
                     logits = out["attribute_logits"][name].numpy()[rows]
-                    head.append(_macro_f1(truth, [values[j] for j in np.argmax(logits, axis=1)]))
+                    head.append(_macro_f1(truth, [values[j] for j in np.argmax(logits, axis=1)], ATTRIBUTES[name]))
             if zs:
                 scores["zs_attr"] = float(np.mean(zs))
             if head:
@@ -146,8 +144,11 @@ def trunk_features(model: Any, images: np.ndarray, batch_size: int = 128) -> np.
 class _BaselineScorer:
     """The ImageNet-trunk logistic-probe baseline: fitted once on clean train images."""
 
-    def __init__(self, trunk_model: Any, train_images: np.ndarray, train_records: Sequence[CellRecord], batch_size: int) -> None:
+    def __init__(
+        self, trunk_model: Any, train_images: np.ndarray, train_records: Sequence[CellRecord], classes: Sequence[str], batch_size: int
+    ) -> None:
         self.model, self.batch_size = trunk_model, batch_size
+        self.classes = list(classes)
         self.train_x = l2_normalize(trunk_features(trunk_model, train_images, batch_size))
         self.train_labels = [r.label for r in train_records]
         self.train_attrs = [r.attributes for r in train_records]
@@ -170,11 +171,11 @@ class _BaselineScorer:
         results = []
         for k in range(len(feats)):
             lo, hi = sizes[k], sizes[k + 1]
-            scores = {"class": _macro_f1(labels, list(class_pred[lo:hi]))}
+            scores = {"class": _macro_f1(labels, list(class_pred[lo:hi]), self.classes)}
             rows = [i for i, a in enumerate(attributes) if a is not None]
             if rows and attr_preds:
                 scores["attr"] = float(np.mean([
-                    _macro_f1([attributes[i][name] for i in rows], [attr_preds[name][lo + i] for i in rows]) for name in ATTRIBUTE_NAMES
+                    _macro_f1([attributes[i][name] for i in rows], [attr_preds[name][lo + i] for i in rows], ATTRIBUTES[name]) for name in ATTRIBUTE_NAMES
                 ]))
             results.append(scores)
         return results
@@ -264,7 +265,8 @@ def run_robustness(
         if log:
             log("baseline: ImageNet trunk features of the clean train images")
         train_images, train_records = baseline_train
-        base = _BaselineScorer(baseline_model, normalize_batch(np.asarray(train_images), stain_normalizer), train_records, config.batch_size)
+        base = _BaselineScorer(baseline_model, normalize_batch(np.asarray(train_images), stain_normalizer), train_records, classes,
+                               config.batch_size)
     base_feats: list[np.ndarray] = []
     for name, severity in tqdm(conditions, desc="corruptions", unit="set", disable=not show):
         batch = np.asarray(images) if name == "clean" else corrupt_batch(images, name, severity, seed=config.seed)

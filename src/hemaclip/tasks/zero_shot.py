@@ -16,38 +16,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from hemaclip.errors import DataError
 from hemaclip.models.text_cache import PooledTextCache
-from hemaclip.models.zero_shot import build_zero_shot_classifier
+from hemaclip.models.zero_shot import check_same_width, class_embeddings, scores_against, zero_shot_scores
 from hemaclip.tasks.features import FeatureSet
 from hemaclip.text.prompts import PromptSet
 
-__all__ = ["class_embeddings", "zero_shot_attributes", "zero_shot_classes", "zero_shot_scores"]
-
-_CHUNK = 8192
+__all__ = [
+    "annotated_attributes",
+    "check_same_width",
+    "class_embeddings",
+    "scores_against",
+    "zero_shot_attributes",
+    "zero_shot_classes",
+    "zero_shot_scores",
+]
 
 
 def _text_cache(model: Any, text_cache: PooledTextCache | None) -> PooledTextCache:
     return text_cache if text_cache is not None else PooledTextCache(model.text)
-
-
-def class_embeddings(
-    model: Any, prompts: Mapping[str, Sequence[str]], text_cache: PooledTextCache | None = None
-) -> np.ndarray:
-    """Normalised prompt-ensemble embeddings [C, D] float32, one per key of `prompts`, in its order."""
-    weights = build_zero_shot_classifier(model, prompts, _text_cache(model, text_cache))
-    return weights.detach().float().cpu().numpy()
-
-
-def check_same_width(features: np.ndarray, text_embeddings: np.ndarray) -> None:
-    """Image features and text embeddings must come from the same model (external features cannot)."""
-    if features.ndim != 2 or features.shape[1] != text_embeddings.shape[1]:
-        raise DataError(
-            f"image features of shape {tuple(features.shape)} do not match the text embedding width "
-            f"{text_embeddings.shape[1]}; text-based tasks need features from this model's own image tower"
-        )
 
 
 def annotated_attributes(
@@ -61,35 +49,6 @@ def annotated_attributes(
         raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
     return table, names, keep
-
-
-def _logit_scale(model: Any) -> float:
-    with torch.no_grad():
-        return float(model.get_logit_scale())
-
-
-def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """logit_scale x cosine of normalised `features` [N, D] against normalised `weights` [C, D]."""
-    features = np.asarray(features, dtype=np.float32)
-    check_same_width(features, weights)
-    scale = np.float32(_logit_scale(model))
-    out = np.empty((len(features), len(weights)), dtype=np.float32)
-    for start in range(0, len(features), _CHUNK):
-        out[start : start + _CHUNK] = scale * (features[start : start + _CHUNK] @ weights.T)
-    return out
-
-
-def zero_shot_scores(
-    model: Any,
-    features: np.ndarray,
-    prompts: Mapping[str, Sequence[str]],
-    text_cache: PooledTextCache | None = None,
-) -> np.ndarray:
-    """Logits [N, C] (logit_scale x cosine with the prompt-ensemble classifier), columns in `prompts` order.
-
-    `features` must be L2-normalised image features of `model` (FeatureSet.features is).
-    """
-    return scores_against(model, features, class_embeddings(model, prompts, text_cache))
 
 
 def zero_shot_classes(

@@ -1,4 +1,8 @@
-"""Per-epoch validation: zero-shot class and attribute macro F1 through text, and the supervised heads."""
+"""Per-epoch validation: zero-shot class and attribute macro F1 through text, and the supervised heads.
+
+Macro F1 is hemaclip's one macro F1 (:mod:`hemaclip.metrics.classification`), so these numbers equal
+those `hemaclip evaluate` reports for the same split and checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
 from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.data.datasets import CellRecord
+from hemaclip.metrics.classification import macro_f1
 from hemaclip.models.inference import image_outputs
 from hemaclip.models.text_cache import PooledTextCache
-from hemaclip.models.zero_shot import build_zero_shot_classifier
+from hemaclip.models.zero_shot import zero_shot_scores
 from hemaclip.text.prompts import PromptSet
-
-
-def _macro_f1(truth: Sequence[int], predicted: Sequence[int], labels: Sequence[int]) -> float:
-    return float(f1_score(truth, predicted, labels=list(labels), average="macro", zero_division=0))
 
 
 @torch.no_grad()
@@ -33,31 +33,29 @@ def validate(
 ) -> dict[str, float]:
     """Metrics on validation images (uint8 [N, H, W, 3]) with their records, named `val_*`."""
     outputs = image_outputs(model, images, device=device)
-    features = outputs["features"].to(device)
+    features = outputs["features"].numpy().astype(np.float32, copy=False)
     metrics: dict[str, float] = {}
     class_prompts = prompts.class_prompts(dataset)
     truth = [classes.index(r.label) for r in records]
-    weights = build_zero_shot_classifier(model, {c: class_prompts[c] for c in classes}, text_cache)
-    predicted = (features @ weights.T).argmax(dim=1).cpu().tolist()
-    metrics["val_zs_class_macro_f1"] = _macro_f1(truth, predicted, range(len(classes)))
+    predicted = zero_shot_scores(model, features, {c: class_prompts[c] for c in classes}, text_cache).argmax(axis=1)
+    metrics["val_zs_class_macro_f1"] = macro_f1(truth, predicted, len(classes))
     if outputs["class_logits"] is not None:
         model_index = [model.class_names.index(c) if c in model.class_names else -1 for c in classes]
         if all(i >= 0 for i in model_index):
             head = outputs["class_logits"][:, model_index].argmax(dim=1).tolist()
-            metrics["val_head_class_macro_f1"] = _macro_f1(truth, head, range(len(classes)))
+            metrics["val_head_class_macro_f1"] = macro_f1(truth, head, len(classes))
     annotated = [i for i, r in enumerate(records) if r.attributes]
     if annotated:
         zs_scores, head_scores = [], []
         attribute_prompts = prompts.attribute_prompts()
         for name, values in ATTRIBUTES.items():
             truth_a = [values.index(records[i].attributes[name]) for i in annotated]
-            weights = build_zero_shot_classifier(model, {v: attribute_prompts[name][v] for v in values}, text_cache)
-            zs = (features[annotated] @ weights.T).argmax(dim=1).cpu().tolist()
-            zs_scores.append(_macro_f1(truth_a, zs, range(len(values))))
+            zs = zero_shot_scores(model, features[annotated], {v: attribute_prompts[name][v] for v in values}, text_cache).argmax(axis=1)
+            zs_scores.append(macro_f1(truth_a, zs, len(values)))
             metrics[f"val_zs_attr_{name}"] = zs_scores[-1]
             if outputs["attribute_logits"] is not None:
                 head = outputs["attribute_logits"][name][annotated].argmax(dim=1).tolist()
-                head_scores.append(_macro_f1(truth_a, head, range(len(values))))
+                head_scores.append(macro_f1(truth_a, head, len(values)))
         metrics["val_zs_attr_macro_f1"] = float(np.mean(zs_scores))
         if head_scores:
             metrics["val_head_attr_macro_f1"] = float(np.mean(head_scores))

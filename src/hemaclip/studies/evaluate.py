@@ -2,7 +2,7 @@
 
 :func:`run_evaluation` is the whole protocol behind ``hemaclip evaluate``. It writes
 ``metrics.json``, ``report.md``, ``report.html`` and PNG figures into `out` (via
-:func:`hemaclip.eval.report.write_report`) and returns the metrics dictionary. Parts:
+:func:`hemaclip.studies.report.write_report`) and returns the metrics dictionary. Parts:
 
 * **Zero-shot classes** (prompt ensembles of the prompt set's classes for the dataset; the model's
   own class vocabulary plays no role): accuracy, balanced accuracy, macro and weighted F1, each
@@ -19,7 +19,7 @@
   accuracy at coverage 0.5 ... 1.0.
 * **Faithfulness** of the sentences ``hemaclip describe`` writes (when the images carry attributes):
   statement agreement with the annotation and coverage, beside the two WBCAtt annotators' agreement,
-  a threshold sweep, and the textbook test on misclassified cells (:mod:`hemaclip.eval.faithfulness`).
+  a threshold sweep, and the textbook test on misclassified cells (:mod:`hemaclip.studies.faithfulness`).
 * **Retrieval**, both directions, where any relevant item counts: text->image and image->text by
   class and by attribute value, image->image by class and by the full attribute profile;
   Hit@k, Precision@k, MRR@k and Recall@k for k = 1, 3, 5, 10; a retrieval grid figure.
@@ -67,12 +67,12 @@ from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import display_path
-from hemaclip.eval import calibration as cal
-from hemaclip.eval import plots
-from hemaclip.eval.metrics import attribute_table, classification_report_dict, macro_f1, row_normalize
-from hemaclip.eval.report import Section, Table, write_report
-from hemaclip.eval.retrieval import paired_recall_at_k, retrieval_metrics
-from hemaclip.eval.statistics import bootstrap_ci, bootstrap_macro_f1
+from hemaclip.metrics import calibration as cal
+from hemaclip.metrics.classification import attribute_table, macro_f1
+from hemaclip.metrics.retrieval import paired_recall_at_k, retrieval_metrics
+from hemaclip.metrics.summary import classification_metrics
+from hemaclip.studies import plots
+from hemaclip.studies.report import Section, Table, write_report
 
 __all__ = [
     "DEFAULT_MAP_ATTRIBUTE",
@@ -95,118 +95,6 @@ EMBED_MAX_POINTS = 3000
 DEFAULT_MAP_ATTRIBUTE = "nucleus_shape"
 LVLM_FEW_SHOT = 5
 EVAL_SPLITS: tuple[str, ...] = (*SPLIT_NAMES, "all")
-CLASS_CIS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
-
-
-# --------------------------------------------------------------------------------------------- #
-# metrics with bootstrap intervals
-# --------------------------------------------------------------------------------------------- #
-
-
-def _counts(t: np.ndarray, p: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    support = np.bincount(t, minlength=n)
-    predicted = np.bincount(p, minlength=n)
-    tp = np.bincount(t[t == p], minlength=n)
-    return support, predicted, tp
-
-
-def _accuracy_fn(t: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean(t == p))
-
-
-def _balanced_accuracy_fn(n: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    def fn(t: np.ndarray, p: np.ndarray) -> float:
-        support, _, tp = _counts(t, p, n)
-        has = support > 0
-        return float(np.mean(tp[has] / support[has]))
-
-    return fn
-
-
-def _f1_per_class(t: np.ndarray, p: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    support, predicted, tp = _counts(t, p, n)
-    denom = support + predicted
-    f1 = np.zeros(n)
-    np.divide(2.0 * tp, denom, out=f1, where=denom > 0)
-    return f1, support
-
-
-def _weighted_f1_fn(n: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    def fn(t: np.ndarray, p: np.ndarray) -> float:
-        f1, support = _f1_per_class(t, p, n)
-        return float(np.sum(f1 * support) / max(1, support.sum()))
-
-    return fn
-
-
-def _point_only(value: float) -> dict[str, Any]:
-    return {"point": float(value), "low": None, "high": None, "n_resamples": 0}
-
-
-def _metric_ci(name: str, t: np.ndarray, p: np.ndarray, n: int, n_boot: int, seed: int) -> dict[str, Any]:
-    fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-        "accuracy": _accuracy_fn,
-        "balanced_accuracy": _balanced_accuracy_fn(n),
-        "weighted_f1": _weighted_f1_fn(n),
-        "macro_f1": lambda a, b: macro_f1(a, b, n),
-    }
-    if n_boot < 1:
-        return _point_only(fns[name](t, p))
-    if name == "macro_f1":
-        return bootstrap_macro_f1(t, p, n, n_resamples=n_boot, seed=seed)
-    return bootstrap_ci(fns[name], t, p, n_resamples=n_boot, seed=seed)
-
-
-def _encode(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Integer-code labels over the labels (in `labels` order) that occur in truth or predictions."""
-    present = set(y_true) | set(y_pred)
-    extra = sorted(present - set(labels))
-    used = [c for c in labels if c in present] + extra
-    index = {c: i for i, c in enumerate(used)}
-    t = np.array([index[y] for y in y_true], dtype=np.int64)
-    p = np.array([index[y] for y in y_pred], dtype=np.int64)
-    return t, p, used
-
-
-def classification_metrics(
-    y_true: Sequence[str],
-    y_pred: Sequence[str],
-    labels: Sequence[str],
-    n_boot: int = 2000,
-    seed: int = 0,
-    cis: Sequence[str] = CLASS_CIS,
-) -> dict[str, Any]:
-    """Metrics of one classification task on label names, with bootstrap intervals for `cis`.
-
-    ``accuracy``, ``balanced_accuracy``, ``macro_f1`` and ``weighted_f1`` are dicts (``point``,
-    ``low``, ``high``, ... as :func:`hemaclip.eval.statistics.bootstrap_ci` returns; ``low``/``high``
-    are None for metrics not in `cis` or with ``n_boot=0``). Averages are over
-    ``labels_evaluated`` (labels in the truth or the predictions); ``per_class`` covers those,
-    the confusion matrices cover all `labels` (plus any unexpected predicted label).
-    """
-    y_true, y_pred = [str(y) for y in y_true], [str(y) for y in y_pred]
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
-    if not y_true:
-        raise DataError("no images to compute metrics on")
-    t, p, used = _encode(y_true, y_pred, labels)
-    n = len(used)
-    report = classification_report_dict(t, p, used)
-    out: dict[str, Any] = {"n": report["n"], "labels": list(labels), "labels_evaluated": used}
-    for name in CLASS_CIS:
-        if name in cis:
-            out[name] = _metric_ci(name, t, p, n, n_boot, seed)
-        else:
-            out[name] = _point_only(report[name])
-    out["per_class"] = report["per_class"]
-    full = list(labels) + [c for c in used if c not in set(labels)]
-    index = {c: i for i, c in enumerate(full)}
-    cm = np.zeros((len(full), len(full)), dtype=np.int64)
-    np.add.at(cm, (np.array([index[y] for y in y_true]), np.array([index[y] for y in y_pred])), 1)
-    out["confusion_labels"] = full
-    out["confusion_matrix"] = cm.tolist()
-    out["confusion_matrix_normalized"] = row_normalize(cm).tolist()
-    return out
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -661,9 +549,9 @@ def _calibration_part(ctx: _Context) -> None:
     ctx.metrics["calibration"] = result
     ctx.metrics["temperature_fitted_on"] = fitted_on
     figs = [
-        (cal.plot_reliability(bins_before, _figure(ctx.out, "reliability_before.png", ctx.figures),
+        (plots.plot_reliability(bins_before, _figure(ctx.out, "reliability_before.png", ctx.figures),
                               title="Zero-shot reliability, T = 1"), "Reliability diagram before temperature scaling."),
-        (cal.plot_reliability(bins_after, _figure(ctx.out, "reliability_after.png", ctx.figures),
+        (plots.plot_reliability(bins_after, _figure(ctx.out, "reliability_after.png", ctx.figures),
                               title=f"Zero-shot reliability, T = {temperature:.3g}"),
          f"Reliability diagram after temperature scaling (T = {temperature:.3g}, fitted on {fitted_on or 'nothing'})."),
         (plots.plot_selective_accuracy(sel_cal["coverage"], {"T = 1": sel_raw["accuracy"],
@@ -692,8 +580,8 @@ def _calibration_part(ctx: _Context) -> None:
 
 
 def _faithfulness_part(ctx: _Context) -> None:
-    """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip.eval.faithfulness`."""
-    from hemaclip.eval import faithfulness as fa
+    """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip.studies.faithfulness`."""
+    from hemaclip.studies import faithfulness as fa
     from hemaclip.tasks.describe import DEFAULTS, statements_for_rows
 
     fs = ctx.eval_fs
@@ -957,8 +845,7 @@ def _nshot_part(ctx: _Context) -> None:
     for (kind, shots), group in grouped.items():
         values = []
         for r in group:
-            t, p, used = _encode(r["y_true"], r["y_pred"], r["classes"])
-            values.append(macro_f1(t, p, len(used)))
+            values.append(macro_f1(r["y_true"], r["y_pred"], r["classes"]))
         summary.append({
             "kind": kind,
             "shots": int(shots),
@@ -1006,8 +893,7 @@ def _attribute_probe_part(ctx: _Context) -> None:
         blocks[name] = _attribute_block(result["y_true"], result["y_pred"], list(values), ctx.n_boot, ctx.seed)
         for row in nshot_curve(ctx.train_fs, ctx.eval_fs, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=ctx.nshot_seeds,
                                kinds=("logistic",), label_fn=attribute_labels(name)):
-            t, p, used = _encode(row["y_true"], row["y_pred"], list(values))
-            curves.setdefault(int(row["shots"]), []).append(macro_f1(t, p, len(used)))
+            curves.setdefault(int(row["shots"]), []).append(macro_f1(row["y_true"], row["y_pred"], list(values)))
     table_rows, mean = _attribute_summary(blocks)
     n_seeds = len(ctx.nshot_seeds)
     summary = []

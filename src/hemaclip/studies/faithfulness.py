@@ -28,7 +28,8 @@ import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES, validate_attributes
 from hemaclip.errors import DataError
-from hemaclip.eval.statistics import bootstrap_ci
+from hemaclip.metrics.classification import macro_f1
+from hemaclip.metrics.statistics import bootstrap_ci
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -164,19 +165,12 @@ def textbook_test(
     }
 
 
-def _macro_f1(a: Sequence[str], b: Sequence[str]) -> float:
-    from sklearn.metrics import f1_score
-
-    labels = sorted(set(a) | set(b))
-    return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
-
-
 def annotator_agreement(data_root: str | Path | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The human ceiling: WBCAtt's second annotation of 1,000 images against the published one.
 
     Statement agreement counts all 11 statements per image (coverage 1), with a bootstrap interval
     over images; ``mean_macro_f1`` averages over attributes the macro F1 of annotator 2 against the
-    published labels (values occurring in either). Raises DataError if the files are missing.
+    published labels (hemaclip's macro F1, the published labels as truth). Raises DataError if the files are missing.
     """
     from hemaclip.data.datasets import WBCATT_CSV, WBCATT_DIR, read_csv_rows
     from hemaclip.data.paths import resolve_data_root
@@ -202,7 +196,7 @@ def annotator_agreement(data_root: str | Path | None = None, n_boot: int = 2000,
     if not second:
         raise DataError(f"{path}: no re-annotated image is in the published WBCAtt splits")
     result = statement_agreement(second, first, n_boot=n_boot, seed=seed)
-    per_f1 = {n: _macro_f1([f[n] for f in first], [s[n] for s in second]) for n in ATTRIBUTE_NAMES}
+    per_f1 = {n: macro_f1([f[n] for f in first], [s[n] for s in second], ATTRIBUTES[n]) for n in ATTRIBUTE_NAMES}
     return {
         "source": f"{WBCATT_DIR}/{REANNOTATION_CSV} (under the data root)",
         "n_images": len(second),

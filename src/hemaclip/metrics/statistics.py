@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hemaclip.eval.metrics import check_label_pair, macro_f1
+from hemaclip.metrics.classification import LabelSet, encode_labels, macro_f1_codes
 
 __all__ = [
     "bootstrap_ci",
@@ -142,24 +142,31 @@ def bootstrap_ci(
 def _macro_f1_stat(t: np.ndarray, preds: list[np.ndarray], n_classes: int) -> Callable[[np.ndarray], list[np.ndarray]]:
     """Vectorised macro F1 per resample: per-class counts via one ``bincount`` over all rows.
 
-    F1_c = 2 TP_c / (true_c + pred_c), and 0 where both counts are 0 (sklearn's zero_division=0).
+    F1_c = 2 TP_c / (true_c + pred_c), averaged over the classes present in the resample's truth
+    (hemaclip's convention, :data:`hemaclip.metrics.classification.MACRO_F1_CONVENTION`); a
+    prediction coded ``n_classes`` (outside the label set) is wrong and belongs to no class.
     """
+    width = n_classes + 1  # one spare column per row for predictions outside the label set
 
     def stat(idx: np.ndarray) -> list[np.ndarray]:
         b = idx.shape[0]
-        size = b * n_classes
-        offset = (np.arange(b, dtype=np.int64) * n_classes)[:, None]
+        size = b * width
+        offset = (np.arange(b, dtype=np.int64) * width)[:, None]
         tt = t[idx] + offset
-        true_c = np.bincount(tt.ravel(), minlength=size).reshape(b, n_classes)
+        true_c = np.bincount(tt.ravel(), minlength=size).reshape(b, width)[:, :n_classes]
+        present = true_c > 0
         out = []
         for p in preds:
             pp = p[idx] + offset
-            pred_c = np.bincount(pp.ravel(), minlength=size).reshape(b, n_classes)
-            tp = np.bincount(tt[tt == pp], minlength=size).reshape(b, n_classes)
+            pred_c = np.bincount(pp.ravel(), minlength=size).reshape(b, width)[:, :n_classes]
+            tp = np.bincount(tt[tt == pp], minlength=size).reshape(b, width)[:, :n_classes]
             denom = true_c + pred_c
             f1 = np.zeros((b, n_classes), dtype=np.float64)
             np.divide(2.0 * tp, denom, out=f1, where=denom > 0)
-            out.append(f1.mean(axis=1))
+            if present.all():
+                out.append(f1.mean(axis=1))
+            else:
+                out.append(np.where(present, f1, 0.0).sum(axis=1) / present.sum(axis=1))
         return out
 
     return stat
@@ -168,21 +175,22 @@ def _macro_f1_stat(t: np.ndarray, preds: list[np.ndarray], n_classes: int) -> Ca
 def bootstrap_macro_f1(
     y_true: Any,
     y_pred: Any,
-    n_classes: int,
+    labels: LabelSet,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int | None = 0,
     stratified: bool = True,
 ) -> dict[str, Any]:
-    """Fast path of ``bootstrap_ci(macro_f1, ...)`` for integer labels (same resamples, same result).
+    """Fast path of ``bootstrap_ci(macro_f1, ...)`` (same resamples, same result).
 
-    Macro F1 is averaged over all `n_classes` classes, like :func:`hemaclip.eval.metrics.macro_f1`.
+    `labels` is the task's label set (names, or an int n for codes ``0 .. n-1``); macro F1 is
+    :func:`hemaclip.metrics.classification.macro_f1`, computed on each resample.
     """
     _check_common(n_resamples, confidence)
-    t, p = check_label_pair(y_true, y_pred, n_classes)
-    stat = _macro_f1_stat(t, [p], n_classes)
+    t, p, n = encode_labels(y_true, y_pred, labels)
+    stat = _macro_f1_stat(t, [p], n)
     dist = _distribution(t, n_resamples, seed, stratified, lambda idx: stat(idx)[0])
-    return _ci_result(macro_f1(t, p, n_classes), dist, confidence, stratified)
+    return _ci_result(macro_f1_codes(t, p, n), dist, confidence, stratified)
 
 
 def _paired_result(
@@ -244,16 +252,17 @@ def paired_bootstrap_macro_f1(
     y_true: Any,
     pred_a: Any,
     pred_b: Any,
-    n_classes: int,
+    labels: LabelSet,
     n_resamples: int = 2000,
     seed: int | None = 0,
     confidence: float = 0.95,
     stratified: bool = True,
 ) -> dict[str, Any]:
-    """Fast path of ``paired_bootstrap_test(macro_f1, ...)`` for integer labels (same result)."""
+    """Fast path of ``paired_bootstrap_test(macro_f1, ...)`` (same result); `labels` as in
+    :func:`bootstrap_macro_f1`."""
     _check_common(n_resamples, confidence)
-    t, a = check_label_pair(y_true, pred_a, n_classes)
-    _, b = check_label_pair(y_true, pred_b, n_classes)
+    t, a, n_classes = encode_labels(y_true, pred_a, labels)
+    _, b, _ = encode_labels(y_true, pred_b, labels)
     stat = _macro_f1_stat(t, [a, b], n_classes)
 
     def diff(idx: np.ndarray) -> np.ndarray:
@@ -261,4 +270,4 @@ def paired_bootstrap_macro_f1(
         return fa - fb
 
     diffs = _distribution(t, n_resamples, seed, stratified, diff)
-    return _paired_result(macro_f1(t, a, n_classes), macro_f1(t, b, n_classes), diffs, confidence, stratified)
+    return _paired_result(macro_f1_codes(t, a, n_classes), macro_f1_codes(t, b, n_classes), diffs, confidence, stratified)

@@ -11,17 +11,17 @@ import pytest
 from scipy.stats import pointbiserialr
 from sklearn.metrics import roc_auc_score
 
-from hemaclip.eval.calibration import (
+from hemaclip.metrics.calibration import (
     confidence_auroc,
     confidence_correctness_correlation,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
-    plot_reliability,
     reliability_bins,
     selective_accuracy,
     softmax,
 )
+from hemaclip.studies.plots import plot_reliability
 
 
 def calibrated_probs(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

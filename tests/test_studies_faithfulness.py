@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
-from hemaclip.eval.faithfulness import (
+from hemaclip.studies.faithfulness import (
     annotator_agreement,
     statement_agreement,
     textbook_attributes,

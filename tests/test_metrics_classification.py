@@ -1,4 +1,4 @@
-"""Classification metrics agree with scikit-learn and hand counts, including empty classes."""
+"""Classification metrics agree with scikit-learn and hand counts; hemaclip's one macro F1 convention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from hemaclip.eval.metrics import (
+from hemaclip.metrics.classification import (
     attribute_table,
     classification_report_dict,
     format_attribute_table,
@@ -28,7 +28,8 @@ def test_report_matches_sklearn_and_hand_counts() -> None:
     assert rep["accuracy"] == pytest.approx(accuracy_score(Y_TRUE, Y_PRED)) == pytest.approx(0.7)
     assert rep["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(Y_TRUE, Y_PRED))
     labels = [0, 1, 2, 3]
-    assert rep["macro_f1"] == pytest.approx(f1_score(Y_TRUE, Y_PRED, labels=labels, average="macro", zero_division=0))
+    # Macro F1 averages the classes that occur in the truth (here 0, 1, 2), not the empty eosinophil.
+    assert rep["macro_f1"] == pytest.approx(f1_score(Y_TRUE, Y_PRED, labels=[0, 1, 2], average="macro", zero_division=0))
     assert rep["weighted_f1"] == pytest.approx(
         f1_score(Y_TRUE, Y_PRED, labels=labels, average="weighted", zero_division=0)
     )
@@ -38,9 +39,9 @@ def test_report_matches_sklearn_and_hand_counts() -> None:
     lym = rep["per_class"]["lymphocyte"]
     assert lym["precision"] == pytest.approx(0.5) and lym["recall"] == 1.0 and lym["support"] == 2
     assert rep["per_class"]["eosinophil"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    # Macro F1 averages over all 4 classes, the empty one counting 0.
-    f1s = [rep["per_class"][n]["f1"] for n in LABELS]
-    assert rep["macro_f1"] == pytest.approx(sum(f1s) / 4)
+    # Macro F1 averages over the 3 classes with images; the empty one is not a zero in the mean.
+    f1s = [rep["per_class"][n]["f1"] for n in LABELS[:3]]
+    assert rep["macro_f1"] == pytest.approx(sum(f1s) / 3)
     assert rep["confusion_matrix"] == [[3, 1, 0, 0], [0, 2, 0, 0], [1, 1, 2, 0], [0, 0, 0, 0]]
 
 
@@ -63,13 +64,39 @@ def test_balanced_accuracy_ignores_classes_without_support() -> None:
     assert rep["per_class"]["c"]["precision"] == 0.0 and rep["per_class"]["c"]["support"] == 0
 
 
-def test_macro_f1_counts_absent_classes_as_zero() -> None:
+def test_macro_f1_averages_the_label_set_classes_present_in_the_truth() -> None:
     t = np.array([0, 0, 1, 1])
     assert macro_f1(t, t, 2) == 1.0
-    assert macro_f1(t, t, 3) == pytest.approx(2 / 3)
+    # A class of the label set that no image has is left out of the mean ...
+    assert macro_f1(t, t, 3) == 1.0
+    # ... also when it is predicted: the false prediction lowers the recall of the true class only.
+    p = np.array([0, 2, 1, 1])
+    assert macro_f1(t, p, 3) == pytest.approx(f1_score(t, p, labels=[0, 1], average="macro", zero_division=0))
     assert macro_f1(Y_TRUE, Y_PRED, 4) == pytest.approx(
-        f1_score(Y_TRUE, Y_PRED, labels=range(4), average="macro", zero_division=0)
+        f1_score(Y_TRUE, Y_PRED, labels=range(3), average="macro", zero_division=0)
     )
+
+
+def test_macro_f1_on_names_with_a_prediction_outside_the_label_set() -> None:
+    labels = ["big", "small"]
+    truth = ["big", "big", "small", "small"]
+    assert macro_f1(truth, ["big", "big", "small", "small"], labels) == 1.0
+    # "huge" is no class: it is an error for the big cell, nothing more (recall of big 1/2).
+    expected = np.mean([2 * 1 / (2 + 1), 1.0])
+    assert macro_f1(truth, ["big", "huge", "small", "small"], labels) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not in the label set"):
+        macro_f1(["big", "tiny"], ["big", "big"], labels)
+
+
+def test_one_convention_whoever_asks() -> None:
+    """Integer codes with n, names with their list, and the bootstrap's point estimate agree."""
+    from hemaclip.metrics.statistics import bootstrap_macro_f1
+
+    names = [LABELS[i] for i in Y_TRUE], [LABELS[i] for i in Y_PRED]
+    by_code = macro_f1(Y_TRUE, Y_PRED, 4)
+    assert macro_f1(*names, LABELS) == by_code
+    assert bootstrap_macro_f1(Y_TRUE, Y_PRED, 4, n_resamples=20)["point"] == by_code
+    assert bootstrap_macro_f1(*names, LABELS, n_resamples=20)["point"] == by_code
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.eval.compare import parse_system, run_compare
-from hemaclip.eval.evaluate import load_class_map, resolve_class_map, run_evaluation
+from hemaclip.studies.compare import parse_system, run_compare
+from hemaclip.studies.evaluate import load_class_map, resolve_class_map, run_evaluation
 
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 PER_CLASS = 5
@@ -240,3 +240,26 @@ def test_external_features_and_their_comparison(tmp_path):
     assert same["comparisons"]["logistic_probe_macro_f1"]["difference"] == 0.0
     assert same["comparisons"]["logistic_probe_macro_f1"]["p_value"] == 1.0
     assert "zero_shot_class_macro_f1" in same["skipped"]
+
+
+@pytest.mark.slow
+def test_training_validation_f1_equals_evaluate_f1(data_root, tmp_path):
+    """One macro F1: the validation numbers a training run logs equal what `hemaclip evaluate` reports
+    for the same split (WBCAtt val, every image) and the same checkpoint (the run's last.pt)."""
+    from hemaclip.train.config import load_train_config
+    from hemaclip.train.trainer import train
+
+    run = tmp_path / "run"
+    config = load_train_config("tiny", {"epochs": 1, "max_train_images": 48, "max_val_images": None})
+    train(config, run, data_root=data_root, progress=False)
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = run_evaluation(run / "last.pt", "wbcatt", "val", tmp_path / "eval", data_root=data_root, n_boot=0,
+                             probes=False, nshot=False, embed_method="pca")
+    assert metrics["n_images"] == 1030
+    zs, heads = metrics["zero_shot"], metrics["heads"]
+    assert logged["val_zs_class_macro_f1"] == zs["classes"]["macro_f1"]["point"]
+    assert logged["val_head_class_macro_f1"] == heads["class"]["macro_f1"]["point"]
+    assert logged["val_zs_attr_macro_f1"] == zs["attribute_mean_macro_f1"]
+    assert logged["val_head_attr_macro_f1"] == heads["attribute_mean_macro_f1"]
+    for name, block in zs["attributes"].items():
+        assert logged[f"val_zs_attr_{name}"] == block["macro_f1"]["point"], name

@@ -36,122 +36,13 @@ import numpy as np
 from hemaclip.data.datasets import CellRecord
 from hemaclip.errors import HemaclipError
 from hemaclip.io import display_path
+from hemaclip.metrics.generative import PR_K, fid, kid, nearest_real, precision_recall
 
-__all__ = [
-    "fid",
-    "kid",
-    "precision_recall",
-    "nearest_real",
-    "evaluate_synthesis",
-]
+__all__ = ["evaluate_synthesis", "utility_arms"]
 
-KID_SUBSETS = 100
-KID_SUBSET_SIZE = 1000
-PR_K = 3
 N_RESAMPLES = 2000
 EMBED_SIZE = 64  # images are compared at the GAN's resolution; the encoder upsamples to its input
 GRID_COLS = 8
-
-
-# ------------------------------------------------------------------------------------------------
-# Distribution distances
-# ------------------------------------------------------------------------------------------------
-
-
-def _as_features(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 2 or len(arr) < 2:
-        raise ValueError(f"{name} must be [N >= 2, D] features, got shape {arr.shape}")
-    return arr
-
-
-def fid(a: Any, b: Any) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets `a` [N, D] and `b` [M, D].
-
-    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}). The last trace is computed as
-    the sum of square roots of the eigenvalues of the symmetric PSD matrix S_a^{1/2} S_b S_a^{1/2}
-    (same eigenvalues as S_a S_b), which is fast and stable when the covariances are singular
-    (fewer samples than dimensions, as in small per-class sets).
-    """
-    a, b = _as_features(a, "a"), _as_features(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    middle = root_a @ s_b @ root_a
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2.0)
-    trace_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
-    value = float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2.0 * trace_sqrt)
-    return max(value, 0.0)
-
-
-def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
-    m, n = len(kxx), len(kyy)
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2.0 * kxy.mean()
-    )
-
-
-def kid(a: Any, b: Any, n_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict[str, float]:
-    """Kernel Inception Distance in this feature space: mean and std of the unbiased MMD^2 over subsets.
-
-    Kernel k(x, y) = (x.y / D + 1)^3. Each subset draws min(subset_size, N, M) items of each set
-    without replacement (seeded). Unlike FID it is unbiased, so small per-class sets are not
-    penalised; it can be slightly negative. The three kernel matrices are computed once and
-    indexed per subset.
-    """
-    a, b = _as_features(a, "a"), _as_features(b, "b")
-    rng = np.random.default_rng(seed)
-    size = min(subset_size, len(a), len(b))
-    d = a.shape[1]
-    kaa = (a @ a.T / d + 1.0) ** 3
-    kbb = (b @ b.T / d + 1.0) ** 3
-    kab = (a @ b.T / d + 1.0) ** 3
-    values = []
-    for _ in range(n_subsets):
-        i = rng.choice(len(a), size, replace=False)
-        j = rng.choice(len(b), size, replace=False)
-        values.append(_mmd2_unbiased(kaa[np.ix_(i, i)], kbb[np.ix_(j, j)], kab[np.ix_(i, j)]))
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "subset_size": int(size), "subsets": int(n_subsets)}
-
-
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances [len(a), len(b)] (float64, clipped at 0 before the root)."""
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0.0))
-
-
-def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = _pairwise(x, x)
-    np.fill_diagonal(d, np.inf)
-    return np.partition(d, k - 1, axis=1)[:, k - 1]
-
-
-def precision_recall(real: Any, fake: Any, k: int = PR_K) -> dict[str, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii (default k = 3)."""
-    real, fake = _as_features(real, "real"), _as_features(fake, "fake")
-    if k < 1 or k >= min(len(real), len(fake)):
-        raise ValueError(f"k must be in [1, {min(len(real), len(fake)) - 1}], got {k}")
-    r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
-    d = _pairwise(fake, real)  # [fake, real]
-    precision = float(np.mean((d <= r_real[None, :]).any(axis=1)))
-    recall = float(np.mean((d.T <= r_fake[None, :]).any(axis=1)))
-    return {"precision": precision, "recall": recall, "k": int(k)}
-
-
-def nearest_real(queries: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row: (Euclidean distance to, index of) its nearest reference row."""
-    q, r = _as_features(queries, "queries"), _as_features(reference, "reference")
-    dist = np.empty(len(q))
-    index = np.empty(len(q), dtype=np.int64)
-    block = max(1, 2_000_000 // max(len(r), 1))
-    for start in range(0, len(q), block):
-        d = _pairwise(q[start : start + block], r)
-        index[start : start + block] = d.argmin(1)
-        dist[start : start + block] = d[np.arange(len(d)), index[start : start + block]]
-    return dist, index
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +142,7 @@ def utility_arms(
 
 
 def _plot_distance_histograms(out: Path, series: Mapping[str, np.ndarray], title: str) -> Path:
-    from hemaclip.eval.plots import _new_figure, _save
+    from hemaclip.studies.plots import _new_figure, _save
 
     fig = _new_figure(6.5, 3.6)
     ax = fig.add_subplot(1, 1, 1)
@@ -267,7 +158,7 @@ def _plot_distance_histograms(out: Path, series: Mapping[str, np.ndarray], title
 
 
 def _plot_pairs(out: Path, generated: np.ndarray, real: np.ndarray, distances: np.ndarray, labels: Sequence[str]) -> Path:
-    from hemaclip.eval.plots import _new_figure, _save
+    from hemaclip.studies.plots import _new_figure, _save
 
     n = len(generated)
     fig = _new_figure(1.3 * n, 3.0)
@@ -343,7 +234,7 @@ def evaluate_synthesis(
 ) -> dict[str, Path]:
     """Run all three axes and write ``report.md``, ``report.html``, ``metrics.json`` and figures to `out`."""
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.eval.report import Section, Table, write_report
+    from hemaclip.studies.report import Section, Table, write_report
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.gan import load_generator
@@ -491,8 +382,9 @@ def _utility(
     utility_checkpoint: Path, dataset: str, classes: list[str], train_recs: list[CellRecord], train_f: np.ndarray, y_train: np.ndarray,
     test_f: np.ndarray, y_test: np.ndarray, model: Any, seeds: int, out: Path, show: bool, data_root: Path | None,
 ) -> tuple[dict[str, Any], list[Any]]:
-    from hemaclip.eval.report import Section, Table
-    from hemaclip.eval.statistics import bootstrap_macro_f1, paired_bootstrap_macro_f1
+    from hemaclip.studies.report import Section, Table
+    from hemaclip.metrics.classification import class_f1
+    from hemaclip.metrics.statistics import bootstrap_macro_f1, paired_bootstrap_macro_f1
     from hemaclip.models.gan import load_generator
     from hemaclip.tasks.synthesis import image_grid, reduce_records, sample_images, write_png
 
@@ -555,7 +447,7 @@ def _utility(
         arm_rows = {}
         for arm, plist in per_seed.items():
             f1s = [bootstrap_macro_f1(y_test, p, len(classes), n_resamples=N_RESAMPLES, seed=0) for p in plist]
-            rare_f1 = {classes[r]: [float(_class_f1(y_test, p, r)) for p in plist] for r in rare}
+            rare_f1 = {classes[r]: [float(class_f1(y_test, p, r)) for p in plist] for r in rare}
             arm_rows[arm] = {
                 "macro_f1_seed0": f1s[0],
                 "macro_f1_per_seed": [f["point"] for f in f1s],
@@ -621,9 +513,3 @@ def _utility(
         figures=[(out / f"utility_grid_{classes[r]}.png", f"Utility GAN samples of '{classes[r]}'") for r in rare],
     ))
     return results, sections
-
-
-def _class_f1(y_true: np.ndarray, y_pred: np.ndarray, c: int) -> float:
-    tp = float(np.sum((y_true == c) & (y_pred == c)))
-    denom = float(np.sum(y_true == c) + np.sum(y_pred == c))
-    return 2 * tp / denom if denom else 0.0

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-import hemaclip.eval.retrieval as retrieval
-from hemaclip.eval.retrieval import paired_recall_at_k, relevance_from_labels, retrieval_metrics
+import hemaclip.metrics.retrieval as retrieval
+from hemaclip.metrics.retrieval import paired_recall_at_k, relevance_from_labels, retrieval_metrics
 
 # Query 0: ranking by score is g0 g2 g4 g3 g5 g1; relevant are g1, g2, g4 -> pattern F T T F F T.
 # Query 1: nothing relevant.

@@ -2,7 +2,7 @@
 
 :func:`run_compare` scores two systems on the *same* images of one dataset split and tests each
 difference with a paired, class-stratified percentile bootstrap
-(:func:`hemaclip.eval.statistics.paired_bootstrap_macro_f1` / ``paired_bootstrap_test``): both
+(:func:`hemaclip.metrics.statistics.paired_bootstrap_macro_f1` / ``paired_bootstrap_test``): both
 systems are re-scored on the same resampled images, so image difficulty cancels out. For each
 comparison it reports A's and B's macro F1, the difference A - B with its 95 % interval and a
 two-sided p-value (identical predictions give difference 0 and p = 1).
@@ -18,7 +18,8 @@ Comparisons made when both systems support them:
 * ``logistic_probe_macro_f1``: the logistic probe fitted on the train split (with `probes`).
 
 Images are paired by resolved file path; only images both systems have are used. Macro F1 is
-averaged over the labels occurring in the truth or in either system's predictions.
+hemaclip's one macro F1 (:data:`hemaclip.metrics.classification.MACRO_F1_CONVENTION`) over the
+task's label set: the prompt classes, the attribute's values, or the probes' classes.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ from typing import Any
 import numpy as np
 
 import hemaclip
-from hemaclip.data.attributes import ATTRIBUTE_NAMES
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.eval.evaluate import (
+from hemaclip.studies.evaluate import (
     _argmax_labels,
     _cap_feature_set,
     _check_split,
-    _f1_per_class,
     _head_class_predictions,
     _Log,
     _prompt_vocabularies,
@@ -46,8 +46,9 @@ from hemaclip.eval.evaluate import (
     _split_records,
     resolve_class_map,
 )
-from hemaclip.eval.report import Section, Table, write_report
-from hemaclip.eval.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
+from hemaclip.studies.report import Section, Table, write_report
+from hemaclip.metrics.classification import encode_labels, macro_f1_codes
+from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
 from hemaclip.io import write_json
 
 __all__ = ["parse_system", "run_compare"]
@@ -95,22 +96,9 @@ def _key(p: str) -> str:
     return str(Path(p).resolve())
 
 
-def _macro_f1_columns(t: np.ndarray, p: np.ndarray, n: int) -> float:
-    return float(np.mean(_f1_per_class(t, p, n)[0]))
-
-
-def _compact(*label_lists: Sequence[str]) -> dict[str, int]:
-    labels = sorted(set().union(*[set(x) for x in label_lists]))
-    return {c: i for i, c in enumerate(labels)}
-
-
-def _paired_macro(y: Sequence[str], a: Sequence[str], b: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    index = _compact(y, a, b)
-    t = np.array([index[v] for v in y])
-    pa = np.array([index[v] for v in a])
-    pb = np.array([index[v] for v in b])
-    res = paired_bootstrap_macro_f1(t, pa, pb, len(index), n_resamples=n_boot, seed=seed)
-    res["n"] = int(len(t))
+def _paired_macro(y: Sequence[str], a: Sequence[str], b: Sequence[str], labels: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
+    res = paired_bootstrap_macro_f1(list(y), list(a), list(b), list(labels), n_resamples=n_boot, seed=seed)
+    res["n"] = int(len(y))
     return res
 
 
@@ -126,20 +114,21 @@ def _paired_attribute_mean(
     names = [n for n in ATTRIBUTE_NAMES if n in truth and n in pred_a and n in pred_b]
     cols_t, cols_a, cols_b, sizes = [], [], [], []
     for name in names:
-        index = _compact(truth[name], pred_a[name], pred_b[name])
-        cols_t.append([index[v] for v in truth[name]])
-        cols_a.append([index[v] for v in pred_a[name]])
-        cols_b.append([index[v] for v in pred_b[name]])
-        sizes.append(len(index))
+        t, pa, n = encode_labels(truth[name], pred_a[name], list(ATTRIBUTES[name]))
+        _, pb, _ = encode_labels(truth[name], pred_b[name], list(ATTRIBUTES[name]))
+        cols_t.append(t)
+        cols_a.append(pa)
+        cols_b.append(pb)
+        sizes.append(n)
     k = len(names)
     t_arr = np.array(cols_t, dtype=np.int64).T
     pack_a = np.concatenate([t_arr, np.array(cols_a, dtype=np.int64).T], axis=1)
     pack_b = np.concatenate([t_arr, np.array(cols_b, dtype=np.int64).T], axis=1)
 
     def metric(_strata: np.ndarray, packed: np.ndarray) -> float:
-        return float(np.mean([_macro_f1_columns(packed[:, j], packed[:, k + j], sizes[j]) for j in range(k)]))
+        return float(np.mean([macro_f1_codes(packed[:, j], packed[:, k + j], sizes[j]) for j in range(k)]))
 
-    index = _compact(strata)
+    index = {c: i for i, c in enumerate(sorted(set(strata)))}
     y = np.array([index[v] for v in strata])
     res = paired_bootstrap_test(metric, y, pack_a, pack_b, n_resamples=n_boot, seed=seed)
     res["n"] = int(len(y))
@@ -149,7 +138,7 @@ def _paired_attribute_mean(
 
 def _score_checkpoint(system: System, records: Mapping[str, Sequence[Any]], cache: dict[str, Any], batch_size: int,
                       device: str, progress: bool) -> _Scored:
-    from hemaclip.eval.evaluate import load_model_features
+    from hemaclip.studies.evaluate import load_model_features
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.features import file_sha1
 
@@ -279,12 +268,12 @@ def run_compare(
             log("zero-shot classes")
             pa = _argmax_labels(ra["logits"], ra["class_names"])
             pb = _argmax_labels(rb["logits"], rb["class_names"])
-            comparisons["zero_shot_class_macro_f1"] = _paired_macro(ra["y_true"], pa, pb, n_boot, seed)
+            comparisons["zero_shot_class_macro_f1"] = _paired_macro(ra["y_true"], pa, pb, ra["class_names"], n_boot, seed)
             rows = np.asarray(ra["indices"])
             ha, why_a = _head_class_predictions(fa, rows, ra["class_names"])
             hb, why_b = _head_class_predictions(fb, rows, rb["class_names"])
             if ha is not None and hb is not None:
-                comparisons["head_class_macro_f1"] = _paired_macro(ra["y_true"], ha, hb, n_boot, seed)
+                comparisons["head_class_macro_f1"] = _paired_macro(ra["y_true"], ha, hb, ra["class_names"], n_boot, seed)
             else:
                 skipped["head_class_macro_f1"] = f"A: {why_a or 'ok'}; B: {why_b or 'ok'}"
         if len(zsa) == 2:
@@ -326,7 +315,8 @@ def run_compare(
             log("logistic probes")
             pa = run_probes(sa.train_fs, sa.eval_fs, kinds=("logistic",), seed=seed)["logistic"]
             pb = run_probes(sb.train_fs, sb.eval_fs, kinds=("logistic",), seed=seed)["logistic"]
-            comparisons["logistic_probe_macro_f1"] = _paired_macro(pa["y_true"], pa["y_pred"], pb["y_pred"], n_boot, seed)
+            probe_labels = sorted(set(pa["classes"]) | set(pb["classes"]))
+            comparisons["logistic_probe_macro_f1"] = _paired_macro(pa["y_true"], pa["y_pred"], pb["y_pred"], probe_labels, n_boot, seed)
             comparisons["logistic_probe_macro_f1"]["n_train"] = [int(pa["n_train"]), int(pb["n_train"])]
 
     result = {

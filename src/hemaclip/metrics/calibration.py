@@ -1,4 +1,4 @@
-"""Calibration and confidence quality: ECE, reliability diagrams, temperature scaling, selective accuracy.
+"""Calibration and confidence quality: ECE, reliability bins, temperature scaling, selective accuracy.
 
 A morphology model is only useful to a reviewer if its confidence means something: these functions
 measure whether confidence matches accuracy (ECE, reliability bins), whether it ranks right above
@@ -8,15 +8,11 @@ wrong answers (AUROC, point-biserial correlation, selective accuracy) and fix th
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from hemaclip.io import atomic_write
 
 __all__ = [
     "apply_temperature",
@@ -25,7 +21,6 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "negative_log_likelihood",
-    "plot_reliability",
     "reliability_bins",
     "selective_accuracy",
     "softmax",
@@ -222,47 +217,3 @@ def selective_accuracy(
         "accuracy": [float(hits[m - 1] / m) for m in kept],
         "threshold": [float(c[order[m - 1]]) for m in kept],
     }
-
-
-def plot_reliability(bins: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
-    """Draw a reliability diagram from :func:`reliability_bins` output and write it as PNG atomically.
-
-    Uses a standalone Agg figure (no pyplot state, no display needed). Bars show per-bin accuracy
-    for non-empty bins; the diagonal is perfect calibration; ECE is printed in the legend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    edges = np.asarray(bins["edges"], dtype=np.float64)
-    count = np.asarray(bins["count"])
-    acc = np.asarray(bins["accuracy"], dtype=np.float64)
-    conf = np.asarray(bins["confidence"], dtype=np.float64)
-    nonempty = count > 0
-    left, width = edges[:-1], np.diff(edges)
-
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(left[nonempty], acc[nonempty], width=width[nonempty], align="edge", edgecolor="black",
-           color="#4C72B0", label="accuracy")
-    ax.bar(left[nonempty], (conf - acc)[nonempty], bottom=acc[nonempty], width=width[nonempty], align="edge",
-           color="#DD8452", alpha=0.45, edgecolor="#DD8452", label="gap")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect")
-    ece = bins.get("ece")
-    if ece is not None:
-        ax.plot([], [], " ", label=f"ECE = {float(ece):.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    path = Path(path)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-    return path

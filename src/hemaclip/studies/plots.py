@@ -7,8 +7,8 @@ no pyplot, no global backend switch, no display needed, and nothing left registe
 :func:`hemaclip.io.atomic_write`, so a crash never leaves a half-written image; each function
 returns the written :class:`~pathlib.Path`.
 
-Inputs are plain Python / numpy values, the same shapes :mod:`hemaclip.eval.metrics`,
-:mod:`hemaclip.eval.statistics` and :mod:`hemaclip.eval.calibration` return.
+Inputs are plain Python / numpy values, the same shapes :mod:`hemaclip.metrics.classification`,
+:mod:`hemaclip.metrics.statistics` and :mod:`hemaclip.metrics.calibration` return.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hemaclip.eval.metrics import row_normalize
+from hemaclip.metrics.classification import row_normalize
 from hemaclip.io import atomic_write
 
 __all__ = [
@@ -236,7 +236,7 @@ def plot_per_attribute_f1(
 ) -> Path:
     """Horizontal bars of macro F1 per attribute (top to bottom in input order) with CI whiskers.
 
-    Rows are :func:`hemaclip.eval.metrics.attribute_table` rows or anything with ``name`` and
+    Rows are :func:`hemaclip.metrics.classification.attribute_table` rows or anything with ``name`` and
     ``macro_f1`` (a number or a ``bootstrap_ci`` dict; an interval may also be ``ci`` or
     ``ci_low``/``ci_high``); ``n_choices`` when present is shown next to the name. Rows named in
     `highlight` (e.g. the cell-class row) get a second colour. `reference` draws a dashed vertical
@@ -593,7 +593,7 @@ def plot_selective_accuracy(
     """Accuracy on the most confident fraction of items against that fraction (coverage).
 
     Takes the ``coverage`` and ``accuracy`` lists of
-    :func:`hemaclip.eval.calibration.selective_accuracy`; pass a mapping ``name -> accuracies``
+    :func:`hemaclip.metrics.calibration.selective_accuracy`; pass a mapping ``name -> accuracies``
     to compare several models on the same coverages. A dotted line marks each curve's accuracy
     at full coverage: a useful confidence lies above it everywhere to the left.
     """
@@ -656,3 +656,47 @@ def plot_robustness_heatmap(
         ax.set_xlabel(col_title)
     ax.set_title(title or f"Robustness: {value_label}")
     return _save(fig, path)
+
+
+def plot_reliability(bins: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Draw a reliability diagram from :func:`reliability_bins` output and write it as PNG atomically.
+
+    Uses a standalone Agg figure (no pyplot state, no display needed). Bars show per-bin accuracy
+    for non-empty bins; the diagonal is perfect calibration; ECE is printed in the legend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(bins["edges"], dtype=np.float64)
+    count = np.asarray(bins["count"])
+    acc = np.asarray(bins["accuracy"], dtype=np.float64)
+    conf = np.asarray(bins["confidence"], dtype=np.float64)
+    nonempty = count > 0
+    left, width = edges[:-1], np.diff(edges)
+
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(left[nonempty], acc[nonempty], width=width[nonempty], align="edge", edgecolor="black",
+           color="#4C72B0", label="accuracy")
+    ax.bar(left[nonempty], (conf - acc)[nonempty], bottom=acc[nonempty], width=width[nonempty], align="edge",
+           color="#DD8452", alpha=0.45, edgecolor="#DD8452", label="gap")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect")
+    ece = bins.get("ece")
+    if ece is not None:
+        ax.plot([], [], " ", label=f"ECE = {float(ece):.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return path

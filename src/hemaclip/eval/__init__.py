@@ -1,1 +1,0 @@
-"""hemaclip.eval"""
