@@ -121,3 +121,19 @@ def test_select_metric_names_the_validation_number_that_picks_best() -> None:
     assert _select_score(metrics) == 0.9  # default: mean of the headline F1s present
     with pytest.raises(HemaclipError, match="select_metric 'val_nope'"):
         _select_score(metrics, "val_nope")
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
+    """timm declares them in no_weight_decay(); the optimiser groups honour it (as open_clip's do)."""
+    from hemaclip.models import create_model
+    from hemaclip.train.trainer import no_weight_decay_names, param_groups
+
+    model = create_model("vit-tiny-128", image_size=32, image_pretrained=None)
+    config = TrainConfig()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: group["weight_decay"] for group in param_groups(model, config) for p in group["params"]}
+    assert {"visual.trunk.pos_embed", "visual.trunk.cls_token"} <= no_weight_decay_names(model)
+    assert decay["visual.trunk.pos_embed"] == 0.0
+    assert decay["visual.trunk.cls_token"] == 0.0
+    assert decay["visual.trunk.patch_embed.proj.weight"] == config.weight_decay == 0.05
+    assert decay["visual.trunk.blocks.0.norm1.weight"] == 0.0 and decay["logit_scale"] == 0.0

@@ -82,14 +82,30 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that modules declare exempt from weight decay.
+
+    Every submodule with a ``no_weight_decay()`` method (timm's ViT: ``pos_embed``, ``cls_token``, ...)
+    is asked, and its names are prefixed with the submodule's path, as open_clip's optimiser setup does.
+    """
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names.update(f"{prefix}.{n}" if prefix else str(n) for n in declared())
+    return names
+
+
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """Backbone at `backbone_lr`, new layers at `lr`; no weight decay on norms, biases and the temperature."""
+    """Backbone at `backbone_lr`, new layers at `lr`; no weight decay on norms, biases, the temperature
+    and whatever a module declares in its ``no_weight_decay()`` (a ViT's position embedding and class token)."""
+    exempt = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         backbone = name.startswith(("visual.trunk.", "text."))
-        no_decay = param.ndim <= 1 or name.endswith("logit_scale")
+        no_decay = param.ndim <= 1 or name.endswith("logit_scale") or name in exempt
         groups.setdefault((backbone, no_decay), []).append(param)
     return [
         {"params": params, "lr": config.backbone_lr if backbone else config.lr, "weight_decay": 0.0 if no_decay else config.weight_decay}
