@@ -23,6 +23,7 @@ from hemaclip.data.stain import (
     rgb_to_hed,
 )
 from hemaclip.data.transforms import AugmentConfig, RandomHEDJitter, train_transform
+from hemaclip.errors import HemaclipError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_names_and_none() -> None:
     assert NORMALIZER_NAMES == ("none", "macenko", "reinhard")
     assert get_normalizer(None) is None and get_normalizer("none") is None
     assert normalizer_id(None) == "none"
-    with pytest.raises(ValueError, match="unknown stain normaliser"):
+    with pytest.raises(HemaclipError, match="unknown stain normaliser 'vahadane' \\(--stain-norm\\)"):
         get_normalizer("vahadane")
 
 

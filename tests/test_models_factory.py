@@ -28,7 +28,7 @@ def test_bundled_configs_listed_and_round_trip() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(HemaclipError, match="unknown model 'nope'"):
+    with pytest.raises(HemaclipError, match="nope: no such model config"):
         get_model_config("nope")
     with pytest.raises(HemaclipError, match="unknown model config key"):
         get_model_config("resnet18-128", image_sise=64)

@@ -18,7 +18,7 @@ from hemaclip.data.images import load_image
 from hemaclip.models.checkpoint import save_checkpoint
 from hemaclip.models.factory import create_model
 from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
-from hemaclip.tasks.features import file_sha1
+from hemaclip.cache import file_sha1
 from hemaclip.text.captions import parse_caption
 
 CLI = [sys.executable, "-m", "hemaclip.cli", "describe"]

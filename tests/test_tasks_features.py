@@ -14,7 +14,8 @@ import hemaclip.tasks.features as features_mod
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import DataError
-from hemaclip.tasks.features import FeatureSet, extract_features, file_sha1, load_external_features
+from hemaclip.cache import file_sha1
+from hemaclip.tasks.features import FeatureSet, extract_features, load_external_features
 from hemaclip.tasks.zero_shot import zero_shot_scores
 
 

@@ -18,8 +18,9 @@ from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaclip.models.factory import create_model
-from hemaclip.tasks.features import file_sha1
-from hemaclip.tasks.index import CellIndex, IndexSettings, build_faiss, embed_texts, index_model
+from hemaclip.cache import file_sha1
+from hemaclip.models.inference import embed_texts
+from hemaclip.tasks.index import CellIndex, IndexSettings, build_faiss, index_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,3 +239,18 @@ def test_search_command_text_image_filters_and_errors(built: CellIndex, records,
         code, out, err = _cli(capsys, monkeypatch, *args)
         assert code == 1 and message in " ".join(err.split()), (args, err)
         assert err.startswith("error: ")
+
+
+def test_embed_texts_has_one_contract(tiny) -> None:
+    """One helper for search queries and retrieval prompts: an empty list is an empty [0, D] array, a
+    blank text is a user error, and the text cache changes nothing but speed."""
+    from hemaclip.models.text_cache import PooledTextCache
+
+    model, _ = tiny
+    assert embed_texts(model, []).shape == (0, model.config.embed_dim)
+    with pytest.raises(HemaclipError, match="empty text query"):
+        embed_texts(model, ["a round cell", ""], PooledTextCache(model.text))
+    texts = ["a cell with coarse red granules", "a small round lymphocyte"]
+    direct, cached = embed_texts(model, texts), embed_texts(model, texts, PooledTextCache(model.text))
+    assert direct.dtype == np.float32 and direct.shape == (2, model.config.embed_dim)
+    np.testing.assert_allclose(direct, cached, atol=1e-6)

@@ -14,8 +14,8 @@ from torch import nn
 from hemaclip.errors import DataError
 from hemaclip.metrics.retrieval import retrieval_metrics
 from hemaclip.tasks.features import FeatureSet, l2_normalize
+from hemaclip.models.inference import embed_texts
 from hemaclip.tasks.retrieval import (
-    embed_texts,
     image_to_image,
     image_to_text_by_class,
     paired_image_text,

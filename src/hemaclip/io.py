@@ -1,4 +1,5 @@
-"""Small I/O helpers shared by every layer: atomic writes, so nothing is ever half-written."""
+"""Small I/O helpers shared by every layer: atomic writes (nothing is ever half-written), report paths,
+and the one reader of config files with the one unknown-key check of every dataclass config."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
@@ -78,8 +82,9 @@ def packaged_configs(kind: str) -> dict[str, Path]:
 def read_config(name_or_path: str | Path, kind: str, what: str) -> tuple[Path, dict[str, Any]]:
     """A config by file path or by the name of a packaged one of `kind`, read as a mapping.
 
-    One-line `HemaclipError` naming the file for a missing name, an unreadable file or a non-mapping;
-    `what` names the config in those messages ("training config", "GAN config").
+    The one reader of config files (model, training and GAN configs): JSON or YAML. One-line
+    `HemaclipError` naming the file for a missing name, an unreadable file or a non-mapping; `what`
+    names the config in those messages ("model config", "training config", "GAN config").
     """
     import yaml
 
@@ -92,13 +97,45 @@ def read_config(name_or_path: str | Path, kind: str, what: str) -> tuple[Path, d
             raise HemaclipError(f"{name_or_path}: no such {what} file or packaged config (packaged: {', '.join(sorted(packaged))})")
         path = packaged[str(name_or_path)]
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise HemaclipError(f"{path}: cannot read {what} ({str(exc).splitlines()[0]})") from None
     if not isinstance(payload, dict):
         raise HemaclipError(f"{path}: a {what} must be a mapping of options")
     return path, payload
+
+
+def check_keys(data: Mapping[str, Any], cls: type, what: str, source: str | None = None) -> None:
+    """The one unknown-key check of every dataclass config: a key that is not a field of `cls` is a
+    one-line `HemaclipError` naming it and the known ones (typos in files and --set are caught)."""
+    from hemaclip.errors import HemaclipError
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        prefix = f"{source}: " if source else ""
+        raise HemaclipError(f"{prefix}unknown {what} key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def config_from_dict(
+    cls: type[T], data: Mapping[str, Any], what: str, source: str | None = None, nested: Mapping[str, type] | None = None
+) -> T:
+    """A dataclass config from a mapping: unknown keys checked (:func:`check_keys`), fields named in
+    `nested` built from their own mappings the same way, and wrong value types (TypeError/ValueError
+    of the constructor) turned into one-line `HemaclipError`s naming `source`."""
+    from hemaclip.errors import HemaclipError
+
+    check_keys(data, cls, what, source)
+    values = dict(data)
+    for name, sub in (nested or {}).items():
+        if isinstance(values.get(name), Mapping):
+            values[name] = config_from_dict(sub, values[name], f"{what} {name}", source)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        prefix = f"{source}: " if source else ""
+        raise HemaclipError(f"{prefix}{what}: {exc}") from None
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -133,9 +133,10 @@ def demo_search(data: Path | None, describer: Any, checkpoint: Path, index_size:
     from PIL import Image
 
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.data.dedupe import cache_dir
-    from hemaclip.tasks.features import file_sha1
-    from hemaclip.tasks.index import CellIndex, embed_texts
+    from hemaclip.cache import cache_dir
+    from hemaclip.cache import file_sha1
+    from hemaclip.models.inference import embed_texts
+    from hemaclip.tasks.index import CellIndex
 
     test = load_dataset("wbcatt", data_root=data).split("test")
     step = max(1, len(test) // index_size)

@@ -19,14 +19,6 @@ from hemaclip.tasks.describe import DEFAULTS, Calibration, Readout, calibration_
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
 
 
-def _stain(name: str):
-    from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer
-
-    if name.strip().lower() not in NORMALIZER_NAMES:
-        raise HemaclipError(f"--stain-norm must be one of {', '.join(NORMALIZER_NAMES)}, not '{name}'")
-    return get_normalizer(name.strip().lower())
-
-
 def _index_argument(value: str) -> str | Path | None:
     if value.strip().lower() == "none":
         return None
@@ -111,7 +103,9 @@ def describe(
     if next(iter_image_paths(images), None) is None:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in images)}")
     target = _saliency_target(saliency_target)
-    normalizer = _stain(stain_norm)
+    from hemaclip.data.stain import get_normalizer
+
+    normalizer = get_normalizer(stain_norm)
     describer = Describer.from_checkpoint(checkpoint, index=_index_argument(index), data_root=data,
                                           attribute_threshold=threshold, abstain_below=abstain_below,
                                           stain_normalizer=normalizer, progress=True)
@@ -161,7 +155,8 @@ def fit_calibration(
     """
     from hemaclip.data.datasets import load_dataset
     from hemaclip.metrics.calibration import fit_temperature
-    from hemaclip.tasks.features import extract_features, file_sha1
+    from hemaclip.cache import file_sha1
+    from hemaclip.tasks.features import extract_features
 
     checkpoint = Path(checkpoint)
     sha1 = file_sha1(checkpoint)

@@ -20,14 +20,6 @@ StainOption = Annotated[
 ]
 
 
-def _stain(name: str):
-    from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer
-
-    if name.strip().lower() not in NORMALIZER_NAMES:
-        raise HemaclipError(f"--stain-norm must be one of {', '.join(NORMALIZER_NAMES)}, not '{name}'")
-    return get_normalizer(name)
-
-
 def parse_where(items: list[str] | None) -> dict[str, str]:
     """`["granule_colour=red", "label=eosinophil"]` -> a dict; a malformed item is a one-line error."""
     where: dict[str, str] = {}
@@ -62,9 +54,10 @@ def index_build(
     A packaged dataset: hemaclip index build --dataset wbcatt --split test --out wbc-test.index
     """
     from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.stain import get_normalizer
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
     from hemaclip.tasks.index import INDEX_KINDS, CellIndex
 
     if kind not in INDEX_KINDS:
@@ -78,7 +71,7 @@ def index_build(
         loaded = load_dataset(dataset, data_root=data)
         source = f"dataset {dataset}"
     records = loaded.split(split)
-    normalizer = _stain(stain_norm)
+    normalizer = get_normalizer(stain_norm)
     path = resolve_checkpoint(checkpoint)
     model, _ = load_for_inference(path)
     index = CellIndex.build(
@@ -145,7 +138,9 @@ def search_command(
     Filtered: hemaclip search "round nucleus" --index wbc-test.index --where granule_colour=nil --where cell_size=small
     By image: hemaclip search --image my_cell.jpg --index wbc-test.index
     """
-    from hemaclip.tasks.index import CellIndex, embed_images, embed_texts, index_model, load_uint8
+    from hemaclip.data.stain import get_normalizer
+    from hemaclip.models.inference import embed_texts
+    from hemaclip.tasks.index import CellIndex, embed_images, index_model, load_uint8
 
     if (query is None or not query.strip()) and image is None:
         raise HemaclipError("empty query: give a description in words or --image FILE")
@@ -156,13 +151,13 @@ def search_command(
     if filters:
         cell_index.matching_rows(filters)  # unknown columns/values fail here, before the model loads
     model, path = index_model(cell_index, checkpoint)
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
 
     if checkpoint is not None and file_sha1(path) != cell_index.checkpoint_id:
         err_console.print(f"note: {path} did not build {index}; scores compare two different models' embeddings", highlight=False)
     if image is not None:
         name = stain_norm if stain_norm is not None else str(cell_index.meta.get("stain_norm_name", "none"))
-        vectors = embed_images(model, load_uint8(image, int(model.config.image_size))[None], stain_normalizer=_stain(name))
+        vectors = embed_images(model, load_uint8(image, int(model.config.image_size))[None], stain_normalizer=get_normalizer(name))
         label = str(image)
     else:
         vectors = embed_texts(model, [query or ""])

@@ -137,7 +137,7 @@ def run_robustness_report(
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.factory import create_model
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
     from hemaclip.tasks.probes import sample_per_class
     from hemaclip.tasks.robustness import BASELINE_DESCRIPTION, MIN_BASELINE_RELATIVE_CE, RobustnessConfig, run_robustness
     from hemaclip.text.prompts import load_prompts
@@ -148,10 +148,7 @@ def run_robustness_report(
     severities = severities or SEVERITIES
     if max_per_class < 1 or baseline_train_per_class < 1:
         raise HemaclipError("--max-per-class and --baseline-train-per-class must be >= 1")
-    try:
-        normalizer = get_normalizer(stain_norm)
-    except ValueError as exc:
-        raise HemaclipError(str(exc)) from None
+    normalizer = get_normalizer(stain_norm)
     path = resolve_checkpoint(checkpoint)
     model, _meta = load_for_inference(path)
     prompt_set = load_prompts()

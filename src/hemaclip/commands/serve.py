@@ -29,17 +29,17 @@ def serve_command(
     """
     import uvicorn
 
-    from hemaclip.commands.index import _stain
+    from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.serve.app import ServeSettings, create_app
     from hemaclip.tasks.describe import Describer
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
     from hemaclip.tasks.index import CellIndex
 
     path = resolve_checkpoint(checkpoint)
     loaded_index = CellIndex.load(index) if index is not None else "default"
     console.print("loading the model" + (" and building the reference index (first run only)" if index is None else ""))
-    describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=_stain(stain_norm), progress=True)
+    describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True)
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")

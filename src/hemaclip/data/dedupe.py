@@ -6,23 +6,14 @@ Hashes are cached per (path, size, mtime) under the user cache folder, so a seco
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hemaclip.cache import cache_dir, file_sha1
 from hemaclip.io import atomic_write
-
-
-def cache_dir() -> Path:
-    """Per-user cache folder for derived, re-computable data (hashes, decoded images, features)."""
-    base = os.environ.get("HEMACLIP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hemaclip"
-    )
-    return Path(base)
 
 
 def _hash_cache_file() -> Path:
@@ -45,7 +36,7 @@ def file_hashes(paths: Sequence[Path]) -> dict[Path, str]:
         if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
             result[path] = entry[2]
             continue
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+        digest = file_sha1(path)
         cache[key] = [stat.st_size, stat.st_mtime_ns, digest]
         result[path] = digest
         changed = True

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from hemaclip.data.dedupe import cache_dir
+from hemaclip.cache import cache_dir
 from hemaclip.data.images import load_image
 
 

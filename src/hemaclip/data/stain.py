@@ -23,10 +23,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+from hemaclip.errors import DataError, HemaclipError
 
 NORMALIZER_NAMES: tuple[str, ...] = ("none", "macenko", "reinhard")
 Normalizer = Callable[[np.ndarray], np.ndarray]
@@ -82,12 +83,6 @@ def default_reference() -> StainReference:
     """The shipped reference (stain parameters of one PBC neutrophil image; see the JSON's `source`)."""
     text = resources.files("hemaclip").joinpath("configs/stain/reference.json").read_text(encoding="utf-8")
     return StainReference(**json.loads(text))
-
-
-def save_reference(reference: StainReference, path: str | Path) -> None:
-    from hemaclip.io import write_json
-
-    write_json(path, asdict(reference))
 
 
 class _SafeNormalizer:
@@ -159,12 +154,15 @@ def _reinhard(reference: StainReference) -> Normalizer:
 def get_normalizer(name: str | None, reference: np.ndarray | StainReference | None = None) -> Normalizer | None:
     """Return a uint8 HxWx3 -> uint8 HxWx3 stain normaliser, or None for "none"/None.
 
+    The one check of a normaliser name (every `--stain-norm` option calls this): an unknown name is a
+    one-line `HemaclipError`.
+
     `reference` is an RGB image to fit on, a `StainReference`, or None for the shipped PBC reference.
     Example: ``norm = get_normalizer("macenko"); out = norm(np.asarray(load_image(path)))``.
     """
     key = (name or "none").strip().lower()
     if key not in NORMALIZER_NAMES:
-        raise ValueError(f"unknown stain normaliser {name!r}; choose one of {', '.join(NORMALIZER_NAMES)}")
+        raise HemaclipError(f"unknown stain normaliser {name!r} (--stain-norm): choose one of {', '.join(NORMALIZER_NAMES)}")
     if key == "none":
         return None
     if reference is None:
@@ -175,7 +173,7 @@ def get_normalizer(name: str | None, reference: np.ndarray | StainReference | No
         try:
             ref = fit_reference(np.asarray(reference), source="user reference image")
         except (ValueError, IndexError, np.linalg.LinAlgError) as exc:
-            raise ValueError(f"cannot fit a stain reference on this image ({exc})") from None
+            raise DataError(f"cannot fit a stain reference on this image ({exc})") from None
     return _SafeNormalizer(key, _macenko(ref) if key == "macenko" else _reinhard(ref), ref)
 
 

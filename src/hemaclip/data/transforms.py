@@ -124,10 +124,3 @@ def train_transform(
         steps.append(T.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
     steps += _to_normalised_float(mean, std)
     return T.Compose(steps)
-
-
-def denormalize(batch: torch.Tensor, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
-    """Undo the normalisation (for plots and saliency overlays)."""
-    mean = torch.tensor(mean, device=batch.device).view(-1, 1, 1)
-    std = torch.tensor(std, device=batch.device).view(-1, 1, 1)
-    return (batch * std + mean).clamp(0, 1)

@@ -8,7 +8,6 @@ checkpoint can always rebuild exactly the module it was saved from.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,7 @@ from typing import Any
 
 from hemaclip.data.attributes import ATTRIBUTES, WBCATT_CLASSES
 from hemaclip.errors import HemaclipError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+from hemaclip.io import check_keys, config_from_dict, packaged_configs, read_config
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -87,33 +85,19 @@ class ModelConfig:
             raise HemaclipError(f"model config '{self.name}': " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> ModelConfig:
         """Build from a plain dict, rejecting unknown keys so typos in JSON files are caught."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HemaclipError(
-                f"unknown model config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
         if "name" not in data:
-            raise HemaclipError("model config needs a 'name'")
-        try:
-            return cls(**dict(data))
-        except TypeError as exc:  # wrong value types, e.g. a string where a list was expected
-            raise HemaclipError(f"model config '{data.get('name')}': {exc}") from exc
+            check_keys(data, cls, "model config", source)
+            raise HemaclipError(f"{source + ': ' if source else ''}model config needs a 'name'")
+        return config_from_dict(cls, data, "model config", source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
-        """Read a config file; the file stem is the default name."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise HemaclipError(f"{path}: cannot read model config ({exc})") from exc
-        if not isinstance(data, dict):
-            raise HemaclipError(f"{path}: a model config must be a JSON object")
+        """Read a config file (JSON or YAML); the file stem is the default name."""
+        path, data = read_config(path, "models", "model config")
         data.setdefault("name", path.stem)
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); `from_dict(to_dict())` round-trips."""
@@ -131,12 +115,8 @@ class ModelConfig:
         return ModelConfig.from_dict(data)
 
 
-def _scan_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
-
-
 # Name -> config file. Filled from the configs folder, so adding a model is adding a file.
-MODEL_CONFIGS: dict[str, Path] = _scan_configs()
+MODEL_CONFIGS: dict[str, Path] = dict(sorted(packaged_configs("models").items()))
 
 
 def list_models() -> list[str]:
@@ -145,12 +125,6 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
-    """Config for a bundled name or a JSON file path, with field overrides applied."""
-    key = str(name_or_path)
-    if key in MODEL_CONFIGS:
-        config = ModelConfig.from_json(MODEL_CONFIGS[key])
-    elif key.endswith(".json") and Path(key).is_file():
-        config = ModelConfig.from_json(key)
-    else:
-        raise HemaclipError(f"unknown model '{key}' (bundled: {', '.join(list_models())}; or give a .json path)")
+    """Config for a bundled name or a JSON/YAML file path, with field overrides applied."""
+    config = ModelConfig.from_json(name_or_path)
     return config.replace(**overrides) if overrides else config

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from hemaclip.errors import HemaclipError
 from hemaclip.models.model import DualEncoder
+from hemaclip.models.modes import eval_mode
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
@@ -104,33 +105,31 @@ def export_onnx(model: DualEncoder, out_dir: str | Path, opset: int = 17) -> dic
         raise HemaclipError("ONNX export needs the 'onnx' package (pip install 'hemaclip[export]')") from exc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
     attn = model.text.transformer.config._attn_implementation
-    try:
-        # Eager attention traces to plain ops; SDPA's mask handling varies across transformers versions.
-        model.text.transformer.set_attn_implementation("eager")
-        device = model.logit_scale.device
-        size = model.config.image_size
-        images = torch.zeros(2, 3, size, size, device=device)
-        tokens = model.tokenize(["a round cell", "a big irregular cell with a segmented nucleus"])
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        pooled = torch.zeros(2, model.text.width, device=device)
-        paths = {"image": out / IMAGE_FILE, "text": out / TEXT_FILE, "text_projection": out / PROJECTION_FILE}
-        with torch.no_grad():
-            _export(_ImageEncoder(model), (images,), paths["image"], ["images"], image_output_names(model), opset)
-            _export(
-                _TextEncoder(model),
-                (ids, mask),
-                paths["text"],
-                ["input_ids", "attention_mask"],
-                ["text_features"],
-                opset,
-            )
-            _export(_TextProjection(model), (pooled,), paths["text_projection"], ["pooled"], ["text_features"], opset)
-    finally:
-        model.text.transformer.set_attn_implementation(attn)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            # Eager attention traces to plain ops; SDPA's mask handling varies across transformers versions.
+            model.text.transformer.set_attn_implementation("eager")
+            device = model.logit_scale.device
+            size = model.config.image_size
+            images = torch.zeros(2, 3, size, size, device=device)
+            tokens = model.tokenize(["a round cell", "a big irregular cell with a segmented nucleus"])
+            ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            pooled = torch.zeros(2, model.text.width, device=device)
+            paths = {"image": out / IMAGE_FILE, "text": out / TEXT_FILE, "text_projection": out / PROJECTION_FILE}
+            with torch.no_grad():
+                _export(_ImageEncoder(model), (images,), paths["image"], ["images"], image_output_names(model), opset)
+                _export(
+                    _TextEncoder(model),
+                    (ids, mask),
+                    paths["text"],
+                    ["input_ids", "attention_mask"],
+                    ["text_features"],
+                    opset,
+                )
+                _export(_TextProjection(model), (pooled,), paths["text_projection"], ["pooled"], ["text_features"], opset)
+        finally:
+            model.text.transformer.set_attn_implementation(attn)
     meta: dict[str, Any] = {
         "model_config": model.config.to_dict(),
         "vocabularies": model.vocabularies(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
 from hemaclip import __version__
-from hemaclip.errors import CheckpointError
-from hemaclip.io import atomic_write
+from hemaclip.errors import CheckpointError, HemaclipError
+from hemaclip.io import atomic_write, config_from_dict
+from hemaclip.models.modes import eval_mode
 
 GAN_KIND = "hemaclip-gan"
 GAN_FORMAT = 1
@@ -62,12 +63,8 @@ class GanConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GanConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GAN config key(s): {', '.join(unknown)}")
-        return cls(**dict(data))
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> "GanConfig":
+        return config_from_dict(cls, data, "GAN model config", source)
 
 
 def _stage_widths(base: int, n: int) -> list[int]:
@@ -209,8 +206,8 @@ class DiffAugmentConfig:
     cutout: float = 0.5  # side of the cut-out square as a fraction of the image side; 0 disables
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DiffAugmentConfig":
-        return cls(**dict(data))
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> "DiffAugmentConfig":
+        return config_from_dict(cls, data, "GAN augment config", source)
 
 
 def diff_augment(x: Tensor, config: DiffAugmentConfig) -> Tensor:
@@ -277,17 +274,13 @@ def generate(
 ) -> Tensor:
     """uint8 images [N, S, S, 3], one per entry of `labels` (class indices), reproducible from `seed`."""
     labels = torch.as_tensor(labels, dtype=torch.long)
-    was_training = generator.training
-    generator.eval()
     rng = torch.Generator().manual_seed(int(seed))
     out = []
-    try:
+    with eval_mode(generator):
         for start in range(0, len(labels), batch_size):
             y = labels[start : start + batch_size]
             z = torch.randn(len(y), generator.config.z_dim, generator=rng)
             out.append(to_uint8(generator(z.to(device), y.to(device))))
-    finally:
-        generator.train(was_training)
     size = generator.config.image_size
     return torch.cat(out) if out else torch.empty(0, size, size, 3, dtype=torch.uint8)
 
@@ -355,7 +348,7 @@ def read_gan(path: str | Path, dataset: str | None = None) -> GanState:
         raise CheckpointError(f"{path}: GAN was trained on dataset '{payload['dataset']}', not '{dataset}'")
     try:
         config = GanConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as exc:
+    except HemaclipError as exc:
         raise CheckpointError(f"{path}: bad GAN config ({exc})") from exc
     return GanState(
         config=config,

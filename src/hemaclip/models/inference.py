@@ -1,9 +1,11 @@
-"""Batched, gradient-free image inference shared by validation, evaluation, describe and indexing."""
+"""Batched, gradient-free inference shared by validation, evaluation, describe, indexing and search:
+image outputs, text embeddings, and the fast CPU layout of a model loaded for inference."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +15,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from hemaclip.data.transforms import eval_transform
+from hemaclip.errors import HemaclipError
+from hemaclip.models.modes import eval_mode
 
 
 def model_eval_transform(model: torch.nn.Module):
@@ -126,11 +130,9 @@ def image_outputs(
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor] | None]:
     """Normalised embeddings [N, D] and head logits for uint8 images [N, H, W, 3] (all on the CPU)."""
     transform = model_eval_transform(model)
-    was_training = model.training
-    model.eval()
     embeds, attrs, classes = [], {}, []
     show = progress and sys.stderr.isatty()
-    try:
+    with eval_mode(model):
         total = (len(images) + batch_size - 1) // batch_size
         for batch in tqdm(_batches(images, batch_size, transform), total=total, desc="embedding images", unit="batch", disable=not show):
             raw = model.encode_image(batch.to(device).contiguous(memory_format=torch.channels_last), normalize=False)
@@ -140,11 +142,37 @@ def image_outputs(
                 for name, logits in attribute_logits.items():
                     attrs.setdefault(name, []).append(logits.float().cpu())
                 classes.append(class_logits.float().cpu())
-    finally:
-        model.train(was_training)
     width = model.config.embed_dim
     return {
         "features": torch.cat(embeds) if embeds else torch.empty(0, width),
         "attribute_logits": {name: torch.cat(chunks) for name, chunks in attrs.items()} if attrs else None,
         "class_logits": torch.cat(classes) if classes else None,
     }
+
+
+TEXT_CHUNK = 1024  # pooled text features projected per step
+
+
+@torch.no_grad()
+def embed_texts(model: Any, texts: Sequence[str], text_cache: Any = None) -> np.ndarray:
+    """L2-normalised text embeddings [T, D] float32: the one text-embedding helper (search queries,
+    retrieval prompts and captions).
+
+    An empty list gives an empty [0, D] array; a blank text is a user error (`HemaclipError`: there is
+    nothing to look for). With `text_cache` (a :class:`hemaclip.models.text_cache.PooledTextCache`)
+    pooled text-tower features come from / go to it; without, the text tower runs on these texts only
+    (nothing is written to disk, as a server answering queries needs).
+    """
+    texts = [str(t).strip() for t in texts]
+    if any(not t for t in texts):
+        raise HemaclipError("empty text query: describe the cells to find, e.g. 'large cell with coarse red granules'")
+    if not texts:
+        return np.zeros((0, int(model.config.embed_dim)), dtype=np.float32)
+    with eval_mode(model):
+        pooled = text_cache.get(texts) if text_cache is not None else model.text.embed_sentences(texts)
+        device = next(model.parameters()).device
+        chunks = [
+            model.encode_text(pooled[s : s + TEXT_CHUNK].to(device), normalize=True).float().cpu()
+            for s in range(0, len(texts), TEXT_CHUNK)
+        ]
+    return np.ascontiguousarray(torch.cat(chunks).numpy(), dtype=np.float32)

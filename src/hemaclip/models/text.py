@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from hemaclip.errors import HemaclipError  # noqa: E402
+from hemaclip.models.modes import eval_mode  # noqa: E402
 
 # "package:<name>" text sources -> (import name of the package, model folder inside it).
 PACKAGE_TEXT_MODELS: dict[str, tuple[str, str]] = {
@@ -149,16 +150,12 @@ class TextTower(nn.Module):
     @torch.no_grad()
     def embed_sentences(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
         """Pooled features [N, width] in eval mode, for caching when the tower is frozen."""
-        was_training = self.training
-        self.eval()
         device = next(self.transformer.parameters()).device
         chunks: list[Tensor] = []
-        try:
+        with eval_mode(self):
             for start in range(0, len(texts), batch_size):
                 batch = self.tokenize(texts[start : start + batch_size])
                 chunks.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-        finally:
-            self.train(was_training)
         if not chunks:
             return torch.empty(0, self.width, device=device)
         return torch.cat(chunks).float()

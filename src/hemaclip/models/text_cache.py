@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hemaclip.data.dedupe import cache_dir
+from hemaclip.cache import cache_dir
+from hemaclip.models.modes import eval_mode
 
 
 class PooledTextCache:
@@ -47,16 +48,12 @@ class PooledTextCache:
             self.memory.update(zip(texts, features))
             return features
         missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
-        was_training = self.tower.training
-        self.tower.eval()
         show = progress and sys.stderr.isatty()
-        try:
+        with eval_mode(self.tower):
             for start in tqdm(range(0, len(missing), self.batch_size), desc="embedding sentences", unit="batch", disable=not show):
                 chunk = missing[start : start + self.batch_size]
                 features = self.tower.embed_sentences(chunk, batch_size=self.batch_size).float().cpu()
                 self.memory.update(zip(chunk, features))
-        finally:
-            self.tower.train(was_training)
         features = torch.stack([self.memory[t] for t in texts]) if texts else torch.empty(0)
         try:
             shard.parent.mkdir(parents=True, exist_ok=True)

@@ -290,7 +290,7 @@ def create_app(
         if not q.strip():
             raise HTTPException(400, "empty query: describe the cells to find")
         filters = parse_where_param(where)
-        from hemaclip.tasks.index import embed_texts
+        from hemaclip.models.inference import embed_texts
 
         if filters:
             index.matching_rows(filters)  # unknown column/value -> 400 before any model work

@@ -140,7 +140,7 @@ def _score_checkpoint(system: System, records: Mapping[str, Sequence[Any]], cach
                       device: str, progress: bool) -> _Scored:
     from hemaclip.studies.evaluate import load_model_features
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
 
     path = resolve_checkpoint(system.path)
     sha1 = file_sha1(path)
@@ -152,7 +152,8 @@ def _score_checkpoint(system: System, records: Mapping[str, Sequence[Any]], cach
 
 
 def _score_features(system: System, split: str, max_per_class: int | None, seed: int) -> _Scored:
-    from hemaclip.tasks.features import file_sha1, load_external_features
+    from hemaclip.cache import file_sha1
+    from hemaclip.tasks.features import load_external_features
 
     fs = load_external_features(system.path, system.index_csv)
     eval_fs = _cap_feature_set(fs.by_split(split), max_per_class, seed)

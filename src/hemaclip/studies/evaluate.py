@@ -1084,7 +1084,8 @@ def load_model_features(
     """
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.features import extract_features, file_sha1
+    from hemaclip.cache import file_sha1
+    from hemaclip.tasks.features import extract_features
 
     path = resolve_checkpoint(checkpoint)
     model, _meta = load_for_inference(path, map_location=device)
@@ -1174,7 +1175,8 @@ def run_evaluation(
     mapping: ClassMapping | None = None
     unmapped: list[str] = []
     if external:
-        from hemaclip.tasks.features import file_sha1, load_external_features
+        from hemaclip.cache import file_sha1
+        from hemaclip.tasks.features import load_external_features
 
         log("loading external features")
         fs_all = load_external_features(features, index_csv)

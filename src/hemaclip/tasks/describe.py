@@ -50,6 +50,7 @@ from hemaclip.text.captions import (
     RATIO_WORDS,
     TEXTURE_WORDS,
     parse_caption,
+    with_article,
 )
 
 __all__ = [
@@ -93,10 +94,6 @@ DEFAULTS = DescribeSettings()
 # ------------------------------------------------------------------------------------------------ #
 # the sentence
 # ------------------------------------------------------------------------------------------------ #
-
-
-def _article(phrase: str) -> str:
-    return f"{'an' if phrase[:1].lower() in 'aeiou' else 'a'} {phrase}"
 
 
 def _join(items: Sequence[str]) -> str:
@@ -155,11 +152,11 @@ def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
                             CELL_SHAPE_WORDS[s["cell_shape"]][0] if "cell_shape" in s else None) if w]
     with_items = []
     if "nucleus_shape" in s:
-        with_items.append(f"{_article(NUCLEUS_PRE[s['nucleus_shape']][0])} nucleus")
+        with_items.append(f"{with_article(NUCLEUS_PRE[s['nucleus_shape']][0])} nucleus")
     if "chromatin_density" in s:
         with_items.append(f"{CHROMATIN_WORDS[s['chromatin_density']][0]} chromatin")
     if "nuclear_cytoplasmic_ratio" in s:
-        with_items.append(f"{_article(RATIO_WORDS[s['nuclear_cytoplasmic_ratio']][0])} {RATIO_NOUNS[0]}")
+        with_items.append(f"{with_article(RATIO_WORDS[s['nuclear_cytoplasmic_ratio']][0])} {RATIO_NOUNS[0]}")
     cyto_adj = [w for w in (CYTOPLASM_COLOUR_WORDS[s["cytoplasm_colour"]][0] if "cytoplasm_colour" in s else None,
                             TEXTURE_WORDS[s["cytoplasm_texture"]][0] if "cytoplasm_texture" in s else None) if w]
     granules, state, _ = _granule_statements(s)
@@ -175,7 +172,7 @@ def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         contents = granules or vacuole
     if not cell_adj and not with_items and not cyto_adj and not contents:
         return "No attribute is stated: none reaches the confidence threshold.", {}
-    text = _article(" ".join(filter(None, [", ".join(cell_adj), "white blood cell"])))
+    text = with_article(" ".join(filter(None, [", ".join(cell_adj), "white blood cell"])))
     if with_items:
         text += f" with {_join(with_items)}"
     if contents:
@@ -468,7 +465,7 @@ class Describer:
         """
         from hemaclip.models.checkpoint import load_for_inference
         from hemaclip.models.default import resolve_checkpoint
-        from hemaclip.tasks.features import file_sha1
+        from hemaclip.cache import file_sha1
 
         path = resolve_checkpoint(checkpoint)
         model, _meta = load_for_inference(path, map_location=device)

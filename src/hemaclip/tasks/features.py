@@ -7,7 +7,7 @@ atomically.
 
 :func:`extract_features` embeds records with a hemaclip model and caches the arrays under
 ``cache_dir()/features/<key>.npz``. The key is a SHA-1 of the checkpoint identity (use
-:func:`file_sha1` of the checkpoint file), the image size and every image's resolved path, byte
+:func:`hemaclip.cache.file_sha1` of the checkpoint file), the image size and every image's resolved path, byte
 size and mtime; labels, splits and attributes are *not* part of the cache and always come from the
 records passed in (the same images may carry different labels in different datasets, e.g. pbc and
 pbc11). :func:`load_external_features` reads another encoder's features (DinoBloom, UNI, ...) from
@@ -28,7 +28,7 @@ import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, validate_attributes
 from hemaclip.data.datasets import CellRecord, clean_csv_row
-from hemaclip.data.dedupe import cache_dir
+from hemaclip.cache import cache_dir
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
@@ -41,7 +41,6 @@ __all__ = [
     "FeatureSet",
     "extract_features",
     "feature_cache_key",
-    "file_sha1",
     "l2_normalize",
     "load_external_features",
 ]
@@ -56,19 +55,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
-def file_sha1(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """SHA-1 hex digest of a file's bytes (use it as `checkpoint_id` for a checkpoint file)."""
-    path = Path(path)
-    digest = hashlib.sha1()
-    try:
-        with path.open("rb") as handle:
-            while block := handle.read(chunk_size):
-                digest.update(block)
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
-    return digest.hexdigest()
 
 
 @dataclass

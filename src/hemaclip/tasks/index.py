@@ -39,7 +39,7 @@ from PIL import Image
 from hemaclip import __version__
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import CellRecord, load_dataset
-from hemaclip.data.dedupe import cache_dir
+from hemaclip.cache import cache_dir
 from hemaclip.data.images import load_image
 from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
@@ -53,7 +53,6 @@ __all__ = [
     "IndexSettings",
     "default_reference_index",
     "embed_images",
-    "embed_texts",
     "index_model",
     "load_uint8",
     "to_model_size",
@@ -118,23 +117,6 @@ def embed_images(
     images = normalize_batch(np.asarray(images), stain_normalizer)
     out = image_outputs(model, images, batch_size=batch_size)
     return np.ascontiguousarray(out["features"].numpy(), dtype=np.float32)
-
-
-def embed_texts(model: Any, texts: Sequence[str]) -> np.ndarray:
-    """L2-normalised text embeddings [N, D] float32; an empty or blank query is a user error."""
-    import torch
-
-    texts = [str(t).strip() for t in texts]
-    if not texts or any(not t for t in texts):
-        raise HemaclipError("empty text query: describe the cells to find, e.g. 'large cell with coarse red granules'")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            features = model.encode_text(model.tokenize(texts), normalize=True)
-    finally:
-        model.train(was_training)
-    return np.ascontiguousarray(features.float().cpu().numpy(), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,7 +574,7 @@ class CellIndex:
 def default_reference_index(model: Any, checkpoint_path: Path, data_root: str | Path | None = None, progress: bool = True) -> CellIndex:
     """The WBCAtt train split embedded by `checkpoint_path`'s model, built once into the cache and reused."""
     from hemaclip.data.paths import resolve_data_root
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
 
     checkpoint_id = file_sha1(checkpoint_path)
     root = resolve_data_root(data_root)
@@ -624,7 +606,7 @@ def index_model(index: CellIndex, checkpoint: str | Path | None = None) -> tuple
     """
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import default_checkpoint_path, resolve_checkpoint
-    from hemaclip.tasks.features import file_sha1
+    from hemaclip.cache import file_sha1
 
     if checkpoint is not None:
         path = resolve_checkpoint(checkpoint)

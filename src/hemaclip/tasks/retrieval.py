@@ -23,16 +23,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from hemaclip.errors import DataError
+from hemaclip.models.inference import embed_texts
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import FeatureSet
 from hemaclip.tasks.zero_shot import _text_cache, annotated_attributes, check_same_width, class_embeddings
 from hemaclip.text.prompts import PromptSet
 
 __all__ = [
-    "embed_texts",
     "image_to_image",
     "image_to_text_by_class",
     "paired_image_text",
@@ -42,28 +41,6 @@ __all__ = [
 ]
 
 _BLOCK_ELEMENTS = 4_000_000
-_TEXT_CHUNK = 1024
-
-
-@torch.no_grad()
-def embed_texts(model: Any, texts: Sequence[str], text_cache: PooledTextCache | None = None) -> np.ndarray:
-    """Normalised text embeddings [T, D] float32 (pooled features via the text cache, projected in chunks)."""
-    texts = list(texts)
-    if not texts:
-        return np.zeros((0, int(model.config.embed_dim)), dtype=np.float32)
-    cache = _text_cache(model, text_cache)
-    pooled = cache.get(texts)
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        chunks = [
-            model.encode_text(pooled[s : s + _TEXT_CHUNK].to(device), normalize=True).float().cpu()
-            for s in range(0, len(texts), _TEXT_CHUNK)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks).numpy()
 
 
 def ranked_topk(
@@ -205,7 +182,7 @@ def image_to_text_by_class(
         raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
     texts = [t for c in names for t in all_prompts[c]]
     text_labels = np.asarray([c for c in names for _ in all_prompts[c]], dtype=object)
-    text_emb = embed_texts(model, texts, text_cache)
+    text_emb = embed_texts(model, texts, _text_cache(model, text_cache))
     check_same_width(fs.features, text_emb)
     wanted = set(names)
     keep = np.array([i for i, label in enumerate(fs.labels) if label in wanted], dtype=np.int64)
@@ -258,7 +235,7 @@ def paired_image_text(
     captions = list(captions)
     if len(captions) != len(fs):
         raise DataError(f"paired retrieval needs one caption per image: {len(captions)} captions for {len(fs)} images")
-    text_emb = embed_texts(model, captions, text_cache)
+    text_emb = embed_texts(model, captions, _text_cache(model, text_cache))
     check_same_width(fs.features, text_emb)
     n = len(fs)
     if k is None:

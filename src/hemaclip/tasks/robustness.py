@@ -39,6 +39,7 @@ from hemaclip.data.stain import Normalizer, normalize_batch
 from hemaclip.errors import DataError
 from hemaclip.metrics.classification import macro_f1
 from hemaclip.models.inference import image_outputs, model_eval_transform
+from hemaclip.models.modes import eval_mode
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import l2_normalize
 from hemaclip.tasks.probes import logistic_probe
@@ -128,16 +129,12 @@ def trunk_features(model: Any, images: np.ndarray, batch_size: int = 128) -> np.
     """Pooled image-trunk features (before the hemaclip projection) of uint8 images [N, H, W, 3]."""
     transform = model_eval_transform(model)
     trunk = model.visual.trunk
-    was_training = trunk.training
-    trunk.eval()
     chunks = []
-    try:
+    with eval_mode(trunk):
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in images[start : start + batch_size]])
             out = trunk(batch.contiguous(memory_format=torch.channels_last))  # as image_outputs: faster on CPU
             chunks.append(out.float().reshape(len(batch), -1).numpy())
-    finally:
-        trunk.train(was_training)
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 

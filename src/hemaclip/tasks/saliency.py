@@ -25,6 +25,7 @@ from PIL import Image
 
 from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.errors import HemaclipError
+from hemaclip.models.modes import eval_mode
 
 __all__ = ["overlay_png", "saliency_map"]
 
@@ -151,14 +152,10 @@ def saliency_map(model: Any, image: np.ndarray, target: str = "class", value: st
     only positive contributions), which can happen for a value the model does not predict.
     """
     x = _input_tensor(model, image).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.enable_grad():
             trunk = model.visual.trunk
             heat = _attention_rollout(model, x, target, value) if _is_vit(trunk) else _grad_cam(model, x, target, value)
-    finally:
-        model.train(was_training)
     return _normalise(heat, tuple(np.asarray(image).shape[:2]))
 
 

@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
-from hemaclip.io import atomic_write, read_config, remove_stale_temps, write_json
+from hemaclip.io import atomic_write, config_from_dict, read_config, remove_stale_temps, write_json
+from hemaclip.train.seeds import step_seed
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,
@@ -95,18 +96,9 @@ class GanTrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "GAN config") -> "GanTrainConfig":
         data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HemaclipError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        try:
-            model = GanConfig.from_dict(data.pop("model", {}))
-            augment = DiffAugmentConfig.from_dict(data.pop("augment", {}))
-            if "betas" in data:
-                data["betas"] = tuple(float(b) for b in data["betas"])
-            return cls(model=model, augment=augment, **data)
-        except (TypeError, ValueError) as exc:
-            raise HemaclipError(f"{source}: {exc}") from None
+        if "betas" in data and isinstance(data["betas"], (list, tuple)):
+            data["betas"] = tuple(float(b) for b in data["betas"])
+        return config_from_dict(cls, data, "GAN config", source, nested={"model": GanConfig, "augment": DiffAugmentConfig})
 
 
 def load_gan_config(name_or_path: str | Path = "default", overrides: Mapping[str, Any] | None = None) -> GanTrainConfig:
@@ -171,10 +163,6 @@ def train_records(
     if not records:
         raise DataError(f"dataset '{dataset}' has no train images")
     return ds.classes, records
-
-
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _draw_batch(labels: np.ndarray, n_classes: int, batch: int, sampling: str, rng: np.random.Generator) -> np.ndarray:
@@ -424,7 +412,7 @@ def train_gan(
             if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
                 finished = False
                 break
-            seed = _step_seed(config.seed, step)
+            seed = step_seed(config.seed, step)
             torch.manual_seed(seed)
             rng = np.random.default_rng(seed)
             idx = _draw_batch(labels, len(classes), config.batch_size, config.sampling, rng)

@@ -12,7 +12,7 @@ not among the prompt classes, or that have no attributes, are excluded and count
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

@@ -317,13 +317,15 @@ def parse_caption(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _article(word: str) -> str:
-    """'a' or 'an' for the word that follows (N:C is read "en-cee")."""
+def article(word: str) -> str:
+    """'a' or 'an' for the word that follows (N:C is read "en-cee"): the one rule of captions,
+    prompts and describe sentences."""
     return "an" if word[:1].lower() in "aeiou" or word.startswith("N:C") else "a"
 
 
-def _a(phrase: str) -> str:
-    return f"{_article(phrase)} {phrase}"
+def with_article(phrase: str) -> str:
+    """`phrase` with 'a' or 'an' before it ("an eosinophil", "a band-shaped nucleus")."""
+    return f"{article(phrase)} {phrase}"
 
 
 class _Phrases:
@@ -446,8 +448,8 @@ class _Phrases:
 def _t_cell_first(p: _Phrases) -> str:
     size, nuc, ratio = p.size(), p.nucleus_pre(), p.ratio()
     return (
-        f"{_a(size)}, {p.shape()} {p.noun()} with {_a(nuc)} nucleus, {p.chromatin()} chromatin and "
-        f"{_a(ratio)} {p.ratio_noun()}; its {p.colour()}, {p.texture()} cytoplasm {p.contents_verb()} {p.contents()}."
+        f"{with_article(size)}, {p.shape()} {p.noun()} with {with_article(nuc)} nucleus, {p.chromatin()} chromatin and "
+        f"{with_article(ratio)} {p.ratio_noun()}; its {p.colour()}, {p.texture()} cytoplasm {p.contents_verb()} {p.contents()}."
     )
 
 
@@ -486,14 +488,14 @@ def _t_granules_first(p: _Phrases) -> str:
     nuc, ratio = p.nucleus_pre(), p.ratio()
     return (
         f"{opening} {p.colour()}, {p.texture()} cytoplasm of this {p.size()}, {p.shape()} {p.noun()}, which has "
-        f"{_a(nuc)} nucleus with {p.chromatin()} chromatin, {_a(ratio)} {p.ratio_noun()} and {p.vacuole_object()}."
+        f"{with_article(nuc)} nucleus with {p.chromatin()} chromatin, {with_article(ratio)} {p.ratio_noun()} and {p.vacuole_object()}."
     )
 
 
 def _t_outline(p: _Phrases) -> str:
     shape, ratio = p.outline_shape(), p.ratio()
     return (
-        f"This {p.size()} {p.noun()} has {_a(shape)} outline and {_a(ratio)} {p.ratio_noun()}. "
+        f"This {p.size()} {p.noun()} has {with_article(shape)} outline and {with_article(ratio)} {p.ratio_noun()}. "
         f"Its {p.nucleus_pre()} nucleus contains {p.chromatin()} chromatin, and its {p.texture()} cytoplasm stains "
         f"{p.colour()} and {p.contents_verb()} {p.contents()}."
     )
@@ -502,8 +504,8 @@ def _t_outline(p: _Phrases) -> str:
 def _t_amount(p: _Phrases) -> str:
     size, nuc = p.size(), p.nucleus_pre()
     return (
-        f"{_a(size)}, {p.shape()} {p.noun()} with {p.amount()}, {p.colour()}, {p.texture()} cytoplasm around "
-        f"{_a(nuc)} nucleus of {p.chromatin()} chromatin; the cytoplasm {p.contents_verb()} {p.contents()}."
+        f"{with_article(size)}, {p.shape()} {p.noun()} with {p.amount()}, {p.colour()}, {p.texture()} cytoplasm around "
+        f"{with_article(nuc)} nucleus of {p.chromatin()} chromatin; the cytoplasm {p.contents_verb()} {p.contents()}."
     )
 
 
@@ -517,7 +519,7 @@ def _t_whose(p: _Phrases) -> str:
         granules = f"shows {p.granules_with()}"
     size = p.size()
     return (
-        f"{_a(size)}, {p.shape()} {p.noun()} whose {p.nucleus_pre()} nucleus has {p.chromatin()} chromatin and whose "
+        f"{with_article(size)}, {p.shape()} {p.noun()} whose {p.nucleus_pre()} nucleus has {p.chromatin()} chromatin and whose "
         f"{p.colour()}, {p.texture()}, {p.vacuole_adj()} cytoplasm {granules}; the {p.ratio_noun()} is {p.ratio()}."
     )
 
@@ -536,8 +538,8 @@ def _t_chromatin_first(p: _Phrases) -> str:
 def _t_nucleus_post(p: _Phrases) -> str:
     size, shape, ratio = p.size(), p.outline_shape(), p.ratio()
     return (
-        f"This is {_a(size)} {p.noun()} with {_a(shape)} outline. It has a nucleus {p.nucleus_post()}, "
-        f"{p.chromatin()} chromatin, {_a(ratio)} {p.ratio_noun()}, and {p.colour()} cytoplasm of {p.texture()} texture "
+        f"This is {with_article(size)} {p.noun()} with {with_article(shape)} outline. It has a nucleus {p.nucleus_post()}, "
+        f"{p.chromatin()} chromatin, {with_article(ratio)} {p.ratio_noun()}, and {p.colour()} cytoplasm of {p.texture()} texture "
         f"{p.contents_participle()} {p.contents()}."
     )
 
@@ -553,8 +555,8 @@ def _t_smear(p: _Phrases) -> str:
 def _t_nucleus_first(p: _Phrases) -> str:
     nuc, ratio = p.nucleus_pre(), p.ratio()
     return (
-        f"{_a(nuc)} nucleus with {p.chromatin()} chromatin lies within the {p.colour()}, {p.texture()} cytoplasm "
-        f"of this {p.size()}, {p.shape()} {p.noun()}, giving {_a(ratio)} {p.ratio_noun()}; the cytoplasm "
+        f"{with_article(nuc)} nucleus with {p.chromatin()} chromatin lies within the {p.colour()}, {p.texture()} cytoplasm "
+        f"of this {p.size()}, {p.shape()} {p.noun()}, giving {with_article(ratio)} {p.ratio_noun()}; the cytoplasm "
         f"{p.contents_verb()} {p.contents()}."
     )
 

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from hemaclip.data.attributes import ALL_CLASSES, ATTRIBUTES, PBC11_CLASSES, PBC_CLASSES, WBCATT_CLASSES
 from hemaclip.errors import DataError
+from hemaclip.text.captions import article
 
 # Dataset name -> its class vocabulary (the order of classes is the order of logits).
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {
@@ -51,11 +52,11 @@ def fill_template(template: Template, phrase: str) -> str:
     if callable(template):
         return template(phrase)
 
-    def article(match: re.Match[str]) -> str:
-        a = match.group(1)
-        return f"{a}n {PLACEHOLDER}" if phrase[:1].lower() in "aeiou" else f"{a} {PLACEHOLDER}"
+    def fix(match: re.Match[str]) -> str:
+        chosen = article(phrase)
+        return f"{chosen.capitalize() if match.group(1) == 'A' else chosen} {PLACEHOLDER}"
 
-    return _ARTICLE_BEFORE_PLACEHOLDER.sub(article, template).replace(PLACEHOLDER, phrase)
+    return _ARTICLE_BEFORE_PLACEHOLDER.sub(fix, template).replace(PLACEHOLDER, phrase)
 
 
 def build_prompts(

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hemaclip.errors import HemaclipError
-from hemaclip.io import read_config
+from hemaclip.io import config_from_dict, read_config
 
 
 @dataclass
@@ -64,17 +63,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(payload) - known)
-        if unknown:
-            raise HemaclipError(f"{source}: unknown training option(s) {', '.join(unknown)}")
-        payload = dict(payload)
-        if isinstance(payload.get("text_mix"), dict):
-            try:
-                payload["text_mix"] = TextMix(**payload["text_mix"])
-            except TypeError as exc:
-                raise HemaclipError(f"{source}: bad text_mix ({exc})") from None
-        return cls(**payload)
+        return config_from_dict(cls, payload, "training config", source, nested={"text_mix": TextMix})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,16 +38,12 @@ from hemaclip.models.losses import aux_supervised_loss, build_loss
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.text.prompts import PromptSet, load_prompts
 from hemaclip.train.config import TrainConfig
+from hemaclip.train.seeds import step_seed
 from hemaclip.train.distributed import DistInfo, barrier, cleanup, init_distributed, mean_over_ranks
 from hemaclip.train.texts import build_text_bank, draw_texts, record_targets, statement_masks
 from hemaclip.train.validate import validate
 
 STORAGE_SIZE = 192  # decoded-cache resolution: the bundled data's native size, crops are taken from it
-
-
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs (used for every per-step random draw)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def stratified_subset(records: list[CellRecord], limit: int | None, seed: int) -> list[CellRecord]:
