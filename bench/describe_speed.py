@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
 from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.images import load_image  # noqa: E402
+from hemaclip.data.preprocess import decode_image  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     errors = sum(d.error is not None for d in described)
 
     start = time.perf_counter()
-    arrays = [describer.prepare(load_image(p)) for p in paths]
+    arrays = [describer.prepare(decode_image(p)) for p in paths]
     decode_s = time.perf_counter() - start
     stacked = np.stack(arrays)
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def main() -> None:
 
     start = time.perf_counter()
     for i in range(0, len(paths), args.batch_size):
-        batch = np.stack([describer.prepare(load_image(p)) for p in paths[i : i + args.batch_size]])
+        batch = np.stack([describer.prepare(decode_image(p)) for p in paths[i : i + args.batch_size]])
         image_outputs(describer.model, batch, batch_size=args.batch_size)
     baseline_s = time.perf_counter() - start
 

@@ -3,7 +3,7 @@
   python bench/fuzz_inputs.py                 # -> bench/results/fuzz_inputs.json
   python bench/fuzz_inputs.py --scale 0.1     # a quick pass
 
-Each case is a file handed to `load_image` (random bytes behind real magic numbers, truncated and
+Each case is a file handed to `decode_image` (random bytes behind real magic numbers, truncated and
 bit-flipped real cell images, odd modes, EXIF orientations, decompression-bomb headers) or an
 attributes CSV handed to the `folder` dataset loader (random combinations of mutations). Outcome:
 `ok` (decoded to RGB / loaded), `clear_error` (a one-line DataError naming the file), `unclear_error`
@@ -34,7 +34,7 @@ from machine import machine_info  # noqa: E402
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.images import load_image  # noqa: E402
+from hemaclip.data.preprocess import decode_image  # noqa: E402
 from hemaclip.data.paths import resolve_data_root  # noqa: E402
 from hemaclip.errors import DataError  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
@@ -69,7 +69,7 @@ class Tally:
 
 
 def _decode(path: Path) -> None:
-    image = load_image(path)
+    image = decode_image(path)
     assert image.mode == "RGB", image.mode
 
 

@@ -34,7 +34,7 @@ from machine import machine_info  # noqa: E402
 from hemaclip.data.attributes import ATTRIBUTES  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.data.images import load_image  # noqa: E402
+from hemaclip.data.preprocess import decode_image  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
 from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
 from hemaclip.models.default import resolve_checkpoint  # noqa: E402
@@ -75,7 +75,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = load_image(self.paths[i]).resize((self.size, self.size))
+        image = decode_image(self.paths[i]).resize((self.size, self.size))
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
@@ -89,7 +89,7 @@ def image_loading(paths: list[Path], size: int, repeats: int) -> list[dict]:
 
         def decode_every_pass() -> None:
             for p in paths:
-                np.asarray(load_image(p).resize((size, size)), dtype=np.uint8)
+                np.asarray(decode_image(p).resize((size, size)), dtype=np.uint8)
 
         def cached_pass() -> None:
             images = decoded_images(paths, size, directory=cache, progress=False)

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from hemaclip.data.corruptions import CORRUPTION_NAMES, SEVERITIES, SEVERITY_PARAMS, corrupt, corrupt_batch
-from hemaclip.data.images import load_image
+from hemaclip.data.preprocess import decode_image
 
 
 @pytest.fixture(scope="module")
 def cell(data_root: Path) -> np.ndarray:
     path = sorted((data_root / "PBC_dataset_normal_DIB" / "neutrophil").glob("*.jpg"))[0]
-    return np.asarray(load_image(path).resize((64, 64), Image.Resampling.BICUBIC))
+    return np.asarray(decode_image(path).resize((64, 64), Image.Resampling.BICUBIC))
 
 
 def test_eleven_corruptions_five_severities() -> None:

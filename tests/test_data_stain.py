@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from hemaclip.data.corruptions import corrupt
-from hemaclip.data.images import load_image
+from hemaclip.data.preprocess import decode_image
 from hemaclip.data.stain import (
     NORMALIZER_NAMES,
     default_reference,
@@ -30,7 +30,7 @@ from hemaclip.errors import HemaclipError
 def cells(data_root: Path) -> list[np.ndarray]:
     pbc = data_root / "PBC_dataset_normal_DIB"
     paths = [sorted((pbc / c).glob("*.jpg"))[0] for c in ("lymphocyte", "monocyte", "neutrophil", "eosinophil")]
-    return [np.asarray(load_image(p).resize((96, 96), Image.Resampling.BICUBIC)) for p in paths]
+    return [np.asarray(decode_image(p).resize((96, 96), Image.Resampling.BICUBIC)) for p in paths]
 
 
 def test_names_and_none() -> None:

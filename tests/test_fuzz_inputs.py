@@ -23,7 +23,7 @@ from PIL import Image
 from hemaclip.data.attributes import ATTRIBUTES, ATTRIBUTE_NAMES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.data.image_cache import decoded_images
-from hemaclip.data.images import MAX_IMAGE_PIXELS, load_image
+from hemaclip.data.preprocess import MAX_IMAGE_PIXELS, decode_image
 from hemaclip.errors import DataError, HemaclipError
 
 FUZZ = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -62,7 +62,7 @@ def _assert_clear_error(exc: BaseException, path: Path) -> None:
 
 def _load_or_clear_error(path: Path) -> Image.Image | None:
     try:
-        image = load_image(path)
+        image = decode_image(path)
     except DataError as exc:
         _assert_clear_error(exc, path)
         return None
@@ -88,7 +88,7 @@ def test_truncated_images_fail_clearly(tmp_path: Path, fraction: float, kind: st
     path = tmp_path / f"cut.{kind}"
     path.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(DataError) as info:
-        load_image(path)
+        decode_image(path)
     _assert_clear_error(info.value, path)
 
 
@@ -96,10 +96,10 @@ def test_zero_byte_and_missing_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     with pytest.raises(DataError, match="empty file") as info:
-        load_image(empty)
+        decode_image(empty)
     _assert_clear_error(info.value, empty)
     with pytest.raises(DataError, match="not found"):
-        load_image(tmp_path / "absent.jpg")
+        decode_image(tmp_path / "absent.jpg")
 
 
 def _png_with_header_size(width: int, height: int) -> bytes:
@@ -118,12 +118,12 @@ def test_decompression_bomb_is_refused(tmp_path: Path, side: int) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_with_header_size(side, side))
     with pytest.raises(DataError, match="too large") as info:
-        load_image(path)
+        decode_image(path)
     _assert_clear_error(info.value, path)
     # The global PIL limit is restored after the call, whatever it was.
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(DataError):
-        load_image(path)
+        decode_image(path)
     assert Image.MAX_IMAGE_PIXELS == before
 
 
@@ -142,7 +142,7 @@ def test_odd_modes_become_rgb_of_the_same_size(tmp_path: Path, mode: str, width:
         image.info["transparency"] = 0
     path = tmp_path / f"odd{suffix}"
     image.save(path)
-    loaded = load_image(path)
+    loaded = decode_image(path)
     assert loaded.mode == "RGB" and loaded.size == (width, height)
     assert np.asarray(loaded).dtype == np.uint8
 
@@ -151,28 +151,28 @@ def test_sixteen_bit_keeps_contrast(tmp_path: Path) -> None:
     ramp = np.tile(np.linspace(1000, 60000, 32, dtype=np.uint16), (16, 1))
     path = tmp_path / "ramp16.png"
     Image.fromarray(ramp).save(path)
-    out = np.asarray(load_image(path))
+    out = np.asarray(decode_image(path))
     assert out[:, 0].max() < 10 and out[:, -1].min() > 245  # scaled to the full 8-bit range, not clipped
 
 
 def test_cmyk_jpeg(tmp_path: Path) -> None:
     path = tmp_path / "cmyk.jpg"
     path.write_bytes(_jpeg_bytes(mode="CMYK"))
-    assert load_image(path).mode == "RGB"
+    assert decode_image(path).mode == "RGB"
 
 
 @pytest.mark.parametrize("orientation,expected", [(1, (40, 24)), (3, (40, 24)), (6, (24, 40)), (8, (24, 40))])
 def test_exif_rotation_is_applied(tmp_path: Path, orientation: int, expected: tuple[int, int]) -> None:
     path = tmp_path / f"exif{orientation}.jpg"
     path.write_bytes(_jpeg_bytes((40, 24), exif_orientation=orientation))
-    assert load_image(path).size == expected
+    assert decode_image(path).size == expected
 
 
 def test_tiny_image_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.png"
     Image.new("RGB", (4, 4)).save(path)
     with pytest.raises(DataError, match="too small"):
-        load_image(path)
+        decode_image(path)
 
 
 def _class_folder(root: Path, n: int = 4) -> Path:
@@ -189,7 +189,7 @@ def test_non_utf8_file_names(tmp_path: Path) -> None:
     with open(raw, "wb") as handle:
         handle.write(_png_bytes("RGB"))
     path = Path(os.fsdecode(raw))
-    assert load_image(path).size == (24, 20)
+    assert decode_image(path).size == (24, 20)
     splits = tmp_path / "splits"
     ds = load_dataset("folder", folder=root, split_dir=splits)
     assert path in {r.path for r in ds.records}

@@ -14,7 +14,7 @@ import pytest
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import load_dataset
-from hemaclip.data.images import load_image
+from hemaclip.data.preprocess import decode_image
 from hemaclip.models.checkpoint import save_checkpoint
 from hemaclip.models.factory import create_model
 from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
@@ -106,7 +106,7 @@ def test_calibration_sidecar_and_neighbours(tiny, records: list, tmp_path: Path)
     from hemaclip.tasks.index import CellIndex
 
     model, ckpt = tiny
-    images = [np.asarray(load_image(r.path)) for r in records]
+    images = [np.asarray(decode_image(r.path)) for r in records]
     plain = Describer(model, index=None).describe_arrays(images, ["a", "b", "c", "d"][: len(images)])
     sha1 = file_sha1(ckpt)
     assert load_calibration(ckpt, sha1)[0] is None  # none written yet: uncalibrated

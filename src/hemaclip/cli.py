@@ -105,14 +105,14 @@ def data_check(
     from tqdm import tqdm
 
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.data.images import load_image
+    from hemaclip.data.preprocess import decode_image
     from hemaclip.errors import DataError
 
     loaded = load_dataset(dataset, data_root=data if dataset != "folder" else None, folder=data, attributes_csv=attributes_csv)
     bad: list[str] = []
     for record in tqdm(loaded.records, desc=f"decoding {dataset}", unit="img", disable=not sys.stderr.isatty()):
         try:
-            load_image(record.path)
+            decode_image(record.path)
         except DataError as exc:
             if not keep_going:
                 raise

@@ -66,7 +66,7 @@ def demo_describe(data: Path | None, checkpoint: Path | None, n: int, out: Path,
     from PIL import Image
 
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.data.images import load_image
+    from hemaclip.data.preprocess import decode_image
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.saliency import overlay_png, saliency_map
@@ -95,7 +95,7 @@ def demo_describe(data: Path | None, checkpoint: Path | None, n: int, out: Path,
         table.add_row(Path(record.path).name, record.label, predicted, "yes" if d.abstain else "no", f"{right}/{len(d.attributes)}", f"{s_right}/{len(stated)}")
         rows.append([Path(record.path).name, record.label, d.label, d.probability, d.abstain, f"{right}/{len(d.attributes)}", f"{s_right}/{len(stated)}", d.sentence])
         sentences.append(f"{Path(record.path).name} ({record.label}): {d.sentence}")
-        prepared = describer.prepare(load_image(record.path))
+        prepared = describer.prepare(decode_image(record.path))
         overlay = np.asarray(Image.open(io.BytesIO(overlay_png(prepared, saliency_map(describer.model, prepared)))))
         axes[0, i].imshow(prepared)
         axes[0, i].set_title(f"{record.label}\n→ {d.label}", fontsize=7)

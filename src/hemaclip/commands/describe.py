@@ -39,11 +39,11 @@ def _saliency_target(value: str) -> str:
 
 
 def _write_saliency(describer, description, directory: Path, target: str, used: set[str]) -> None:
-    from hemaclip.data.images import load_image
+    from hemaclip.data.preprocess import decode_image
     from hemaclip.io import atomic_write
     from hemaclip.tasks.saliency import overlay_png, saliency_map
 
-    image = describer.prepare(load_image(description.source))
+    image = describer.prepare(decode_image(description.source))
     heat = saliency_map(describer.model, image, target=target)
     stem = Path(description.source).stem
     name = f"{stem}.{target}.png"

@@ -140,7 +140,8 @@ def search_command(
     """
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.inference import embed_texts
-    from hemaclip.tasks.index import CellIndex, embed_images, index_model, load_uint8
+    from hemaclip.data.preprocess import preprocess_for
+    from hemaclip.tasks.index import CellIndex, embed_images, index_model
 
     if (query is None or not query.strip()) and image is None:
         raise HemaclipError("empty query: give a description in words or --image FILE")
@@ -157,7 +158,7 @@ def search_command(
         err_console.print(f"note: {path} did not build {index}; scores compare two different models' embeddings", highlight=False)
     if image is not None:
         name = stain_norm if stain_norm is not None else str(cell_index.meta.get("stain_norm_name", "none"))
-        vectors = embed_images(model, load_uint8(image, int(model.config.image_size))[None], stain_normalizer=get_normalizer(name))
+        vectors = embed_images(model, preprocess_for(model).load(image)[None], stain_normalizer=get_normalizer(name))
         label = str(image)
     else:
         vectors = embed_texts(model, [query or ""])

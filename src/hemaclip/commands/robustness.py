@@ -131,6 +131,7 @@ def run_robustness_report(
     from hemaclip.data.corruptions import CORRUPTION_NAMES, SEVERITIES
     from hemaclip.data.datasets import load_dataset
     from hemaclip.data.image_cache import decoded_images
+    from hemaclip.data.preprocess import preprocess_for
     from hemaclip.data.stain import get_normalizer
     from hemaclip.studies import plots
     from hemaclip.studies.report import Section, Table, write_report
@@ -163,7 +164,8 @@ def run_robustness_report(
     records = [records[i] for i in sorted(rows)]
     size = int(model.config.image_size)
     log(f"{len(records)} {split} images of {dataset}; decoding at {size}px")
-    images = decoded_images([r.path for r in records], size, progress=progress)
+    preprocess = preprocess_for(model)
+    images = decoded_images([r.path for r in records], size, progress=progress, preprocess=preprocess)
     classes = [c for c in prompt_set.classes(dataset) if c in {r.label for r in records}]
 
     baseline_model = baseline_train = None
@@ -173,7 +175,7 @@ def run_robustness_report(
             raise DataError(f"dataset '{dataset}' has no train split for the baseline probe (use --no-baseline)")
         train = [train[i] for i in sorted(sample_per_class([r.label for r in train], baseline_train_per_class, seed))]
         baseline_model = create_model(RobustnessConfig().baseline_model, image_size=size)
-        baseline_train = (decoded_images([r.path for r in train], size, progress=progress), train)
+        baseline_train = (decoded_images([r.path for r in train], size, progress=progress, preprocess=preprocess), train)
     config = RobustnessConfig(corruptions=tuple(corruptions), severities=tuple(severities), seed=seed, baseline=baseline)
     settings = {"checkpoint_sha1": file_sha1(path), "dataset": dataset, "split": split, "max_per_class": max_per_class,
                 "baseline_train_per_class": baseline_train_per_class if baseline else None, "stain_normalization": stain_norm,

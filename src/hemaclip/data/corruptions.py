@@ -195,7 +195,7 @@ def corruption_rng(name: str, severity: int, seed: int, index: int) -> np.random
 def corrupt(image: np.ndarray, name: str, severity: int, seed: int = 0, index: int = 0) -> np.ndarray:
     """Apply corruption `name` at `severity` (1-5) to one uint8 RGB image; deterministic in (seed, index).
 
-    Example: ``noisy = corrupt(np.asarray(load_image(path)), "gaussian_noise", 3, seed=0, index=7)``.
+    Example: ``noisy = corrupt(np.asarray(decode_image(path)), "gaussian_noise", 3, seed=0, index=7)``.
     """
     _check(name, severity)
     image = np.asarray(image)

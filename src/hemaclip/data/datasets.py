@@ -24,7 +24,7 @@ from hemaclip.data.attributes import (
     validate_attributes,
 )
 from hemaclip.data.dedupe import DuplicateReport, deduplicate
-from hemaclip.data.images import is_image_file
+from hemaclip.data.preprocess import is_image_file
 from hemaclip.data.paths import resolve_data_root
 from hemaclip.data.splits import SPLIT_NAMES, SplitFractions, saved_or_new_split, stratified_split
 from hemaclip.errors import DataError

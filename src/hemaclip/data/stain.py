@@ -158,7 +158,7 @@ def get_normalizer(name: str | None, reference: np.ndarray | StainReference | No
     one-line `HemaclipError`.
 
     `reference` is an RGB image to fit on, a `StainReference`, or None for the shipped PBC reference.
-    Example: ``norm = get_normalizer("macenko"); out = norm(np.asarray(load_image(path)))``.
+    Example: ``norm = get_normalizer("macenko"); out = norm(np.asarray(decode_image(path)))``.
     """
     key = (name or "none").strip().lower()
     if key not in NORMALIZER_NAMES:

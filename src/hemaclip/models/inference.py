@@ -14,15 +14,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from hemaclip.data.transforms import eval_transform
+from hemaclip.data.preprocess import preprocess_for
 from hemaclip.errors import HemaclipError
 from hemaclip.models.modes import eval_mode
-
-
-def model_eval_transform(model: torch.nn.Module):
-    """The eval transform matching the model's resolution and normalisation statistics."""
-    config = model.config
-    return eval_transform(config.image_size, tuple(config.image_mean), tuple(config.image_std))
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -118,23 +112,27 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _batches(images: np.ndarray, batch_size: int, transform) -> Iterable[torch.Tensor]:
+def _batches(images: np.ndarray, batch_size: int, preprocess: Any, transform: Any) -> Iterable[torch.Tensor]:
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        yield torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in chunk])
+        yield preprocess.batch(images[start : start + batch_size], transform)
 
 
 @torch.no_grad()
 def image_outputs(
     model: torch.nn.Module, images: np.ndarray, batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor] | None]:
-    """Normalised embeddings [N, D] and head logits for uint8 images [N, H, W, 3] (all on the CPU)."""
-    transform = model_eval_transform(model)
+    """Normalised embeddings [N, D] and head logits for uint8 images [N, H, W, 3] (all on the CPU).
+
+    Images are the model's uint8 arrays (:meth:`hemaclip.data.preprocess.Preprocess.to_array`); the
+    model's preprocessing turns them into normalised tensors at its input size.
+    """
+    preprocess = preprocess_for(model)
+    transform = preprocess.eval_transform()
     embeds, attrs, classes = [], {}, []
     show = progress and sys.stderr.isatty()
     with eval_mode(model):
         total = (len(images) + batch_size - 1) // batch_size
-        for batch in tqdm(_batches(images, batch_size, transform), total=total, desc="embedding images", unit="batch", disable=not show):
+        for batch in tqdm(_batches(images, batch_size, preprocess, transform), total=total, desc="embedding images", unit="batch", disable=not show):
             raw = model.encode_image(batch.to(device).contiguous(memory_format=torch.channels_last), normalize=False)
             attribute_logits, class_logits = model.aux_logits(raw)
             embeds.append(F.normalize(raw, dim=-1).float().cpu())

@@ -15,9 +15,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import base64
-import io
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -27,10 +25,10 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from hemaclip import __version__
-from hemaclip.data.images import MAX_IMAGE_PIXELS, _to_rgb
+from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
 
 __all__ = ["ServeSettings", "UploadError", "create_app", "decode_upload", "parse_where_param"]
@@ -61,37 +59,18 @@ class UploadError(Exception):
         self.detail = detail
 
 
+# HTTP status of each way an upload can fail to decode (hemaclip.data.preprocess.ImageDecodeError.kind).
+DECODE_STATUS = {"empty": 415, "not_image": 415, "format": 415, "too_large": 413, "corrupt": 422, "too_small": 422}
+
+
 def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
-    """Decode image bytes fully into RGB (content decides the type), or raise UploadError (413/415/422)."""
-    if not data:
-        raise UploadError(415, f"{name}: empty body, not an image")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    """Decode image bytes fully into RGB through the one decoder (the content decides the type), or
+    raise UploadError: 415 not an image or not an accepted format, 413 too many pixels, 422 corrupt,
+    truncated or too small."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                opened = Image.open(io.BytesIO(data))
-            except UnidentifiedImageError:
-                raise UploadError(415, f"{name}: not an image (content is not JPEG, PNG, BMP, TIFF, WebP or GIF)") from None
-            with opened:
-                if opened.format not in IMAGE_FORMATS:
-                    raise UploadError(415, f"{name}: image format {opened.format} is not accepted; send JPEG, PNG, BMP, TIFF or WebP")
-                opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
-                image.load()
-    except UploadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(413, f"{name}: image has too many pixels (limit {MAX_IMAGE_PIXELS})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UploadError(422, f"{name}: corrupt or truncated image ({first})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-    if min(image.size) < 8:
-        raise UploadError(422, f"{name}: image is {image.size[0]}x{image.size[1]} pixels, too small to be a cell image")
-    return image
+        return decode_image(bytes(data), name, formats=IMAGE_FORMATS)
+    except ImageDecodeError as exc:
+        raise UploadError(DECODE_STATUS.get(exc.kind, 422), str(exc)) from None
 
 
 def parse_where_param(items: list[str] | None) -> dict[str, str]:

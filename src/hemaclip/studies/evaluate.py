@@ -786,9 +786,9 @@ def _paired_retrieval(ctx: _Context) -> dict[str, Any]:
 
 
 def _thumbnail(path: str, size: int = 192) -> Any:
-    from hemaclip.data.images import load_image
+    from hemaclip.data.preprocess import decode_image
 
-    image = load_image(path)
+    image = decode_image(path)
     image.thumbnail((size, size))
     return image
 

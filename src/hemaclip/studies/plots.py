@@ -368,9 +368,9 @@ def plot_nshot_curves(
 def _as_image_array(image: Any) -> np.ndarray:
     """An image path, PIL image or array (HW, HWC or CHW; uint8 or float in [0, 1]) as an RGB(A) array."""
     if isinstance(image, (str, Path)):
-        from hemaclip.data.images import load_image
+        from hemaclip.data.preprocess import decode_image
 
-        return np.asarray(load_image(image))
+        return np.asarray(decode_image(image))
     if hasattr(image, "detach"):  # a torch tensor, without importing torch here
         image = image.detach().cpu().numpy()
     if hasattr(image, "mode") and hasattr(image, "size") and not isinstance(image, np.ndarray):  # PIL
@@ -400,7 +400,7 @@ def plot_retrieval_grid(
     """Text-to-image retrieval examples: one row per query, its text on the left, then the top-`k` hits.
 
     ``results[i]`` lists ``(image, is_correct, caption)`` in rank order for ``queries[i]``; an image
-    is a file path (decoded with :func:`hemaclip.data.images.load_image`), a PIL image or an
+    is a file path (decoded with :func:`hemaclip.data.preprocess.decode_image`), a PIL image or an
     array (uint8 HWC, HW grey, CHW, or float in [0, 1]). Each hit is framed green when correct and
     red when wrong, with its rank and caption underneath; missing hits (fewer than `k`) stay empty.
     """

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
-from hemaclip.data.images import is_image_file, load_image
+from hemaclip.data.preprocess import decode_image, is_image_file, preprocess_for
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.text.captions import (
     CHROMATIN_WORDS,
@@ -393,20 +393,6 @@ def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield path  # missing or unreadable files become error records
 
 
-def _prepare(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """uint8 [size, size, 3] exactly as the decoded-image cache makes it (bicubic resize of the whole crop)."""
-    if isinstance(image, np.ndarray):
-        array = np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise DataError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
-        if array.shape[:2] == (size, size):
-            return array
-        image = Image.fromarray(array)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image)
-
-
 class Describer:
     """Loads a model, its calibration and a reference index once; describes arrays or files."""
 
@@ -439,7 +425,8 @@ class Describer:
         self.abstain_below = float(abstain_below)
         self.stain_normalizer = stain_normalizer
         self.device = device
-        self.image_size = int(model.config.image_size)
+        self.preprocess = preprocess_for(model)
+        self.image_size = self.preprocess.image_size
 
     @property
     def calibrated(self) -> bool:
@@ -490,8 +477,8 @@ class Describer:
     # -- core ------------------------------------------------------------------------------------
 
     def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """The uint8 array the model sees (resized to the model's resolution, stain-normalised if asked)."""
-        array = _prepare(image, self.image_size)
+        """The uint8 array the model sees (the model's preprocessing, then stain normalisation if asked)."""
+        array = self.preprocess.to_array(image)
         if self.stain_normalizer is not None:
             array = self.stain_normalizer(array)
         return array
@@ -549,7 +536,7 @@ class Describer:
 
     def _load(self, path: Path) -> np.ndarray | str:
         try:
-            return self.prepare(load_image(path))
+            return self.prepare(decode_image(path))
         except DataError as err:
             return str(err)
         except (OSError, ValueError) as err:  # a normaliser or resize failing on an odd file

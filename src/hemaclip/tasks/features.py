@@ -30,6 +30,7 @@ from hemaclip.data.attributes import ATTRIBUTE_NAMES, validate_attributes
 from hemaclip.data.datasets import CellRecord, clean_csv_row
 from hemaclip.cache import cache_dir
 from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import DataError
@@ -255,7 +256,7 @@ def extract_features(
     source: str | None = None,
     stain_normalizer: Normalizer | None = None,
 ) -> FeatureSet:
-    """Embed `records` with `model` at `model.config.image_size` (decoded-image cache + eval transform).
+    """Embed `records` with `model` through its preprocessing (decoded-image cache at its input size).
 
     With `cache=True` the arrays are read from / written to ``cache_dir()/features/<key>.npz``
     (see :func:`feature_cache_key`); a hit does no image decoding or model inference. Labels,
@@ -290,7 +291,7 @@ def extract_features(
                     records, cached.features, cached.class_logits, cached.attribute_logits, source, meta
                 )
     if records:
-        images = normalize_batch(decoded_images(paths, size, progress=progress), stain_normalizer)
+        images = normalize_batch(decoded_images(paths, size, progress=progress, preprocess=preprocess_for(model)), stain_normalizer)
         out = image_outputs(model, images, batch_size=batch_size, device=device, progress=progress)
         features = out["features"].numpy().astype(np.float32, copy=False)
         class_logits = out["class_logits"].numpy() if out["class_logits"] is not None else None

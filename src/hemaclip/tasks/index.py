@@ -34,13 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from hemaclip import __version__
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.cache import cache_dir
-from hemaclip.data.images import load_image
+from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.io import atomic_write
@@ -54,8 +53,6 @@ __all__ = [
     "default_reference_index",
     "embed_images",
     "index_model",
-    "load_uint8",
-    "to_model_size",
 ]
 
 INDEX_FORMAT = 1
@@ -88,24 +85,8 @@ class IndexSettings:
 
 
 # ------------------------------------------------------------------------------------------------
-# Embedding helpers shared by build, search and the server
+# Embedding images (text queries: hemaclip.models.inference.embed_texts)
 # ------------------------------------------------------------------------------------------------
-
-
-def load_uint8(path: str | Path, size: int) -> np.ndarray:
-    """Decode an image file to uint8 [size, size, 3] RGB, resized as the decoded-image cache does."""
-    image = load_image(path)
-    return to_model_size(image, size)
-
-
-def to_model_size(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """An RGB PIL image or uint8 array resized (bicubic) to the model's square input, as uint8."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False))
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def embed_images(
@@ -256,6 +237,7 @@ def _embed_shards(
 
     size = int(model.config.image_size)
     dim = int(model.config.embed_dim)
+    preprocess = preprocess_for(model)
     stain = normalizer_id(stain_normalizer)
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(records) + shard_size - 1) // shard_size
@@ -270,7 +252,7 @@ def _embed_shards(
             target = shard_dir / f"shard-{number:05d}.npz"
             features = _read_shard(target, key, len(chunk), dim)
             if features is None:
-                images = np.stack([load_uint8(p, size) for p in paths])
+                images = np.stack([preprocess.load(p) for p in paths])
                 features = embed_images(model, images, batch_size=batch_size, stain_normalizer=stain_normalizer)
                 with atomic_write(target, "wb") as handle:
                     np.savez(handle, features=features, key=np.array(key))

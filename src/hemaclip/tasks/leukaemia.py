@@ -33,6 +33,7 @@ import torch
 from hemaclip.data.datasets import CellDataset, CellRecord, load_dataset
 from hemaclip.data.dedupe import file_hashes
 from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.preprocess import preprocess_for
 from hemaclip.errors import HemaclipError
 from hemaclip.models.checkpoint import load_for_inference
 from hemaclip.models.default import default_checkpoint_path
@@ -251,7 +252,7 @@ def embed_splits(
     index = {c: i for i, c in enumerate(classes)}
     features, logits, labels = {}, {}, {}
     for split, recs in records.items():
-        images = decoded_images([r.path for r in recs], model.config.image_size, progress=progress)
+        images = decoded_images([r.path for r in recs], model.config.image_size, progress=progress, preprocess=preprocess_for(model))
         out = image_outputs(model, images, device=device, progress=progress)
         features[split] = out["features"].numpy()
         head = out["class_logits"]

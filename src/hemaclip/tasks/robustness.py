@@ -35,10 +35,11 @@ from tqdm import tqdm
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.corruptions import CORRUPTION_NAMES, SEVERITIES, corrupt_batch
 from hemaclip.data.datasets import CellRecord
+from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.stain import Normalizer, normalize_batch
 from hemaclip.errors import DataError
 from hemaclip.metrics.classification import macro_f1
-from hemaclip.models.inference import image_outputs, model_eval_transform
+from hemaclip.models.inference import image_outputs
 from hemaclip.models.modes import eval_mode
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import l2_normalize
@@ -127,12 +128,13 @@ class _ModelScorer:
 @torch.no_grad()
 def trunk_features(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Pooled image-trunk features (before the hemaclip projection) of uint8 images [N, H, W, 3]."""
-    transform = model_eval_transform(model)
+    preprocess = preprocess_for(model)
+    transform = preprocess.eval_transform()
     trunk = model.visual.trunk
     chunks = []
     with eval_mode(trunk):
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in images[start : start + batch_size]])
+            batch = preprocess.batch(images[start : start + batch_size], transform)
             out = trunk(batch.contiguous(memory_format=torch.channels_last))  # as image_outputs: faster on CPU
             chunks.append(out.float().reshape(len(batch), -1).numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)

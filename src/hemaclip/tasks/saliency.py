@@ -34,13 +34,12 @@ OVERLAY_COLORMAP = "jet"
 
 
 def _input_tensor(model: Any, image: np.ndarray) -> torch.Tensor:
-    from hemaclip.models.inference import model_eval_transform
+    from hemaclip.data.preprocess import preprocess_for
 
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise HemaclipError(f"saliency needs a uint8 HxWx3 RGB image, got {array.dtype} {array.shape}")
-    tensor = model_eval_transform(model)(torch.from_numpy(np.array(array)).permute(2, 0, 1))
-    return tensor.unsqueeze(0)
+    return preprocess_for(model).batch([array])
 
 
 def _target_score(model: Any, raw: torch.Tensor, target: str, value: str | None) -> torch.Tensor:

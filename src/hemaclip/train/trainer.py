@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
-from hemaclip.data.transforms import AugmentConfig, eval_transform, train_transform
+from hemaclip.data.preprocess import preprocess_for
+from hemaclip.data.transforms import AugmentConfig
 from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, remove_stale_temps, write_json
 from hemaclip.models import create_model
@@ -295,12 +296,13 @@ def _train(
     text_class, text_attributes = bank.statement_tensors()
     image_class, image_attributes = record_targets(train_records, model.class_names)
 
-    images = decoded_images([r.path for r in train_records], STORAGE_SIZE, progress=show)
-    val_images = decoded_images([r.path for r in val_records], model.config.image_size, progress=show)
-    stats = {"mean": tuple(model.config.image_mean), "std": tuple(model.config.image_std)}
-    size = model.config.image_size
+    # The model's one preprocessing path: training images stored at STORAGE_SIZE (crops are taken from
+    # them), validation images at the model's size, exactly as evaluate, describe and index see them.
+    preprocess = preprocess_for(model)
+    images = decoded_images([r.path for r in train_records], STORAGE_SIZE, progress=show, preprocess=preprocess)
+    val_images = decoded_images([r.path for r in val_records], preprocess.image_size, progress=show, preprocess=preprocess)
     augment_config = AugmentConfig(stain_jitter=float(config.stain_jitter))
-    augment = train_transform(size, augment_config, **stats) if config.augment else eval_transform(size, **stats)
+    augment = preprocess.train_transform(augment_config) if config.augment else preprocess.eval_transform()
 
     loss_options: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "gather_with_grad": True}
     if config.loss == "soft":

@@ -1,0 +1,244 @@
+"""The one path from an image file (or uploaded bytes) to what a model sees.
+
+* :func:`decode_image` is the only place that opens images: a file path or the bytes of an upload,
+  decoded fully into 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit and EXIF-rotated files are
+  normalised here), or a one-line :class:`ImageDecodeError` naming the file.
+* :class:`Preprocess` is built from a model's config (``Preprocess.from_config(model.config)`` or
+  :func:`preprocess_for`), as open_clip builds its transforms from the model. It turns a decoded image
+  into the model's uint8 array (``to_array``: today the whole image, bicubic, at ``image_size``; the
+  decoded-image cache stores training images at a larger storage size the same way) and uint8 arrays
+  into normalised tensors (``eval_transform``, ``train_transform``, ``batch``).
+
+Training (cache, then train transform), ``describe``, ``index build``/``search``, ``serve``,
+``evaluate`` and every study go through it. What it does is the model config's ``preprocess`` field
+(stored in checkpoints; empty = the defaults in :data:`PREPROCESS_OPTIONS`), so a later step such as
+finding the cell in a larger field (``"locate": "cells"``) or colour standardisation is added here and
+in that field, without touching callers. A checkpoint saved before the field existed loads with the
+defaults, i.e. exactly the preprocessing it was trained with.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hemaclip.errors import DataError, HemaclipError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "PREPROCESS_OPTIONS",
+    "ImageDecodeError",
+    "Preprocess",
+    "check_preprocess",
+    "decode_image",
+    "is_image_file",
+    "preprocess_for",
+]
+
+# Refuse decompression bombs: far above any cell crop or smear tile a user would embed.
+MAX_IMAGE_PIXELS = 64_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MIN_SIDE = 8
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The options of a model config's `preprocess` field and their allowed values; the first is the default.
+PREPROCESS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "locate": ("whole",),  # which part of the image is the cell: the whole image (cell finding comes later)
+    "resize": ("bicubic",),  # how that part is brought to the model's size
+}
+
+
+class ImageDecodeError(DataError):
+    """An image that cannot be decoded; `kind` says why (for callers that map it, e.g. to HTTP statuses):
+    missing, empty, not_image, format, too_large, corrupt or too_small."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def is_image_file(path: Path) -> bool:
+    """True for file names with a common raster-image suffix (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255.0
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def decode_image(source: str | Path | bytes, name: str | None = None, formats: Sequence[str] | None = None) -> Image.Image:
+    """Decode a file (path) or an upload (bytes) fully into an 8-bit RGB PIL image.
+
+    `name` names an upload in messages (default "upload"); `formats` (PIL format names) restricts what
+    is accepted, judged by the content, not the file name. Raises :class:`ImageDecodeError` (a
+    `DataError`, one line naming the file) for a missing, empty, unreadable, too large, corrupt or
+    truncated image, or one under 8 pixels on a side.
+    """
+    from_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    if from_bytes:
+        label = name or "upload"
+        if not source:
+            raise ImageDecodeError(f"{label}: empty body, not an image", "empty")
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise ImageDecodeError(f"{path}: image file not found", "missing")
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(f"{path}: empty file (0 bytes), not an image", "empty")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(source)) if from_bytes else path) as opened:
+                if formats is not None and opened.format not in formats:
+                    names = [{"WEBP": "WebP"}.get(f, f) for f in formats]
+                    accepted = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+                    raise ImageDecodeError(f"{label}: image format {opened.format} is not accepted; send {accepted}", "format")
+                opened.load()
+                image = _to_rgb(ImageOps.exif_transpose(opened))
+                image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if from_bytes:
+            raise ImageDecodeError(f"{label}: image has too many pixels (limit {MAX_IMAGE_PIXELS})", "too_large") from None
+        raise ImageDecodeError(
+            f"{label}: image too large ({exc.__class__.__name__}); limit is {MAX_IMAGE_PIXELS} pixels", "too_large"
+        ) from None
+    except UnidentifiedImageError:
+        if from_bytes:
+            raise ImageDecodeError(f"{label}: not an image (content is not JPEG, PNG, BMP, TIFF, WebP or GIF)", "not_image") from None
+        raise ImageDecodeError(f"{label}: not a readable image file", "not_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"{label}: corrupt or truncated image ({_first_line(exc)})", "corrupt") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if min(image.size) < MIN_SIDE:
+        raise ImageDecodeError(
+            f"{label}: image is {image.size[0]}x{image.size[1]} pixels, too small to be a cell image", "too_small"
+        )
+    return image
+
+
+def check_preprocess(spec: Mapping[str, Any] | None, source: str = "model config") -> dict[str, str]:
+    """A `preprocess` field checked against :data:`PREPROCESS_OPTIONS` (one-line error for an unknown
+    option or value); returned as given, defaults left implicit."""
+    spec = dict(spec or {})
+    unknown = sorted(str(k) for k in spec if k not in PREPROCESS_OPTIONS)
+    if unknown:
+        raise HemaclipError(f"{source}: unknown preprocess option(s) {', '.join(unknown)} (known: {', '.join(PREPROCESS_OPTIONS)})")
+    for key, value in spec.items():
+        if value not in PREPROCESS_OPTIONS[key]:
+            raise HemaclipError(f"{source}: preprocess {key}={value!r} is not supported (choose from {', '.join(PREPROCESS_OPTIONS[key])})")
+    return {str(k): str(v) for k, v in spec.items()}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Decoded image -> the model's uint8 array -> normalised tensor, as one model config says.
+
+    `image_size`, `mean` and `std` are the model's input size and normalisation; `spec` the non-default
+    options of its ``preprocess`` field (empty: the whole image, bicubic).
+    """
+
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    spec: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any) -> Preprocess:
+        """The preprocessing of a model config (`ModelConfig` or anything with its fields)."""
+        spec = check_preprocess(getattr(config, "preprocess", None))
+        defaults = {k: v[0] for k, v in PREPROCESS_OPTIONS.items()}
+        return cls(
+            image_size=int(config.image_size),
+            mean=tuple(float(v) for v in config.image_mean),
+            std=tuple(float(v) for v in config.image_std),
+            spec=tuple(sorted((k, v) for k, v in spec.items() if v != defaults[k])),
+        )
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Every option with its value (defaults filled in)."""
+        return {**{k: v[0] for k, v in PREPROCESS_OPTIONS.items()}, **dict(self.spec)}
+
+    @property
+    def cache_id(self) -> str:
+        """What sets the uint8 arrays apart from the default path ("" for the default), for cache keys."""
+        return ";".join(f"{k}={v}" for k, v in self.spec)
+
+    # -- uint8 arrays ------------------------------------------------------------------------------
+
+    def to_array(self, image: Image.Image | np.ndarray, size: int | None = None) -> np.ndarray:
+        """uint8 [S, S, 3] of a decoded image (PIL, or a uint8 HxWx3 RGB array) at `size` (default
+        `image_size`): the whole image resized, bicubic. An array already at that size is returned as is."""
+        size = int(size or self.image_size)
+        if isinstance(image, np.ndarray):
+            array = np.asarray(image)
+            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+                raise DataError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
+            if array.shape[:2] == (size, size):
+                return array
+            image = Image.fromarray(array)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(image)
+
+    def load(self, source: str | Path | bytes, size: int | None = None) -> np.ndarray:
+        """:func:`decode_image` then :meth:`to_array`."""
+        return self.to_array(decode_image(source), size)
+
+    # -- tensors -----------------------------------------------------------------------------------
+
+    def eval_transform(self) -> Any:
+        """uint8 CHW tensor (or PIL image) -> normalised float tensor at `image_size`."""
+        from hemaclip.data.transforms import eval_transform
+
+        return eval_transform(self.image_size, self.mean, self.std)
+
+    def train_transform(self, augment: Any = None) -> Any:
+        """The training augmentation (:class:`hemaclip.data.transforms.AugmentConfig`) ending at `image_size`."""
+        from hemaclip.data.transforms import train_transform
+
+        return train_transform(self.image_size, augment, self.mean, self.std)
+
+    def batch(self, arrays: Sequence[np.ndarray] | np.ndarray, transform: Any = None) -> Any:
+        """Normalised float tensor [N, 3, S, S] of uint8 arrays [N, H, W, 3] (resized to `image_size`)."""
+        import torch
+
+        transform = transform or self.eval_transform()
+        return torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in arrays])
+
+
+def preprocess_for(model: Any) -> Preprocess:
+    """The preprocessing of a model (built from ``model.config``)."""
+    return Preprocess.from_config(model.config)
