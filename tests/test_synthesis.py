@@ -13,7 +13,7 @@ import torch
 
 from hemaclip.errors import CheckpointError, HemaclipError
 from hemaclip.metrics.generative import fid, kid, nearest_real, precision_recall
-from hemaclip.studies.generative import utility_arms
+from hemaclip.studies.synthesis import utility_arms
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,
@@ -27,15 +27,8 @@ from hemaclip.models.gan import (
     read_gan,
     save_gan,
 )
-from hemaclip.tasks.synthesis import (
-    load_gan_config,
-    parse_reduce,
-    reduce_records,
-    sample_counts,
-    sample_images,
-    train_gan,
-    write_sample_folder,
-)
+from hemaclip.tasks.synthesis import sample_counts, sample_images, write_sample_folder
+from hemaclip.train.gan import load_gan_config, parse_reduce, reduce_records, train_gan
 
 CLASSES = ["benign", "early", "pre", "pro"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hemaclip.commands import leukemia as leukemia_command
-from hemaclip.commands.leukemia import compare_twins, run_study, score
+from hemaclip.studies import leukaemia as leukaemia_study
+from hemaclip.studies.leukaemia import compare_twins, run_study, score
 from hemaclip.data.attributes import ALL_CLASSES, WBCATT_CLASSES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import HemaclipError
@@ -108,7 +108,7 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 def test_study_fine_tunes_both_twins_and_writes_the_report(
     data_root: Path, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(leukemia_command, "N_RESAMPLES", 200)  # fewer bootstrap resamples: same code path, faster
+    monkeypatch.setattr(leukaemia_study, "N_RESAMPLES", 200)  # fewer bootstrap resamples: same code path, faster
     out, runs = tmp_path / "report", tmp_path / "runs"
     paths = run_study(out, runs, [str(tiny_checkpoint)], TINY, data_root=data_root, include_shipped=False, max_eval_images=8,
                       bench=tmp_path / "bench.json", progress=False, log=lambda _: None)

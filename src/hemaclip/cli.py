@@ -252,7 +252,7 @@ def demo_command(
     """
     import time
 
-    from hemaclip.commands._demo import demo_data_lines, demo_describe, demo_search, demo_write_report
+    from hemaclip.studies.demo import demo_data_lines, demo_describe, demo_search, demo_write_report
 
     started = time.perf_counter()
     console.rule("1. data")

@@ -1,7 +1,7 @@
 """`hemaclip synth train|sample|evaluate`: class-conditional GAN synthesis for class balancing.
 
-Training and sampling live in `hemaclip.tasks.synthesis`; the three-axis evaluation (fidelity,
-memorisation, downstream utility) and its report live in `hemaclip.studies.generative`.
+Training lives in `hemaclip.train.gan`, sampling in `hemaclip.tasks.synthesis`; the three-axis
+evaluation (fidelity, memorisation, downstream utility) and its report in `hemaclip.studies.synthesis`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def train_command(
     import json
 
     from hemaclip.io import write_json
-    from hemaclip.tasks.synthesis import load_gan_config, parse_reduce, train_gan
+    from hemaclip.train.gan import load_gan_config, parse_reduce, train_gan
 
     overrides = parse_set_options(set_)
     if size is not None:
@@ -106,7 +106,7 @@ def evaluate_command(
 
     Example: hemaclip synth evaluate --checkpoint runs/gan-all/last.pt --utility-checkpoint runs/gan-all-benign10/last.pt --out reports/synthesis
     """
-    from hemaclip.studies.generative import evaluate_synthesis
+    from hemaclip.studies.synthesis import evaluate_synthesis
 
     command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = evaluate_synthesis(

@@ -62,6 +62,7 @@ __all__ = [
     "Readout",
     "attribute_sentence",
     "calibration_path",
+    "fit_calibration",
     "iter_image_paths",
     "load_calibration",
     "select_statements",
@@ -281,6 +282,62 @@ def load_calibration(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Cali
     if calibration.checkpoint_sha1 != checkpoint_sha1:
         return None, f"{path.name} was fitted for other weights (SHA-1 {calibration.checkpoint_sha1[:10]})"
     return calibration, ""
+
+
+def fit_calibration(
+    model: Any,
+    checkpoint: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    zero_shot_dataset: str = DEFAULTS.zero_shot_dataset,
+    batch_size: int = 128,
+    progress: bool = False,
+    write: bool = True,
+) -> Calibration:
+    """Fit the class temperature on the PBC val split (it contains WBCAtt val and also has the three
+    classes WBCAtt lacks) and one temperature per attribute on the WBCAtt val split; never on test.
+
+    Writes ``<checkpoint>.calibration.json`` atomically when `write`.
+    """
+    from hemaclip.cache import file_sha1
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.io import write_json
+    from hemaclip.metrics.calibration import fit_temperature
+    from hemaclip.tasks.features import extract_features
+
+    checkpoint = Path(checkpoint)
+    sha1 = file_sha1(checkpoint)
+    readout = Readout(model, zero_shot_dataset)
+    pbc_val = load_dataset("pbc", data_root=data_root).split("val")
+    index = {c: i for i, c in enumerate(readout.class_names)}
+    pbc_val = [r for r in pbc_val if r.label in index]
+    if not pbc_val:
+        raise DataError("no PBC val image has a class the model knows; cannot fit the class temperature")
+    fs = extract_features(model, pbc_val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    logits = readout.class_logits(fs.features, fs.class_logits)
+    y = np.array([index[r.label] for r in pbc_val])
+    class_t = float(fit_temperature(logits, y))
+
+    wbc_val = [r for r in load_dataset("wbcatt", data_root=data_root).split("val") if r.attributes]
+    fa = extract_features(model, wbc_val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    attr_logits = readout.attribute_logits(fa.features, fa.attribute_logits)
+    temps = {}
+    for name, values in readout.attribute_values.items():
+        yv = np.array([values.index(r.attributes[name]) for r in wbc_val])
+        temps[name] = float(fit_temperature(attr_logits[name], yv))
+    calibration = Calibration(
+        checkpoint_sha1=sha1,
+        class_source="head" if readout.has_class_head else "zero-shot",
+        class_names=list(readout.class_names),
+        class_temperature=class_t,
+        attribute_source="heads" if readout.has_attribute_heads else "zero-shot",
+        attribute_temperatures=temps,
+        fitted_on={"class": f"pbc val ({len(pbc_val)} images)", "attributes": f"wbcatt val ({len(wbc_val)} images)",
+                   "method": "temperature scaling, minimum validation NLL"},
+    )
+    if write:
+        write_json(calibration_path(checkpoint), calibration.to_dict())
+    return calibration
 
 
 # ------------------------------------------------------------------------------------------------ #

@@ -12,8 +12,8 @@ Each run keeps the checkpoint best on the validation split (zero-shot macro F1 f
 class-head macro F1 for the CE twin); the test split is only read to score those checkpoints.
 Image-text models are read by image-to-text similarity (the class prompt ensemble) and by probes on
 their embeddings; CE models by their head (and the same probes). Paired bootstrap tests on the test
-split compare the twins overall and per class (scoring and the report live in the command layer,
-`hemaclip.commands.leukemia`, since tasks may not import eval).
+split compare the twins overall and per class (scoring and the report live in the studies layer,
+`hemaclip.studies.leukaemia`, above tasks).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def predict_study(
     """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading.
 
     Returns ``classes``, ``truth`` (split -> class indices), ``predictions`` ("<model>:<reading>" ->
-    split -> class indices) and ``eval_seconds`` per model. Scoring is left to the caller (eval layer).
+    split -> class indices) and ``eval_seconds`` per model. Scoring is left to the caller (the studies layer).
     """
     split_dir = runs_dir / arms[0].name / "splits"
     reference = (split_dir / "all_seed0.csv").read_text()

@@ -238,7 +238,8 @@ def evaluate_synthesis(
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.gan import load_generator
-    from hemaclip.tasks.synthesis import image_grid, sample_images, write_png
+    from hemaclip.tasks.synthesis import sample_images
+    from hemaclip.train.gan import image_grid, write_png
 
     started = time.monotonic()
     out = Path(out)
@@ -386,7 +387,8 @@ def _utility(
     from hemaclip.metrics.classification import class_f1
     from hemaclip.metrics.statistics import bootstrap_macro_f1, paired_bootstrap_macro_f1
     from hemaclip.models.gan import load_generator
-    from hemaclip.tasks.synthesis import image_grid, reduce_records, sample_images, write_png
+    from hemaclip.tasks.synthesis import sample_images
+    from hemaclip.train.gan import image_grid, reduce_records, write_png
 
     generator, ustate = load_generator(utility_checkpoint, dataset=dataset)
     reduce = ustate.extra.get("reduce") or {}

@@ -1,4 +1,4 @@
-"""The parts of `hemaclip demo` (kept out of cli.py so the command itself reads as its four steps).
+"""The demo study behind `hemaclip demo` (the command prints its four steps).
 
 Everything here runs the real library on real data: the Describer with the shipped model (its reference
 index is the WBCAtt train split, built once into the cache), a CellIndex over a few hundred WBCAtt test
@@ -133,8 +133,7 @@ def demo_search(data: Path | None, describer: Any, checkpoint: Path, index_size:
     from PIL import Image
 
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.cache import cache_dir
-    from hemaclip.cache import file_sha1
+    from hemaclip.cache import cache_dir, file_sha1
     from hemaclip.models.inference import embed_texts
     from hemaclip.tasks.index import CellIndex
 

@@ -1,0 +1,104 @@
+"""The house: no module imports a layer above its own (every import, also those inside functions).
+
+Layers, lowest first (docs/architecture.md): leaf utilities (errors, io, cache, log) -> metrics ->
+data -> text -> models -> train -> tasks -> studies -> commands, cli and serve. A module may import
+its own layer and the layers below. metrics/ is numpy with scikit-learn and scipy only: no torch and
+no hemaclip module but the errors.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import hemaclip
+
+PACKAGE = Path(hemaclip.__file__).resolve().parent
+LAYERS: list[tuple[str, ...]] = [
+    ("hemaclip", "hemaclip.errors", "hemaclip.io", "hemaclip.cache", "hemaclip.log"),
+    ("hemaclip.metrics",),
+    ("hemaclip.data",),
+    ("hemaclip.text",),
+    ("hemaclip.models",),
+    ("hemaclip.train",),
+    ("hemaclip.tasks",),
+    ("hemaclip.studies",),
+    ("hemaclip.commands", "hemaclip.cli", "hemaclip.serve"),
+]
+
+
+def layer_of(module: str) -> int:
+    """Index in LAYERS of the longest prefix that names `module` or a package above it."""
+    best, length = None, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = index, len(prefix)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS and to docs/architecture.md"
+    return best
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import statement in the file, at any depth; relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((node.lineno, target))
+            # `from hemaclip.x import y` may import the module hemaclip.x.y
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names if (PACKAGE.parent / f"{target}.{alias.name}".replace(".", "/")).with_suffix(".py").is_file()]
+    return found
+
+
+def all_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_module_has_a_layer() -> None:
+    for path in all_modules():
+        layer_of(module_name(path))
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    violations = []
+    for path in all_modules():
+        own = layer_of(module_name(path))
+        for line, target in imports_of(path):
+            if target == "hemaclip" or target.startswith("hemaclip."):
+                if layer_of(target) > own:
+                    violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
+    assert not violations, "imports of a higher layer:\n" + "\n".join(violations)
+
+
+def test_metrics_are_numpy_only() -> None:
+    allowed_hemaclip = ("hemaclip.errors", "hemaclip.metrics")
+    allowed_external = ("numpy", "scipy", "sklearn", "__future__", "collections", "typing", "math", "dataclasses", "warnings")
+    for path in sorted((PACKAGE / "metrics").rglob("*.py")):
+        for line, target in imports_of(path):
+            top = target.split(".")[0]
+            if top == "hemaclip":
+                assert target.startswith(allowed_hemaclip), f"{path.name}:{line} imports {target}"
+            else:
+                assert top in allowed_external, f"{path.name}:{line} imports {target} (metrics/ is numpy + scikit-learn/scipy)"
+
+
+def test_the_walker_sees_imports_inside_functions(tmp_path: Path) -> None:
+    source = PACKAGE / "data" / "preprocess.py"
+    targets = {t for _, t in imports_of(source)}
+    assert "hemaclip.data.transforms" in targets  # imported inside Preprocess.eval_transform
