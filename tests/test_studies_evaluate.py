@@ -263,3 +263,36 @@ def test_training_validation_f1_equals_evaluate_f1(data_root, tmp_path):
     assert logged["val_head_attr_macro_f1"] == heads["attribute_mean_macro_f1"]
     for name, block in zs["attributes"].items():
         assert logged[f"val_zs_attr_{name}"] == block["macro_f1"]["point"], name
+
+
+def test_validation_equals_evaluate_where_the_old_conventions_differed(checkpoint, data_root, tmp_path):
+    """On 3 val images per class many attribute values occur in no image: training-time validation used to
+    count each as F1 = 0 (all labels), evaluate left the unpredicted ones out (truth or predictions). Now both
+    average the values that occur in the truth, and give the same numbers."""
+    import torch
+
+    from hemaclip.data.attributes import ATTRIBUTES
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.image_cache import decoded_images
+    from hemaclip.data.preprocess import preprocess_for
+    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.models.text_cache import PooledTextCache
+    from hemaclip.studies.evaluate import cap_per_class
+    from hemaclip.text.prompts import load_prompts
+    from hemaclip.train.validate import validate
+
+    ds = load_dataset("wbcatt", data_root=data_root)
+    records = cap_per_class(ds.split("val"), 3, 0)
+    assert any(v not in {r.attributes[n] for r in records} for n, values in ATTRIBUTES.items() for v in values)
+    model, _ = load_checkpoint(checkpoint)
+    model.to(memory_format=torch.channels_last)  # as the trainer holds it
+    images = decoded_images([r.path for r in records], 32, progress=False, preprocess=preprocess_for(model))
+    logged = validate(model, images, records, ds.classes, load_prompts(), "wbcatt", PooledTextCache(model.text), torch.device("cpu"))
+    metrics = run_evaluation(checkpoint, "wbcatt", "val", tmp_path / "eval", data_root=data_root, n_boot=0, max_per_class=3,
+                             probes=False, nshot=False, embed_method="pca")
+    zs, heads = metrics["zero_shot"], metrics["heads"]
+    assert metrics["n_images"] == len(records) == 15
+    assert logged["val_zs_class_macro_f1"] == zs["classes"]["macro_f1"]["point"]
+    assert logged["val_head_class_macro_f1"] == heads["class"]["macro_f1"]["point"]
+    assert logged["val_zs_attr_macro_f1"] == zs["attribute_mean_macro_f1"]
+    assert logged["val_head_attr_macro_f1"] == heads["attribute_mean_macro_f1"]

@@ -35,23 +35,25 @@ import numpy as np
 import hemaclip
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.studies.evaluate import (
-    _argmax_labels,
-    _cap_feature_set,
-    _check_split,
-    _head_class_predictions,
-    _Log,
-    _prompt_vocabularies,
-    _relabel,
-    _split_records,
-    resolve_class_map,
-)
-from hemaclip.studies.report import Section, Table, write_report
+from hemaclip.io import write_json
+from hemaclip.log import get_logger, progress_level
 from hemaclip.metrics.classification import encode_labels, macro_f1_codes
 from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
-from hemaclip.io import write_json
+from hemaclip.studies.evaluate import (
+    argmax_labels,
+    cap_feature_set,
+    check_split,
+    head_class_predictions,
+    prompt_vocabularies,
+    relabel,
+    resolve_class_map,
+    split_records,
+)
+from hemaclip.studies.report import Section, Table, write_report
 
 __all__ = ["parse_system", "run_compare"]
+
+logger = get_logger(__name__)
 
 _FEATURE_SUFFIXES = (".npy", ".h5", ".hdf5")
 
@@ -156,8 +158,8 @@ def _score_features(system: System, split: str, max_per_class: int | None, seed:
     from hemaclip.tasks.features import load_external_features
 
     fs = load_external_features(system.path, system.index_csv)
-    eval_fs = _cap_feature_set(fs.by_split(split), max_per_class, seed)
-    train_fs = None if split in ("train", "all") else _cap_feature_set(fs.by_split("train"), max_per_class, seed)
+    eval_fs = cap_feature_set(fs.by_split(split), max_per_class, seed)
+    train_fs = None if split in ("train", "all") else cap_feature_set(fs.by_split("train"), max_per_class, seed)
     return _Scored(system.spec, file_sha1(system.path), [_key(p) for p in eval_fs.paths], eval_fs, train_fs)
 
 
@@ -203,10 +205,14 @@ def run_compare(
     For a folder dataset class names map onto prompt classes by identity.
     """
     t0 = time.perf_counter()
-    _check_split(split)
+    check_split(split)
     if int(n_boot) < 1:
         raise HemaclipError(f"n_boot must be >= 1 for a paired test, got {n_boot}")
-    log = _Log(progress)
+    level = progress_level(progress)
+
+    def log(message: str) -> None:
+        logger.log(level, "[%6.1fs] %s", time.perf_counter() - t0, message)
+
     sys_a, sys_b = parse_system(a), parse_system(b)
     needs_data = "checkpoint" in (sys_a.kind, sys_b.kind)
     prompt_set = prompt_dataset = zs_classes = mapping = None
@@ -217,13 +223,13 @@ def run_compare(
 
         log(f"loading dataset {dataset}")
         ds = load_dataset(dataset, data_root=data_root, split_dir=split_dir, seed=0, folder=folder)
-        records["eval"] = _split_records(ds, split, max_per_class, seed)
+        records["eval"] = split_records(ds, split, max_per_class, seed)
         if not records["eval"]:
             raise DataError(f"dataset '{dataset}' has no images in split '{split}'")
         if probes and split not in ("train", "all"):
-            records["train"] = _split_records(ds, "train", max_per_class, seed)
+            records["train"] = split_records(ds, "train", max_per_class, seed)
         prompt_set = load_prompts(prompts)
-        vocab = _prompt_vocabularies(prompt_set)
+        vocab = prompt_vocabularies(prompt_set)
         if dataset == "folder":
             mapping = resolve_class_map(None, list(ds.classes), vocab)
             prompt_dataset, zs_classes = mapping.prompt_dataset, list(mapping.targets)
@@ -257,7 +263,7 @@ def run_compare(
         zsa = []
         for s in (sa, sb):
             cache_t = PooledTextCache(s.model.text)
-            fs_zs = _relabel(s.eval_fs, m)
+            fs_zs = relabel(s.eval_fs, m)
             res = zero_shot_classes(s.model, fs_zs, prompt_set, prompt_dataset, classes=zs_classes, text_cache=cache_t)
             zs.append((res, fs_zs))
             if any(x is not None for x in s.eval_fs.attributes):
@@ -267,12 +273,12 @@ def run_compare(
             skipped["zero_shot_class_macro_f1"] = "no evaluated image has a prompt class"
         else:
             log("zero-shot classes")
-            pa = _argmax_labels(ra["logits"], ra["class_names"])
-            pb = _argmax_labels(rb["logits"], rb["class_names"])
+            pa = argmax_labels(ra["logits"], ra["class_names"])
+            pb = argmax_labels(rb["logits"], rb["class_names"])
             comparisons["zero_shot_class_macro_f1"] = _paired_macro(ra["y_true"], pa, pb, ra["class_names"], n_boot, seed)
             rows = np.asarray(ra["indices"])
-            ha, why_a = _head_class_predictions(fa, rows, ra["class_names"])
-            hb, why_b = _head_class_predictions(fb, rows, rb["class_names"])
+            ha, why_a = head_class_predictions(fa, rows, ra["class_names"])
+            hb, why_b = head_class_predictions(fb, rows, rb["class_names"])
             if ha is not None and hb is not None:
                 comparisons["head_class_macro_f1"] = _paired_macro(ra["y_true"], ha, hb, ra["class_names"], n_boot, seed)
             else:
@@ -282,8 +288,8 @@ def run_compare(
             annotated = list(next(iter(zsa[0].values()))["indices"])
             strata = [labels[i] for i in annotated]
             truth = {n: part["y_true"] for n, part in zsa[0].items()}
-            pred_a = {n: _argmax_labels(p["logits"], p["values"]) for n, p in zsa[0].items()}
-            pred_b = {n: _argmax_labels(p["logits"], p["values"]) for n, p in zsa[1].items()}
+            pred_a = {n: argmax_labels(p["logits"], p["values"]) for n, p in zsa[0].items()}
+            pred_b = {n: argmax_labels(p["logits"], p["values"]) for n, p in zsa[1].items()}
             if annotated:
                 comparisons["zero_shot_attribute_mean_macro_f1"] = _paired_attribute_mean(
                     strata, truth, pred_a, pred_b, n_boot, seed)
@@ -295,8 +301,8 @@ def run_compare(
                         va = (sa.eval_fs.meta.get("attributes") or {}).get(name)
                         vb = (sb.eval_fs.meta.get("attributes") or {}).get(name)
                         if name in heads_a and name in heads_b and va and vb:
-                            ha_pred[name] = _argmax_labels(heads_a[name][idx], list(va))
-                            hb_pred[name] = _argmax_labels(heads_b[name][idx], list(vb))
+                            ha_pred[name] = argmax_labels(heads_a[name][idx], list(va))
+                            hb_pred[name] = argmax_labels(heads_b[name][idx], list(vb))
                     if ha_pred:
                         comparisons["head_attribute_mean_macro_f1"] = _paired_attribute_mean(
                             strata, {k: truth[k] for k in ha_pred}, ha_pred, hb_pred, n_boot, seed)

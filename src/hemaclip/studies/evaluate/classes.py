@@ -1,0 +1,211 @@
+"""Parts: classes and attributes read through text prompts (zero-shot) and by the supervised heads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
+from hemaclip.errors import DataError
+from hemaclip.io import display_path
+from hemaclip.metrics.classification import attribute_table
+from hemaclip.metrics.summary import classification_metrics
+from hemaclip.studies import plots
+from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part, argmax_labels
+from hemaclip.studies.report import Section, Table
+from hemaclip.tasks.features import FeatureSet
+
+__all__ = [
+    "ZeroShotReading",
+    "head_class_predictions",
+    "head_class_reading",
+    "heads_part",
+    "zero_shot_attribute_part",
+    "zero_shot_class_part",
+    "zero_shot_reading",
+]
+
+
+@dataclass(frozen=True)
+class ZeroShotReading:
+    """The evaluated images read by the class prompts: the rows with a prompt class, logits, predictions."""
+
+    y_true: list[str]
+    logits: np.ndarray
+    class_names: list[str]
+    indices: np.ndarray  # rows of eval_zs that have a prompt class
+    pred: list[str]
+    missing_labels: int
+    missing_label_counts: dict[str, int]
+
+
+def zero_shot_reading(inputs: EvalInputs) -> ZeroShotReading:
+    """Zero-shot class logits and predictions of the evaluated images (one-line DataError if none has a prompt class)."""
+    from hemaclip.tasks.zero_shot import zero_shot_classes
+
+    zs = zero_shot_classes(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
+                           text_cache=inputs.text_cache)
+    if len(zs["y_true"]) == 0:
+        raise DataError(
+            f"no '{inputs.split}' image of dataset '{inputs.dataset}' has a class with '{inputs.prompt_dataset}' prompts "
+            f"(classes {', '.join(inputs.zs_classes)})"
+        )
+    return ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"], argmax_labels(zs["logits"], zs["class_names"]),
+                           zs["missing_labels"], zs["missing_label_counts"])
+
+
+def head_class_predictions(fs: FeatureSet, rows: np.ndarray, classes: Sequence[str]) -> tuple[list[str] | None, str]:
+    """Class-head predictions restricted to `classes` (by name), or (None, reason)."""
+    if fs.class_logits is None:
+        return None, "the checkpoint has no class head"
+    vocab = list(fs.meta.get("class_names") or [])
+    missing = [c for c in classes if c not in vocab]
+    if missing:
+        return None, f"class(es) {', '.join(missing)} are not in the model's head vocabulary ({', '.join(vocab)})"
+    cols = [vocab.index(c) for c in classes]
+    return argmax_labels(fs.class_logits[rows][:, cols], list(classes)), ""
+
+
+def head_class_reading(inputs: EvalInputs, zs: ZeroShotReading) -> tuple[list[str] | None, str]:
+    """The class head on the rows the prompts read, restricted to the prompt classes, or (None, reason)."""
+    return head_class_predictions(inputs.eval_zs, np.asarray(zs.indices), zs.class_names)
+
+
+def overall_table(result: Mapping[str, Any], caption: str) -> Table:
+    return Table(
+        ["Images", "Accuracy", "Balanced accuracy", "Macro F1", "Weighted F1"],
+        [[result["n"], result["accuracy"], result["balanced_accuracy"], result["macro_f1"], result["weighted_f1"]]],
+        caption=f"{caption} (95 % bootstrap intervals)",
+    )
+
+
+def per_class_table(result: Mapping[str, Any]) -> Table:
+    rows = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in result["per_class"].items()]
+    return Table(["Class", "Precision", "Recall", "F1", "Images"], rows, caption="Per class")
+
+
+def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """Macro F1 (with its interval), accuracy and per-value numbers of one attribute."""
+    res = classification_metrics(y_true, y_pred, values, n_boot, seed, cis=("macro_f1",))
+    return {
+        "n": res["n"],
+        "n_choices": len(values),
+        "values": list(values),
+        "values_evaluated": res["labels_evaluated"],
+        "macro_f1": res["macro_f1"],
+        "accuracy": res["accuracy"]["point"],
+        "per_value": res["per_class"],
+    }
+
+
+def attribute_summary(blocks: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, Any]], float | None]:
+    """The WBC-CLIP table rows of attribute blocks and their mean macro F1."""
+    rows = attribute_table([{"name": k, "n_choices": v["n_choices"], "macro_f1": v["macro_f1"]} for k, v in blocks.items()])
+    mean = float(np.mean([r["macro_f1"] for r in rows])) if rows else None
+    return rows, mean
+
+
+def attribute_section(title: str, blocks: Mapping[str, Mapping[str, Any]], mean: float | None, fig: Path, text: str) -> Section:
+    rows = [[k, v["n_choices"], v["macro_f1"], v["accuracy"], v["n"]] for k, v in blocks.items()]
+    rows.append(["mean over attributes", None, mean, None, None])
+    table = Table(["Attribute", "Choices", "Macro F1", "Accuracy", "Images"], rows,
+                  caption="WBC-CLIP table: macro F1 per attribute (95 % bootstrap interval)")
+    return Section(title, text, [table], [(fig, f"{title}: macro F1 per attribute; dashed line: human inter-annotator agreement.")])
+
+
+def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures) -> Part:
+    """Zero-shot class metrics with intervals, per class, confusion matrices."""
+    result = classification_metrics(zs.y_true, zs.pred, zs.class_names, inputs.n_boot, inputs.seed)
+    result["prompt_dataset"] = inputs.prompt_dataset
+    result["excluded_images"] = int(zs.missing_labels)
+    result["excluded_label_counts"] = zs.missing_label_counts
+    figs = [
+        (plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("zero_shot_confusion_counts.png"),
+                              title="Zero-shot confusion matrix (counts)"), "Zero-shot classes: confusion matrix (counts)."),
+        (plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("zero_shot_confusion_normalized.png"),
+                              normalized=True, title="Zero-shot confusion matrix (row-normalised)"),
+         "Zero-shot classes: confusion matrix, each row divided by the class's number of images."),
+    ]
+    text = (
+        f"Prompt ensembles of the '{inputs.prompt_dataset}' classes in the prompt file ({display_path(inputs.prompt_set.source)}); "
+        f"{result['n']} images scored."
+    )
+    if result["excluded_images"]:
+        text += f" {result['excluded_images']} image(s) whose class has no prompt were left out: {result['excluded_label_counts']}."
+    section = Section("Zero-shot classification", text, [overall_table(result, "Zero-shot classes"), per_class_table(result)], figs)
+    return Part({"zero_shot": {"classes": result}}, [section])
+
+
+def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
+    """Each WBCAtt attribute read through its value prompts (only for images with attributes)."""
+    from hemaclip.tasks.zero_shot import zero_shot_attributes
+
+    fs = inputs.eval_fs
+    if not any(a is not None for a in fs.attributes):
+        return Part()
+    zsa = zero_shot_attributes(inputs.model, fs, inputs.prompt_set, text_cache=inputs.text_cache)
+    blocks = {}
+    for name, part in zsa.items():
+        pred = argmax_labels(part["logits"], part["values"])
+        blocks[name] = attribute_block(part["y_true"], pred, part["values"], inputs.n_boot, inputs.seed)
+    rows, mean = attribute_summary(blocks)
+    missing = next(iter(zsa.values()))["missing_attributes"] if zsa else 0
+    metrics = {"attributes": blocks, "attribute_table": rows, "attribute_mean_macro_f1": mean,
+               "attribute_images_without_annotation": int(missing)}
+    fig = plots.plot_per_attribute_f1(rows, figures.path("zero_shot_attributes_f1.png"), reference=plots.HUMAN_INTER_ANNOTATOR_F1,
+                                      title="Zero-shot macro F1 per attribute")
+    text = (
+        "Each attribute value is a prompt ensemble from the prompt file; an image takes the best-scoring value. "
+        "Macro F1 averages the values that occur in the truth (a predicted value no image has is an error, not a class)."
+    )
+    if missing:
+        text += f" {missing} image(s) without attribute annotations were left out."
+    return Part({"zero_shot": metrics}, [attribute_section("Zero-shot attributes", blocks, mean, fig, text)])
+
+
+def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | None, head_reason: str, figures: Figures) -> Part:
+    """The supervised class head (on the prompt classes, by name) and the attribute heads."""
+    fs = inputs.eval_fs
+    if fs.class_logits is None and not fs.attribute_logits:
+        return Part({"heads": {"available": False}})
+    heads: dict[str, Any] = {"available": True}
+    tables, figs, text = [], [], []
+    sections = []
+    if head_pred is None:
+        heads["class"] = {"applicable": False, "reason": head_reason}
+        text.append(f"Class head not applicable: {head_reason}.")
+    else:
+        result = classification_metrics(zs.y_true, head_pred, zs.class_names, inputs.n_boot, inputs.seed)
+        result["applicable"] = True
+        heads["class"] = result
+        tables += [overall_table(result, "Class head"), per_class_table(result)]
+        figs.append((plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("head_confusion_normalized.png"),
+                                          normalized=True, title="Class head confusion matrix (row-normalised)"),
+                     "Class head: row-normalised confusion matrix."))
+        text.append("The class head's logits are restricted to the evaluated classes by name.")
+    sections.append(Section("Supervised class head", " ".join(text), tables, figs))
+    attr_logits = fs.attribute_logits or {}
+    vocab = fs.meta.get("attributes") or {}
+    annotated = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
+    if attr_logits and len(annotated):
+        blocks = {}
+        for name in ATTRIBUTE_NAMES:
+            if name not in attr_logits or name not in vocab:
+                continue
+            values = list(vocab[name])
+            y = [fs.attributes[i][name] for i in annotated]
+            p = argmax_labels(attr_logits[name][annotated], values)
+            blocks[name] = attribute_block(y, p, list(ATTRIBUTES[name]), inputs.n_boot, inputs.seed)
+        rows_t, mean = attribute_summary(blocks)
+        heads["attributes"] = blocks
+        heads["attribute_table"] = rows_t
+        heads["attribute_mean_macro_f1"] = mean
+        fig = plots.plot_per_attribute_f1(rows_t, figures.path("head_attributes_f1.png"), reference=plots.HUMAN_INTER_ANNOTATOR_F1,
+                                          title="Attribute heads: macro F1")
+        sections.append(attribute_section("Supervised attribute heads", blocks, mean, fig,
+                                          "One linear head per attribute on the image embedding."))
+    return Part({"heads": heads}, sections)
