@@ -47,7 +47,7 @@ def measure(name: str, size: int, batch: int, repeats: int, device: torch.device
     def dual_step() -> None:
         out = model(images, pooled)
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], positive=torch.eye(batch, dtype=torch.bool, device=device))
-        loss = loss + aux_supervised_loss(out, attribute_labels=labels, class_labels=classes)
+        loss = loss + sum(aux_supervised_loss(out, attribute_labels=labels, class_labels=classes).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

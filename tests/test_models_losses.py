@@ -77,13 +77,19 @@ def test_soft_loss_reduces_to_infonce_for_identity_similarities() -> None:
     assert not torch.allclose(build_loss("soft", target_scale=3.0).targets(img, txt, img, txt), torch.eye(4), atol=1e-2)
 
 
-def test_multipos_unique_groups_equals_infonce_and_hand_value() -> None:
+def group_mask(groups: list[int]) -> torch.Tensor:
+    """positive[i, j]: items i and j share a group (a negative group id is a group of one)."""
+    g = torch.tensor(groups)
+    return (g[:, None] == g[None, :]) & (g[:, None] >= 0) | torch.eye(len(groups), dtype=torch.bool)
+
+
+def test_multipos_identity_mask_equals_infonce_and_hand_value() -> None:
     img, txt = _features(4)
     scale = torch.tensor(12.0)
     clip = build_loss("clip")(img, txt, scale)
     multipos = build_loss("multipos")
-    assert multipos(img, txt, scale, torch.tensor([3, 1, 0, 7])).item() == pytest.approx(clip.item(), rel=1e-6)
-    assert multipos(img, txt, scale, torch.tensor([-1, -1, -1, -1])).item() == pytest.approx(clip.item(), rel=1e-6)
+    assert multipos(img, txt, scale, positive=torch.eye(4, dtype=torch.bool)).item() == pytest.approx(clip.item(), rel=1e-6)
+    assert multipos(img, txt, scale, positive=group_mask([-1, -1, -1, -1])).item() == pytest.approx(clip.item(), rel=1e-6)
     groups = [0, 0, 1, 2]
     logits = scale * img @ txt.T
     total = 0.0
@@ -92,9 +98,11 @@ def test_multipos_unique_groups_equals_infonce_and_hand_value() -> None:
             pos = [j for j in range(4) if groups[j] == groups[i]]
             lse = _lse([float(v) for v in mat[i]])
             total += sum(-(float(mat[i, j]) - lse) / len(pos) for j in pos)
-    assert multipos(img, txt, scale, torch.tensor(groups)).item() == pytest.approx(total / 8, rel=1e-5)
-    with pytest.raises(ValueError, match="group_ids"):
+    assert multipos(img, txt, scale, positive=group_mask(groups)).item() == pytest.approx(total / 8, rel=1e-5)
+    with pytest.raises(ValueError, match="positive mask"):
         multipos(img, txt, scale)
+    with pytest.raises(HemaclipError, match="no option"):
+        build_loss("multipos", local_loss=True)  # the masks cover the whole batch: no local variant
 
 
 @pytest.mark.parametrize("name", ["clip", "soft", "multipos"])
@@ -103,7 +111,7 @@ def test_gradients_flow(name: str) -> None:
     img.requires_grad_(True)
     txt.requires_grad_(True)
     log_scale = torch.tensor(math.log(10.0), requires_grad=True)
-    loss = build_loss(name)(img, txt, log_scale.exp(), torch.tensor([0, 0, 1, 1, 2, 3]))
+    loss = build_loss(name)(img, txt, log_scale.exp(), positive=group_mask([0, 0, 1, 1, 2, 3]))
     loss.backward()
     for t in (img, txt, log_scale):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
@@ -128,11 +136,15 @@ def test_aux_loss_ignores_missing_labels() -> None:
         F.cross_entropy(attrs["cell_size"][:2], labels[:2, 0])
         + F.cross_entropy(attrs["cell_shape"][1:2], labels[1:2, 1])
     ) + 2.0 * F.cross_entropy(classes[[0, 2]], cls_labels[[0, 2]])
-    loss = aux_supervised_loss(outputs, labels, cls_labels, attribute_weight=0.5, class_weight=2.0)
+    terms = aux_supervised_loss(outputs, labels, cls_labels, attribute_weight=0.5, class_weight=2.0)
+    assert list(terms) == ["attribute_heads", "class_head"]  # named terms, each logged by the trainer
+    assert terms["class_head"].item() == pytest.approx(2.0 * F.cross_entropy(classes[[0, 2]], cls_labels[[0, 2]]).item(), rel=1e-6)
+    loss = sum(terms.values())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     as_dict = {"cell_size": labels[:, 0], "cell_shape": labels[:, 1]}
-    assert aux_supervised_loss(outputs, as_dict, cls_labels, 0.5, 2.0).item() == pytest.approx(loss.item())
-    none = aux_supervised_loss(outputs, torch.full((3, 2), -1), torch.full((3,), -1))
+    assert sum(aux_supervised_loss(outputs, as_dict, cls_labels, 0.5, 2.0).values()).item() == pytest.approx(loss.item())
+    assert list(aux_supervised_loss(outputs, labels, cls_labels, attribute_weight=0.0)) == ["class_head"]
+    none = sum(aux_supervised_loss(outputs, torch.full((3, 2), -1), torch.full((3,), -1)).values())
     assert none.item() == 0.0
     none.backward()  # no NaN, graph intact
     assert torch.isfinite(classes.grad).all()
@@ -156,11 +168,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     rows = slice(rank * N // world, (rank + 1) * N // world)
     results = {}
     for name in ("clip", "soft", "multipos"):
-        for local in (False, True):
+        for local in (False, True) if name != "multipos" else (False,):
             li = img[rows].clone().requires_grad_(True)
             lt = txt[rows].clone().requires_grad_(True)
-            loss = build_loss(name, rank=rank, world_size=world, local_loss=local, gather_with_grad=True)
-            value = loss(li, lt, torch.tensor(9.0), torch.tensor(GROUPS)[rows])
+            options = {"local_loss": local} if name != "multipos" else {}
+            loss = build_loss(name, rank=rank, world_size=world, gather_with_grad=True, **options)
+            value = loss(li, lt, torch.tensor(9.0), positive=group_mask(GROUPS))
             value.backward()
             results[(name, local)] = (value.item(), bool(torch.isfinite(li.grad).all() and li.grad.abs().sum() > 0))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -178,9 +191,9 @@ def test_distributed_gather_matches_single_process(tmp_path) -> None:
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     img, txt = _full_batch()
     for name in ("clip", "soft", "multipos"):
-        full = build_loss(name)(img, txt, torch.tensor(9.0), torch.tensor(GROUPS)).item()
+        full = build_loss(name)(img, txt, torch.tensor(9.0), positive=group_mask(GROUPS)).item()
         for r in ranks:
             assert r[(name, False)][0] == pytest.approx(full, rel=1e-5), name
-            assert r[(name, False)][1] and r[(name, True)][1]
-        # local losses score this rank's rows only; their mean over ranks is the full-batch loss
-        assert sum(r[(name, True)][0] for r in ranks) / 2 == pytest.approx(full, rel=1e-5), name
+            assert r[(name, False)][1] and (name == "multipos" or r[(name, True)][1])
+        if name != "multipos":  # local losses score this rank's rows only; their mean over ranks is the full-batch loss
+            assert sum(r[(name, True)][0] for r in ranks) / 2 == pytest.approx(full, rel=1e-5), name

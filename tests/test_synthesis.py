@@ -150,6 +150,9 @@ def test_resume_after_a_stop_restores_the_step_and_matches(tmp_path: Path, data_
     config = load_gan_config("tiny")
     full = train_gan("all", tmp_path / "full", config, data_root=data_root, max_images=48, progress=False)
     assert full.finished and full.step == full.total_steps == 12
+    for row in full.history:  # the named loss terms of every epoch; G's total is the sum of its parts
+        assert row["loss_g"] == pytest.approx(row["loss_g_hinge"] + row["loss_g_mode_seeking"], rel=1e-5, abs=1e-6)
+        assert row["loss_g_mode_seeking"] > 0 and "loss_d" in row
     stopped = train_gan("all", tmp_path / "cut", load_gan_config("tiny"), data_root=data_root, max_images=48, stop_after_steps=5, progress=False)
     assert not stopped.finished and read_gan(tmp_path / "cut" / "last.pt").extra["step"] == 5
     with pytest.raises(HemaclipError, match="--resume"):

@@ -60,6 +60,8 @@ def test_run_folder_holds_checkpoints_history_and_curves(full_run: Path) -> None
         for key in ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1", "val_head_class_macro_f1"):
             assert 0.0 <= row[key] <= 1.0
         assert row["train_loss"] > 0
+        terms = [row[f"train_loss_{name}"] for name in ("contrastive", "attribute_heads", "class_head")]
+        assert all(v > 0 for v in terms) and sum(terms) == pytest.approx(row["train_loss"], rel=1e-5)
     saved = json.loads((full_run / "config.json").read_text())
     assert saved["train"]["max_train_images"] == 96
     assert not list(full_run.glob("*.tmp")), "no temporary files may be left behind"

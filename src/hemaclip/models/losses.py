@@ -1,10 +1,15 @@
-"""Contrastive losses (InfoNCE, WBC-CLIP soft targets, multi-positive) and the auxiliary head loss.
+"""Contrastive losses (InfoNCE, WBC-CLIP soft targets, multi-positive) and the auxiliary head losses.
 
-Every contrastive loss is called as `loss(image_features, text_features, logit_scale, group_ids=None)`
-with L2-normalised features, and supports data-parallel training: with `world_size > 1` features
-(and group ids) are gathered from all ranks with open_clip's `gather_features`. `local_loss=True`
-scores only this rank's rows against all columns (memory O(B·N) instead of O(N²));
-`gather_with_grad=True` back-propagates through the gather (recommended with `local_loss`).
+Every contrastive loss is called as `loss(image_features, text_features, logit_scale, positive=None,
+known=None)` with L2-normalised features and returns one tensor; only the multi-positive loss reads the
+statement masks (which image each sentence is true of, and where that is known). All support
+data-parallel training: with `world_size > 1` features are gathered from all ranks with open_clip's
+`gather_features`, `gather_with_grad=True` back-propagating through the gather; InfoNCE and the soft-target
+loss also offer `local_loss=True` (this rank's rows against all columns, memory O(B·N) instead of O(N²)).
+
+The trainer keeps the loss as named terms (:data:`TERMS`): the weighted contrastive loss and the weighted
+attribute-head and class-head cross-entropies (:func:`aux_supervised_loss` returns them as a dict), logs
+each one, and optimises their sum.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 class ClipInfoNCELoss(ClipLoss):
     """Symmetric CLIP InfoNCE: open_clip's `ClipLoss`, with the hemaclip call signature.
 
-    `group_ids` is accepted and ignored so all contrastive losses are interchangeable.
+    Statement masks are accepted and ignored so all contrastive losses are interchangeable.
     """
 
     def __init__(
@@ -49,13 +54,13 @@ class ClipInfoNCELoss(ClipLoss):
         )
 
     def forward(  # type: ignore[override]
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, group_ids: Tensor | None = None, **_masks: Tensor
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, **_masks: Tensor | None
     ) -> Tensor:
         return super().forward(image_features, text_features, logit_scale)
 
 
 class _GatheredContrastiveLoss(nn.Module):
-    """Shared gathering for losses that need all-rank features *and* per-item group ids."""
+    """Shared gathering of all ranks' features for the losses that are not open_clip's."""
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
@@ -64,18 +69,10 @@ class _GatheredContrastiveLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
 
-    def _gather_ids(self, ids: Tensor) -> Tensor:
-        """All ranks' ids (integer, no gradient; every rank must hold the same batch size)."""
-        parts = [torch.empty_like(ids) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, ids.contiguous())
-        return torch.cat(parts)
-
-    def gather(
-        self, image_features: Tensor, text_features: Tensor, ids: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(row images, row texts, all images, all texts, row ids, all ids) for this rank's loss."""
+    def gather(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(row images, row texts, all images, all texts) for this rank's loss."""
         if self.world_size <= 1:
-            return image_features, text_features, image_features, text_features, ids, ids
+            return image_features, text_features, image_features, text_features
         all_img, all_txt = gather_features(
             image_features,
             text_features,
@@ -84,10 +81,9 @@ class _GatheredContrastiveLoss(nn.Module):
             rank=self.rank,
             world_size=self.world_size,
         )
-        all_ids = self._gather_ids(ids) if ids is not None else None
         if self.local_loss:
-            return image_features, text_features, all_img, all_txt, ids, all_ids
-        return all_img, all_txt, all_img, all_txt, all_ids, all_ids
+            return image_features, text_features, all_img, all_txt
+        return all_img, all_txt, all_img, all_txt
 
 
 class SoftTargetLoss(_GatheredContrastiveLoss):
@@ -117,10 +113,8 @@ class SoftTargetLoss(_GatheredContrastiveLoss):
             sims = (row_img @ all_img.T + row_txt @ all_txt.T) / 2
             return F.softmax(self.target_scale * sims.float(), dim=-1)
 
-    def forward(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, group_ids: Tensor | None = None, **_masks: Tensor
-    ) -> Tensor:
-        row_img, row_txt, all_img, all_txt, _, _ = self.gather(image_features, text_features)
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, **_masks: Tensor | None) -> Tensor:
+        row_img, row_txt, all_img, all_txt = self.gather(image_features, text_features)
         targets = self.targets(row_img, row_txt, all_img, all_txt)
         logits_per_image = logit_scale * row_img @ all_txt.T
         logits_per_text = logit_scale * row_txt @ all_img.T
@@ -135,60 +129,33 @@ def _masked_soft_ce(logits: Tensor, positive: Tensor, known: Tensor) -> Tensor:
     return -(targets * log_probs).sum(dim=-1)[has_positive].mean()
 
 
-
-
 class MultiPositiveLoss(_GatheredContrastiveLoss):
-    """Label-aware InfoNCE: items sharing a group id (same class or attribute set) are all positives.
+    """Statement-aware InfoNCE: every image a sentence is true of is a positive of that sentence.
 
-    Target distribution = uniform over positives; cross-entropy image→text and text→image, averaged.
-    Negative ids mean "no group" (positive only with itself). With all-distinct groups this is InfoNCE.
+    `positive[i, j]`: text j is true of image i; `known[i, j]` False leaves the pair out of both softmaxes
+    (e.g. an attribute statement about an image without attribute labels). The masks cover the whole
+    (gathered) batch. Target = uniform over the positives; cross-entropy image->text and text->image,
+    averaged. With `positive` the identity this is InfoNCE.
     """
 
-    def _masked(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, positive: Tensor, known: Tensor | None
-    ) -> Tensor:
-        if self.local_loss:
-            raise ValueError("statement masks need local_loss=False")
-        _, _, all_img, all_txt, _, _ = self.gather(image_features, text_features)
-        positive = positive.to(all_img.device).bool()
-        known = (torch.ones_like(positive) if known is None else known.to(all_img.device).bool()) | positive
-        logits = logit_scale * all_img @ all_txt.T
-        return (_masked_soft_ce(logits, positive, known) + _masked_soft_ce(logits.T, positive.T, known.T)) / 2
-
-    def _unique_negatives(self, group_ids: Tensor) -> Tensor:
-        index = torch.arange(group_ids.numel(), device=group_ids.device) + self.rank * group_ids.numel()
-        return torch.where(group_ids < 0, -1 - index, group_ids)
-
-    def targets(self, row_ids: Tensor, all_ids: Tensor) -> Tensor:
-        positives = (row_ids[:, None] == all_ids[None, :]).float()
-        return positives / positives.sum(dim=1, keepdim=True)
+    def __init__(self, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(local_loss=False, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
     def forward(
         self,
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: Tensor,
-        group_ids: Tensor | None = None,
         positive: Tensor | None = None,
         known: Tensor | None = None,
     ) -> Tensor:
-        """Positives from `group_ids`, or from explicit global masks [N_images, N_texts].
-
-        `positive[i, j]`: text j is true of image i; `known[i, j]` False leaves the pair out of both
-        softmaxes (e.g. an attribute statement about an image without attribute labels). Masks
-        cover the whole (gathered) batch; with them `local_loss` is not supported.
-        """
-        if positive is not None:
-            return self._masked(image_features, text_features, logit_scale, positive, known)
-        if group_ids is None:
-            raise ValueError("MultiPositiveLoss needs group_ids (one integer per pair) or a positive mask")
-        ids = self._unique_negatives(group_ids.to(device=image_features.device, dtype=torch.long).flatten())
-        row_img, row_txt, all_img, all_txt, row_ids, all_ids = self.gather(image_features, text_features, ids)
-        assert row_ids is not None and all_ids is not None
-        targets = self.targets(row_ids, all_ids)
-        logits_per_image = logit_scale * row_img @ all_txt.T
-        logits_per_text = logit_scale * row_txt @ all_img.T
-        return (soft_cross_entropy(logits_per_image, targets) + soft_cross_entropy(logits_per_text, targets)) / 2
+        if positive is None:
+            raise ValueError("MultiPositiveLoss needs the positive mask [N_images, N_texts] of the whole batch")
+        _, _, all_img, all_txt = self.gather(image_features, text_features)
+        positive = positive.to(all_img.device).bool()
+        known = (torch.ones_like(positive) if known is None else known.to(all_img.device).bool()) | positive
+        logits = logit_scale * all_img @ all_txt.T
+        return (_masked_soft_ce(logits, positive, known) + _masked_soft_ce(logits.T, positive.T, known.T)) / 2
 
 
 # Contrastive losses by name (`build_loss`); all share the call signature above.
@@ -219,23 +186,28 @@ def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.sum() * 0.0
 
 
+TERMS = ("contrastive", "attribute_heads", "class_head")  # the named loss terms a training run logs
+
+
 def aux_supervised_loss(
     outputs: Mapping[str, Any],
     attribute_labels: Tensor | Mapping[str, Tensor] | None = None,
     class_labels: Tensor | None = None,
     attribute_weight: float = 1.0,
     class_weight: float = 1.0,
-) -> Tensor:
-    """attribute_weight * Σ_attributes CE + class_weight * CE on the auxiliary heads.
+) -> dict[str, Tensor]:
+    """The weighted head losses as named terms: ``attribute_heads`` = attribute_weight * Σ_attributes CE,
+    ``class_head`` = class_weight * CE (a term is absent when its labels are None or its weight is 0).
 
     `outputs` is `DualEncoder.forward`'s dict. `attribute_labels` is a dict name -> [B] or a [B, A]
     LongTensor in the model's attribute order (value indices); -1 marks a missing label everywhere.
+    The trainer adds the terms in this order (their sum is the supervised loss).
     """
     attribute_logits: Mapping[str, Tensor] | None = outputs.get("attribute_logits")
     class_logits: Tensor | None = outputs.get("class_logits")
     if attribute_logits is None or class_logits is None:
         raise HemaclipError("aux_supervised_loss needs a model built with aux_heads=true")
-    total = class_logits.new_zeros(())
+    terms: dict[str, Tensor] = {}
     if attribute_labels is not None and attribute_weight:
         if isinstance(attribute_labels, Tensor):
             if attribute_labels.shape[-1] != len(attribute_logits):
@@ -243,8 +215,10 @@ def aux_supervised_loss(
                     f"attribute_labels has {attribute_labels.shape[-1]} columns, model has {len(attribute_logits)} heads"
                 )
             attribute_labels = {name: attribute_labels[:, i] for i, name in enumerate(attribute_logits)}
+        total = class_logits.new_zeros(())
         for name, labels in attribute_labels.items():
             total = total + attribute_weight * _masked_ce(attribute_logits[name], labels)
+        terms["attribute_heads"] = total
     if class_labels is not None and class_weight:
-        total = total + class_weight * _masked_ce(class_logits, class_labels)
-    return total
+        terms["class_head"] = class_weight * _masked_ce(class_logits, class_labels)
+    return terms

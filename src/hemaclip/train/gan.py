@@ -357,7 +357,8 @@ def train_gan(
     start = time.monotonic()
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, desc="GAN", unit="step", disable=not show)
-    sums: dict[str, float] = {"loss_d": 0.0, "loss_g": 0.0, "d_real": 0.0, "d_fake": 0.0}
+    # Named loss terms, each logged per epoch: D's hinge loss, G's total and its two parts.
+    sums: dict[str, float] = {"loss_d": 0.0, "loss_g": 0.0, "loss_g_hinge": 0.0, "loss_g_mode_seeking": 0.0, "d_real": 0.0, "d_fake": 0.0}
     n_in_epoch = 0
     epoch_start = time.monotonic()
     finished = True
@@ -392,9 +393,13 @@ def train_gan(
             loss_d.backward()
             opt_d.step()
 
-            loss_g = g_hinge_loss(discriminator(diff_augment(fake, config.augment), y_fake))
+            g_hinge = g_hinge_loss(discriminator(diff_augment(fake, config.augment), y_fake))
+            loss_g = g_hinge
+            g_mode_seeking = 0.0
             if config.mode_seeking_weight > 0 and half > 0:
-                loss_g = loss_g + config.mode_seeking_weight * mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
+                mode_seeking = config.mode_seeking_weight * mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
+                loss_g = loss_g + mode_seeking
+                g_mode_seeking = mode_seeking.item()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -404,6 +409,8 @@ def train_gan(
                 raise HemaclipError(f"GAN training diverged at step {step} (loss_d={loss_d.item()}, loss_g={loss_g.item()})")
             sums["loss_d"] += loss_d.item()
             sums["loss_g"] += loss_g.item()
+            sums["loss_g_hinge"] += g_hinge.item()
+            sums["loss_g_mode_seeking"] += g_mode_seeking
             sums["d_real"] += real_logits.mean().item()
             sums["d_fake"] += fake_logits.mean().item()
             n_in_epoch += 1

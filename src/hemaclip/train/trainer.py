@@ -35,7 +35,7 @@ from hemaclip.io import atomic_write, remove_stale_temps, write_json
 from hemaclip.models import create_model
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaclip.models.default import resolve_checkpoint
-from hemaclip.models.losses import aux_supervised_loss, build_loss
+from hemaclip.models.losses import TERMS, aux_supervised_loss, build_loss
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.text.prompts import PromptSet, load_prompts
 from hemaclip.train.config import TrainConfig
@@ -174,9 +174,12 @@ def _plot_history(paths: RunPaths) -> None:
         return
     epochs = [r["epoch"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss")
+    left.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss (sum)")
+    for name in TERMS:  # each named term, where the run has it (older runs logged only the sum)
+        if all(f"train_loss_{name}" in r for r in rows):
+            left.plot(epochs, [r[f"train_loss_{name}"] for r in rows], marker=".", linestyle="--", label=name.replace("_", " "))
     left.set_xlabel("epoch")
-    left.set_title("training loss")
+    left.set_title("training loss and its terms")
     left.legend()
     for key, label in (
         ("val_zs_class_macro_f1", "zero-shot class"),
@@ -338,11 +341,13 @@ def _train(
             "step": step,
             "best_score": best_score,
             "epoch_losses": list(losses) if step else [],
+            "epoch_loss_terms": {k: list(v) for k, v in term_losses.items()} if step else {},
         }
         save_checkpoint(target, model, extra={"train_config": config.to_dict(), "train_state": train_state, "metrics": metrics})
 
     metrics: dict[str, Any] = {}
     losses: list[float] = []
+    term_losses: dict[str, list[float]] = {}
     steps_done = 0
     for epoch in range(start_epoch, config.epochs):
         ddp_model.train()
@@ -351,6 +356,8 @@ def _train(
         order = np.random.default_rng(step_seed(config.seed, epoch)).permutation(len(train_records))
         first = start_step if epoch == start_epoch else 0
         losses: list[float] = list(state["epoch_losses"]) if (state is not None and first) else []
+        # Checkpoints saved before loss terms were kept hold none: term means then cover the steps after the resume.
+        term_losses = {k: list(v) for k, v in state.get("epoch_loss_terms", {}).items()} if (state is not None and first) else {}
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not show)
         tick = time.perf_counter()
         for step in bar:
@@ -369,27 +376,35 @@ def _train(
                     text_input = {k: v.to(info.device) for k, v in text_input.items()}
                 out = ddp_model(batch, text_input)
             gids = torch.from_numpy(global_ids)
+            # The loss as named terms (hemaclip.models.losses.TERMS), each logged; their sum is optimised.
+            terms: dict[str, torch.Tensor] = {}
             loss = out["image_features"].new_zeros((), dtype=torch.float32)
             if config.contrastive_weight:
                 positive, known = statement_masks(image_class[gids], image_attributes[gids], text_class[text_ids], text_attributes[text_ids])
-                loss = loss + config.contrastive_weight * contrastive(
+                terms["contrastive"] = config.contrastive_weight * contrastive(
                     out["image_features"].float(),
                     out["text_features"].float(),
                     out["logit_scale"],
                     positive=positive.to(info.device),
                     known=known.to(info.device),
                 )
+                loss = loss + terms["contrastive"]
             if config.attribute_head_weight or config.class_head_weight:
                 mine_t = torch.from_numpy(mine)
                 attr_share = rank_share(image_attributes[mine_t][:, 0], image_attributes[gids][:, 0], info.world_size)
                 class_share = rank_share(image_class[mine_t], image_class[gids], info.world_size)
-                loss = loss + aux_supervised_loss(
+                heads = aux_supervised_loss(
                     out,
                     attribute_labels=image_attributes[mine_t].to(info.device),
                     class_labels=image_class[mine_t].to(info.device),
                     attribute_weight=config.attribute_head_weight * attr_share,
                     class_weight=config.class_head_weight * class_share,
                 )
+                terms.update(heads)
+                head_total = loss.new_zeros(())
+                for value in heads.values():
+                    head_total = head_total + value
+                loss = loss + head_total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -397,6 +412,8 @@ def _train(
             optimizer.step()
             scheduler.step()
             losses.append(mean_over_ranks(loss.detach(), info))
+            for name, value in terms.items():
+                term_losses.setdefault(name, []).append(mean_over_ranks(value.detach(), info))
             steps_done += 1
             elapsed = time.perf_counter() - tick
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", img_s=f"{(step - first + 1) * config.batch_size / elapsed:.1f}")
@@ -414,6 +431,7 @@ def _train(
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                **{f"train_loss_{name}": float(np.mean(values)) for name, values in term_losses.items() if values},
                 "train_images_per_s": (steps_per_epoch - first) * config.batch_size / max(train_seconds, 1e-9),
                 "lr": scheduler.get_last_lr()[0],
                 **validate(model, val_images, val_records, val_set.classes, prompts, config.val_dataset, text_cache, info.device),
