@@ -56,8 +56,9 @@ def _ci_blocks(node, path=""):
 
 def test_report_files_and_figures(evaluation):
     out, metrics = evaluation
-    for name in ("metrics.json", "report.md", "report.html"):
+    for name in ("metrics.json", "report.md", "report.html", "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert "hemaclip evaluate run" in (out / "run.log").read_text() and "embedding map" in (out / "run.log").read_text()
     assert len(metrics["figures"]) >= 10
     for name in metrics["figures"]:
         assert name.endswith(".png") and (out / name).is_file(), name

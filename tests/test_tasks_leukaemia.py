@@ -111,7 +111,7 @@ def test_study_fine_tunes_both_twins_and_writes_the_report(
     monkeypatch.setattr(leukaemia_study, "N_RESAMPLES", 200)  # fewer bootstrap resamples: same code path, faster
     out, runs = tmp_path / "report", tmp_path / "runs"
     paths = run_study(out, runs, [str(tiny_checkpoint)], TINY, data_root=data_root, include_shipped=False, max_eval_images=8,
-                      bench=tmp_path / "bench.json", progress=False, log=lambda _: None)
+                      bench=tmp_path / "bench.json", progress=False)
     for name in ("report.md", "report.html", "metrics.json", "per-class-f1.png", "confusion-tinyinit-text-zero-shot.png",
                  "confusion-tinyinit-ce-head.png", "curves-tinyinit-text.png"):
         assert (out / name).is_file(), name
@@ -148,13 +148,13 @@ def test_study_fine_tunes_both_twins_and_writes_the_report(
     # training again keeps finished runs (no retraining) and refuses changed settings
     arms = arms_for([str(tiny_checkpoint)])
     before = (runs / "tinyinit-text" / "last.pt").stat().st_mtime_ns
-    assert train_arms(arms, runs, TINY, data_root=data_root, progress=False, log=lambda _: None) == {
+    assert train_arms(arms, runs, TINY, data_root=data_root, progress=False) == {
         "tinyinit-text": {"trained_now": False},
         "tinyinit-ce": {"trained_now": False},
     }
     assert (runs / "tinyinit-text" / "last.pt").stat().st_mtime_ns == before
     with pytest.raises(HemaclipError, match="other settings"):
-        train_arms(arms, runs, {**TINY, "lr": 0.5}, data_root=data_root, progress=False, log=lambda _: None)
+        train_arms(arms, runs, {**TINY, "lr": 0.5}, data_root=data_root, progress=False)
 
 
 def test_init_checkpoint_cannot_take_model_overrides(tmp_path: Path, tiny_checkpoint: Path) -> None:

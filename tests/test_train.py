@@ -64,6 +64,9 @@ def test_run_folder_holds_checkpoints_history_and_curves(full_run: Path) -> None
         assert all(v > 0 for v in terms) and sum(terms) == pytest.approx(row["train_loss"], rel=1e-5)
     saved = json.loads((full_run / "config.json").read_text())
     assert saved["train"]["max_train_images"] == 96
+    log = (full_run / "run.log").read_text()  # one run log: what ran, from which code, where, and each epoch
+    for needle in ("hemaclip train run", "command: ", "git: ", "packages: hemaclip 0.1.0, torch ", "machine: ", "epoch 2/2: loss "):
+        assert needle in log, needle
     assert not list(full_run.glob("*.tmp")), "no temporary files may be left behind"
 
 

@@ -14,8 +14,9 @@ from rich.table import Table
 
 from hemaclip import __version__
 from hemaclip.commands import register_all
-from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console, parse_set_options
+from hemaclip.commands.common import CheckpointOption, DataOption, console, logger, parse_set_options
 from hemaclip.errors import HemaclipError
+from hemaclip.log import setup_console
 
 app = typer.Typer(
     name="hemaclip",
@@ -118,7 +119,7 @@ def data_check(
                 raise
             bad.append(str(exc))
     for line in bad:
-        err_console.print(f"bad image: {line}", highlight=False, soft_wrap=True)
+        logger.warning("bad image: %s", line)
     if bad:
         raise DataError(f"{len(bad)} of {len(loaded.records)} images in dataset '{dataset}' are unreadable (listed above)")
     console.print(f"{dataset}: all {len(loaded.records)} images decode ({len(loaded.classes)} classes)")
@@ -352,15 +353,16 @@ register_all(app)
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
+    setup_console()
     try:
         app(standalone_mode=False)
     except HemaclipError as exc:
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        logger.error("error: %s", " ".join(str(exc).split("\n")))
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        err_console.print("aborted")
+        logger.error("aborted")
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click

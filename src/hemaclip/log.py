@@ -1,9 +1,9 @@
 """One logger for what hemaclip says while it works, and one log file per run.
 
-* Every module logs through ``logging.getLogger(__name__)`` (all under the ``hemaclip`` logger);
-  :func:`setup_console` (called once by the CLI) prints those messages on stderr, one line each,
-  through ``tqdm.write`` so progress bars stay intact. Results a command prints on stdout (tables,
-  JSON) are not log messages and do not go through here.
+* Every module logs through ``get_logger(__name__)`` (all under the ``hemaclip`` logger);
+  :func:`setup_console` (called once by the CLI) prints those messages on stderr as they are, one line
+  each, through ``tqdm.write`` so progress bars stay intact (warnings say "warning: ..." themselves).
+  Results a command prints on stdout (tables, JSON) are not log messages and do not go through here.
 * :func:`run_log` writes ``run.log`` into a run or report folder: a header with the command, the git
   SHA of the code, package versions and the machine, then every hemaclip log message of the run
   (DEBUG and up, with times). A resumed run appends a new header to the same file.
@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
+import inspect
 import logging
 import os
 import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_LOG", "get_logger", "machine_info", "progress_level", "run_header", "run_log", "setup_console"]
+__all__ = ["RUN_LOG", "get_logger", "logged_run", "machine_info", "progress_level", "run_header", "run_log", "setup_console"]
 
 ROOT = "hemaclip"
 RUN_LOG = "run.log"
@@ -52,10 +54,7 @@ class _ConsoleHandler(logging.Handler):
         try:
             from tqdm import tqdm
 
-            message = self.format(record)
-            if record.levelno >= logging.WARNING and not message.startswith(("warning:", "error:", "note:")):
-                message = f"{record.levelname.lower()}: {message}"
-            tqdm.write(message, file=sys.stderr)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # a logging failure must never end a run
             self.handleError(record)
 
@@ -98,8 +97,7 @@ def _versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
 
 def machine_info() -> dict[str, Any]:
     """Where a run ran: platform, Python, CPU count, torch threads, GPU (if torch is imported)."""
-    info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
@@ -109,12 +107,19 @@ def machine_info() -> dict[str, Any]:
 
 def run_header(kind: str, command: str | None = None) -> list[str]:
     """The header lines of a run log: what ran, from which code, with which packages, where."""
-    command = command or " ".join(shlex.quote(a) for a in ["hemaclip", *sys.argv[1:]])
+    if command is None:
+        argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+        if argv0.name == "hemaclip" or argv0.parent.name == "hemaclip":  # the entry point, or python -m hemaclip.cli
+            program = "hemaclip"
+        elif argv0.name == "__main__.py":
+            program = f"python -m {argv0.parent.name}"
+        else:
+            program = argv0.name
+        command = " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
     versions = _versions()
     return [
         f"=== hemaclip {kind} run, {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
         f"command: {command}",
-        f"cwd: {os.getcwd()}",
         f"git: {_git_sha() or 'unknown (not a git checkout)'}",
         "packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "machine: " + ", ".join(f"{k} {v}" for k, v in machine_info().items()),
@@ -147,3 +152,24 @@ def run_log(folder: str | Path, kind: str, command: str | None = None) -> Iterat
         logger.removeHandler(handler)
         handler.close()
         logger.setLevel(previous)
+
+
+def logged_run(kind: str, folder: str = "out") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: run the function inside :func:`run_log` of its `folder` argument (its output folder)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            target = bound.arguments.get(folder)
+            if target is None:  # the function says what is missing
+                return fn(*args, **kwargs)
+            with run_log(target, kind):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate

@@ -1,4 +1,5 @@
-"""Options and consoles shared by every CLI command, so each command module reads the same flags."""
+"""Options shared by every CLI command (so each command module reads the same flags), the stdout console for
+results, and the logger every command says what it is doing through (hemaclip.log)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import typer
 from rich.console import Console
 
 from hemaclip.errors import HemaclipError
+from hemaclip.log import get_logger
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console()  # results on stdout (tables, JSON); messages go through `logger`
+logger = get_logger("hemaclip.commands")
 
 DataOption = Annotated[
     Optional[Path], typer.Option("--data", help="Data root (default: $HEMACLIP_DATA, else ../shared/data).", show_default=False)

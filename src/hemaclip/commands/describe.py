@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
+from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration
 
@@ -108,8 +108,7 @@ def describe(
                                           attribute_threshold=threshold, abstain_below=abstain_below,
                                           stain_normalizer=normalizer, progress=True)
     if not describer.calibrated:
-        err_console.print(f"warning: probabilities are uncalibrated (T = 1): {describer.uncalibrated_reason}",
-                          markup=False, highlight=False, soft_wrap=True)
+        logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:
         saliency.mkdir(parents=True, exist_ok=True)
     failed = seen = 0
@@ -119,7 +118,7 @@ def describe(
         seen += 1
         if d.error is not None:
             failed += 1
-            err_console.print(f"warning: {d.error}", markup=False, highlight=False, soft_wrap=True)
+            logger.warning("warning: %s", d.error)
         elif saliency is not None:
             _write_saliency(describer, d, saliency, target, used)
         if as_json:

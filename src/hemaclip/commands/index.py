@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
+from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 
 index_app = typer.Typer(help="Build and inspect searchable indexes of cell images (FAISS + SQLite metadata).", no_args_is_help=True)
@@ -155,7 +155,7 @@ def search_command(
     from hemaclip.cache import file_sha1
 
     if checkpoint is not None and file_sha1(path) != cell_index.checkpoint_id:
-        err_console.print(f"note: {path} did not build {index}; scores compare two different models' embeddings", highlight=False)
+        logger.warning("note: %s did not build %s; scores compare two different models' embeddings", path, index)
     if image is not None:
         name = stain_norm if stain_norm is not None else str(cell_index.meta.get("stain_norm_name", "none"))
         vectors = embed_images(model, preprocess_for(model).load(image)[None], stain_normalizer=get_normalizer(name))
@@ -175,7 +175,7 @@ def search_command(
         table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["label"]), str(hit["path"]), attributes)
     console.print(table)
     if len(hits) < k:
-        err_console.print(f"note: only {len(hits)} rows match", highlight=False)
+        logger.info("note: only %d rows match", len(hits))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hemaclip.commands.common import DataOption, console, err_console, parse_set_options
+from hemaclip.commands.common import DataOption, console, parse_set_options
 from hemaclip.studies.leukaemia import DEFAULT_INITS, run_study
 
 
@@ -44,6 +44,6 @@ def register(app: typer.Typer) -> None:
             overrides["max_train_images"] = max_train_images
         command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         paths = run_study(out, runs, init or list(DEFAULT_INITS), overrides, data_root=data, train_missing=train_runs, include_shipped=shipped,
-                          max_eval_images=max_eval_images, bench=bench, command=command, progress=None, log=err_console.print)
+                          max_eval_images=max_eval_images, bench=bench, command=command, progress=None)
         for kind, path in paths.items():
             console.print(f"{kind}: {path}")

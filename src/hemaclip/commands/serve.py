@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hemaclip.commands.common import CheckpointOption, DataOption, console, err_console
+from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 
 
@@ -45,7 +45,7 @@ def serve_command(
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
     app = create_app(describer, search_index, settings=ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency))
     if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"note: serving on {host}: anyone who can reach this machine can use the page", highlight=False)
+        logger.warning("note: serving on %s: anyone who can reach this machine can use the page", host)
     console.print(f"hemaclip at http://{host}:{port}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -36,7 +36,7 @@ import hemaclip
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import write_json
-from hemaclip.log import get_logger, progress_level
+from hemaclip.log import get_logger, logged_run, progress_level
 from hemaclip.metrics.classification import encode_labels, macro_f1_codes
 from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
 from hemaclip.studies.evaluate import (
@@ -176,6 +176,7 @@ def _align(a: _Scored, b: _Scored) -> None:
         b.keys = list(a.keys)
 
 
+@logged_run("compare")
 def run_compare(
     a: Path | str | None,
     b: Path | str | None,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hemaclip.errors import HemaclipError
+from hemaclip.log import logged_run
 
 DEFAULT_INITS = ("default", "imagenet")
 N_RESAMPLES = 2000
@@ -262,6 +263,7 @@ def _comparison_summary(comparisons: Sequence[Mapping[str, Any]], classes: Seque
 # ------------------------------------------------------------------------------------------------
 
 
+@logged_run("leukaemia")
 def run_study(
     out: Path,
     runs_dir: Path,
@@ -274,7 +276,6 @@ def run_study(
     bench: Path | None = None,
     command: str = "hemaclip leukemia run",
     progress: bool | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Train (or reuse) both twins per init, score them, write the report (and optionally a bench JSON)."""
     from hemaclip.io import write_json
@@ -284,14 +285,14 @@ def run_study(
     tick = time.perf_counter()
     training: dict[str, dict[str, Any]] = {}
     if train_missing:
-        training = train_arms(arms, runs_dir, overrides, data_root=data_root, progress=progress, log=log)
+        training = train_arms(arms, runs_dir, overrides, data_root=data_root, progress=progress)
     missing = [str(runs_dir / a.name / "best.pt") for a in arms if not (runs_dir / a.name / "best.pt").is_file()]
     if missing:
         raise HemaclipError(f"{missing[0]}: run not trained (drop --no-train to train it)")
     histories = {a.name: run_history(runs_dir / a.name) for a in arms}
     audit = split_audit(data_root, runs_dir / arms[0].name / "splits")
     predicted = predict_study(arms, runs_dir, data_root=data_root, include_shipped=include_shipped, max_eval_images=max_eval_images,
-                              progress=progress is not False, log=log)
+                              progress=progress is not False)
     study = score_study(predicted, [a.name for a in arms])
     paths = write_leukaemia_report(out, audit, study, histories, runs_dir, command, training)
     if bench is not None:

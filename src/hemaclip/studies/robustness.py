@@ -15,7 +15,7 @@ import numpy as np
 
 from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import display_path
-from hemaclip.log import get_logger, progress_level
+from hemaclip.log import get_logger, logged_run, progress_level
 
 logger = get_logger(__name__)
 
@@ -92,6 +92,7 @@ def _reusable(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return {k: saved[k] for k in RESULT_KEYS if k in saved}
 
 
+@logged_run("robustness")
 def run_robustness_report(
     out: Path,
     checkpoint: Path | None = None,
@@ -178,7 +179,7 @@ def run_robustness_report(
     else:
         log(f"{len(corruptions)} corruptions x {len(severities)} severities")
         result = run_robustness(model, records, images, prompt_set, dataset, classes, config, baseline_model=baseline_model,
-                                baseline_train=baseline_train, stain_normalizer=normalizer, progress=progress, log=log)
+                                baseline_train=baseline_train, stain_normalizer=normalizer, progress=progress)
         result["seconds_scoring"] = round(time.perf_counter() - t0, 1)
 
     out = Path(out)

@@ -36,6 +36,7 @@ import numpy as np
 from hemaclip.data.datasets import CellRecord
 from hemaclip.errors import HemaclipError
 from hemaclip.io import display_path
+from hemaclip.log import logged_run
 from hemaclip.metrics.generative import PR_K, fid, kid, nearest_real, precision_recall
 
 __all__ = ["evaluate_synthesis", "utility_arms"]
@@ -220,6 +221,7 @@ def _fidelity(train_f: np.ndarray, y_train: np.ndarray, test_f: np.ndarray, y_te
     return rows
 
 
+@logged_run("synth evaluate")
 def evaluate_synthesis(
     checkpoint: Path,
     out: Path,

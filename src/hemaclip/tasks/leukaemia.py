@@ -22,7 +22,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from hemaclip.data.dedupe import file_hashes
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.preprocess import preprocess_for
 from hemaclip.errors import HemaclipError
+from hemaclip.log import get_logger
 from hemaclip.models.checkpoint import load_for_inference
 from hemaclip.models.default import default_checkpoint_path
 from hemaclip.models.inference import image_outputs
@@ -55,6 +56,8 @@ OBJECTIVES = ("text", "ce")
 TEXT_METHODS = ("zero-shot", "logistic", "knn20")  # how an image-text model classifies
 CE_METHODS = ("head", "logistic", "knn20")  # how a supervised model classifies
 SHIPPED = "shipped"  # the shipped model read as is (no ALL training): a reference row
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,6 @@ def train_arms(
     overrides: Mapping[str, Any] | None = None,
     data_root: str | Path | None = None,
     progress: bool | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
     """Train each arm into `runs_dir/<arm>` (finished runs are kept, stopped ones resumed).
 
@@ -195,11 +197,11 @@ def train_arms(
         run_dir = runs_dir / arm.name
         _check_same_config(run_dir, config)
         if _run_finished(run_dir, config.epochs):
-            log(f"{arm.name}: finished run found in {run_dir}, kept")
+            logger.info("%s: finished run found in %s, kept", arm.name, run_dir)
             done[arm.name] = {"trained_now": False}
             continue
         resume = (run_dir / "last.pt").is_file()
-        log(f"{arm.name}: {'resuming' if resume else 'training'} in {run_dir}")
+        logger.info("%s: %s in %s", arm.name, "resuming" if resume else "training", run_dir)
         tick = time.perf_counter()
         train(config, run_dir, resume=resume, data_root=data_root, progress=progress)
         done[arm.name] = {"trained_now": True, "wall_seconds": time.perf_counter() - tick, "resumed": resume}
@@ -298,7 +300,6 @@ def predict_study(
     max_eval_images: int | None = None,
     device: str = "cpu",
     progress: bool = False,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading.
 
@@ -331,5 +332,5 @@ def predict_study(
         for method in methods:
             predictions[f"{name}:{method}"] = predict(model, emb, method, classes, prompts_file)
         timings[name] = time.perf_counter() - tick
-        log(f"{name}: embedded and read in {timings[name]:.0f} s")
+        logger.info("%s: embedded and read in %.0f s", name, timings[name])
     return {"classes": classes, "truth": truth, "predictions": predictions, "eval_seconds": timings}

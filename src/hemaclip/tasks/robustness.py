@@ -24,7 +24,7 @@ Below 1 means the model loses less than the baseline.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from hemaclip.data.datasets import CellRecord
 from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.stain import Normalizer, normalize_batch
 from hemaclip.errors import DataError
+from hemaclip.log import get_logger, progress_level
 from hemaclip.metrics.classification import macro_f1
 from hemaclip.models.inference import image_outputs
 from hemaclip.models.modes import eval_mode
@@ -48,6 +49,7 @@ from hemaclip.tasks.zero_shot import class_embeddings
 from hemaclip.text.prompts import PromptSet
 
 CLEAN = ("clean", 0)
+logger = get_logger(__name__)
 # A baseline that loses less than this much F1 on a corruption (summed over severities) gives no
 # meaningful relative-CE ratio (it divides by almost nothing), so that corruption is left out of it.
 MIN_BASELINE_RELATIVE_CE = 0.05
@@ -239,7 +241,6 @@ def run_robustness(
     baseline_train: tuple[np.ndarray, Sequence[CellRecord]] | None = None,
     stain_normalizer: Normalizer | None = None,
     progress: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score `model` (and the baseline, if given) on clean and corrupted copies of `images`.
 
@@ -261,8 +262,7 @@ def run_robustness(
     if baseline_model is not None:
         if baseline_train is None:
             raise DataError("the baseline needs training images (baseline_train)")
-        if log:
-            log("baseline: ImageNet trunk features of the clean train images")
+        logger.log(progress_level(progress), "baseline: ImageNet trunk features of the clean train images")
         train_images, train_records = baseline_train
         base = _BaselineScorer(baseline_model, normalize_batch(np.asarray(train_images), stain_normalizer), train_records, classes,
                                config.batch_size)
@@ -275,8 +275,7 @@ def run_robustness(
             base_feats.append(base.features(batch))
     baseline_scores = None
     if base is not None:
-        if log:
-            log("baseline: logistic probes")
+        logger.log(progress_level(progress), "baseline: logistic probes")
         baseline_scores = dict(zip(conditions, base.score_many(base_feats, labels, attributes)))
     errors = corruption_errors(scores, baseline_scores, config.corruptions, config.severities, config.metrics)
     key = lambda c: f"{c[0]}/{c[1]}"  # noqa: E731

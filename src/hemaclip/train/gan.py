@@ -32,6 +32,7 @@ from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.io import atomic_write, config_from_dict, read_config, remove_stale_temps, write_json
+from hemaclip.log import logged_run
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,
@@ -240,6 +241,7 @@ def _ema_update(ema: Generator, generator: Generator, decay: float) -> None:
             e.copy_(b)
 
 
+@logged_run("synth train")
 def train_gan(
     dataset: str,
     out: Path | str,

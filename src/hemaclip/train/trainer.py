@@ -11,8 +11,10 @@ Design choices that matter to users:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -32,6 +34,7 @@ from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.transforms import AugmentConfig
 from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, remove_stale_temps, write_json
+from hemaclip.log import get_logger, run_log
 from hemaclip.models import create_model
 from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaclip.models.default import resolve_checkpoint
@@ -44,6 +47,7 @@ from hemaclip.train.distributed import DistInfo, barrier, cleanup, init_distribu
 from hemaclip.train.texts import build_text_bank, draw_texts, record_targets, statement_masks
 from hemaclip.train.validate import validate
 
+logger = get_logger(__name__)
 STORAGE_SIZE = 192  # decoded-cache resolution: the bundled data's native size, crops are taken from it
 
 
@@ -243,7 +247,10 @@ def train(
     """
     info = init_distributed(config.device)
     try:
-        return _train(config, RunPaths(Path(out_dir)), resume, data_root, info, progress, stop_after_steps)
+        # One run log per run folder (run.log), written by the main process only.
+        logged = run_log(out_dir, "train") if info.is_main else contextlib.nullcontext()
+        with logged:
+            return _train(config, RunPaths(Path(out_dir)), resume, data_root, info, progress, stop_after_steps)
     finally:
         cleanup(info)
 
@@ -443,13 +450,12 @@ def _train(
             save(paths.last, epoch + 1, 0, metrics)
             _append_history(paths, metrics)
             _plot_history(paths)
-            if progress is not False:  # one line per epoch even when bars are off (logs, CI)
-                headline = ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1", "val_head_class_macro_f1")
-                shown = " ".join(f"{k.removeprefix('val_')}={metrics[k]:.3f}" for k in headline if k in metrics)
-                tqdm.write(
-                    f"epoch {epoch + 1}/{config.epochs}: loss {metrics['train_loss']:.4f}, "
-                    f"{metrics['train_images_per_s']:.1f} img/s, {shown}",
-                    file=sys.stderr,
-                )
+            # One line per epoch even when bars are off (logs, CI); always in the run log.
+            headline = ("val_zs_class_macro_f1", "val_zs_attr_macro_f1", "val_head_attr_macro_f1", "val_head_class_macro_f1")
+            shown = " ".join(f"{k.removeprefix('val_')}={metrics[k]:.3f}" for k in headline if k in metrics)
+            terms = ", ".join(f"{k.removeprefix('train_loss_')} {v:.4f}" for k, v in metrics.items() if k.startswith("train_loss_"))
+            logger.log(logging.DEBUG if progress is False else logging.INFO,
+                       "epoch %d/%d: loss %.4f (%s), %.1f img/s, %s", epoch + 1, config.epochs, metrics["train_loss"], terms,
+                       metrics["train_images_per_s"], shown)
         barrier(info)
     return metrics

@@ -63,7 +63,7 @@ from typing import Any
 import hemaclip
 from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import display_path
-from hemaclip.log import get_logger, progress_level
+from hemaclip.log import get_logger, logged_run, progress_level
 from hemaclip.metrics.summary import classification_metrics
 from hemaclip.studies.evaluate.calibration import calibration_part
 from hemaclip.studies.evaluate.classes import (
@@ -124,6 +124,7 @@ __all__ = [
 logger = get_logger(__name__)
 
 
+@logged_run("evaluate")
 def run_evaluation(
     checkpoint: Path | None,
     dataset: str,
