@@ -1,15 +1,7 @@
-"""Text side of hemaclip: attribute captions (and their parser), prompt files, optional paraphrasing."""
+"""Text side of hemaclip: attribute captions (and their parser) and prompt files."""
 
 from hemaclip.text.captions import CAPTION_TEMPLATES, Caption, caption_records, caption_variants, parse_caption
 from hemaclip.text.prompts import DATASET_CLASSES, PromptSet, build_prompts, fill_template, load_prompts
-from hemaclip.text.verbalizer import (
-    CallableVerbalizer,
-    CheckedParaphrases,
-    CommandVerbalizer,
-    Verbalizer,
-    VerbalizerError,
-    checked_paraphrases,
-)
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -22,10 +14,4 @@ __all__ = [
     "build_prompts",
     "fill_template",
     "load_prompts",
-    "CallableVerbalizer",
-    "CheckedParaphrases",
-    "CommandVerbalizer",
-    "Verbalizer",
-    "VerbalizerError",
-    "checked_paraphrases",
 ]
