@@ -1,8 +1,14 @@
-"""Shared fixtures: the real data root (tests use ../shared/data) and small synthetic image folders."""
+"""Shared fixtures: the real data root (tests use ../shared/data), tiny models and checkpoints, the CLI.
+
+Speed tiers: `pytest -m "not slow"` is the development tier (about three minutes on 2 cores); the 13 slowest
+tests carry `@pytest.mark.slow`; `make test` (CI) runs everything.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +45,77 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models and checkpoints: random towers at 32 px, built once per session (they were built about
+# twenty times across ten files). Checkpoints are read-only for tests; copy one before changing it.
+# --------------------------------------------------------------------------------------------------
+
+WBC5 = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+
+
+def tiny_model(tower: str = "effnet-lite0-128", seed: int = 0, **overrides):
+    """A random model of a packaged tower at 32 px (EfficientNet-Lite0: BatchNorm and TF-same convs, so
+    inference preparation is exercised; "vit-tiny-128": a ViT), seeded, with the WBCAtt classes."""
+    import torch
+
+    from hemaclip.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(tower, image_size=32, image_pretrained=None, **overrides)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """`tiny_model(tower="effnet-lite0-128", seed=0, **overrides)`: a fresh tiny model (see above)."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny EfficientNet-Lite0 (seed 0, WBCAtt classes) saved once per session."""
+    from hemaclip.models.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-effnet.pt", tiny_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT (seed 0, WBCAtt classes) saved once per session."""
+    from hemaclip.models.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-vit.pt", tiny_model("vit-tiny-128"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line as a user runs it: a subprocess of `python -m hemaclip.cli`
+# --------------------------------------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "hemaclip.cli"]
+
+
+def _run_cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    # COLUMNS: wide enough that rich does not wrap a table's text.
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "400", **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """`run_cli(*args, timeout=600, env=None, cwd=None)`: `hemaclip ARGS` in a subprocess, output captured."""
+    return _run_cli
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert needle in lines[0]
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error():
+    """`assert_one_line_error(result, needle)`: the command failed with exactly one 'error: ...' line naming `needle`."""
+    return _assert_one_line_error

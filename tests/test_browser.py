@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from hemaclip.data.datasets import load_dataset
-from hemaclip.models.factory import create_model
 from hemaclip.serve.app import create_app
 from hemaclip.tasks.describe import Describer
 from hemaclip.tasks.index import CellIndex
@@ -37,7 +36,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def server(data_root: Path, tmp_path_factory: pytest.TempPathFactory, make_tiny_model):
     """uvicorn in a background thread, serving a tiny model and an index of 20 real cells."""
     import uvicorn
 
@@ -45,8 +44,7 @@ def server(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)  # tiny model; spinning OpenMP threads only slow a busy shared machine
     test = load_dataset("wbcatt", data_root=data_root).split("test")
     cells = [r for label in sorted({r.label for r in test}) for r in [x for x in test if x.label == label][:4]]
-    torch.manual_seed(0)
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+    model = make_tiny_model()
     index = CellIndex.build(model, cells, tmp_path_factory.mktemp("browser") / "ref.index", checkpoint_id="tiny", progress=False)
     app = create_app(Describer(model, index=index), index)
     port = _free_port()

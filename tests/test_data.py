@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +18,8 @@ from hemaclip.data.torch_data import attribute_targets
 from hemaclip.data.transforms import eval_transform, train_transform
 from hemaclip.errors import DataError
 
-CLI = [sys.executable, "-m", "hemaclip.cli"]
-
-
-def run_cli(*args: str, env_data: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert needle in lines[0]
-
-
 @pytest.fixture(scope="module")
-def summary(data_root: Path) -> dict:
+def summary(data_root: Path, run_cli) -> dict:
     result = run_cli("data", "summary", "--json", "--data", str(data_root))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["datasets"]
@@ -129,7 +112,7 @@ def _make_folder(tmp_path: Path, data_root: Path) -> Path:
     return folder
 
 
-def test_corrupt_jpeg_gives_one_line_error_naming_the_file(tmp_path: Path, data_root: Path) -> None:
+def test_corrupt_jpeg_gives_one_line_error_naming_the_file(tmp_path: Path, data_root: Path, run_cli, assert_one_line_error) -> None:
     folder = _make_folder(tmp_path, data_root)
     victim = next((folder / "neutrophil").glob("*.jpg"))
     victim.write_bytes(victim.read_bytes()[:300])
@@ -138,7 +121,7 @@ def test_corrupt_jpeg_gives_one_line_error_naming_the_file(tmp_path: Path, data_
     assert_one_line_error(run_cli("data", "check", "--dataset", "folder", "--data", str(folder)), victim.name)
 
 
-def test_non_image_file_gives_one_line_error(tmp_path: Path, data_root: Path) -> None:
+def test_non_image_file_gives_one_line_error(tmp_path: Path, data_root: Path, run_cli, assert_one_line_error) -> None:
     folder = _make_folder(tmp_path, data_root)
     fake = folder / "eosinophil" / "notes.jpg"
     fake.write_text("this is not an image\n")
@@ -149,7 +132,7 @@ def test_non_image_file_gives_one_line_error(tmp_path: Path, data_root: Path) ->
         decode_image(empty)
 
 
-def test_csv_missing_column_gives_one_line_error(tmp_path: Path, data_root: Path) -> None:
+def test_csv_missing_column_gives_one_line_error(tmp_path: Path, data_root: Path, run_cli, assert_one_line_error) -> None:
     folder = _make_folder(tmp_path, data_root)
     csv_path = folder / "attributes.csv"
     columns = ["img_name", *[c for c in ATTRIBUTE_NAMES if c != "granularity"]]
@@ -159,7 +142,7 @@ def test_csv_missing_column_gives_one_line_error(tmp_path: Path, data_root: Path
     assert "granularity" in result.stderr
 
 
-def test_unknown_label_gives_one_line_error(tmp_path: Path, data_root: Path) -> None:
+def test_unknown_label_gives_one_line_error(tmp_path: Path, data_root: Path, run_cli, assert_one_line_error) -> None:
     source = data_root / "wbcatt"
     fake_root = tmp_path / "root"
     (fake_root / "wbcatt").mkdir(parents=True)
@@ -177,7 +160,7 @@ def test_unknown_label_gives_one_line_error(tmp_path: Path, data_root: Path) -> 
     assert_one_line_error(result, "pbc_attr_v1_val.csv:4")
 
 
-def test_empty_folder_and_missing_root(tmp_path: Path) -> None:
+def test_empty_folder_and_missing_root(tmp_path: Path, run_cli, assert_one_line_error) -> None:
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="no images"):
         load_dataset("folder", folder=tmp_path / "empty")

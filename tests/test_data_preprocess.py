@@ -90,9 +90,9 @@ def test_decode_is_the_one_place_that_opens_images(tmp_path: Path) -> None:
     assert err.value.kind == "format"
 
 
-def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path: Path) -> None:
-    from hemaclip.models import ModelConfig, create_model
-    from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path: Path, tiny_vit_checkpoint: Path) -> None:
+    from hemaclip.models import ModelConfig
+    from hemaclip.models.checkpoint import load_checkpoint
 
     config = ModelConfig(name="x", preprocess={"resize": "bicubic"})
     assert Preprocess.from_config(config) == Preprocess(128) and Preprocess.from_config(config).options == {"locate": "whole", "resize": "bicubic"}
@@ -100,8 +100,7 @@ def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path
         ModelConfig(name="x", preprocess={"crop": "centre"})
     with pytest.raises(HemaclipError, match="locate='cells' is not supported"):
         ModelConfig(name="x", preprocess={"locate": "cells"})
-    path = save_checkpoint(tmp_path / "m.pt", create_model("vit-tiny-128", image_size=32, image_pretrained=None))
-    payload = torch.load(path, weights_only=True)
+    payload = torch.load(tiny_vit_checkpoint, weights_only=True)
     assert payload["model_config"]["preprocess"] == {}
     del payload["model_config"]["preprocess"]  # as in every checkpoint saved before the field existed
     torch.save(payload, tmp_path / "old.pt")

@@ -135,13 +135,11 @@ def test_train_config_has_stain_jitter() -> None:
     assert load_train_config("tiny", {"stain_jitter": 0.2}).stain_jitter == 0.2
 
 
-def test_features_with_stain_normalisation(data_root: Path) -> None:
+def test_features_with_stain_normalisation(data_root: Path, make_tiny_model) -> None:
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.factory import create_model
     from hemaclip.tasks.features import extract_features
 
-    torch.manual_seed(0)
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+    model = make_tiny_model()
     records = load_dataset("wbcatt", data_root=data_root).split("val")[:6]
     plain = extract_features(model, records, checkpoint_id="tiny-test")
     normed = extract_features(model, records, checkpoint_id="tiny-test", stain_normalizer=get_normalizer("reinhard"))
@@ -161,14 +159,11 @@ def test_evaluate_refuses_an_unknown_stain_norm() -> None:
     assert isinstance(result.exception, HemaclipError) and "--stain-norm" in str(result.exception)
 
 
-def test_evaluation_passes_the_normaliser_to_feature_extraction(data_root: Path, tmp_path: Path) -> None:
+def test_evaluation_passes_the_normaliser_to_feature_extraction(data_root: Path, tmp_path: Path, tiny_vit_checkpoint: Path) -> None:
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.errors import HemaclipError
     from hemaclip.studies.evaluate import load_model_features, run_evaluation
-    from hemaclip.models.checkpoint import save_checkpoint
-    from hemaclip.models.factory import create_model
 
-    checkpoint = save_checkpoint(tmp_path / "m.pt", create_model("vit-tiny-128", image_size=32, image_pretrained=None))
+    checkpoint = tiny_vit_checkpoint
     records = {"eval": load_dataset("wbcatt", data_root=data_root).split("test")[:4]}
     _, _, _, plain = load_model_features(checkpoint, records)
     _, _, _, normed = load_model_features(checkpoint, records, stain_normalizer=get_normalizer("reinhard"))

@@ -9,8 +9,6 @@ import io
 import json
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -211,15 +209,13 @@ def test_decoded_images_leaves_no_partial_cache(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == []
 
 
-def test_cli_reports_a_bad_image_in_one_line(tmp_path: Path) -> None:
+def test_cli_reports_a_bad_image_in_one_line(tmp_path: Path, run_cli, assert_one_line_error) -> None:
     root = _class_folder(tmp_path / "images", n=2)
     bad = root / "lymphocyte" / "broken.jpg"
     bad.write_bytes(_jpeg_bytes()[:100])
-    proc = subprocess.run([sys.executable, "-m", "hemaclip.cli", "data", "check", "--data", str(root)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("data", "check", "--data", str(root), timeout=120)
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "broken.jpg" in lines[0]
+    assert_one_line_error(proc, "broken.jpg")
     assert "Traceback" not in proc.stderr
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from hemaclip.data.datasets import load_dataset
-from hemaclip.models.factory import create_model
 from hemaclip.serve.app import ServeSettings, create_app
 from hemaclip.tasks.describe import Describer
 from hemaclip.tasks.index import CellIndex
@@ -36,9 +34,8 @@ def cells(data_root: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def client(cells, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
-    torch.manual_seed(0)
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+def client(cells, tmp_path_factory: pytest.TempPathFactory, make_tiny_model) -> TestClient:
+    model = make_tiny_model()
     index = CellIndex.build(model, cells, tmp_path_factory.mktemp("serve") / "ref.index", checkpoint_id="tiny", progress=False)
     describer = Describer(model, index=index)
     app = create_app(describer, index, settings=ServeSettings(max_upload_bytes=LIMIT))

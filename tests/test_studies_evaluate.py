@@ -24,12 +24,8 @@ KS = (1, 3, 5, 10)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from hemaclip.models import create_model
-    from hemaclip.models.checkpoint import save_checkpoint
-
-    model = create_model("vit-tiny-128", image_size=32, image_pretrained=None, class_names=CLASSES)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model)
+def checkpoint(tiny_vit_checkpoint) -> Path:
+    return tiny_vit_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +262,7 @@ def test_training_validation_f1_equals_evaluate_f1(data_root, tmp_path):
         assert logged[f"val_zs_attr_{name}"] == block["macro_f1"]["point"], name
 
 
+@pytest.mark.slow
 def test_validation_equals_evaluate_where_the_old_conventions_differed(checkpoint, data_root, tmp_path):
     """On 3 val images per class many attribute values occur in no image: training-time validation used to
     count each as F1 = 0 (all labels), evaluate left the unpredicted ones out (truth or predictions). Now both

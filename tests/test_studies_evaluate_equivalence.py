@@ -43,14 +43,9 @@ def _old_tree(tmp: Path) -> Path | None:
     return tmp / "src"
 
 
-def _tiny_old_format_checkpoint(path: Path) -> Path:
-    """A tiny random model saved without the fields the old code does not know (as any old checkpoint)."""
-    from hemaclip.models import create_model
-    from hemaclip.models.checkpoint import save_checkpoint
-
-    classes = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
-    save_checkpoint(path, create_model("vit-tiny-128", image_size=32, image_pretrained=None, class_names=classes))
-    payload = torch.load(path, weights_only=True)
+def _tiny_old_format_checkpoint(source: Path, path: Path) -> Path:
+    """The tiny checkpoint saved without the fields the old code does not know (as any old checkpoint)."""
+    payload = torch.load(source, weights_only=True)
     payload["model_config"].pop("preprocess")
     torch.save(payload, path)
     return path
@@ -70,7 +65,7 @@ def _differences(old, new, path="") -> list[str]:
 
 
 @pytest.mark.slow
-def test_new_evaluation_equals_the_old_pipeline(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_evaluation_equals_the_old_pipeline(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit_checkpoint: Path) -> None:
     from hemaclip.data.attributes import ATTRIBUTES
     from hemaclip.data.datasets import load_dataset
     from hemaclip.studies.evaluate import cap_per_class, run_evaluation
@@ -81,7 +76,7 @@ def test_new_evaluation_equals_the_old_pipeline(data_root: Path, tmp_path: Path,
     records = cap_per_class(load_dataset("wbcatt", data_root=data_root).split("test"), PER_CLASS, 0)
     for name, values in ATTRIBUTES.items():
         assert set(values) <= {r.attributes[name] for r in records}, f"the subset lacks a value of {name}"
-    checkpoint = _tiny_old_format_checkpoint(tmp_path / "tiny.pt")
+    checkpoint = _tiny_old_format_checkpoint(tiny_vit_checkpoint, tmp_path / "tiny.pt")
     work = tmp_path / "work"
     work.mkdir()
     old_out, new_out = work / "old", work / "new"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,21 +163,17 @@ def test_resume_after_a_stop_restores_the_step_and_matches(tmp_path: Path, data_
     assert (tmp_path / "cut" / "samples" / "epoch_002.png").is_file()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hemaclip.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_sample_cli_refuses_another_datasets_or_a_non_gan_checkpoint(tmp_path: Path) -> None:
+def test_sample_cli_refuses_another_datasets_or_a_non_gan_checkpoint(tmp_path: Path, run_cli) -> None:
     checkpoint = tiny_checkpoint(tmp_path / "gan.pt", dataset="all")
-    result = _cli("synth", "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"), "--dataset", "pbc", "--per-class", "1")
+    result = run_cli("synth", "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"), "--dataset", "pbc", "--per-class", "1")
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "gan.pt" in result.stderr and "'all'" in result.stderr
     assert not (tmp_path / "s").exists()
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    result = _cli("synth", "sample", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "s"))
+    result = run_cli("synth", "sample", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "s"))
     assert result.returncode == 1 and "not a hemaclip GAN checkpoint" in result.stderr
     assert result.stderr.strip().count("\n") == 0
-    ok = _cli("synth", "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"), "--dataset", "all", "--per-class", "2")
+    ok = run_cli("synth", "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"), "--dataset", "all", "--per-class", "2")
     assert ok.returncode == 0, ok.stderr
     assert len(list((tmp_path / "s").rglob("*.png"))) == 8
     with pytest.raises(CheckpointError, match="not 'pbc'"):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +12,20 @@ import pytest
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.data.preprocess import decode_image
-from hemaclip.models.checkpoint import save_checkpoint
-from hemaclip.models.factory import create_model
+from hemaclip.models.checkpoint import load_checkpoint
 from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
 from hemaclip.cache import file_sha1
 from hemaclip.text.captions import parse_caption
 
-CLI = [sys.executable, "-m", "hemaclip.cli", "describe"]
 KEYS = {"source", "label", "probability", "runner_up", "runner_up_probability", "abstain", "attributes", "sentence",
         "neighbours", "calibrated"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model)
+def tiny(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The session's tiny checkpoint, copied: a test here writes a calibration sidecar beside it."""
+    path = Path(shutil.copy(tiny_checkpoint, tmp_path_factory.mktemp("describe") / "tiny.pt"))
+    model, _ = load_checkpoint(path)
     return model.eval(), path
 
 
@@ -53,15 +49,11 @@ def folder(tmp_path: Path, records: list) -> Path:
     return root
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "400"}  # wide enough that rich does not wrap the table's text
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
-
-
-def test_cli_json_lines_threshold_and_corrupt_file(tiny, folder: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_cli_json_lines_threshold_and_corrupt_file(tiny, folder: Path, tmp_path: Path, run_cli) -> None:
     _, ckpt = tiny
     threshold = 0.45
-    result = run(str(folder), "--checkpoint", str(ckpt), "--index", "none", "--json", "--threshold", str(threshold),
+    result = run_cli("describe", str(folder), "--checkpoint", str(ckpt), "--index", "none", "--json", "--threshold", str(threshold),
                  "--batch-size", "2", "--saliency", str(tmp_path / "maps"), "--saliency-target", "nucleus_shape")
     assert result.returncode == 1, result.stderr  # one file failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -83,9 +75,10 @@ def test_cli_json_lines_threshold_and_corrupt_file(tiny, folder: Path, tmp_path:
     assert len(list((tmp_path / "maps").glob("*.nucleus_shape.png"))) == 3
 
 
-def test_cli_table_abstains_and_states_nothing_at_threshold_one(tiny, records: list) -> None:
+@pytest.mark.slow
+def test_cli_table_abstains_and_states_nothing_at_threshold_one(tiny, records: list, run_cli) -> None:
     _, ckpt = tiny
-    result = run(str(records[0].path), "--checkpoint", str(ckpt), "--index", "none",
+    result = run_cli("describe", str(records[0].path), "--checkpoint", str(ckpt), "--index", "none",
                  "--threshold", "1.0", "--abstain-below", "1.0")
     assert result.returncode == 0, result.stderr
     assert Path(records[0].path).name in result.stdout and "uncalibrated" in result.stdout

@@ -20,10 +20,8 @@ from hemaclip.tasks.zero_shot import zero_shot_scores
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from hemaclip.models import create_model
-
-    return create_model("vit-tiny-128", image_size=32, image_pretrained=None)
+def tiny_model(make_tiny_model):
+    return make_tiny_model("vit-tiny-128")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import torch
 
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
-from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
-from hemaclip.models.factory import create_model
+from hemaclip.models.checkpoint import load_checkpoint
 from hemaclip.cache import file_sha1
 from hemaclip.models.inference import embed_texts
 from hemaclip.tasks.index import CellIndex, IndexSettings, build_faiss, index_model
@@ -29,13 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    """A random 32 px model saved as a checkpoint (so the CLI can load the very same weights)."""
-    torch.manual_seed(0)
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model)
-    loaded, _ = load_checkpoint(path)
-    return loaded, path
+def tiny(tiny_checkpoint: Path) -> tuple[torch.nn.Module, Path]:
+    """The session's tiny checkpoint and its model (so the CLI loads the very same weights)."""
+    loaded, _ = load_checkpoint(tiny_checkpoint)
+    return loaded, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +85,7 @@ def test_filters_restrict_rows_and_still_return_k(built: CellIndex, records, tin
     assert [h["row"] for h in hits] == unfiltered
 
 
-def test_clear_errors(built: CellIndex, tiny, tmp_path: Path) -> None:
+def test_clear_errors(built: CellIndex, tiny, tmp_path: Path, make_tiny_model) -> None:
     model, _ = tiny
     with pytest.raises(HemaclipError, match="unknown filter column 'colour'"):
         built.search(np.zeros((1, built.dim), np.float32), where={"colour": "red"})
@@ -103,7 +99,7 @@ def test_clear_errors(built: CellIndex, tiny, tmp_path: Path) -> None:
         CellIndex.load(tmp_path / "missing.index")
     with pytest.raises(CheckpointError, match="built by checkpoint"):
         CellIndex.load(built.path, expected_checkpoint_id="0" * 40)
-    other = create_model("effnet-lite0-128", image_size=32, image_pretrained=None, embed_dim=64)
+    other = make_tiny_model(embed_dim=64)
     with pytest.raises(CheckpointError, match="256-d"):
         built.check_model(other)
 

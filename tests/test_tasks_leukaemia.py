@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,10 @@ import pytest
 
 from hemaclip.studies import leukaemia as leukaemia_study
 from hemaclip.studies.leukaemia import compare_twins, run_study, score
-from hemaclip.data.attributes import ALL_CLASSES, WBCATT_CLASSES
+from hemaclip.data.attributes import ALL_CLASSES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import HemaclipError
-from hemaclip.models import create_model
-from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+from hemaclip.models.checkpoint import load_checkpoint
 from hemaclip.tasks.leukaemia import (
     INIT_CONFIGS,
     SUPERVISED_OVERRIDES,
@@ -99,29 +99,29 @@ def test_scores_and_paired_tests_on_known_predictions() -> None:
 
 
 @pytest.fixture()
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    """A random tiny tower with the shipped model's 8 WBC-style classes (so fine-tuning must replace the head)."""
-    model = create_model("effnet-lite0-128", image_size=32, image_pretrained=None, class_names=tuple(WBCATT_CLASSES))
-    return save_checkpoint(tmp_path / "tinyinit.pt", model)
+def tinyinit(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """The session's tiny checkpoint under the name the runs are labelled by ('tinyinit')."""
+    return Path(shutil.copy(tiny_checkpoint, tmp_path / "tinyinit.pt"))
 
 
+@pytest.mark.slow
 def test_study_fine_tunes_both_twins_and_writes_the_report(
-    data_root: Path, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    data_root: Path, tmp_path: Path, tinyinit: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(leukaemia_study, "N_RESAMPLES", 200)  # fewer bootstrap resamples: same code path, faster
     out, runs = tmp_path / "report", tmp_path / "runs"
-    paths = run_study(out, runs, [str(tiny_checkpoint)], TINY, data_root=data_root, include_shipped=False, max_eval_images=8,
+    paths = run_study(out, runs, [str(tinyinit)], TINY, data_root=data_root, include_shipped=False, max_eval_images=8,
                       bench=tmp_path / "bench.json", progress=False)
     for name in ("report.md", "report.html", "metrics.json", "per-class-f1.png", "confusion-tinyinit-text-zero-shot.png",
                  "confusion-tinyinit-ce-head.png", "curves-tinyinit-text.png"):
         assert (out / name).is_file(), name
     assert paths["bench"].is_file()
     # fine-tuned from the tiny checkpoint: ALL class head, same tower for both twins, weights moved
-    initial, _ = load_checkpoint(tiny_checkpoint)
+    initial, _ = load_checkpoint(tinyinit)
     trained = {twin: load_checkpoint(runs / twin / "best.pt") for twin in ("tinyinit-text", "tinyinit-ce")}
     for twin, (model, meta) in trained.items():
         assert model.class_names == ALL_CLASSES
-        assert meta["extra"]["train_config"]["init_checkpoint"] == str(tiny_checkpoint)
+        assert meta["extra"]["train_config"]["init_checkpoint"] == str(tinyinit)
         moved = [k for k, v in model.visual.state_dict().items() if v.is_floating_point() and not np.allclose(v.numpy(), initial.visual.state_dict()[k].numpy())]
         assert moved, twin
     # the CE twin is a plain classifier: its text side stays exactly as initialised
@@ -146,7 +146,7 @@ def test_study_fine_tunes_both_twins_and_writes_the_report(
     assert "Paired bootstrap" in (out / "report.md").read_text()
 
     # training again keeps finished runs (no retraining) and refuses changed settings
-    arms = arms_for([str(tiny_checkpoint)])
+    arms = arms_for([str(tinyinit)])
     before = (runs / "tinyinit-text" / "last.pt").stat().st_mtime_ns
     assert train_arms(arms, runs, TINY, data_root=data_root, progress=False) == {
         "tinyinit-text": {"trained_now": False},
@@ -157,10 +157,10 @@ def test_study_fine_tunes_both_twins_and_writes_the_report(
         train_arms(arms, runs, {**TINY, "lr": 0.5}, data_root=data_root, progress=False)
 
 
-def test_init_checkpoint_cannot_take_model_overrides(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_init_checkpoint_cannot_take_model_overrides(tmp_path: Path, tinyinit: Path) -> None:
     from hemaclip.train.trainer import initial_model
 
-    config = dataclasses.replace(arm_config(Arm(str(tiny_checkpoint), "text")), model_overrides={"image_size": 64})
+    config = dataclasses.replace(arm_config(Arm(str(tinyinit), "text")), model_overrides={"image_size": 64})
     with pytest.raises(HemaclipError, match="model_overrides"):
         initial_model(config, ALL_CLASSES)
     model = initial_model(dataclasses.replace(config, model_overrides={}), ALL_CLASSES)

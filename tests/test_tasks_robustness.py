@@ -13,7 +13,6 @@ import torch
 from hemaclip.data.datasets import load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.models.checkpoint import save_checkpoint
-from hemaclip.models.factory import create_model
 from hemaclip.tasks.probes import sample_per_class
 from hemaclip.tasks.robustness import CLEAN, MIN_BASELINE_RELATIVE_CE, RobustnessConfig, corruption_errors, run_robustness
 from hemaclip.text.prompts import load_prompts
@@ -29,9 +28,8 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+def tiny_model(make_tiny_model) -> torch.nn.Module:
+    return make_tiny_model()
 
 
 def _subset(data_root: Path, split: str, per_class: int) -> list:
@@ -57,13 +55,12 @@ def test_corruption_errors_arithmetic() -> None:
     assert "mce" not in corruption_errors(scores, None, ["a", "b"], [1, 2], metrics=["head_class"])["head_class"]
 
 
-def test_run_robustness_on_real_cells(data_root: Path, tiny_model: torch.nn.Module) -> None:
+def test_run_robustness_on_real_cells(data_root: Path, tiny_model: torch.nn.Module, make_tiny_model) -> None:
     records = _subset(data_root, "test", 2)
     train = _subset(data_root, "train", 3)
     images = decoded_images([r.path for r in records], 32, progress=False)
     train_images = decoded_images([r.path for r in train], 32, progress=False)
-    torch.manual_seed(1)
-    baseline = create_model("effnet-lite0-128", image_size=32, image_pretrained=None)
+    baseline = make_tiny_model(seed=1)
     config = RobustnessConfig(corruptions=("stain_shift", "jpeg"), severities=(1, 5), batch_size=16)
     prompts = load_prompts()
     classes = list(prompts.classes("wbcatt"))

@@ -42,6 +42,7 @@ def mismatch(caption: str, attributes: dict[str, str]) -> str:
     return f"{caption!r}: (expected, parsed) {wrong}"
 
 
+@pytest.mark.slow
 def test_round_trip_every_train_row(record_property: pytest.RecordProperty) -> None:
     rows = wbcatt_rows("train")
     values_total = values_recovered = captions = 0
@@ -89,6 +90,7 @@ def test_round_trip_other_splits(split: str) -> None:
                 assert parse_caption(caption) == attributes, mismatch(caption, attributes)
 
 
+@pytest.mark.slow
 def test_round_trip_random_combinations() -> None:
     """All structures, on combinations the data may never show (e.g. granule_type=small, granularity=no)."""
     rng = random.Random(2024)

@@ -50,6 +50,7 @@ def full_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_run_folder_holds_checkpoints_history_and_curves(full_run: Path) -> None:
     for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png", "config.json"):
         assert (full_run / name).is_file(), name
@@ -70,6 +71,7 @@ def test_run_folder_holds_checkpoints_history_and_curves(full_run: Path) -> None
     assert not list(full_run.glob("*.tmp")), "no temporary files may be left behind"
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_mid_epoch_matches_an_uninterrupted_run(full_run: Path, data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "stopped"
     stopped = train(tiny(), out, data_root=data_root, progress=False, stop_after_steps=3)
@@ -128,12 +130,11 @@ def test_select_metric_names_the_validation_number_that_picks_best() -> None:
         _select_score(metrics, "val_nope")
 
 
-def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
+def test_vit_position_embedding_and_class_token_get_no_weight_decay(make_tiny_model) -> None:
     """timm declares them in no_weight_decay(); the optimiser groups honour it (as open_clip's do)."""
-    from hemaclip.models import create_model
     from hemaclip.train.trainer import no_weight_decay_names, param_groups
 
-    model = create_model("vit-tiny-128", image_size=32, image_pretrained=None)
+    model = make_tiny_model("vit-tiny-128")
     config = TrainConfig()
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)]: group["weight_decay"] for group in param_groups(model, config) for p in group["params"]}

@@ -79,14 +79,12 @@ def test_sigkill_mid_epoch_then_resume(data_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.9])
-def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, cut: float) -> None:
+def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, cut: float, tiny_vit_checkpoint: Path) -> None:
     """What a non-atomic write would leave behind is caught on load (the resume path never sees it)."""
     from hemaclip.errors import CheckpointError
-    from hemaclip.models.checkpoint import save_checkpoint
-    from hemaclip.models.factory import create_model
 
-    path = save_checkpoint(tmp_path / "m.pt", create_model("vit-tiny-128", image_size=32, image_pretrained=None))
-    data = path.read_bytes()
+    path = tmp_path / "m.pt"
+    data = tiny_vit_checkpoint.read_bytes()
     path.write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
