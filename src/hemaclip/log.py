@@ -146,7 +146,9 @@ def run_log(folder: str | Path, kind: str, command: str | None = None) -> Iterat
     try:
         yield path
     except BaseException as exc:
-        logger.error("run ended with %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        # Into the run log only: the console gets the CLI's one-line error.
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run ended with %s: %s", (type(exc).__name__, first), None))
         raise
     finally:
         logger.removeHandler(handler)

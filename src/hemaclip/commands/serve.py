@@ -38,7 +38,7 @@ def serve_command(
 
     path = resolve_checkpoint(checkpoint)
     loaded_index = CellIndex.load(index) if index is not None else "default"
-    console.print("loading the model" + (" and building the reference index (first run only)" if index is None else ""))
+    logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
     describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True)
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
