@@ -23,7 +23,7 @@ import torch
 
 import hemaclip
 
-OLD_COMMIT = "7a5c667"  # the tree before issue 12
+OLD_COMMIT = "7a5c6672dd58c1b25191ba4f74df0d7674661c48"  # the tree before issue 12 (the house)
 PER_CLASS = 8
 RUN = dict(dataset="wbcatt", split="test", n_boot=200, seed=0, max_per_class=PER_CLASS, nshot_shots=(1, 3), nshot_seeds=(0, 1),
            embed_method="pca")

@@ -99,7 +99,8 @@ def _key(p: str) -> str:
 
 
 def _paired_macro(y: Sequence[str], a: Sequence[str], b: Sequence[str], labels: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    res = paired_bootstrap_macro_f1(list(y), list(a), list(b), list(labels), n_resamples=n_boot, seed=seed)
+    # Labels sorted: the order comparisons have always averaged classes in (the same numbers to the last bit).
+    res = paired_bootstrap_macro_f1(list(y), list(a), list(b), sorted(labels), n_resamples=n_boot, seed=seed)
     res["n"] = int(len(y))
     return res
 
@@ -116,8 +117,8 @@ def _paired_attribute_mean(
     names = [n for n in ATTRIBUTE_NAMES if n in truth and n in pred_a and n in pred_b]
     cols_t, cols_a, cols_b, sizes = [], [], [], []
     for name in names:
-        t, pa, n = encode_labels(truth[name], pred_a[name], list(ATTRIBUTES[name]))
-        _, pb, _ = encode_labels(truth[name], pred_b[name], list(ATTRIBUTES[name]))
+        t, pa, n = encode_labels(truth[name], pred_a[name], sorted(ATTRIBUTES[name]))
+        _, pb, _ = encode_labels(truth[name], pred_b[name], sorted(ATTRIBUTES[name]))
         cols_t.append(t)
         cols_a.append(pa)
         cols_b.append(pb)

@@ -76,8 +76,9 @@ class RobustnessConfig:
 
 
 def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> float:
-    """hemaclip's macro F1 over `labels` (NaN for no images)."""
-    return macro_f1(y_true, y_pred, labels) if len(y_true) else float("nan")
+    """hemaclip's macro F1 over `labels` (NaN for no images). The classes are averaged in sorted order, the
+    order these scores have always been summed in, so they stay the same to the last bit."""
+    return macro_f1(y_true, y_pred, sorted(labels)) if len(y_true) else float("nan")
 
 
 class _ModelScorer:
