@@ -143,3 +143,21 @@ def test_vit_position_embedding_and_class_token_get_no_weight_decay(make_tiny_mo
     assert decay["visual.trunk.cls_token"] == 0.0
     assert decay["visual.trunk.patch_embed.proj.weight"] == config.weight_decay == 0.05
     assert decay["visual.trunk.blocks.0.norm1.weight"] == 0.0 and decay["logit_scale"] == 0.0
+
+
+def test_one_unknown_key_check_for_every_config() -> None:
+    """Training, text-mix, model, GAN, GAN-model and DiffAugment configs share one reader and one key check."""
+    from hemaclip.models import ModelConfig
+    from hemaclip.train.gan import GanTrainConfig
+
+    cases = [
+        (lambda: TrainConfig.from_dict({"epochz": 1}, source="x.json"), "x.json: unknown training config key(s): epochz"),
+        (lambda: TrainConfig.from_dict({"text_mix": {"captionz": 1}}, source="x.json"), "unknown training config text_mix key(s): captionz"),
+        (lambda: ModelConfig.from_dict({"name": "m", "image_sise": 64}), "unknown model config key(s): image_sise"),
+        (lambda: GanTrainConfig.from_dict({"model": {"z_dimm": 8}}), "unknown GAN config model key(s): z_dimm"),
+        (lambda: GanTrainConfig.from_dict({"augment": {"colour": True}}), "unknown GAN config augment key(s): colour"),
+    ]
+    for build, message in cases:
+        with pytest.raises(HemaclipError, match=r"\(known: ") as err:
+            build()
+        assert message in str(err.value)
