@@ -316,17 +316,20 @@ def _describe_one(describer: Any, image: Image.Image, name: str, saliency: Any, 
     """Describe one decoded image; add the saliency overlay and browser-ready neighbour links."""
     array = np.asarray(image, dtype=np.uint8)
     with lock:
-        description = describer.describe_arrays([array], [name])[0]
+        descriptions = describer.describe_arrays([array], [name])
+        description = descriptions[0]
         result: Mapping[str, Any] = description.to_dict()
         overlay = None
         if saliency is not None and description.error is None:
             saliency_map, overlay_png = saliency
-            prepared = describer.prepare(image)
+            prepared = describer.views(image)[description.cell].array
             heat = saliency_map(describer.model, prepared, target="class")
             overlay = "data:image/png;base64," + base64.b64encode(overlay_png(prepared, heat)).decode("ascii")
     if description.error is not None:
         raise UploadError(422, description.error)
-    out = dict(result)
+    out = dict(result)  # the first cell's reading at the top level (as before), every cell in `cells`
+    out["cells"] = [d.to_dict() for d in descriptions]
+    out["image_size"] = [int(array.shape[1]), int(array.shape[0])]
     out["saliency_png"] = overlay
     out["disclaimer"] = DISCLAIMER
     return out
