@@ -30,6 +30,7 @@ __all__ = [
     "FEATURES",
     "LABEL_NAMES",
     "PROTOCOLS",
+    "SCRIPTED_FINGERPRINT",
     "Answer",
     "detect_protocol",
     "parse_answer",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 PROTOCOLS: tuple[str, ...] = ("zero-shot", "few-shot", "explain", "features")
+# The system fingerprint of hemaclip's scripted test server: a report labels runs it answered as demonstrations.
+SCRIPTED_FINGERPRINT = "hemaclip-scripted-test-server"
 # Bumped whenever a prompt's wording changes: it is part of every cache key, so old answers are never
 # mistaken for answers to the new wording.
 PROMPT_VERSION = 1

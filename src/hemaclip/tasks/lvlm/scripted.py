@@ -30,11 +30,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from hemaclip.tasks.lvlm.protocols import FEATURES, LABEL_NAMES, detect_protocol
+from hemaclip.tasks.lvlm.protocols import FEATURES, LABEL_NAMES, SCRIPTED_FINGERPRINT, detect_protocol
 
 __all__ = ["KINDS", "SCRIPTED_FINGERPRINT", "Behaviour", "ScriptedServer", "reply_text"]
 
-SCRIPTED_FINGERPRINT = "hemaclip-scripted-test-server"
 KINDS = ("correct", "wrong", "unparseable", "slow", "error500", "always500", "rate_limit")
 UNPARSEABLE_REPLY = "I am not able to tell from this image what kind of cell it is."
 
