@@ -402,7 +402,7 @@ def write_lvlm_report(
                     figures.append((plots.plot_confusion(block["confusion_matrix"], block["confusion_labels"],
                                                          figures_dir / f"confusion-{protocol}-{_figure_name(scored.name)}.png",
                                                          title=f"{scored.name}, {protocol}"), f"{scored.name}, {protocol}"))
-            for s in {id(h): h for h in (hemaclip_rows.get(x.name) for x in systems[protocol]) if h}.values():
+            for s in _distinct_hemaclip({protocol: systems[protocol]}, hemaclip_rows):
                 block = hem_blocks[id(s)]
                 pm["systems"][s.name] = {"classification": block}
                 rows.append(_class_row(s.name + ", same cells", block))
@@ -424,7 +424,7 @@ def write_lvlm_report(
                                     "spread would give each label 1/8 and the top two 0.25)")]
             sections.append(Section(f"Protocol: {protocol}", _protocol_text(protocol, n_boot), tables, figures))
 
-        sections += _confidence_section(metrics, systems, hemaclip_rows, hem_blocks)
+        sections += _confidence_section(metrics, systems, hemaclip_rows)
         sections += _feature_section(metrics)
         sections += _faithfulness_section(metrics, systems, hemaclip_rows, textbook, n_boot, seed)
         validation = parser_validation([pair for v in per_sample.values() for pair in v[1]])
@@ -457,20 +457,21 @@ def _protocol_text(protocol: str, n_boot: int) -> str:
             "are counted in 'Cells scored'.")
 
 
-def _confidence_section(metrics: dict[str, Any], systems: Mapping[str, list[Scored]], hemaclip_rows: Mapping[str, Scored],
-                        hem_blocks: Mapping[int, Any]) -> list[Section]:
+def _distinct_hemaclip(systems: Mapping[str, Sequence[Scored]], hemaclip_rows: Mapping[str, Scored]) -> list[Scored]:
+    """hemaclip's answers for the LVLM systems given (one per distinct sample), in order of first use."""
+    found = {id(h): h for h in (hemaclip_rows.get(s.name) for p in systems.values() for s in p) if h is not None}
+    return list(found.values())
+
+
+def _confidence_section(metrics: dict[str, Any], systems: Mapping[str, list[Scored]],
+                        hemaclip_rows: Mapping[str, Scored]) -> list[Section]:
     rows = []
     for scored in systems.get("explain", []):
         block = confidence_block(scored)
         if block:
             rows.append([f"{scored.name}: stated certainty (1-5)", block["n"], block["correlation"], block["auroc"],
                          block["mean_when_right"], block["mean_when_wrong"]])
-    seen = set()
-    for scored in [s for p in systems.values() for s in p]:
-        hem = hemaclip_rows.get(scored.name)
-        if hem is None or id(hem) in seen:
-            continue
-        seen.add(id(hem))
+    for hem in _distinct_hemaclip(systems, hemaclip_rows):
         block = confidence_block(hem)
         metrics.setdefault("hemaclip_confidence", []).append(block)
         rows.append([f"{hem.name}: calibrated class probability", block["n"], block["correlation"], block["auroc"],
@@ -517,12 +518,7 @@ def _faithfulness_section(metrics: dict[str, Any], systems: Mapping[str, list[Sc
     for scored in systems.get("explain", []):
         block = metrics["protocols"]["explain"]["systems"][scored.name]["faithfulness"]
         entries.append((f"{scored.name}: justifications", block))
-    seen = set()
-    for scored in [s for p in systems.values() for s in p]:
-        hem = hemaclip_rows.get(scored.name)
-        if hem is None or id(hem) in seen:
-            continue
-        seen.add(id(hem))
+    for hem in _distinct_hemaclip(systems, hemaclip_rows):
         block = faithfulness_block(hem, textbook, n_boot, seed)
         metrics.setdefault("hemaclip_faithfulness", []).append(block)
         entries.append((f"{hem.name}: sentences", block))
