@@ -68,6 +68,7 @@ __all__ = [
     "UNFAMILIAR_WARNING",
     "iter_image_paths",
     "load_calibration",
+    "sayable_statements",
     "select_statements",
     "statements_for_rows",
 ]
@@ -196,6 +197,14 @@ def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         text += f"; its cytoplasm is {_join(cyto_adj)}"
     sentence = text[:1].upper() + text[1:] + "."
     return sentence, parse_caption(sentence)
+
+
+def sayable_statements(stated: Mapping[str, str]) -> dict[str, str]:
+    """The part of `stated` that :func:`attribute_sentence` puts into words (granule type and colour only
+    together with granularity): what a reader of the sentence must recover exactly."""
+    _, _, used = _granule_statements(stated)
+    granule = {"granularity", "granule_type", "granule_colour"}
+    return {n: v for n, v in stated.items() if n in ATTRIBUTES and (n not in granule or n in used)}
 
 
 def select_statements(
