@@ -255,7 +255,8 @@ def create_app(
         image = decode_upload(data, name)
         del data
         result = await _run_sync(_describe_one, describer, image, name, saliency if saliency_map else None, model_lock)
-        result["neighbours"] = _with_image_urls(list(result.get("neighbours") or []), index)
+        for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
+            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), index)
         return result
 
     @app.get("/api/search", summary="Find cells by description")
