@@ -74,6 +74,12 @@ def test_report_files_and_figures(evaluation):
                     "n-shot curves", "LVLM benchmark preset", "Embedding map"):
         assert heading in report, heading
     assert "QUOTED" in report and "0.220" in report and "0.360" in report
+    # Zero-shot through both wordings, labelled: the trained one and the held-out one no training sentence uses.
+    assert "| trained wording |" in report and "| unseen wording |" in report and "Macro F1, unseen wording" in report
+    unseen = on_disk["zero_shot_unseen_wording"]
+    assert on_disk["zero_shot"]["classes"]["wording"] == "train" and unseen["classes"]["wording"] == "heldout"
+    assert unseen["classes"]["n"] == on_disk["zero_shot"]["classes"]["n"] and len(unseen["attribute_table"]) == 11
+    assert 0.0 <= unseen["attribute_mean_macro_f1"] <= 1.0
 
 
 def test_metrics_in_unit_interval_and_cis_contain_point(evaluation):

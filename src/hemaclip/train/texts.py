@@ -51,18 +51,21 @@ class TextBank:
 def build_text_bank(
     records: Sequence[CellRecord], classes: Sequence[str], prompts: PromptSet, dataset: str, captions_per_image: int, seed: int
 ) -> TextBank:
-    """Collect every sentence a record may be paired with during training."""
+    """Collect every sentence a record may be paired with during training.
+
+    Only the training part of the prompt file is read (its held-out wording never is).
+    """
     bank = TextBank()
     class_ids: dict[str, list[int]] = {}
     sentences = prompts.class_sentences(dataset)
-    templates = prompts.class_prompts(dataset)
+    templates = prompts.class_prompts(dataset, wording="train")
     for index, name in enumerate(classes):
         texts = [*sentences.get(name, []), *templates.get(name, [])]
         class_ids[name] = [bank.add(text, klass=index) for text in texts]
     attribute_ids: dict[tuple[str, str], list[int]] = {}
     # Attribute statements only where some image is annotated (none for e.g. the ALL set): class sentences alone.
     annotated = any(record.attributes for record in records)
-    for name, by_value in (prompts.attribute_prompts() if annotated else {}).items():
+    for name, by_value in (prompts.attribute_prompts(wording="train") if annotated else {}).items():
         for value, texts in by_value.items():
             attribute_ids[(name, value)] = [bank.add(text, attributes={name: value}) for text in texts]
     for record in records:

@@ -20,7 +20,9 @@ from hemaclip.studies.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
 
 __all__ = [
+    "WORDING_NOTE",
     "ZeroShotReading",
+    "has_unseen_wording",
     "head_class_predictions",
     "head_class_reading",
     "heads_part",
@@ -43,12 +45,13 @@ class ZeroShotReading:
     missing_label_counts: dict[str, int]
 
 
-def zero_shot_reading(inputs: EvalInputs) -> ZeroShotReading:
-    """Zero-shot class logits and predictions of the evaluated images (one-line DataError if none has a prompt class)."""
+def zero_shot_reading(inputs: EvalInputs, wording: str = "train") -> ZeroShotReading:
+    """Zero-shot class logits and predictions of the evaluated images through the prompt file's `wording`
+    (one-line DataError if no image has a prompt class)."""
     from hemaclip.tasks.zero_shot import zero_shot_classes
 
     zs = zero_shot_classes(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
-                           text_cache=inputs.text_cache)
+                           text_cache=inputs.text_cache, wording=wording)
     if len(zs["y_true"]) == 0:
         raise DataError(
             f"no '{inputs.split}' image of dataset '{inputs.dataset}' has a class with '{inputs.prompt_dataset}' prompts "
@@ -83,9 +86,13 @@ def overall_table(result: Mapping[str, Any], caption: str) -> Table:
     )
 
 
-def per_class_table(result: Mapping[str, Any]) -> Table:
-    rows = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in result["per_class"].items()]
-    return Table(["Class", "Precision", "Recall", "F1", "Images"], rows, caption="Per class")
+def per_class_table(result: Mapping[str, Any], more_f1: Mapping[str, Mapping[str, Any]] | None = None) -> Table:
+    """Precision, recall, F1 and images per class; `more_f1` adds an F1 column per other reading (by its title)."""
+    more = dict(more_f1 or {})
+    columns = ["Class", "Precision", "Recall", "F1", *more, "Images"]
+    rows = [[name, v["precision"], v["recall"], v["f1"], *(m["per_class"].get(name, {}).get("f1") for m in more.values()), v["support"]]
+            for name, v in result["per_class"].items()]
+    return Table(columns, rows, caption="Per class")
 
 
 def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
@@ -109,20 +116,59 @@ def attribute_summary(blocks: Mapping[str, Mapping[str, Any]]) -> tuple[list[dic
     return rows, mean
 
 
-def attribute_section(title: str, blocks: Mapping[str, Mapping[str, Any]], mean: float | None, fig: Path, text: str) -> Section:
-    rows = [[k, v["n_choices"], v["macro_f1"], v["accuracy"], v["n"]] for k, v in blocks.items()]
-    rows.append(["mean over attributes", None, mean, None, None])
-    table = Table(["Attribute", "Choices", "Macro F1", "Accuracy", "Images"], rows,
-                  caption="WBC-CLIP table: macro F1 per attribute (95 % bootstrap interval)")
+def attribute_section(title: str, blocks: Mapping[str, Mapping[str, Any]], mean: float | None, fig: Path, text: str,
+                      unseen: tuple[Mapping[str, Mapping[str, Any]], float | None] | None = None) -> Section:
+    """The WBC-CLIP table of attribute blocks; `unseen` = (blocks, mean) of the held-out wording, shown beside."""
+    if unseen is None:
+        rows = [[k, v["n_choices"], v["macro_f1"], v["accuracy"], v["n"]] for k, v in blocks.items()]
+        rows.append(["mean over attributes", None, mean, None, None])
+        columns = ["Attribute", "Choices", "Macro F1", "Accuracy", "Images"]
+    else:
+        held, held_mean = unseen
+        rows = [[k, v["n_choices"], v["macro_f1"], held[k]["macro_f1"], v["accuracy"], held[k]["accuracy"], v["n"]] for k, v in blocks.items()]
+        rows.append(["mean over attributes", None, mean, held_mean, None, None, None])
+        columns = ["Attribute", "Choices", "Macro F1, trained wording", "Macro F1, unseen wording", "Accuracy, trained",
+                   "Accuracy, unseen", "Images"]
+    table = Table(columns, rows, caption="WBC-CLIP table: macro F1 per attribute (95 % bootstrap interval)")
     return Section(title, text, [table], [(fig, f"{title}: macro F1 per attribute; dashed line: human inter-annotator agreement.")])
 
 
-def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures) -> Part:
-    """Zero-shot class metrics with intervals, per class, confusion matrices."""
+def has_unseen_wording(inputs: EvalInputs, dataset: str | None) -> bool:
+    """Whether the prompt file has held-out wording for `dataset`'s classes (None: for the attributes)."""
+    return inputs.prompt_set is not None and inputs.prompt_set.has_wording("heldout", dataset)
+
+
+WORDING_NOTE = (
+    "Trained wording: the prompt file's training part, the sentences a model trained with this file read in training. "
+    "Unseen wording: the file's held-out part (other sentence frames, other words for the same classes and values), which no "
+    "training sentence contains (tests/test_text_heldout.py); it is unseen for any checkpoint trained with this prompt file."
+)
+
+
+def wording_table(results: Mapping[str, Mapping[str, Any]], caption: str) -> Table:
+    """One row per wording ("trained", "unseen"): the headline class metrics side by side."""
+    rows = [[f"{name} wording", r["n"], r["accuracy"], r["balanced_accuracy"], r["macro_f1"], r["weighted_f1"]]
+            for name, r in results.items()]
+    return Table(["Prompts", "Images", "Accuracy", "Balanced accuracy", "Macro F1", "Weighted F1"], rows,
+                 caption=f"{caption} (95 % bootstrap intervals)")
+
+
+def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures, unseen: ZeroShotReading | None = None) -> Part:
+    """Zero-shot class metrics with intervals, per class, confusion matrices; with `unseen` (the same images
+    read through the held-out wording) the two wordings side by side."""
     result = classification_metrics(zs.y_true, zs.pred, zs.class_names, inputs.n_boot, inputs.seed)
     result["prompt_dataset"] = inputs.prompt_dataset
+    result["wording"] = "train"
     result["excluded_images"] = int(zs.missing_labels)
     result["excluded_label_counts"] = zs.missing_label_counts
+    metrics: dict[str, Any] = {"zero_shot": {"classes": result}}
+    tables = [overall_table(result, "Zero-shot classes, trained wording"), per_class_table(result)]
+    if unseen is not None:
+        held = classification_metrics(unseen.y_true, unseen.pred, unseen.class_names, inputs.n_boot, inputs.seed)
+        held["wording"] = "heldout"
+        metrics["zero_shot_unseen_wording"] = {"classes": held}
+        tables = [wording_table({"trained": result, "unseen": held}, "Zero-shot classes by wording"),
+                  per_class_table(result, {"F1, unseen wording": held})]
     figs = [
         (plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("zero_shot_confusion_counts.png"),
                               title="Zero-shot confusion matrix (counts)"), "Zero-shot classes: confusion matrix (counts)."),
@@ -136,8 +182,12 @@ def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figur
     )
     if result["excluded_images"]:
         text += f" {result['excluded_images']} image(s) whose class has no prompt were left out: {result['excluded_label_counts']}."
-    section = Section("Zero-shot classification", text, [overall_table(result, "Zero-shot classes"), per_class_table(result)], figs)
-    return Part({"zero_shot": {"classes": result}}, [section])
+    text += "\n\n" + WORDING_NOTE
+    if unseen is None:
+        text += f" The prompt file has no held-out wording for '{inputs.prompt_dataset}': only the trained wording is read."
+    text += " Confusion matrices: trained wording."
+    section = Section("Zero-shot classification", text, tables, figs)
+    return Part(metrics, [section])
 
 
 def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
@@ -147,24 +197,32 @@ def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
     fs = inputs.eval_fs
     if not any(a is not None for a in fs.attributes):
         return Part()
-    zsa = zero_shot_attributes(inputs.model, fs, inputs.prompt_set, text_cache=inputs.text_cache)
-    blocks = {}
-    for name, part in zsa.items():
-        pred = argmax_labels(part["logits"], part["values"])
-        blocks[name] = attribute_block(part["y_true"], pred, part["values"], inputs.n_boot, inputs.seed)
-    rows, mean = attribute_summary(blocks)
-    missing = next(iter(zsa.values()))["missing_attributes"] if zsa else 0
-    metrics = {"attributes": blocks, "attribute_table": rows, "attribute_mean_macro_f1": mean,
-               "attribute_images_without_annotation": int(missing)}
+
+    def read(wording: str) -> tuple[dict[str, Any], list[dict[str, Any]], float | None, int]:
+        zsa = zero_shot_attributes(inputs.model, fs, inputs.prompt_set, text_cache=inputs.text_cache, wording=wording)
+        blocks = {name: attribute_block(part["y_true"], argmax_labels(part["logits"], part["values"]), part["values"], inputs.n_boot,
+                                        inputs.seed) for name, part in zsa.items()}
+        rows, mean = attribute_summary(blocks)
+        return blocks, rows, mean, (next(iter(zsa.values()))["missing_attributes"] if zsa else 0)
+
+    blocks, rows, mean, missing = read("train")
+    metrics: dict[str, Any] = {"zero_shot": {"attributes": blocks, "attribute_table": rows, "attribute_mean_macro_f1": mean,
+                                             "attribute_images_without_annotation": int(missing), "attribute_wording": "train"}}
+    unseen = None
+    if has_unseen_wording(inputs, None):
+        held, held_rows, held_mean, _ = read("heldout")
+        metrics["zero_shot_unseen_wording"] = {"attributes": held, "attribute_table": held_rows, "attribute_mean_macro_f1": held_mean}
+        unseen = (held, held_mean)
     fig = plots.plot_per_attribute_f1(rows, figures.path("zero_shot_attributes_f1.png"), reference=plots.HUMAN_INTER_ANNOTATOR_F1,
-                                      title="Zero-shot macro F1 per attribute")
+                                      title="Zero-shot macro F1 per attribute (trained wording)")
     text = (
         "Each attribute value is a prompt ensemble from the prompt file; an image takes the best-scoring value. "
         "Macro F1 averages the values that occur in the truth (a predicted value no image has is an error, not a class)."
     )
     if missing:
         text += f" {missing} image(s) without attribute annotations were left out."
-    return Part({"zero_shot": metrics}, [attribute_section("Zero-shot attributes", blocks, mean, fig, text)])
+    text += "\n\n" + WORDING_NOTE + (" The figure shows the trained wording." if unseen else " The prompt file has no held-out wording.")
+    return Part(metrics, [attribute_section("Zero-shot attributes", blocks, mean, fig, text, unseen)])
 
 
 def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | None, head_reason: str, figures: Figures) -> Part:
