@@ -107,6 +107,15 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def naming_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
+    """A case-insensitive pattern that finds any of `names` as whole words, plural 's' allowed
+    ("basophil" finds "Basophils" but not "basophilic"); None when there is no name."""
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
+    return re.compile(rf"(?<![\w-])(?:{alternatives})s?(?![\w-])", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class HeldOutWording:
     """The evaluation-only wording: class frames per template set, class synonyms, attribute frames x phrases."""
@@ -217,6 +226,14 @@ class PromptSet:
             raise DataError(f"{self.source}: the prompt file has no 'attributes' section")
         table = self.attributes
         return {name: {value: list(table[name][value]) for value in values} for name, values in ATTRIBUTES.items()}
+
+    def class_names(self, classes: Sequence[str]) -> list[str]:
+        """Every training name of `classes`: the class name itself (underscores as spaces) and its synonyms in
+        any dataset of the file; what a sentence must not say for those classes to stay unseen in training."""
+        names = [c.replace("_", " ") for c in classes]
+        for table in self.dataset_classes.values():
+            names += [s for c in classes if c in table for s in table[c].synonyms]
+        return list(dict.fromkeys(names))
 
     def training_texts(self) -> list[str]:
         """Every sentence of the training wording, for every dataset: class prompts, class sentences,
