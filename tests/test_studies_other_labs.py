@@ -72,3 +72,9 @@ def test_other_labs_command_refuses_bad_options_in_one_line(assert_one_line_erro
     result = run_cli("other-labs", *args, "--out", str(tmp_path / "r"))
     assert_one_line_error(result, needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_trust_command_refuses_a_missing_holdout_checkpoint_in_one_line(assert_one_line_error, run_cli, tmp_path) -> None:
+    result = run_cli("trust", "--holdout", f"basophil={tmp_path / 'none.pt'}", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "checkpoint file not found")
+    assert not (tmp_path / "r").exists()
