@@ -128,17 +128,11 @@ def segment_probs(image: np.ndarray, scale: float, model: TinyUNet | None = None
     return torch.softmax(logits, 1)[0].numpy()
 
 
-@dataclass
-class Cell:
-    """One white cell. `mask` is box-sized (rows y0:y1, cols x0:x1 of the original image)."""
+class _CellGeometry:
+    """What framing reads of a cell: its equivalent diameter and box centre (needs `box` and `area`)."""
 
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), original pixels
-    mask: np.ndarray  # bool, shape (y1-y0, x1-x0)
-    nucleus_area: int  # original pixels
-    score: float  # mean confidence in [0,1]
-    touches_border: bool = False  # cut by the image edge or by black padding
-    area: int = 0
-    nucleus_mask: np.ndarray | None = field(default=None, repr=False)  # box-sized bool
+    box: tuple[int, int, int, int]
+    area: int
 
     @property
     def diameter(self) -> float:
@@ -150,6 +144,19 @@ class Cell:
         """Box centre (x, y): framing by box keeps the whole cell in view."""
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2.0, (y0 + y1) / 2.0
+
+
+@dataclass
+class Cell(_CellGeometry):
+    """One white cell. `mask` is box-sized (rows y0:y1, cols x0:x1 of the original image)."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), original pixels
+    mask: np.ndarray  # bool, shape (y1-y0, x1-x0)
+    nucleus_area: int  # original pixels
+    score: float  # mean confidence in [0,1]
+    touches_border: bool = False  # cut by the image edge or by black padding
+    area: int = 0
+    nucleus_mask: np.ndarray | None = field(default=None, repr=False)  # box-sized bool
 
     def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
         m = np.zeros(shape[:2], bool)
@@ -474,21 +481,12 @@ def crop_cell(image: np.ndarray, cell: Cell | FoundCell, frame: float = 2.0, out
 
 # ----------------------------------------------------------------------------- remembered findings
 @dataclass(frozen=True)
-class FoundCell:
+class FoundCell(_CellGeometry):
     """What framing needs of a found cell (no masks): its box, area, whether the picture's edge cuts it."""
 
     box: tuple[int, int, int, int]
     area: int
     touches_border: bool
-
-    @property
-    def diameter(self) -> float:
-        return float(2.0 * np.sqrt(self.area / np.pi))
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.box
-        return (x0 + x1) / 2.0, (y0 + y1) / 2.0
 
 
 _FINDINGS: dict[str, tuple[list[FoundCell], int | None]] = {}
