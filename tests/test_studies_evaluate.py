@@ -108,6 +108,26 @@ def test_baselines_beside_every_class_and_attribute_row_and_rows_below_them_mark
     assert "baseline: majority" in report and on_disk["probe_baselines"]["reference"] == "train split"
 
 
+def test_anchors_table_cites_every_figure_and_sets_this_runs_numbers_beside(evaluation):
+    """Every anchor has paper, table, split, metric and protocol difference; on WBCAtt test hemaclip's numbers of this
+    run (trained and unseen wording) stand beside them; the report states how many images it scored."""
+    from hemaclip.studies.anchors import ANCHORS
+
+    out, metrics = evaluation
+    report = (out / "report.md").read_text()
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert len(on_disk["anchors"]) == len(ANCHORS) >= 15
+    for anchor in on_disk["anchors"]:
+        assert all(anchor[k] for k in ("system", "value", "metric", "split", "source", "table", "protocol_difference")), anchor
+    assert "## Anchors (published figures, quoted)" in report and "quoted, not reproduced" in report
+    assert f"This run scored {metrics['n_images']} images of wbcatt / test." in report
+    row = next(line for line in report.splitlines() if line.startswith("| WBC-CLIP ViT-Small |") and "class macro F1" in line)
+    assert "0.985" in row and "WBC-CLIP, Computerized Medical Imaging and Graphics, 2025, Table 2" in row
+    zs = metrics["zero_shot"]["classes"]["macro_f1"]["point"]
+    held = metrics["zero_shot_unseen_wording"]["classes"]["macro_f1"]["point"]
+    assert f"hemaclip zero-shot, trained wording {zs:.3f}; hemaclip zero-shot, unseen wording {held:.3f}" in row
+
+
 def test_metrics_in_unit_interval_and_cis_contain_point(evaluation):
     _, metrics = evaluation
     blocks = list(_ci_blocks(metrics))
