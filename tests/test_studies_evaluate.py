@@ -164,6 +164,50 @@ def test_temperature_fitted_on_val(evaluation):
     assert metrics["calibration"]["temperature"] > 0
 
 
+def test_temperature_does_not_depend_on_test_labels_or_images(make_tiny_model, tmp_path):
+    """The calibration part fits T on the val split alone: shuffling the test labels or replacing the test images
+    leaves T unchanged to the last bit, while changing the val labels changes it (so the check can fail)."""
+    import numpy as np
+
+    from hemaclip.models.text_cache import PooledTextCache
+    from hemaclip.studies.evaluate.calibration import calibration_part
+    from hemaclip.studies.evaluate.classes import ZeroShotReading
+    from hemaclip.studies.evaluate.inputs import EvalInputs, Figures
+    from hemaclip.tasks.features import FeatureSet
+    from hemaclip.tasks.zero_shot import zero_shot_classes
+    from hemaclip.text.prompts import load_prompts
+
+    model = make_tiny_model()
+    prompts, cache = load_prompts(), PooledTextCache(model.text)
+    rng = np.random.default_rng(0)
+
+    def features(n, split, labels=None):
+        x = rng.normal(size=(n, model.config.embed_dim)).astype(np.float32)
+        labels = labels if labels is not None else [CLASSES[i % 5] for i in range(n)]
+        return FeatureSet(x / np.linalg.norm(x, axis=1, keepdims=True), list(labels), [f"{split}{i}.png" for i in range(n)],
+                          [split] * n, [None] * n)
+
+    val = features(40, "val")
+
+    def temperature(test: FeatureSet, val_set: FeatureSet) -> float:
+        inputs = EvalInputs(out=tmp_path, dataset="wbcatt", split="test", n_boot=100, seed=0, eval_fs=test, eval_zs=test, val_zs=val_set,
+                            model=model, text_cache=cache, prompt_set=prompts, prompt_dataset="wbcatt", zs_classes=CLASSES)
+        zs = zero_shot_classes(model, test, prompts, "wbcatt", classes=list(CLASSES), text_cache=cache)
+        reading = ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"],
+                                  [CLASSES[i] for i in zs["logits"].argmax(axis=1)], 0, {})
+        result = calibration_part(inputs, reading, Figures(tmp_path)).metrics["calibration"]
+        assert result["temperature_fitted_on"] == "val" and result["n_val"] == 40
+        return result["temperature"]
+
+    test = features(30, "test")
+    reference = temperature(test, val)
+    shuffled = FeatureSet(test.features, list(rng.permutation(test.labels)), test.paths, test.splits, test.attributes)
+    assert temperature(shuffled, val) == reference
+    assert temperature(features(50, "test"), val) == reference
+    other_val = FeatureSet(val.features, list(rng.permutation(val.labels)), val.paths, val.splits, val.attributes)
+    assert temperature(test, other_val) != reference
+
+
 def test_retrieval_probe_and_nshot_keys(evaluation):
     _, metrics = evaluation
     retrieval = metrics["retrieval"]
