@@ -58,7 +58,7 @@ def main() -> None:
     write_json(
         args.out,
         {
-            "what": "hemaclip evaluate on WBCAtt test (3,099 images), 2,000 bootstrap resamples, shipped model",
+            "what": f"hemaclip evaluate on WBCAtt test ({metrics.get('n_images')} images), 2,000 bootstrap resamples, shipped model",
             "date": date.today().isoformat(),
             "warmup_seconds": round(warmup, 1),
             "cached_features_seconds": round(full, 1),

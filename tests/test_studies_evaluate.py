@@ -108,6 +108,26 @@ def test_baselines_beside_every_class_and_attribute_row_and_rows_below_them_mark
     assert "baseline: majority" in report and on_disk["probe_baselines"]["reference"] == "train split"
 
 
+def test_anchors_table_cites_every_figure_and_sets_this_runs_numbers_beside(evaluation):
+    """Every anchor has paper, table, split, metric and protocol difference; on WBCAtt test hemaclip's numbers of this
+    run (trained and unseen wording) stand beside them; the report states how many images it scored."""
+    from hemaclip.studies.anchors import ANCHORS
+
+    out, metrics = evaluation
+    report = (out / "report.md").read_text()
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert len(on_disk["anchors"]) == len(ANCHORS) >= 15
+    for anchor in on_disk["anchors"]:
+        assert all(anchor[k] for k in ("system", "value", "metric", "split", "source", "table", "protocol_difference")), anchor
+    assert "## Anchors (published figures, quoted)" in report and "quoted, not reproduced" in report
+    assert f"This run scored {metrics['n_images']} images of wbcatt / test." in report
+    row = next(line for line in report.splitlines() if line.startswith("| WBC-CLIP ViT-Small |") and "class macro F1" in line)
+    assert "0.985" in row and "WBC-CLIP, Computerized Medical Imaging and Graphics, 2025, Table 2" in row
+    zs = metrics["zero_shot"]["classes"]["macro_f1"]["point"]
+    held = metrics["zero_shot_unseen_wording"]["classes"]["macro_f1"]["point"]
+    assert f"hemaclip zero-shot, trained wording {zs:.3f}; hemaclip zero-shot, unseen wording {held:.3f}" in row
+
+
 def test_metrics_in_unit_interval_and_cis_contain_point(evaluation):
     _, metrics = evaluation
     blocks = list(_ci_blocks(metrics))
@@ -142,6 +162,50 @@ def test_temperature_fitted_on_val(evaluation):
     assert metrics["temperature_fitted_on"] == "val"
     assert metrics["calibration"]["n_val"] == PER_CLASS * len(CLASSES)
     assert metrics["calibration"]["temperature"] > 0
+
+
+def test_temperature_does_not_depend_on_test_labels_or_images(make_tiny_model, tmp_path):
+    """The calibration part fits T on the val split alone: shuffling the test labels or replacing the test images
+    leaves T unchanged to the last bit, while changing the val labels changes it (so the check can fail)."""
+    import numpy as np
+
+    from hemaclip.models.text_cache import PooledTextCache
+    from hemaclip.studies.evaluate.calibration import calibration_part
+    from hemaclip.studies.evaluate.classes import ZeroShotReading
+    from hemaclip.studies.evaluate.inputs import EvalInputs, Figures
+    from hemaclip.tasks.features import FeatureSet
+    from hemaclip.tasks.zero_shot import zero_shot_classes
+    from hemaclip.text.prompts import load_prompts
+
+    model = make_tiny_model()
+    prompts, cache = load_prompts(), PooledTextCache(model.text)
+    rng = np.random.default_rng(0)
+
+    def features(n, split, labels=None):
+        x = rng.normal(size=(n, model.config.embed_dim)).astype(np.float32)
+        labels = labels if labels is not None else [CLASSES[i % 5] for i in range(n)]
+        return FeatureSet(x / np.linalg.norm(x, axis=1, keepdims=True), list(labels), [f"{split}{i}.png" for i in range(n)],
+                          [split] * n, [None] * n)
+
+    val = features(40, "val")
+
+    def temperature(test: FeatureSet, val_set: FeatureSet) -> float:
+        inputs = EvalInputs(out=tmp_path, dataset="wbcatt", split="test", n_boot=100, seed=0, eval_fs=test, eval_zs=test, val_zs=val_set,
+                            model=model, text_cache=cache, prompt_set=prompts, prompt_dataset="wbcatt", zs_classes=CLASSES)
+        zs = zero_shot_classes(model, test, prompts, "wbcatt", classes=list(CLASSES), text_cache=cache)
+        reading = ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"],
+                                  [CLASSES[i] for i in zs["logits"].argmax(axis=1)], 0, {})
+        result = calibration_part(inputs, reading, Figures(tmp_path)).metrics["calibration"]
+        assert result["temperature_fitted_on"] == "val" and result["n_val"] == 40
+        return result["temperature"]
+
+    test = features(30, "test")
+    reference = temperature(test, val)
+    shuffled = FeatureSet(test.features, list(rng.permutation(test.labels)), test.paths, test.splits, test.attributes)
+    assert temperature(shuffled, val) == reference
+    assert temperature(features(50, "test"), val) == reference
+    other_val = FeatureSet(val.features, list(rng.permutation(val.labels)), val.paths, val.splits, val.attributes)
+    assert temperature(test, other_val) != reference
 
 
 def test_retrieval_probe_and_nshot_keys(evaluation):

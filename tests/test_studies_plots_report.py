@@ -30,6 +30,22 @@ def _assert_png(path: Path, min_size: tuple[int, int] = (250, 150), max_size: tu
     assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1], (width, height)
 
 
+def _colour_mask(path: Path, colour: str, tolerance: int = 6) -> np.ndarray:
+    """Pixels of `path` within `tolerance` of `colour` (a matplotlib colour) on every channel."""
+    from matplotlib.colors import to_rgb
+
+    target = np.array([round(255 * c) for c in to_rgb(colour)])
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return np.all(np.abs(pixels - target) <= tolerance, axis=-1)
+
+
+def _bands(mask: np.ndarray) -> list[np.ndarray]:
+    """Runs of consecutive image rows holding `mask` pixels: one per horizontal bar."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    return [run for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(run) >= 5]
+
+
 def _no_temp_files(folder: Path) -> None:
     leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert leftovers == []
@@ -72,6 +88,19 @@ def test_plot_per_attribute_f1_with_ci_and_reference(tmp_path: Path) -> None:
     out = plots.plot_per_attribute_f1(rows, tmp_path / "f1.png", reference=plots.HUMAN_INTER_ANNOTATOR_F1,
                                       highlight=["cell class"])
     _assert_png(out)
+    # What the figure shows: the highlighted row in the second colour on top, then two bars in the bar colour, top
+    # to bottom in input order, as long as their F1 (all start at x = 0); the reference as a grey dashed line.
+    highlighted, plain = _bands(_colour_mask(out, plots._HIGHLIGHT_COLOUR)), _bands(_colour_mask(out, plots._BAR_COLOUR))
+    assert len(highlighted) == 1 and len(plain) == 2 and highlighted[0].max() < plain[0].min()
+    bar = _colour_mask(out, plots._BAR_COLOUR)
+    widths = [bar[band].any(axis=0).sum() for band in plain]
+    starts = [np.flatnonzero(bar[band].any(axis=0)).min() for band in plain]
+    assert abs(starts[0] - starts[1]) <= 2 and widths[0] / widths[1] == pytest.approx(0.80 / 0.61, rel=0.03)
+    cell_width = _colour_mask(out, plots._HIGHLIGHT_COLOUR)[highlighted[0]].any(axis=0).sum()
+    assert cell_width / widths[0] == pytest.approx(0.95 / 0.80, rel=0.03)
+    grey = _colour_mask(out, "gray", tolerance=20)
+    line = np.flatnonzero(grey.sum(axis=0) > 20)  # a vertical dashed line: many grey pixels in one column
+    assert len(line) and (line.mean() - starts[0]) / widths[0] == pytest.approx(plots.HUMAN_INTER_ANNOTATOR_F1 / 0.80, rel=0.03)
     out2 = plots.plot_per_attribute_f1(rows[2:], tmp_path / "f1_plain.png")
     _assert_png(out2)
     _no_temp_files(tmp_path)
@@ -87,6 +116,26 @@ def test_plot_nshot_curves_log_axis_and_zero_shot(tmp_path: Path) -> None:
     rows.append({"kind": "prompt", "shots": 0, "macro_f1": 0.4, "low": 0.38, "high": 0.42})
     out = plots.plot_nshot_curves(rows, tmp_path / "nshot.png")
     _assert_png(out)
+    # What the figure shows: each probe's curve rises from left to right, linear above prototype; the zero-shot row
+    # is a flat dotted line below both, across the plot.
+    from scipy.stats import spearmanr
+
+    linear_c, prototype_c, prompt_c = plots._categorical_colours(3)
+    centres = {}
+    for kind, colour in (("linear", linear_c), ("prototype", prototype_c)):
+        mask = _colour_mask(out, colour, tolerance=2)
+        xs = np.flatnonzero(mask.any(axis=0))
+        top = np.array([np.flatnonzero(mask[:, x]).min() for x in xs])  # the curve's row in each column (legend lies below)
+        assert xs.max() - xs.min() > 0.5 * mask.shape[1], kind
+        assert spearmanr(xs, top).statistic < -0.95, kind  # image rows grow downwards: the curve rises
+        # F1 grows with log2(shots) here, so on a log axis the curve is a straight line.
+        assert np.corrcoef(xs, top)[0, 1] ** 2 > 0.98, kind
+        centres[kind] = np.median(top)
+    assert centres["linear"] < centres["prototype"]
+    flat = _colour_mask(out, prompt_c, tolerance=30)
+    row = int(np.argmax(flat.sum(axis=1)))
+    drawn = np.flatnonzero(flat[row - 2 : row + 3].any(axis=0))
+    assert drawn.max() - drawn.min() > 0.7 * flat.shape[1] and row > max(centres.values())  # dotted, across the plot
     _no_temp_files(tmp_path)
 
 

@@ -38,3 +38,29 @@ def test_map_shape_range_and_target_dependence(config: str, image: np.ndarray) -
         saliency_map(model, image, "nucleus_shape", value="purple")
     with pytest.raises(HemaclipError, match="unknown saliency target"):
         saliency_map(model, image, "colourfulness")
+
+
+def test_map_falls_on_the_cell_of_an_expert_mask(data_root) -> None:
+    """The shipped model's class saliency on 20 Zheng val cells lies on the cell the expert mask outlines: the share of
+    the map inside the mask is twice the mask's share of the image (median), above it for every cell, while a
+    background patch of the same cells (the mask moved half an image away, less the cell) gets a small share."""
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.other_labs import load_mask
+    from hemaclip.data.preprocess import decode_image
+    from hemaclip.models.checkpoint import load_for_inference
+    from hemaclip.models.default import resolve_checkpoint
+
+    records = [r for r in load_dataset("zheng1", data_root=data_root).split("val") if r.mask_path][:20]
+    assert len(records) == 20
+    model, _ = load_for_inference(resolve_checkpoint(None))
+    on_cell, off_cell = [], []
+    for record in records:
+        image = np.asarray(decode_image(record.path))
+        cell = load_mask(record.mask_path) > 0
+        heat = saliency_map(model, image, "class")
+        assert heat.shape == cell.shape and 0.05 < cell.mean() < 0.8
+        background = np.roll(cell, (cell.shape[0] // 2, cell.shape[1] // 2), axis=(0, 1)) & ~cell
+        on_cell.append(heat[cell].sum() / heat.sum() / cell.mean())
+        off_cell.append(heat[background].sum() / heat.sum() / background.mean())
+    assert min(on_cell) > 1.0 and np.median(on_cell) > 1.8
+    assert np.median(off_cell) < 0.5

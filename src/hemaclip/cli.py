@@ -300,6 +300,12 @@ def evaluate_command(
     stain_norm: Annotated[
         str, typer.Option(help="Stain normalisation before the model: none, macenko or reinhard (shipped PBC reference).")
     ] = "none",
+    protocol: Annotated[
+        str, typer.Option(help="standard, or unseen-classes: seen and --holdout classes together, the held-out ones read from their description.")
+    ] = "standard",
+    holdout: Annotated[
+        Optional[list[str]], typer.Option(help="For --protocol unseen-classes: a class held out in training (repeat for several).")
+    ] = None,
 ) -> None:
     """Evaluate a model the way the field does, with 95 % bootstrap intervals: zero-shot class and attributes,
     supervised heads, calibration, retrieval both ways, probes and n-shot curves, embedding maps.
@@ -307,9 +313,26 @@ def evaluate_command(
     Example: hemaclip evaluate --dataset wbcatt --split test --out reports/default/wbc5-attributes-test
     Out of distribution: hemaclip evaluate --dataset folder --data DIR --class-map map.json --out reports/ood
     Another lab's stain: hemaclip evaluate --dataset all --stain-norm macenko --out reports/all-macenko
+    Unseen classes: hemaclip evaluate --protocol unseen-classes --holdout basophil --checkpoint runs/holdout-basophil/best.pt
+    --out reports/unseen-classes/basophil
     """
     from hemaclip.data.stain import get_normalizer
     from hemaclip.studies.evaluate import run_evaluation
+
+    if protocol not in ("standard", "unseen-classes"):
+        raise HemaclipError(f"--protocol {protocol}: choose standard or unseen-classes")
+    if holdout and protocol != "unseen-classes":
+        raise HemaclipError("--holdout is for --protocol unseen-classes")
+    if protocol == "unseen-classes":
+        from hemaclip.studies.unseen_classes import run_unseen_classes
+
+        metrics = run_unseen_classes(checkpoint, dataset, split, holdout or [], out, data_root=data, n_boot=n_boot, seed=seed,
+                                     progress=sys.stderr.isatty(), max_per_class=max_per_class)
+        g = metrics["gzsl"]
+        console.print(f"{metrics['n_images']} images; S {g['acc_seen']['point']:.3f}, U {g['acc_unseen']['point']:.3f}, "
+                      f"H {g['h']['point']:.3f} ({'zero-shot' if metrics['zero_shot'] else 'NOT zero-shot: see the report'}); "
+                      f"report: {out / 'report.html'}")
+        return
 
     normalizer = get_normalizer(stain_norm)
     metrics = run_evaluation(

@@ -25,6 +25,7 @@ from hemaclip.text.prompts import PromptSet
 
 __all__ = [
     "annotated_attributes",
+    "generalised_zero_shot",
     "check_same_width",
     "class_embeddings",
     "scores_against",
@@ -87,6 +88,38 @@ def zero_shot_classes(
         "indices": keep,
         "missing_labels": int(sum(missing.values())),
         "missing_label_counts": dict(sorted(missing.items())),
+    }
+
+
+def generalised_zero_shot(
+    model: Any,
+    fs: FeatureSet,
+    prompt_set: PromptSet,
+    dataset: str,
+    holdout: Sequence[str],
+    text_cache: PooledTextCache | None = None,
+) -> dict[str, Any]:
+    """Seen and held-out classes read together (generalised zero-shot): each seen class of `dataset` through its
+    class prompts, each class in `holdout` through its attribute-vocabulary description from the prompt file
+    (never its name). Returns what :func:`zero_shot_classes` returns, plus ``holdout``."""
+    class_prompts = prompt_set.class_prompts(dataset)
+    unknown = [c for c in holdout if c not in class_prompts]
+    if unknown:
+        raise DataError(f"--holdout {', '.join(unknown)}: not a class of '{dataset}' ({', '.join(class_prompts)})")
+    prompts = {c: list(prompt_set.description(c).sentences) if c in holdout else texts for c, texts in class_prompts.items()}
+    names = list(prompts)
+    keep = np.array([i for i, label in enumerate(fs.labels) if label in prompts], dtype=np.int64)
+    missing = Counter(label for label in fs.labels if label not in prompts)
+    if len(keep) == 0:
+        raise DataError(f"no image has a class of '{dataset}'")
+    return {
+        "y_true": [fs.labels[i] for i in keep],
+        "logits": zero_shot_scores(model, fs.features[keep], prompts, _text_cache(model, text_cache)),
+        "class_names": names,
+        "indices": keep,
+        "missing_labels": int(sum(missing.values())),
+        "missing_label_counts": dict(sorted(missing.items())),
+        "holdout": [c for c in names if c in holdout],
     }
 
 

@@ -37,7 +37,7 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
 PACKAGED_PROMPTS = ("configs", "prompts.yaml")  # inside the hemaclip package
 PROMPT_FILE_VERSION = 1
 PLACEHOLDER = "{}"
-_TOP_LEVEL_KEYS = {"version", "templates", "datasets", "attributes", "shared_classes", "heldout"}
+_TOP_LEVEL_KEYS = {"version", "templates", "datasets", "attributes", "shared_classes", "heldout", "class_descriptions"}
 _HELDOUT_KEYS = {"shared_words", "templates", "classes", "attribute_frames", "attributes"}
 # The two wordings of a prompt file: what training reads, and what only evaluation reads.
 WORDINGS = ("train", "heldout")
@@ -135,6 +135,14 @@ class HeldOutWording:
 
 
 @dataclass(frozen=True)
+class ClassDescription:
+    """An evaluation-only description of a class in attribute vocabulary, with the source it follows."""
+
+    source: str  # the full citation
+    sentences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class PromptSet:
     """A validated prompt file: per-dataset templates and class texts, plus attribute prompts.
 
@@ -148,6 +156,14 @@ class PromptSet:
     attributes: Mapping[str, Mapping[str, tuple[str, ...]]] | None
     dataset_template_sets: Mapping[str, str | None] = field(default_factory=dict)  # named set per dataset, None if inline
     heldout: HeldOutWording | None = None
+    class_descriptions: Mapping[str, ClassDescription] = field(default_factory=dict)  # evaluation only
+
+    def description(self, name: str) -> ClassDescription:
+        """The attribute-vocabulary description of class `name` (one-line DataError if the file has none)."""
+        if name not in self.class_descriptions:
+            have = ", ".join(self.class_descriptions) or "none"
+            raise DataError(f"{self.source}: no class description for '{name}' (class_descriptions has: {have})")
+        return self.class_descriptions[name]
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -408,6 +424,25 @@ def _heldout(check: _Checker, spec: Any, template_sets: Mapping[str, tuple[str, 
     )
 
 
+def _class_descriptions(check: _Checker, spec: Any) -> dict[str, ClassDescription]:
+    """The evaluation-only descriptions: each class known, each with a source defined under `sources`."""
+    spec = check.mapping(spec, "'class_descriptions'")
+    check.keys(spec, {"sources", "classes"}, "class_descriptions")
+    sources = {str(k): str(v) for k, v in check.mapping(spec.get("sources", {}), "class_descriptions.sources").items()}
+    known = {c for classes in DATASET_CLASSES.values() for c in classes}
+    out: dict[str, ClassDescription] = {}
+    for name, entry in check.mapping(spec.get("classes", {}), "class_descriptions.classes").items():
+        where = f"class_descriptions.classes.{name}"
+        if name not in known:
+            check.fail(f"{where}: unknown class '{name}'")
+        entry = check.mapping(entry, where)
+        check.keys(entry, {"source", "sentences"}, where)
+        if entry.get("source") not in sources:
+            check.fail(f"{where}.source: {entry.get('source')!r} is not one of class_descriptions.sources ({', '.join(sources) or 'none'})")
+        out[str(name)] = ClassDescription(source=sources[entry["source"]], sentences=check.texts(entry.get("sentences"), f"{where}.sentences"))
+    return out
+
+
 def load_prompts(path: str | Path | None = None) -> PromptSet:
     """Load and validate a prompt file (None = the packaged `configs/prompts.yaml`).
 
@@ -436,5 +471,6 @@ def load_prompts(path: str | Path | None = None) -> PromptSet:
             templates[name], classes[name], set_names[name] = _dataset(check, name, datasets[name], template_sets)
     attributes = _attributes(check, doc["attributes"]) if doc.get("attributes") is not None else None
     heldout = _heldout(check, doc["heldout"], template_sets) if doc.get("heldout") is not None else None
+    descriptions = _class_descriptions(check, doc["class_descriptions"]) if doc.get("class_descriptions") is not None else {}
     return PromptSet(source=source, dataset_templates=templates, dataset_classes=classes, attributes=attributes,
-                     dataset_template_sets=set_names, heldout=heldout)
+                     dataset_template_sets=set_names, heldout=heldout, class_descriptions=descriptions)

@@ -57,6 +57,7 @@ by path), and ``nshot_shots`` / ``nshot_seeds`` shrink the n-shot grid.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +69,7 @@ from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import display_path
 from hemaclip.log import get_logger, logged_run, progress_level
 from hemaclip.metrics.summary import classification_metrics
+from hemaclip.studies.anchors import ANCHORS, anchors_section
 from hemaclip.studies.evaluate.calibration import calibration_part
 from hemaclip.studies.evaluate.classes import (
     ZeroShotReading,
@@ -285,6 +287,8 @@ def run_evaluation(
                 metrics[key] = value
         sections += part.sections
         notes += part.notes
+    sections.append(anchors_section(metrics))
+    metrics["anchors"] = [dataclasses.asdict(a) for a in ANCHORS]
     metrics["notes"] = notes
     metrics["figures"] = figures.names
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
