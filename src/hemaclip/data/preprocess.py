@@ -54,6 +54,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_OPTIONS: dict[str, tuple[str, ...]] = {
     "locate": ("whole",),  # which part of the image is the cell: the whole image (cell finding comes later)
     "resize": ("bicubic",),  # how that part is brought to the model's size
+    # "grey": luma only (ITU-R 601, as 3 equal channels), so a model cannot use stain colour at all;
+    # the leukaemia study's stain-blind twins are trained and read this way.
+    "colour": ("rgb", "grey"),
 }
 
 
@@ -198,20 +201,32 @@ class Preprocess:
 
     def to_array(self, image: Image.Image | np.ndarray, size: int | None = None) -> np.ndarray:
         """uint8 [S, S, 3] of a decoded image (PIL, or a uint8 HxWx3 RGB array) at `size` (default
-        `image_size`): the whole image resized, bicubic. An array already at that size is returned as is."""
+        `image_size`): the whole image resized, bicubic, then made grey if the `colour` option says so.
+        An array already at that size is returned as is (or made grey)."""
         size = int(size or self.image_size)
         if isinstance(image, np.ndarray):
             array = np.asarray(image)
             if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
                 raise DataError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
             if array.shape[:2] == (size, size):
-                return array
+                return self._colour(array)
             image = Image.fromarray(array)
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image)
+        return self._colour(np.asarray(image))
+
+    @property
+    def grey(self) -> bool:
+        """True when the model sees luma only (the `colour` option is "grey")."""
+        return self.options["colour"] == "grey"
+
+    def _colour(self, array: np.ndarray) -> np.ndarray:
+        if not self.grey:
+            return array
+        luma = np.asarray(Image.fromarray(array).convert("L"))
+        return np.repeat(luma[..., None], 3, axis=2)
 
     def load(self, source: str | Path | bytes, size: int | None = None) -> np.ndarray:
         """:func:`decode_image` then :meth:`to_array`."""
@@ -229,14 +244,15 @@ class Preprocess:
         """The training augmentation (:class:`hemaclip.data.transforms.AugmentConfig`) ending at `image_size`."""
         from hemaclip.data.transforms import train_transform
 
-        return train_transform(self.image_size, augment, self.mean, self.std)
+        return train_transform(self.image_size, augment, self.mean, self.std, grey=self.grey)
 
     def batch(self, arrays: Sequence[np.ndarray] | np.ndarray, transform: Any = None) -> Any:
         """Normalised float tensor [N, 3, S, S] of uint8 arrays [N, H, W, 3] (resized to `image_size`)."""
         import torch
 
         transform = transform or self.eval_transform()
-        return torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in arrays])
+        # The colour step again (idempotent): arrays changed after `to_array` (corruptions, raw images) stay grey.
+        return torch.stack([transform(torch.from_numpy(np.array(self._colour(np.asarray(a)))).permute(2, 0, 1)) for a in arrays])
 
 
 def preprocess_for(model: Any) -> Preprocess:

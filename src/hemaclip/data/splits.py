@@ -55,6 +55,46 @@ def stratified_split(keys: Sequence[str], labels: Sequence[str], fractions: Spli
     return assignment
 
 
+def grouped_split(keys: Sequence[str], labels: Sequence[str], groups: Sequence[str], fractions: SplitFractions, seed: int) -> dict[str, str]:
+    """Assign whole groups to train/val/test, keeping each split's class mix close to the stratified one.
+
+    No group ever spans two splits; stratification is then only approximate (a group brings all its
+    images, of whatever classes). Groups are placed largest first (ties broken by a seeded shuffle), each
+    into the split where it fills the most of the per-class shortfall against the targets
+    (fraction x class size) net of what it overfills.
+    """
+    keys, labels, groups = list(keys), list(labels), list(groups)
+    if not len(keys) == len(labels) == len(groups):
+        raise ValueError(f"keys, labels and groups must have the same length, got {len(keys)}, {len(labels)}, {len(groups)}")
+    classes = sorted(set(labels))
+    column = {c: i for i, c in enumerate(classes)}
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    names = sorted(members)
+    counts = np.zeros((len(names), len(classes)))
+    for row, group in enumerate(names):
+        for index in members[group]:
+            counts[row, column[labels[index]]] += 1
+    shares = {"train": 1.0 - fractions.val - fractions.test, "val": fractions.val, "test": fractions.test}
+    totals = counts.sum(axis=0)
+    target = {split: share * totals for split, share in shares.items()}
+    filled = {split: np.zeros(len(classes)) for split in SPLIT_NAMES}
+    tiebreak = np.random.default_rng([seed, len(names)]).permutation(len(names))
+    assignment: dict[str, str] = {}
+    for row in sorted(range(len(names)), key=lambda r: (-counts[r].sum(), tiebreak[r])):
+        def gain(split: str) -> float:
+            shortfall = np.clip(target[split] - filled[split], 0, None)
+            fill = np.minimum(counts[row], shortfall).sum()
+            return float(fill - np.clip(counts[row] - shortfall, 0, None).sum())
+
+        best = max(SPLIT_NAMES, key=lambda split: (gain(split), shares[split]))
+        filled[best] += counts[row]
+        for index in members[names[row]]:
+            assignment[keys[index]] = best
+    return assignment
+
+
 def save_split(path: Path, assignment: dict[str, str], labels: dict[str, str]) -> None:
     """Write the split as CSV (key, label, split) atomically.
 

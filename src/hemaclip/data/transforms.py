@@ -99,11 +99,12 @@ def eval_transform(image_size: int, mean: Stats = IMAGENET_MEAN, std: Stats = IM
 
 
 def train_transform(
-    image_size: int, config: AugmentConfig | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
+    image_size: int, config: AugmentConfig | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD, grey: bool = False
 ) -> T.Compose:
     """Optional HED stain jitter, random resized crop, flips, 90-degree rotations and mild colour jitter.
 
-    Takes a PIL image or a uint8 CHW tensor.
+    Takes a PIL image or a uint8 CHW tensor. `grey` (a model that sees luma only) ends with a grey
+    conversion, so no augmentation (HED jitter, hue) can bring colour back.
     """
     check_resolution(image_size)
     config = config or AugmentConfig()
@@ -122,5 +123,7 @@ def train_transform(
         steps.append(RandomRot90())
     if any((config.brightness, config.contrast, config.saturation, config.hue)):
         steps.append(T.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
+    if grey:
+        steps.append(T.Grayscale(num_output_channels=3))
     steps += _to_normalised_float(mean, std)
     return T.Compose(steps)

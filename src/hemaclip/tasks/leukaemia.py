@@ -14,10 +14,16 @@ Image-text models are read by image-to-text similarity (the class prompt ensembl
 their embeddings; CE models by their head (and the same probes). Paired bootstrap tests on the test
 split compare the twins overall and per class (scoring and the report live in the studies layer,
 `hemaclip.studies.leukaemia`, above tasks).
+
+The colour study (`hemaclip leukemia colour`) adds arm *variants*: ``grey`` (the same recipe on luma-only
+input, at training and inference: the model config's ``preprocess.colour``) and ``clusters`` (the same
+recipe on a split that keeps acquisition-like colour clusters whole), and the shortcut readers of
+`hemaclip.tasks.shortcuts` fitted on the same split.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import time
@@ -56,16 +62,23 @@ OBJECTIVES = ("text", "ce")
 TEXT_METHODS = ("zero-shot", "logistic", "knn20")  # how an image-text model classifies
 CE_METHODS = ("head", "logistic", "knn20")  # how a supervised model classifies
 SHIPPED = "shipped"  # the shipped model read as is (no ALL training): a reference row
+# Arm variants of the colour study: what each changes in the arm's training config.
+VARIANTS: dict[str, dict[str, Any]] = {"": {}, "grey": {"preprocess": {"colour": "grey"}}, "clusters": {}}
+# Clusters of the grouped split: one per patient the source reports (Aria et al.: 89), a stand-in for
+# acquisition sessions; the rule is fixed before looking at any result.
+CLUSTER_K = 89
 
 logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training run of the study: an initialisation and an objective ('text' or 'ce')."""
+    """One training run of the study: an initialisation, an objective ('text' or 'ce') and a variant
+    ('' = as packaged, 'grey' = luma-only input, 'clusters' = the cluster-grouped split)."""
 
     init: str
     objective: str
+    variant: str = ""
 
     @property
     def label(self) -> str:
@@ -73,7 +86,7 @@ class Arm:
 
     @property
     def name(self) -> str:
-        return f"{self.label}-{self.objective}"
+        return f"{self.label}-{self.objective}" + (f"-{self.variant}" if self.variant else "")
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -105,7 +118,9 @@ def arm_config(arm: Arm, overrides: Mapping[str, Any] | None = None) -> TrainCon
     """Training config of an arm: the packaged ALL config of its init, `overrides` on top, then its objective."""
     if arm.objective not in OBJECTIVES:
         raise HemaclipError(f"unknown objective '{arm.objective}' (choose from {', '.join(OBJECTIVES)})")
-    extra = dict(overrides or {})
+    if arm.variant not in VARIANTS:
+        raise HemaclipError(f"unknown variant '{arm.variant}' (choose from {', '.join(v or 'none' for v in VARIANTS)})")
+    extra = {**dict(overrides or {}), **VARIANTS[arm.variant]}
     if arm.init in INIT_CONFIGS:
         config = load_train_config(INIT_CONFIGS[arm.init], extra)
     else:
@@ -155,6 +170,72 @@ def _folder_label(path: Path) -> str:
     return path.parent.name
 
 
+def split_file(split_dir: Path, seed: int = 0) -> Path:
+    """Where a run keeps its ALL split (the trainer reads and writes it there)."""
+    return split_dir / f"all_seed{seed}.csv"
+
+
+def cluster_file(split_dir: Path) -> Path:
+    """The clusters behind a grouped split, saved beside it (key, cluster)."""
+    return split_dir / "all_clusters.csv"
+
+
+def make_cluster_split(split_dir: Path, data_root: str | Path | None = None, k: int = CLUSTER_K, seed: int = 0) -> dict[str, str]:
+    """Cluster the deduplicated ALL images on colour and background statistics (k-means, `k` clusters),
+    assign whole clusters to train/val/test (approximately stratified) and save split and clusters in
+    `split_dir`, where training picks the split up. Returns key -> split. An existing split is kept."""
+    from hemaclip.data.paths import resolve_data_root
+    from hemaclip.data.splits import SplitFractions, grouped_split, save_split
+    from hemaclip.io import atomic_write
+    from hemaclip.tasks.shortcuts import acquisition_clusters, cluster_features
+
+    if split_file(split_dir, seed).is_file() and cluster_file(split_dir).is_file():
+        return {row["key"]: row["split"] for row in _read_rows(split_file(split_dir, seed))}
+    dataset = load_dataset(DATASET, data_root=data_root, split_dir=None, seed=seed)
+    root = resolve_data_root(data_root)
+    keys = [str(Path(r.path).relative_to(root)) for r in dataset.records]
+    labels = [r.label for r in dataset.records]
+    clusters = acquisition_clusters(cluster_features([r.path for r in dataset.records]), k, seed)
+    assignment = grouped_split(keys, labels, [str(c) for c in clusters], SplitFractions(0.1, 0.2), seed)
+    with atomic_write(cluster_file(split_dir), "w") as handle:
+        csv.writer(handle).writerows([("key", "cluster"), *sorted(zip(keys, map(int, clusters)))])
+    save_split(split_file(split_dir, seed), assignment, dict(zip(keys, labels)))
+    return assignment
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cluster_audit(split_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Clusters per split, clusters found in more than one split (must be 0), class balance per split."""
+    rows = _read_rows(split_file(split_dir, seed))
+    split = {r["key"]: r["split"] for r in rows}
+    label = {r["key"]: r["label"] for r in rows}
+    cluster_of = {r["key"]: int(r["cluster"]) for r in _read_rows(cluster_file(split_dir))}
+    if set(cluster_of) != set(split):
+        raise HemaclipError(f"{cluster_file(split_dir)}: clusters do not cover the same images as {split_file(split_dir, seed)}")
+    splits_of: dict[int, set[str]] = {}
+    classes_of: dict[int, Counter] = {}
+    for key, c in cluster_of.items():
+        splits_of.setdefault(c, set()).add(split[key])
+        classes_of.setdefault(c, Counter())[label[key]] += 1
+    sizes = {c: sum(n.values()) for c, n in classes_of.items()}
+    purity = {c: max(n.values()) / sizes[c] for c, n in classes_of.items()}
+    return {
+        "k": len(sizes),
+        "clusters_per_split": {s: sum(1 for v in splits_of.values() if v == {s}) for s in SPLITS},
+        "clusters_in_two_splits": sum(1 for v in splits_of.values() if len(v) > 1),
+        "per_split_class": {s: dict(sorted(Counter(label[k] for k in split if split[k] == s).items())) for s in SPLITS},
+        "split_sizes": {s: sum(1 for v in split.values() if v == s) for s in SPLITS},
+        "cluster_sizes": {"min": min(sizes.values()), "median": float(np.median(list(sizes.values()))), "max": max(sizes.values())},
+        "mean_cluster_purity": float(np.mean(list(purity.values()))),
+        "images_in_one_class_clusters": int(sum(n for c, n in sizes.items() if purity[c] == 1.0)),
+        "split_file": str(split_file(split_dir, seed)),
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +277,8 @@ def train_arms(
         config = arm_config(arm, overrides)
         run_dir = runs_dir / arm.name
         _check_same_config(run_dir, config)
+        if arm.variant == "clusters":
+            make_cluster_split(run_dir / "splits", data_root, seed=config.seed)
         if _run_finished(run_dir, config.epochs):
             logger.info("%s: finished run found in %s, kept", arm.name, run_dir)
             done[arm.name] = {"trained_now": False}
@@ -292,6 +375,31 @@ def predict(model: torch.nn.Module, emb: Embedded, method: str, classes: Sequenc
     return out
 
 
+def study_records(split_dir: Path, data_root: str | Path | None = None, max_eval_images: int | None = None) -> tuple[list[str], dict[str, list[CellRecord]]]:
+    """The classes and the records of each split a study reads (a stratified subset with `max_eval_images`)."""
+    dataset: CellDataset = load_dataset(DATASET, data_root=data_root, split_dir=split_dir)
+    return list(dataset.classes), {s: stratified_subset(dataset.split(s), max_eval_images, 0) for s in SPLITS}
+
+
+def predict_shortcuts(split_dir: Path, data_root: str | Path | None = None, max_eval_images: int | None = None) -> dict[str, Any]:
+    """Every shortcut reader of `hemaclip.tasks.shortcuts` fitted on the train split of `split_dir`, C
+    chosen on val: ``predictions`` ("<name>:logistic" -> split -> class indices), ``truth`` and ``fits``
+    (chosen C, validation scores per C, training size)."""
+    from hemaclip.tasks.shortcuts import SHORTCUTS, fit_shortcut, shortcut_features
+
+    classes, records = study_records(split_dir, data_root, max_eval_images)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = {s: np.array([index[r.label] for r in records[s]], dtype=np.int64) for s in SPLITS}
+    predictions, fits = {}, {}
+    for name in SHORTCUTS:
+        features = {s: shortcut_features(name, [r.path for r in records[s]]) for s in SPLITS}
+        fit = fit_shortcut(features, {s: labels[s] for s in ("train", "val")}, len(classes))
+        predictions[f"{name}:logistic"] = fit.pop("predictions")
+        fit.pop("model")
+        fits[name] = fit
+    return {"classes": classes, "truth": {s: labels[s] for s in ("val", "test")}, "predictions": predictions, "fits": fits}
+
+
 def predict_study(
     arms: Sequence[Arm],
     runs_dir: Path,
@@ -312,9 +420,7 @@ def predict_study(
         other = runs_dir / arm.name / "splits" / "all_seed0.csv"
         if other.read_text() != reference:
             raise HemaclipError(f"{other}: the runs were trained on different splits; they cannot be compared")
-    dataset: CellDataset = load_dataset(DATASET, data_root=data_root, split_dir=split_dir)
-    classes = list(dataset.classes)
-    records = {s: stratified_subset(dataset.split(s), max_eval_images, 0) for s in SPLITS}
+    classes, records = study_records(split_dir, data_root, max_eval_images)
     models: list[tuple[str, Path, tuple[str, ...]]] = []
     if include_shipped:
         models.append((SHIPPED, default_checkpoint_path(), TEXT_METHODS))

@@ -31,6 +31,9 @@ class TrainConfig:
     # Start from a checkpoint's weights instead of `model` ("default" = the shipped model, or a .pt path);
     # its class head is replaced by a fresh one when the training classes differ (fine-tuning to a new set).
     init_checkpoint: str | None = None
+    # Options of the model's `preprocess` field set for this run (e.g. {"colour": "grey"}), on a fresh model
+    # or an init checkpoint alike; saved in the checkpoint's model config, so every later reader applies them.
+    preprocess: dict[str, str] = field(default_factory=dict)
     dataset: str = "pbc"  # training images: 'pbc' = WBCAtt train (with attributes) + other PBC classes
     val_dataset: str = "wbcatt"  # validation images (its val split); attributes give attribute metrics
     prompts: str | None = None  # prompt file (None = the packaged one)

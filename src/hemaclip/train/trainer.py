@@ -216,19 +216,24 @@ def initial_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
     """The model a new run starts from: `config.model` freshly built, or `config.init_checkpoint`'s weights.
 
     Fine-tuning to another label set (e.g. the shipped 8-class model onto the 4 ALL classes) keeps every
-    weight but the class head, which is rebuilt (seeded) for `class_names`.
+    weight but the class head, which is rebuilt (seeded) for `class_names`. `config.preprocess` options
+    (e.g. grey input) are set on the model's config either way.
     """
     if config.init_checkpoint is None:
-        return create_model(config.model, class_names=tuple(class_names), **config.model_overrides)
-    if config.model_overrides:
-        raise HemaclipError("model_overrides cannot be combined with init_checkpoint (the checkpoint fixes the model)")
-    path = resolve_checkpoint(None if config.init_checkpoint == "default" else config.init_checkpoint)
-    model, _ = load_checkpoint(path)
-    if tuple(model.class_names) != tuple(class_names):
-        model.config = dataclasses.replace(model.config, class_names=tuple(class_names))
-        if model.class_head is not None:
-            torch.manual_seed(config.seed)
-            model.class_head = nn.Linear(model.config.embed_dim, len(class_names))
+        model = create_model(config.model, class_names=tuple(class_names), **config.model_overrides)
+    else:
+        if config.model_overrides:
+            raise HemaclipError("model_overrides cannot be combined with init_checkpoint (the checkpoint fixes the model)")
+        path = resolve_checkpoint(None if config.init_checkpoint == "default" else config.init_checkpoint)
+        model, _ = load_checkpoint(path)
+        if tuple(model.class_names) != tuple(class_names):
+            model.config = dataclasses.replace(model.config, class_names=tuple(class_names))
+            if model.class_head is not None:
+                torch.manual_seed(config.seed)
+                model.class_head = nn.Linear(model.config.embed_dim, len(class_names))
+    if config.preprocess:
+        # Validated by ModelConfig; stored with the model, so inference sees what training saw.
+        model.config = dataclasses.replace(model.config, preprocess={**model.config.preprocess, **config.preprocess})
     return model
 
 

@@ -1,0 +1,492 @@
+"""The colour study (`hemaclip leukemia colour`): how much of the ALL accuracy is colour?
+
+The ALL set was acquired class by class and has no patient IDs, so each class may carry its own stain and
+camera cast. Three measurements, each on the test split with 95 % bootstrap intervals and paired tests:
+
+1. **Shortcut readers** (`hemaclip.tasks.shortcuts`): colour statistics, a colour histogram and the image
+   shrunk to 8x8, fitted on the train split (C chosen on val), beside the colour-seeing CE twin of the
+   shipped model and the stain-blind twins.
+2. **Stain-blind twins**: the same recipes (`default-ce`, `default-text`) trained and read on luma-only
+   input (``preprocess.colour = grey`` in the checkpoint); per class, and Grad-CAM on a few test fields.
+3. **A cluster-grouped split**: k-means clusters of colour and background statistics kept whole within
+   one split (a proxy for acquisition batches), the CE twin and the shortcut readers re-fitted on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.errors import HemaclipError
+from hemaclip.log import get_logger, logged_run
+from hemaclip.studies.leukaemia import N_RESAMPLES, _machine, paired_comparison, score
+from hemaclip.tasks.leukaemia import CLUSTER_K, Arm
+
+logger = get_logger(__name__)
+
+ROLES = ("colour", "grey-ce", "grey-text", "clusters")
+# Each model's own read-out (the one its training selected best.pt on).
+PRIMARY = {"ce": "head", "text": "zero-shot"}
+# Other cluster counts, for the shortcut readers only (no training): how much does k matter?
+SENSITIVITY_K = (16, 32)
+SALIENCY_SHOWN_PER_CLASS = 2
+SALIENCY_MEASURED_PER_CLASS = 25
+STAINED_SHARE = 0.15  # darkest pixels by luma: stained cells (nuclei, blasts, red cells' rims)
+BACKGROUND_SHARE = 0.5  # brightest pixels by luma: the slide between cells
+CORNER = (0.12, 0.2)  # bottom-right corner (height, width shares) where the scale bar and its label sit
+
+
+def study_arms(init: str = "default") -> dict[str, Arm]:
+    """The four runs by role: the colour-seeing CE twin, the grey CE and sentence twins, the CE twin on the
+    cluster-grouped split; all from `init` (the shipped model by default) with the committed recipes."""
+    return {"colour": Arm(init, "ce"), "grey-ce": Arm(init, "ce", "grey"), "grey-text": Arm(init, "text", "grey"), "clusters": Arm(init, "ce", "clusters")}
+
+
+def reading(arm: Arm) -> str:
+    """`<arm>:<its own read-out>`: the class head of a CE model, the prompts of a sentence model."""
+    return f"{arm.name}:{PRIMARY[arm.objective]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Saliency: where does each model look?
+# ------------------------------------------------------------------------------------------------
+
+
+def region_masks(image: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks of one uint8 RGB image: stained (darkest 15 % by luma), background (brightest 50 %)
+    and the bottom-right corner that holds the scale bar."""
+    luma = np.asarray(image, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+    height, width = luma.shape
+    corner = np.zeros_like(luma, dtype=bool)
+    corner[int(round(height * (1 - CORNER[0]))):, int(round(width * (1 - CORNER[1]))):] = True
+    return {
+        "stained": luma <= np.quantile(luma, STAINED_SHARE),
+        "background": luma >= np.quantile(luma, 1 - BACKGROUND_SHARE),
+        "scale-bar corner": corner,
+    }
+
+
+def saliency_enrichment(heat: np.ndarray, masks: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Share of the saliency mass in each region over the region's share of the pixels (1 = no preference);
+    NaN for an all-zero map."""
+    total = float(heat.sum())
+    return {name: (float(heat[mask].sum()) / total) / float(mask.mean()) if total > 0 else float("nan") for name, mask in masks.items()}
+
+
+def _saliency_study(models: Mapping[str, tuple[Any, Mapping[str, Sequence[str]] | None]], records: Sequence[Any], classes: Sequence[str],
+                    out: Path) -> tuple[dict[str, Any], Path]:
+    """Grad-CAM of each model's predicted class on test fields: enrichment per region (mean, sd) over
+    `SALIENCY_MEASURED_PER_CLASS` fields per class, and a figure of the first two fields per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hemaclip.data.preprocess import Preprocess, decode_image, preprocess_for
+    from hemaclip.io import atomic_write
+    from hemaclip.tasks.saliency import saliency_map
+
+    chosen = [r for c in classes for r in sorted((r for r in records if r.label == c), key=lambda r: str(r.path))[:SALIENCY_MEASURED_PER_CLASS]]
+    shown = [r for c in classes for r in [x for x in chosen if x.label == c][:SALIENCY_SHOWN_PER_CLASS]]
+    enrichment: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    heats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for record in chosen:
+        image = Preprocess(192).to_array(decode_image(record.path))
+        masks = region_masks(image)
+        for name, (model, prompts) in models.items():
+            seen = preprocess_for(model).to_array(image, 192)  # what the model sees, at the figure's size
+            heat = saliency_map(model, seen, "class", None, class_prompts=prompts)
+            for region, value in saliency_enrichment(heat, masks).items():
+                enrichment[name].setdefault(region, []).append(value)
+            if record in shown:
+                heats[(str(record.path), name)] = (seen, heat)
+    summary = {name: {region: {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v)), "n": int(np.sum(np.isfinite(v)))}
+                      for region, v in regions.items()} for name, regions in enrichment.items()}
+    fig, axes = plt.subplots(len(shown), len(models) + 1, figsize=(2.2 * (len(models) + 1), 2.2 * len(shown)), squeeze=False)
+    for row, record in enumerate(shown):
+        axes[row, 0].imshow(Preprocess(192).to_array(decode_image(record.path)))
+        axes[row, 0].set_ylabel(f"{record.label}\n{Path(record.path).stem[-12:]}", fontsize=7)
+        for col, name in enumerate(models, start=1):
+            seen, heat = heats[(str(record.path), name)]
+            axes[row, col].imshow(seen)
+            axes[row, col].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if row == 0:
+                axes[row, col].set_title(name, fontsize=8)
+        if row == 0:
+            axes[row, 0].set_title("input (colour)", fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    path = out / "saliency-grad-cam.png"
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=90)
+    plt.close(fig)
+    return {"fields_per_class": SALIENCY_MEASURED_PER_CLASS, "fields": len(chosen), "enrichment": summary}, path
+
+
+# ------------------------------------------------------------------------------------------------
+# The cluster split: how much k matters (shortcut readers only)
+# ------------------------------------------------------------------------------------------------
+
+
+def _sensitivity(runs_dir: Path, data_root: str | Path | None, classes: Sequence[str], ks: Sequence[int]) -> dict[str, Any]:
+    """Shortcut readers on grouped splits with other numbers of clusters (their own folders, no training)."""
+    from hemaclip.tasks.leukaemia import cluster_audit, make_cluster_split, predict_shortcuts
+
+    out = {}
+    for k in ks:
+        split_dir = runs_dir / f"cluster-split-k{k}"
+        make_cluster_split(split_dir, data_root, k=k)
+        shortcuts = predict_shortcuts(split_dir, data_root)
+        truth = shortcuts["truth"]["test"]
+        out[str(k)] = {
+            "audit": cluster_audit(split_dir),
+            "test_accuracy": {key: score(truth, pred["test"], classes)["accuracy"] for key, pred in shortcuts["predictions"].items()},
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+
+
+def _merge(models: Mapping[str, Any], shortcuts: Mapping[str, Any]) -> dict[str, Any]:
+    for split in ("val", "test"):
+        if not np.array_equal(models["truth"][split], shortcuts["truth"][split]):
+            raise HemaclipError("models and shortcut readers were read on different images; they cannot be compared")
+    return {**models["predictions"], **shortcuts["predictions"]}
+
+
+def score_colour_study(per_image: Mapping[str, Any], clustered: Mapping[str, Any], classes: Sequence[str], arms: Mapping[str, Arm]) -> dict[str, Any]:
+    """Scores of every reading on both splits, the paired tests, and the drop from the per-image to the
+    cluster-grouped split (unpaired: different test images)."""
+    from hemaclip.metrics.statistics import unpaired_bootstrap_difference
+
+    shortcut_keys = list(per_image["shortcuts"]["predictions"])
+    results: dict[str, Any] = {}
+    for split_name, data in (("per_image", per_image), ("clusters", clustered)):
+        predictions = _merge(data["models"], data["shortcuts"])
+        truth = data["models"]["truth"]
+        results[split_name] = {
+            "methods": {key: {s: score(truth[s], pred[s], classes) for s in ("val", "test")} for key, pred in predictions.items()},
+            "predictions": predictions,
+            "truth": truth,
+        }
+    pi, cl = results["per_image"], results["clusters"]
+    colour, grey_ce, grey_text, clustered_key = (reading(arms[r]) for r in ROLES)
+    pairs = [(colour, s) for s in shortcut_keys] + [(grey_ce, s) for s in shortcut_keys] + [(grey_text, s) for s in shortcut_keys]
+    pairs += [(grey_ce, colour), (grey_text, colour), (grey_text, grey_ce)]
+    pi["comparisons"] = [paired_comparison(a, b, pi["predictions"], pi["truth"]["test"], classes) for a, b in pairs]
+    cl["comparisons"] = [paired_comparison(clustered_key, s, cl["predictions"], cl["truth"]["test"], classes) for s in shortcut_keys]
+    drops = []
+    for per_image_key, cluster_key in [(colour, clustered_key), *[(s, s) for s in shortcut_keys]]:
+        right_cluster = cl["predictions"][cluster_key]["test"] == cl["truth"]["test"]
+        right_image = pi["predictions"][per_image_key]["test"] == pi["truth"]["test"]
+        drops.append({"clusters": cluster_key, "per_image": per_image_key,
+                      "accuracy": unpaired_bootstrap_difference(right_cluster, right_image, n_resamples=N_RESAMPLES)})
+    return {"per_image": pi, "clusters": cl, "drops": drops}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _ci(result: Mapping[str, Any]) -> tuple[float, float, float]:
+    return (result["point"], result["low"], result["high"])
+
+
+def _diff(result: Mapping[str, Any]) -> tuple[float, float, float]:
+    return (result["difference"], result["low"], result["high"])
+
+
+def _pro_pre(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
+    pro, pre = classes.index("pro"), classes.index("pre")
+    return f"{confusion[pro][pre]} / {confusion[pre][pro]}"
+
+
+def _reference_rows(reference: Mapping[str, Any] | None) -> list[list[Any]]:
+    """Rows of the committed report (its own runs and split) for context; read from its metrics.json."""
+    if not reference:
+        return []
+    rows = []
+    for key in ("default-text:zero-shot", "default-ce:head"):
+        if key in reference.get("methods", {}):
+            test = reference["methods"][key]["test"]
+            rows.append([f"{key} (committed report, its own run)", "per image", test["accuracy"], test["macro_f1"], "–"])
+    return rows
+
+
+def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[str, Any], arms: Mapping[str, Arm], command: str) -> dict[str, Path]:
+    """report.md, report.html and metrics.json of the colour study, with confusion matrices and Grad-CAM."""
+    from hemaclip.studies.plots import plot_confusion
+    from hemaclip.studies.report import Section, Table, write_report
+
+    classes = context["classes"]
+    pi, cl = study["per_image"], study["clusters"]
+    shortcut_keys = [f"{name}:logistic" for name in context["shortcut_fits"]["per_image"]]
+    descriptions = context["shortcut_descriptions"]
+    audit, cluster = context["split_audit"], context["cluster_audit"]
+    colour, grey_ce, grey_text, clustered = (reading(arms[r]) for r in ROLES)
+
+    def method_row(key: str, split_name: str, results: Mapping[str, Any], fits: Mapping[str, Any]) -> list[Any]:
+        name = key.split(":")[0]
+        note = f"C = {fits[name]['C']:g} (on val)" if name in fits else "best epoch on val"
+        test = results["methods"][key]["test"]
+        return [key, split_name, test["accuracy"], test["macro_f1"], note]
+
+    figures = []
+    for key in (colour, grey_ce, grey_text, *[f"{s}" for s in shortcut_keys], clustered):
+        results = cl if key == clustered else pi
+        path = plot_confusion(results["methods"][key]["test"]["confusion_matrix"], classes,
+                              out / f"confusion-{key.replace(':', '-')}{'-clusters' if key == clustered else ''}.png", normalized=True, title=f"{key} (test)")
+        figures.append((path, f"{key}: test confusion matrix, rows normalised"))
+
+    def comparison_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        return [[f"{c['a']} − {c['b']}", c["accuracy"]["metric_a"], c["accuracy"]["metric_b"], _diff(c["accuracy"]), c["accuracy"]["p_value"],
+                 _diff(c["macro_f1"]), c["macro_f1"]["p_value"]] for c in comparisons]
+
+    comparison_columns = ["A − B", "accuracy A", "accuracy B", "difference [95 % CI]", "p", "macro F1 difference [95 % CI]", "p"]
+    per_image_rows = [method_row(k, "per image", pi, context["shortcut_fits"]["per_image"]) for k in (*shortcut_keys, colour, grey_ce, grey_text)]
+    per_image_rows += _reference_rows(context.get("reference"))
+    grey_pairs = [c for c in pi["comparisons"] if c["b"] == colour or (c["a"] == grey_text and c["b"] == grey_ce)]
+    shortcut_pairs = [c for c in pi["comparisons"] if c["b"] in shortcut_keys]
+    per_class_rows = []
+    for key in (colour, grey_ce, grey_text, *shortcut_keys):
+        per_class = pi["methods"][key]["test"]["per_class"]
+        per_class_rows.append([key, *[per_class[c]["f1"] for c in classes], _pro_pre(pi["methods"][key]["test"]["confusion_matrix"], classes)])
+    per_class_tests = [[f"{c['a']} − {c['b']}", cls, _diff(c["per_class_f1"][cls]), c["per_class_f1"][cls]["p_value"]]
+                       for c in grey_pairs for cls in classes]
+
+    best_shortcut = max(shortcut_keys, key=lambda k: pi["methods"][k]["val"]["accuracy"]["point"])
+    colour_acc = pi["methods"][colour]["test"]["accuracy"]
+    best_acc = pi["methods"][best_shortcut]["test"]["accuracy"]
+    grey_acc = pi["methods"][grey_ce]["test"]["accuracy"]
+    grey_text_acc = pi["methods"][grey_text]["test"]["accuracy"]
+    headline = next(c for c in pi["comparisons"] if c["a"] == colour and c["b"] == best_shortcut)
+
+    saliency = context["saliency"]
+    saliency_rows = [[name, *[(v["mean"]) for v in regions.values()], next(iter(regions.values()))["n"]] for name, regions in saliency["enrichment"].items()]
+    saliency_regions = list(next(iter(saliency["enrichment"].values())))
+
+    split_rows = [[s, *[audit["per_split_class"][s].get(c, 0) for c in classes], audit["split_sizes"][s]] for s in ("train", "val", "test")]
+    cluster_rows = [[s, *[cluster["per_split_class"][s].get(c, 0) for c in classes], cluster["split_sizes"][s], cluster["clusters_per_split"][s]] for s in ("train", "val", "test")]
+    cluster_method_rows = [method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"]) for k in (*shortcut_keys, clustered)]
+    drop_rows = [[f"{d['per_image']} → {d['clusters']}", d["accuracy"]["metric_b"], d["accuracy"]["metric_a"], _diff(d["accuracy"])] for d in study["drops"]]
+    sensitivity_rows = [[k, *[v["test_accuracy"][s] for s in shortcut_keys], v["audit"]["clusters_in_two_splits"],
+                         " / ".join(str(v["audit"]["split_sizes"][s]) for s in ("train", "val", "test"))] for k, v in context["sensitivity"].items()]
+    model_drop = study["drops"][0]["accuracy"]
+
+    summary = (
+        f"The best shortcut reader on validation, `{best_shortcut}` ({descriptions[best_shortcut.split(':')[0]]}; no view of any "
+        f"cell's shape), reaches test accuracy {best_acc['point']:.3f} [{best_acc['low']:.3f}, {best_acc['high']:.3f}] on the per-image "
+        f"split, against {colour_acc['point']:.3f} [{colour_acc['low']:.3f}, {colour_acc['high']:.3f}] for the CE twin of the shipped model "
+        f"(paired difference CE − reader {headline['accuracy']['difference']:+.3f} [{headline['accuracy']['low']:+.3f}, "
+        f"{headline['accuracy']['high']:+.3f}], p = {headline['accuracy']['p_value']:.2g}). Without colour, the same recipes reach "
+        f"{grey_acc['point']:.3f} [{grey_acc['low']:.3f}, {grey_acc['high']:.3f}] (CE) and {grey_text_acc['point']:.3f} "
+        f"[{grey_text_acc['low']:.3f}, {grey_text_acc['high']:.3f}] (sentences). On the cluster-grouped split the CE twin reaches "
+        f"{model_drop['metric_a']:.3f} (change against the per-image split {model_drop['difference']:+.3f} "
+        f"[{model_drop['low']:+.3f}, {model_drop['high']:+.3f}], unpaired).\n\n"
+        "What an ALL accuracy here means: how well the four class folders of this one source can be told apart on images from "
+        "the same acquisition as the training images. What it does not mean: that a model recognises leukaemia subtypes by "
+        "cell morphology, or that it would hold on new patients, another stain batch or another laboratory; without patient "
+        "identifiers nothing here can test that."
+    )
+    colour_text = (
+        "Every reader was fitted on the train split only; a shortcut reader's C (logistic regression on standardised "
+        f"features, C in 10^-4 … 10^4) was chosen on validation accuracy; the test split only scores. Readers: "
+        + "; ".join(f"`{k}`: {descriptions[k.split(':')[0]]}" for k in shortcut_keys)
+        + f". Models: `{colour}` is the CE twin of the shipped model retrained here with the committed recipe (its "
+        "checkpoint was not kept, and the paired tests need its per-image predictions); the committed report's rows, from "
+        "its own runs on the same seeded split, are shown for context."
+        + (f"\n\nReproduction: the retrained `{colour}` gives the committed test confusion matrix exactly: "
+           f"{'yes' if context.get('reproduced') else 'no'}." if context.get("reproduced") is not None else "")
+    )
+    grey_text_md = (
+        f"`{arms['grey-ce'].name}` and `{arms['grey-text'].name}`: the committed recipes (`all-finetune` and its CE twin, 6 epochs, "
+        "same seed, split and augmentations) with `preprocess.colour = grey`: every image is reduced to its luma (ITU-R 601) "
+        "as three equal channels in the decoded-image cache, again after augmentation (so HED or hue jitter cannot bring "
+        "colour back), and at inference, because the option is stored in the checkpoint's model config.\n\n"
+        "Per class: pro-B vs pre-B is the subtle pair (both precursor B-cell leukaemias); the last column counts test "
+        "images of pro read as pre / pre read as pro."
+    )
+    saliency_text = (
+        "Grad-CAM of each model's predicted class (the class head for CE models, the ALL prompts for the sentence model) on "
+        f"the first {saliency['fields_per_class']} test fields of each class (sorted by file name). The number per region is "
+        "its share of the saliency mass divided by its share of the pixels (1 = no preference; above 1 = looked at more than "
+        f"its area): `stained` = the darkest {STAINED_SHARE:.0%} of pixels by luma (nucleated cells, red-cell rims), "
+        f"`background` = the brightest {BACKGROUND_SHARE:.0%} (slide between cells), `scale-bar corner` = the bottom-right "
+        f"{CORNER[0]:.0%} × {CORNER[1]:.0%} of the field. The maps are 4×4 (EfficientNet-Lite0 at 128 px) upsampled, so at this "
+        "magnification one map cell covers several cells: a coarse check, not an explanation. The figure shows the first "
+        f"{SALIENCY_SHOWN_PER_CLASS} fields per class as each model sees them."
+    )
+    cluster_text = (
+        f"Every deduplicated image is described by 21 numbers at 32×32 (the 15 colour statistics, and mean and sd of R, G, B over "
+        f"its brighter half, the slide background), standardised; k-means (scikit-learn, 10 restarts, seed 0) with k = {cluster['k']}, "
+        "fixed before any result: the source reports 89 patients, so a cluster is meant to be about as coarse as one acquisition "
+        "session. Whole clusters go to train, val or test, largest first, each where it best fills the class quotas of a 70/10/20 "
+        f"split. Clusters in two splits: **{cluster['clusters_in_two_splits']}**. Cluster sizes {cluster['cluster_sizes']['min']}–"
+        f"{cluster['cluster_sizes']['max']} (median {cluster['cluster_sizes']['median']:g}); mean class purity of a cluster "
+        f"{cluster['mean_cluster_purity']:.3f} ({cluster['images_in_one_class_clusters']} images sit in single-class clusters): the colour "
+        f"clusters nearly follow the class folders, as a class-by-class acquisition would make them.\n\n"
+        f"`{arms['clusters'].name}`: the CE recipe retrained on this split; the shortcut readers re-fitted on it. The change against the per-image "
+        "split compares two different test sets, so its interval is an unpaired bootstrap (each test set resampled on its own)."
+    )
+    proxy_text = (
+        "What this proxy can show: how much accuracy depends on having seen images of the same colour cast, i.e. of the same "
+        "acquisition batch, in training. A model or reader that keeps its accuracy when whole colour clusters are held out "
+        "is not merely matching batches.\n\n"
+        "What it cannot show: generalisation to new patients. A colour cluster is not a patient: one patient's fields can "
+        "fall into several clusters (and stay on both sides of the split), and one cluster can hold several patients. Since "
+        "the clusters are built from the very colour statistics the shortcut readers use, holding them out is by construction "
+        "hard on colour readers and says little about morphology on its own. It also cannot show robustness to another "
+        "laboratory, scanner or stain protocol: every image here comes from one source. Only patient identifiers (or a new, "
+        "independently acquired test set) can answer those questions."
+    )
+    sections = [
+        Section("What it means, plainly", summary),
+        Section("What was measured", f"Command: `{command}` on {_machine()['cpu_count']} CPU cores, no GPU. Test split: the "
+                f"seeded, stratified per-image split of the committed study ({audit['split_sizes']['test']} test images), and the "
+                f"cluster-grouped split below ({cluster['split_sizes']['test']} test images). 95 % stratified bootstrap intervals and "
+                f"paired tests ({N_RESAMPLES} resamples; two-sided p by the centred method; no correction for multiple comparisons).",
+                tables=[Table(["split", *classes, "total"], split_rows, caption="per-image split: images per split and class")]),
+        Section("Shortcut readers beside the models (per-image split)", colour_text,
+                tables=[Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "chosen on val"], per_image_rows),
+                        Table(comparison_columns, comparison_rows(shortcut_pairs), caption="paired tests: each model's own reading minus each shortcut reader")]),
+        Section("Stain-blind twins (grey input)", grey_text_md,
+                tables=[Table(comparison_columns, comparison_rows(grey_pairs), caption="paired tests: grey twins against the colour-seeing CE twin, and the two grey twins"),
+                        Table(["model:reading", *[f"F1 {c}" for c in classes], "pro→pre / pre→pro"], per_class_rows, caption="per-class test F1"),
+                        Table(["A − B", "class", "F1 difference [95 % CI]", "p"], per_class_tests, caption="per-class paired tests")],
+                figures=figures[:3 + len(shortcut_keys)]),
+        Section("Saliency: cells or background?", saliency_text,
+                tables=[Table(["model", *saliency_regions, "fields"], saliency_rows, caption="mean saliency enrichment per region (1 = no preference)")],
+                figures=[(context["saliency_figure"], "Grad-CAM of the predicted class on test fields (rows: benign, early, pre, pro)")]),
+        Section("Cluster-grouped split (a proxy for acquisition batches)", cluster_text,
+                tables=[Table(["split", *classes, "total", "clusters"], cluster_rows, caption="cluster-grouped split: images per split and class"),
+                        Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "chosen on val"], cluster_method_rows),
+                        Table(comparison_columns, comparison_rows(cl["comparisons"]), caption="paired tests on the cluster split's test images"),
+                        Table(["per-image → cluster split", "accuracy per image", "accuracy clusters", "change [95 % CI, unpaired]"], drop_rows),
+                        Table(["k", *[f"{s} test accuracy" for s in shortcut_keys], "clusters in two splits", "train / val / test"], sensitivity_rows,
+                              caption=f"other k (shortcut readers only, no training); the main split uses k = {cluster['k']}")],
+                figures=figures[3 + len(shortcut_keys):]),
+        Section("What the cluster split can and cannot show", proxy_text),
+    ]
+    metrics = {
+        "command": command,
+        "machine": _machine(),
+        "split": dict(audit),
+        "cluster_split": dict(cluster),
+        "sensitivity": context["sensitivity"],
+        "shortcut_fits": context["shortcut_fits"],
+        "methods": {"per_image": pi["methods"], "clusters": cl["methods"]},
+        "comparisons": {"per_image": pi["comparisons"], "clusters": cl["comparisons"]},
+        "drops": study["drops"],
+        "saliency": saliency,
+        "runs": context["runs"],
+        "training_sessions": context["training"],
+        "reproduced_committed_confusion": context.get("reproduced"),
+        "seconds": context["seconds"],
+    }
+    return write_report(out, "Leukaemia (ALL): how much of the accuracy is colour?", sections, metrics, checkpoint=str(context["runs_dir"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole study
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_saliency_models(runs_dir: Path, arms: Sequence[Arm]) -> dict[str, tuple[Any, Mapping[str, Sequence[str]] | None]]:
+    from hemaclip.models.checkpoint import load_checkpoint
+    from hemaclip.text.prompts import load_prompts
+
+    models = {}
+    for arm in arms:
+        model, meta = load_checkpoint(runs_dir / arm.name / "best.pt")
+        prompts = None
+        if arm.objective == "text":
+            prompts_file = ((meta.get("extra") or {}).get("train_config") or {}).get("prompts")
+            all_prompts = load_prompts(prompts_file).class_prompts("all")
+            prompts = {c: all_prompts[c] for c in model.class_names}
+        models[arm.name] = (model, prompts)
+    return models
+
+
+@logged_run("leukaemia-colour")
+def run_colour_study(
+    out: Path,
+    runs_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+    data_root: Path | None = None,
+    init: str = "default",
+    train_missing: bool = True,
+    max_eval_images: int | None = None,
+    reference: Path | None = None,
+    sensitivity_k: Sequence[int] = SENSITIVITY_K,
+    bench: Path | None = None,
+    command: str = "hemaclip leukemia colour",
+    progress: bool | None = None,
+) -> dict[str, Path]:
+    """Train (or reuse) the four arms, fit the shortcut readers, score, explain, write the report."""
+    import json
+
+    from hemaclip.io import write_json
+    from hemaclip.tasks.leukaemia import cluster_audit, predict_shortcuts, predict_study, run_history, split_audit, study_records, train_arms
+    from hemaclip.tasks.shortcuts import SHORTCUTS
+
+    tick = time.perf_counter()
+    arms = study_arms(init)
+    per_image_arms = [arms["colour"], arms["grey-ce"], arms["grey-text"]]
+    training = train_arms(list(arms.values()), runs_dir, overrides, data_root=data_root, progress=progress) if train_missing else {}
+    missing = [str(runs_dir / a.name / "best.pt") for a in arms.values() if not (runs_dir / a.name / "best.pt").is_file()]
+    if missing:
+        raise HemaclipError(f"{missing[0]}: run not trained (drop --no-train to train it)")
+    per_image_dir, cluster_dir = runs_dir / arms["colour"].name / "splits", runs_dir / arms["clusters"].name / "splits"
+    show = progress is not False
+    per_image = {"models": predict_study(per_image_arms, runs_dir, data_root, include_shipped=False, max_eval_images=max_eval_images, progress=show),
+                 "shortcuts": predict_shortcuts(per_image_dir, data_root, max_eval_images)}
+    clustered = {"models": predict_study([arms["clusters"]], runs_dir, data_root, include_shipped=False, max_eval_images=max_eval_images, progress=show),
+                 "shortcuts": predict_shortcuts(cluster_dir, data_root, max_eval_images)}
+    classes = per_image["models"]["classes"]
+    study = score_colour_study(per_image, clustered, classes, arms)
+    out.mkdir(parents=True, exist_ok=True)
+    _, records = study_records(per_image_dir, data_root, max_eval_images)
+    saliency, saliency_figure = _saliency_study(_load_saliency_models(runs_dir, per_image_arms), records["test"], classes, out)
+    reference_metrics = json.loads(reference.read_text()) if reference is not None and reference.is_file() else None
+    reproduced = None
+    colour_key = reading(arms["colour"])
+    if reference_metrics and max_eval_images is None and colour_key in reference_metrics.get("methods", {}):
+        reproduced = (reference_metrics["methods"][colour_key]["test"]["confusion_matrix"]
+                      == study["per_image"]["methods"][colour_key]["test"]["confusion_matrix"])
+    context = {
+        "classes": classes,
+        "split_audit": split_audit(data_root, per_image_dir),
+        "cluster_audit": cluster_audit(cluster_dir),
+        "sensitivity": _sensitivity(runs_dir, data_root, classes, sensitivity_k),
+        "shortcut_fits": {"per_image": per_image["shortcuts"]["fits"], "clusters": clustered["shortcuts"]["fits"]},
+        "shortcut_descriptions": {name: s.description for name, s in SHORTCUTS.items()},
+        "saliency": saliency,
+        "saliency_figure": saliency_figure,
+        "reference": reference_metrics,
+        "reproduced": reproduced,
+        "runs": {a.name: run_history(runs_dir / a.name) for a in arms.values()},
+        "training": training,
+        "runs_dir": runs_dir,
+        "seconds": {"total": time.perf_counter() - tick, "eval": {**per_image["models"]["eval_seconds"], **clustered["models"]["eval_seconds"]}},
+    }
+    paths = write_colour_report(out, study, context, arms, command)
+    if bench is not None:
+        write_json(bench, {
+            "command": command,
+            "machine": _machine(),
+            "seconds": context["seconds"],
+            "training": training,
+            "test_accuracy": {split: {k: v["test"]["accuracy"]["point"] for k, v in study[split]["methods"].items()} for split in ("per_image", "clusters")},
+        })
+        paths["bench"] = bench
+    return paths
