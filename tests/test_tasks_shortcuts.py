@@ -4,13 +4,11 @@ train split only (C on val) and scores test, and no group (cluster) ever spans t
 from __future__ import annotations
 
 import csv
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hemaclip.data.splits import SplitFractions, grouped_split
 from hemaclip.tasks import shortcuts
 from hemaclip.tasks.shortcuts import colour_histogram, colour_statistics, fit_shortcut, tiny_pixels
 
@@ -57,52 +55,61 @@ def test_shortcut_reader_is_fitted_on_train_only_and_scores_test(monkeypatch: py
     assert fit["val_by_C"][f"{fit['C']:g}"] == best
 
 
-def test_grouped_split_keeps_every_group_in_one_split() -> None:
-    rng = np.random.default_rng(1)
-    keys, labels, groups = [], [], []
-    for g in range(60):  # groups of 5-60 images, mostly of one class, as colour clusters of this set are
-        main = "abcd"[g % 4]
-        for i in range(int(rng.integers(5, 60))):
-            keys.append(f"img{g}-{i}")
-            labels.append(main if rng.random() < 0.9 else "abcd"[int(rng.integers(0, 4))])
-            groups.append(f"g{g}")
-    fractions = SplitFractions(0.1, 0.2)
-    split = grouped_split(keys, labels, groups, fractions, seed=0)
-    assert set(split) == set(keys) and set(split.values()) == {"train", "val", "test"}
-    splits_of_group: dict[str, set[str]] = {}
-    for key, group in zip(keys, groups):
-        splits_of_group.setdefault(group, set()).add(split[key])
-    assert all(len(s) == 1 for s in splits_of_group.values())
-    sizes = Counter(split.values())
-    assert abs(sizes["test"] / len(keys) - 0.2) < 0.05 and abs(sizes["val"] / len(keys) - 0.1) < 0.05
-    for cls in "abcd":  # approximately stratified: each class near its 20 % test share
-        members = [k for k, lab in zip(keys, labels) if lab == cls]
-        assert abs(sum(split[k] == "test" for k in members) / len(members) - 0.2) < 0.08
-    assert grouped_split(keys, labels, groups, fractions, seed=0) == split
+def _fake_all_set(root: Path, rng: np.random.Generator) -> None:
+    """A tiny ALL-shaped folder: each class photographed under two or three colour casts (batches)."""
+    from PIL import Image
+
+    from hemaclip.data.attributes import ALL_FOLDERS
+
+    for c, folder in enumerate(ALL_FOLDERS):
+        (root / "all_aria" / folder).mkdir(parents=True)
+        for batch in range(2 + c % 2):
+            cast = rng.integers(60, 230, 3)
+            for i in range(6):
+                pixels = np.clip(cast + rng.normal(0, 6, (24, 24, 3)), 0, 255).astype(np.uint8)
+                pixels[8:16, 8:16] = rng.integers(0, 255, 3)  # a distinct "cell", so no two files are duplicates
+                Image.fromarray(pixels).save(root / "all_aria" / folder / f"{folder}-{batch}-{i}.png")
+
+
+def _splits_of_clusters(split_file: Path) -> dict[str, set[str]]:
+    with split_file.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    splits_of: dict[str, set[str]] = {}
+    for row in rows:
+        splits_of.setdefault(row["group"], set()).add(row["split"])
+    return splits_of
+
+
+def test_cluster_grouped_split_leaves_no_cluster_across_splits(tmp_path: Path) -> None:
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.tasks.leukaemia import cluster_audit, make_cluster_split, split_file
+
+    _fake_all_set(tmp_path / "data", np.random.default_rng(0))
+    split_dir = tmp_path / "splits"
+    assignment = make_cluster_split(split_dir, tmp_path / "data", k=8)
+    splits_of = _splits_of_clusters(split_file(split_dir))
+    assert len(assignment) == 60 and len(splits_of) == 8
+    assert all(len(s) == 1 for s in splits_of.values())  # read from the saved file itself, not only by the audit
+    audit = cluster_audit(split_dir)
+    assert audit["clusters_in_two_splits"] == 0 and sum(audit["clusters_per_split"].values()) == 8
+    assert audit["split_sizes"]["train"] > 0 and audit["split_sizes"]["test"] > 0
+    # training reads exactly this split from the run's splits/ folder, and a second call keeps it
+    dataset = load_dataset("all", data_root=tmp_path / "data", split_dir=split_dir)
+    assert {str(r.path.relative_to(tmp_path / "data")): r.split for r in dataset.records} == assignment
+    before = split_file(split_dir).read_bytes()
+    assert make_cluster_split(split_dir, tmp_path / "data", k=3) == assignment and split_file(split_dir).read_bytes() == before
 
 
 @pytest.mark.slow
 def test_cluster_split_of_the_all_set_leaves_no_cluster_across_splits(data_root: Path, tmp_path: Path) -> None:
-    from hemaclip.data.datasets import load_dataset
-    from hemaclip.tasks.leukaemia import CLUSTER_K, cluster_audit, cluster_file, make_cluster_split, split_file
+    from hemaclip.tasks.leukaemia import CLUSTER_K, cluster_audit, make_cluster_split, split_file
 
     split_dir = tmp_path / "splits"
     assignment = make_cluster_split(split_dir, data_root)
-    with cluster_file(split_dir).open(newline="") as handle:
-        cluster_of = {row["key"]: row["cluster"] for row in csv.DictReader(handle)}
-    assert set(cluster_of) == set(assignment) and len(assignment) == 3216 and len(set(cluster_of.values())) == CLUSTER_K
-    splits_of: dict[str, set[str]] = {}
-    for key, cluster in cluster_of.items():
-        splits_of.setdefault(cluster, set()).add(assignment[key])
-    assert all(len(s) == 1 for s in splits_of.values())  # checked here from the files, not only by the audit
+    splits_of = _splits_of_clusters(split_file(split_dir))
+    assert len(assignment) == 3216 and len(splits_of) == CLUSTER_K and all(len(s) == 1 for s in splits_of.values())
     audit = cluster_audit(split_dir)
-    assert audit["clusters_in_two_splits"] == 0 and audit["k"] == CLUSTER_K
-    assert sum(audit["clusters_per_split"].values()) == CLUSTER_K and all(n > 0 for n in audit["split_sizes"].values())
-    # training reads exactly this split (the saved file in the run's splits/), and it is kept, not remade
-    dataset = load_dataset("all", data_root=data_root, split_dir=split_dir)
-    assert {str(r.path.relative_to(data_root)): r.split for r in dataset.records} == assignment
-    before = split_file(split_dir).read_bytes()
-    assert make_cluster_split(split_dir, data_root) == assignment and split_file(split_dir).read_bytes() == before
+    assert audit["clusters_in_two_splits"] == 0 and all(n > 0 for n in audit["split_sizes"].values())
 
 
 def test_shortcut_readers_of_the_study_fit_on_its_train_split(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

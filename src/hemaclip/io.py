@@ -138,6 +138,23 @@ def config_from_dict(
         raise HemaclipError(f"{prefix}{what}: {exc}") from None
 
 
+def apply_overrides(payload: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`--set` overrides on top of a config mapping, in place: ``key`` sets a top-level option,
+    ``group.key`` an option of a nested block (e.g. ``augmentation.grey_p`` or ``model.g_channels``)."""
+    for key, value in (overrides or {}).items():
+        if "." in key:
+            group, sub = key.split(".", 1)
+            block = payload.setdefault(group, {})
+            if not isinstance(block, dict):
+                from hemaclip.errors import HemaclipError
+
+                raise HemaclipError(f"--set {key}: '{group}' is not a block of options")
+            block[sub] = value
+        else:
+            payload[key] = value
+    return payload
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically with stable key order and indentation (diff-friendly results)."""
     with atomic_write(path) as handle:

@@ -255,7 +255,8 @@ def create_app(
         image = decode_upload(data, name)
         del data
         result = await _run_sync(_describe_one, describer, image, name, saliency if saliency_map else None, model_lock)
-        result["neighbours"] = _with_image_urls(list(result.get("neighbours") or []), index)
+        for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
+            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), index)
         return result
 
     @app.get("/api/search", summary="Find cells by description")
@@ -316,17 +317,20 @@ def _describe_one(describer: Any, image: Image.Image, name: str, saliency: Any, 
     """Describe one decoded image; add the saliency overlay and browser-ready neighbour links."""
     array = np.asarray(image, dtype=np.uint8)
     with lock:
-        description = describer.describe_arrays([array], [name])[0]
+        descriptions = describer.describe_arrays([array], [name])
+        description = descriptions[0]
         result: Mapping[str, Any] = description.to_dict()
         overlay = None
         if saliency is not None and description.error is None:
             saliency_map, overlay_png = saliency
-            prepared = describer.prepare(image)
+            prepared = describer.views(image)[description.cell].array
             heat = saliency_map(describer.model, prepared, target="class")
             overlay = "data:image/png;base64," + base64.b64encode(overlay_png(prepared, heat)).decode("ascii")
     if description.error is not None:
         raise UploadError(422, description.error)
-    out = dict(result)
+    out = dict(result)  # the first cell's reading at the top level (as before), every cell in `cells`
+    out["cells"] = [d.to_dict() for d in descriptions]
+    out["image_size"] = [int(array.shape[1]), int(array.shape[0])]
     out["saliency_png"] = overlay
     out["disclaimer"] = DISCLAIMER
     return out

@@ -163,10 +163,14 @@ def _merge(models: Mapping[str, Any], shortcuts: Mapping[str, Any]) -> dict[str,
     return {**models["predictions"], **shortcuts["predictions"]}
 
 
-def score_colour_study(per_image: Mapping[str, Any], clustered: Mapping[str, Any], classes: Sequence[str], arms: Mapping[str, Arm]) -> dict[str, Any]:
+def score_colour_study(
+    per_image: Mapping[str, Any], clustered: Mapping[str, Any], classes: Sequence[str], arms: Mapping[str, Arm], test_clusters: np.ndarray
+) -> dict[str, Any]:
     """Scores of every reading on both splits, the paired tests, and the drop from the per-image to the
-    cluster-grouped split (unpaired: different test images)."""
-    from hemaclip.metrics.statistics import unpaired_bootstrap_difference
+    cluster-grouped split (unpaired: different test images). On the cluster split, whose test images come
+    in whole clusters (`test_clusters`, one per test image), macro F1 also gets a cluster bootstrap interval
+    and paired test (whole clusters resampled), since images of one cluster are not independent."""
+    from hemaclip.metrics.statistics import cluster_bootstrap_macro_f1, paired_cluster_bootstrap_macro_f1, unpaired_bootstrap_difference
 
     shortcut_keys = list(per_image["shortcuts"]["predictions"])
     results: dict[str, Any] = {}
@@ -184,6 +188,12 @@ def score_colour_study(per_image: Mapping[str, Any], clustered: Mapping[str, Any
     pairs += [(grey_ce, colour), (grey_text, colour), (grey_text, grey_ce)]
     pi["comparisons"] = [paired_comparison(a, b, pi["predictions"], pi["truth"]["test"], classes) for a, b in pairs]
     cl["comparisons"] = [paired_comparison(clustered_key, s, cl["predictions"], cl["truth"]["test"], classes) for s in shortcut_keys]
+    truth = cl["truth"]["test"]
+    for key, pred in cl["predictions"].items():
+        cl["methods"][key]["test"]["macro_f1_cluster"] = cluster_bootstrap_macro_f1(truth, pred["test"], len(classes), test_clusters, n_resamples=N_RESAMPLES)
+    for comparison in cl["comparisons"]:
+        a, b = (cl["predictions"][comparison[k]]["test"] for k in ("a", "b"))
+        comparison["macro_f1_cluster"] = paired_cluster_bootstrap_macro_f1(truth, a, b, len(classes), test_clusters, n_resamples=N_RESAMPLES)
     drops = []
     for per_image_key, cluster_key in [(colour, clustered_key), *[(s, s) for s in shortcut_keys]]:
         right_cluster = cl["predictions"][cluster_key]["test"] == cl["truth"]["test"]
@@ -277,7 +287,10 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
 
     split_rows = [[s, *[audit["per_split_class"][s].get(c, 0) for c in classes], audit["split_sizes"][s]] for s in ("train", "val", "test")]
     cluster_rows = [[s, *[cluster["per_split_class"][s].get(c, 0) for c in classes], cluster["split_sizes"][s], cluster["clusters_per_split"][s]] for s in ("train", "val", "test")]
-    cluster_method_rows = [method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"]) for k in (*shortcut_keys, clustered)]
+    cluster_method_rows = [[*method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"])[:4], _ci(cl["methods"][k]["test"]["macro_f1_cluster"]),
+                            method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"])[4]] for k in (*shortcut_keys, clustered)]
+    cluster_comparison_rows = [[*row, _diff(c["macro_f1_cluster"]), c["macro_f1_cluster"]["p_value"]]
+                               for row, c in zip(comparison_rows(cl["comparisons"]), cl["comparisons"])]
     drop_rows = [[f"{d['per_image']} → {d['clusters']}", d["accuracy"]["metric_b"], d["accuracy"]["metric_a"], _diff(d["accuracy"])] for d in study["drops"]]
     sensitivity_rows = [[k, *[v["test_accuracy"][s] for s in shortcut_keys], v["audit"]["clusters_in_two_splits"],
                          " / ".join(str(v["audit"]["split_sizes"][s]) for s in ("train", "val", "test"))] for k, v in context["sensitivity"].items()]
@@ -369,8 +382,10 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
                 figures=[(context["saliency_figure"], "Grad-CAM of the predicted class on test fields (rows: benign, early, pre, pro)")]),
         Section("Cluster-grouped split (a proxy for acquisition batches)", cluster_text,
                 tables=[Table(["split", *classes, "total", "clusters"], cluster_rows, caption="cluster-grouped split: images per split and class"),
-                        Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "chosen on val"], cluster_method_rows),
-                        Table(comparison_columns, comparison_rows(cl["comparisons"]), caption="paired tests on the cluster split's test images"),
+                        Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "macro F1 [95 % CI, cluster bootstrap]",
+                               "chosen on val"], cluster_method_rows),
+                        Table([*comparison_columns, "macro F1 difference [95 % CI, cluster bootstrap]", "p"], cluster_comparison_rows,
+                              caption="paired tests on the cluster split's test images (item bootstrap, then whole clusters resampled)"),
                         Table(["per-image → cluster split", "accuracy per image", "accuracy clusters", "change [95 % CI, unpaired]"], drop_rows),
                         Table(["k", *[f"{s} test accuracy" for s in shortcut_keys], "clusters in two splits", "train / val / test"], sensitivity_rows,
                               caption=f"other k (shortcut readers only, no training); the main split uses k = {cluster['k']}")],
@@ -417,6 +432,12 @@ def _load_saliency_models(runs_dir: Path, arms: Sequence[Arm]) -> dict[str, tupl
     return models
 
 
+def _key(path: Path, data_root: str | Path | None) -> str:
+    from hemaclip.data.paths import resolve_data_root
+
+    return str(Path(path).relative_to(resolve_data_root(data_root)))
+
+
 @logged_run("leukaemia-colour")
 def run_colour_study(
     out: Path,
@@ -436,7 +457,7 @@ def run_colour_study(
     import json
 
     from hemaclip.io import write_json
-    from hemaclip.tasks.leukaemia import cluster_audit, predict_shortcuts, predict_study, run_history, split_audit, study_records, train_arms
+    from hemaclip.tasks.leukaemia import cluster_audit, cluster_groups, predict_shortcuts, predict_study, run_history, split_audit, study_records, train_arms
     from hemaclip.tasks.shortcuts import SHORTCUTS
 
     tick = time.perf_counter()
@@ -453,7 +474,9 @@ def run_colour_study(
     clustered = {"models": predict_study([arms["clusters"]], runs_dir, data_root, include_shipped=False, max_eval_images=max_eval_images, progress=show),
                  "shortcuts": predict_shortcuts(cluster_dir, data_root, max_eval_images)}
     classes = per_image["models"]["classes"]
-    study = score_colour_study(per_image, clustered, classes, arms)
+    _, cluster_records = study_records(cluster_dir, data_root, max_eval_images)
+    test_clusters = cluster_groups(cluster_dir, [_key(r.path, data_root) for r in cluster_records["test"]])
+    study = score_colour_study(per_image, clustered, classes, arms, test_clusters)
     out.mkdir(parents=True, exist_ok=True)
     _, records = study_records(per_image_dir, data_root, max_eval_images)
     saliency, saliency_figure = _saliency_study(_load_saliency_models(runs_dir, per_image_arms), records["test"], classes, out)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hemaclip.data.datasets import CellDataset, CellRecord, load_dataset
+from hemaclip.data.datasets import ALL_FRACTIONS, CellDataset, CellRecord, load_dataset
 from hemaclip.data.dedupe import file_hashes
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.preprocess import preprocess_for
@@ -175,31 +175,26 @@ def split_file(split_dir: Path, seed: int = 0) -> Path:
     return split_dir / f"all_seed{seed}.csv"
 
 
-def cluster_file(split_dir: Path) -> Path:
-    """The clusters behind a grouped split, saved beside it (key, cluster)."""
-    return split_dir / "all_clusters.csv"
-
-
 def make_cluster_split(split_dir: Path, data_root: str | Path | None = None, k: int = CLUSTER_K, seed: int = 0) -> dict[str, str]:
     """Cluster the deduplicated ALL images on colour and background statistics (k-means, `k` clusters),
-    assign whole clusters to train/val/test (approximately stratified) and save split and clusters in
-    `split_dir`, where training picks the split up. Returns key -> split. An existing split is kept."""
+    assign whole clusters to train/val/test (:func:`hemaclip.data.splits.grouped_stratified_split`, 70/10/20
+    of the images per class) and save the split with each image's cluster as its ``group`` column in
+    `split_dir`, where training picks it up. Returns key -> split. An existing split is kept."""
     from hemaclip.data.paths import resolve_data_root
-    from hemaclip.data.splits import SplitFractions, grouped_split, save_split
-    from hemaclip.io import atomic_write
+    from hemaclip.data.splits import check_groups_within_splits, grouped_stratified_split, save_split
     from hemaclip.tasks.shortcuts import acquisition_clusters, cluster_features
 
-    if split_file(split_dir, seed).is_file() and cluster_file(split_dir).is_file():
-        return {row["key"]: row["split"] for row in _read_rows(split_file(split_dir, seed))}
+    path = split_file(split_dir, seed)
+    if path.is_file():
+        return {row["key"]: row["split"] for row in _read_rows(path)}
     dataset = load_dataset(DATASET, data_root=data_root, split_dir=None, seed=seed)
     root = resolve_data_root(data_root)
     keys = [str(Path(r.path).relative_to(root)) for r in dataset.records]
     labels = [r.label for r in dataset.records]
-    clusters = acquisition_clusters(cluster_features([r.path for r in dataset.records]), k, seed)
-    assignment = grouped_split(keys, labels, [str(c) for c in clusters], SplitFractions(0.1, 0.2), seed)
-    with atomic_write(cluster_file(split_dir), "w") as handle:
-        csv.writer(handle).writerows([("key", "cluster"), *sorted(zip(keys, map(int, clusters)))])
-    save_split(split_file(split_dir, seed), assignment, dict(zip(keys, labels)))
+    clusters = [str(c) for c in acquisition_clusters(cluster_features([r.path for r in dataset.records]), k, seed)]
+    assignment = grouped_stratified_split(keys, labels, clusters, ALL_FRACTIONS, seed)
+    check_groups_within_splits(assignment, dict(zip(keys, clusters)), str(path))
+    save_split(path, assignment, dict(zip(keys, labels)), dict(zip(keys, clusters)))
     return assignment
 
 
@@ -209,15 +204,16 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def cluster_audit(split_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Clusters per split, clusters found in more than one split (must be 0), class balance per split."""
+    """Clusters per split, clusters found in more than one split (must be 0), class balance per split,
+    cluster sizes and purity, read back from the saved split's ``group`` column."""
     rows = _read_rows(split_file(split_dir, seed))
+    if not rows or "group" not in rows[0]:
+        raise HemaclipError(f"{split_file(split_dir, seed)}: not a cluster-grouped split (no group column)")
     split = {r["key"]: r["split"] for r in rows}
     label = {r["key"]: r["label"] for r in rows}
-    cluster_of = {r["key"]: int(r["cluster"]) for r in _read_rows(cluster_file(split_dir))}
-    if set(cluster_of) != set(split):
-        raise HemaclipError(f"{cluster_file(split_dir)}: clusters do not cover the same images as {split_file(split_dir, seed)}")
-    splits_of: dict[int, set[str]] = {}
-    classes_of: dict[int, Counter] = {}
+    cluster_of = {r["key"]: r["group"] for r in rows}
+    splits_of: dict[str, set[str]] = {}
+    classes_of: dict[str, Counter] = {}
     for key, c in cluster_of.items():
         splits_of.setdefault(c, set()).add(split[key])
         classes_of.setdefault(c, Counter())[label[key]] += 1
@@ -234,6 +230,12 @@ def cluster_audit(split_dir: Path, seed: int = 0) -> dict[str, Any]:
         "images_in_one_class_clusters": int(sum(n for c, n in sizes.items() if purity[c] == 1.0)),
         "split_file": str(split_file(split_dir, seed)),
     }
+
+
+def cluster_groups(split_dir: Path, keys: Sequence[str], seed: int = 0) -> np.ndarray:
+    """The cluster of each key (in order) from a cluster-grouped split: the groups of a cluster bootstrap."""
+    cluster_of = {r["key"]: r["group"] for r in _read_rows(split_file(split_dir, seed))}
+    return np.array([cluster_of[k] for k in keys])
 
 
 # ------------------------------------------------------------------------------------------------

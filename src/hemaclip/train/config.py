@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hemaclip.io import config_from_dict, read_config
+from hemaclip.io import apply_overrides, config_from_dict, read_config
+from hemaclip.data.transforms import AugmentConfig
 
 
 @dataclass
@@ -31,9 +32,6 @@ class TrainConfig:
     # Start from a checkpoint's weights instead of `model` ("default" = the shipped model, or a .pt path);
     # its class head is replaced by a fresh one when the training classes differ (fine-tuning to a new set).
     init_checkpoint: str | None = None
-    # Options of the model's `preprocess` field set for this run (e.g. {"colour": "grey"}), on a fresh model
-    # or an init checkpoint alike; saved in the checkpoint's model config, so every later reader applies them.
-    preprocess: dict[str, str] = field(default_factory=dict)
     dataset: str = "pbc"  # training images: 'pbc' = WBCAtt train (with attributes) + other PBC classes
     val_dataset: str = "wbcatt"  # validation images (its val split); attributes give attribute metrics
     prompts: str | None = None  # prompt file (None = the packaged one)
@@ -56,6 +54,15 @@ class TrainConfig:
     # HED-space stain jitter of training images (0 = off; 0.2 = stain concentrations scaled by up to
     # +-20 %), drawn per image from the same seed as the other augmentations; needs `augment`.
     stain_jitter: float = 0.0
+    # The rest of the augmentation (:class:`hemaclip.data.transforms.AugmentConfig` fields: colour jitter,
+    # grey_p, gamma, blur_p, lowres_p, jpeg_p, zoom_out, ...); empty = the mild defaults.
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    # Further training sets, each a dataset name whose *train* split joins the images (e.g. "lisc", a second
+    # lab); their cells carry class sentences only. Validation stays on `val_dataset`.
+    extra_datasets: list[str] = field(default_factory=list)
+    # The model's preprocessing (`ModelConfig.preprocess`, e.g. {"locate": "cell"}); None keeps the model's
+    # own (a fresh model's config, or the init checkpoint's).
+    preprocess: dict[str, Any] | None = None
     amp: str = "auto"  # 'auto' = bfloat16 autocast on CUDA, off on CPU; 'off'; 'bf16'
     seed: int = 0
     max_train_images: int | None = None  # a stratified subset, for tests and quick looks
@@ -66,7 +73,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], source: str = "config") -> TrainConfig:
-        return config_from_dict(cls, payload, "training config", source, nested={"text_mix": TextMix})
+        return config_from_dict(cls, payload, "training config", source, nested={"text_mix": TextMix, "augmentation": AugmentConfig})
+
+    def augment_config(self) -> AugmentConfig:
+        """The training augmentation; the top-level `stain_jitter` (a shorthand kept for existing runs and
+        `--set stain_jitter=0.2`) wins over `augmentation.stain_jitter` when it is set."""
+        if self.stain_jitter:
+            return dataclasses.replace(self.augmentation, stain_jitter=float(self.stain_jitter))
+        return self.augmentation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,5 +89,4 @@ class TrainConfig:
 def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training config by packaged name (e.g. 'default') or path; apply `overrides` on top."""
     path, payload = read_config(name_or_path, "train", "training config")
-    payload.update(overrides or {})
-    return TrainConfig.from_dict(payload, source=str(path))
+    return TrainConfig.from_dict(apply_overrides(payload, overrides), source=str(path))
