@@ -24,7 +24,7 @@ import numpy as np
 from hemaclip.errors import HemaclipError
 from hemaclip.log import get_logger, logged_run
 from hemaclip.studies.leukaemia import N_RESAMPLES, _machine, paired_comparison, score
-from hemaclip.tasks.leukaemia import CLUSTER_K, Arm
+from hemaclip.tasks.leukaemia import CLUSTER_K, SHIPPED, Arm
 
 logger = get_logger(__name__)
 
@@ -32,7 +32,7 @@ ROLES = ("colour", "grey-ce", "grey-text", "clusters")
 # Each model's own read-out (the one its training selected best.pt on).
 PRIMARY = {"ce": "head", "text": "zero-shot"}
 # Other cluster counts, for the shortcut readers only (no training): how much does k matter?
-SENSITIVITY_K = (16, 32)
+SENSITIVITY_K = (32, 178)
 SALIENCY_SHOWN_PER_CLASS = 2
 SALIENCY_MEASURED_PER_CLASS = 25
 STAINED_SHARE = 0.15  # darkest pixels by luma: stained cells (nuclei, blasts, red cells' rims)
@@ -134,7 +134,7 @@ def _saliency_study(models: Mapping[str, tuple[Any, Mapping[str, Sequence[str]] 
 # ------------------------------------------------------------------------------------------------
 
 
-def _sensitivity(runs_dir: Path, data_root: str | Path | None, classes: Sequence[str], ks: Sequence[int]) -> dict[str, Any]:
+def _sensitivity(runs_dir: Path, data_root: str | Path | None, classes: Sequence[str], ks: Sequence[int], max_eval_images: int | None = None) -> dict[str, Any]:
     """Shortcut readers on grouped splits with other numbers of clusters (their own folders, no training)."""
     from hemaclip.tasks.leukaemia import cluster_audit, make_cluster_split, predict_shortcuts
 
@@ -142,7 +142,7 @@ def _sensitivity(runs_dir: Path, data_root: str | Path | None, classes: Sequence
     for k in ks:
         split_dir = runs_dir / f"cluster-split-k{k}"
         make_cluster_split(split_dir, data_root, k=k)
-        shortcuts = predict_shortcuts(split_dir, data_root)
+        shortcuts = predict_shortcuts(split_dir, data_root, max_eval_images)
         truth = shortcuts["truth"]["test"]
         out[str(k)] = {
             "audit": cluster_audit(split_dir),
@@ -161,6 +161,33 @@ def _merge(models: Mapping[str, Any], shortcuts: Mapping[str, Any]) -> dict[str,
         if not np.array_equal(models["truth"][split], shortcuts["truth"][split]):
             raise HemaclipError("models and shortcut readers were read on different images; they cannot be compared")
     return {**models["predictions"], **shortcuts["predictions"]}
+
+
+SHIPPED_GREY = f"{SHIPPED}-grey"  # the shipped model read on luma-only input (no training)
+
+
+def model_readings(predictions: Mapping[str, Any], arms: Mapping[str, Arm]) -> dict[str, Any]:
+    """The model readings present, by role: colour-seeing ones, grey ones, and the (grey, colour) pairs of
+    the stain-blind tests. Retrained twins come first when their runs exist; the shipped model's frozen
+    embedding read by a logistic probe on colour and on grey input is always there (no training needed)."""
+    colour, grey_ce, grey_text = (reading(arms[r]) for r in ("colour", "grey-ce", "grey-text"))
+    frozen, frozen_grey = f"{SHIPPED}:logistic", f"{SHIPPED_GREY}:logistic"
+    pairs = [(grey_ce, colour), (grey_text, colour), (grey_text, grey_ce), (frozen_grey, frozen)]
+    present = [k for k in (colour, grey_ce, grey_text, frozen, frozen_grey) if k in predictions]
+    return {
+        "all": present,
+        "colour": next(k for k in (colour, frozen) if k in predictions),
+        "grey": next(k for k in (grey_ce, frozen_grey) if k in predictions),
+        "grey_text": grey_text if grey_text in predictions else None,
+        "grey_pairs": [(a, b) for a, b in pairs if a in predictions and b in predictions],
+        "twins": colour in predictions,
+    }
+
+
+def cluster_model_readings(predictions: Mapping[str, Any], arms: Mapping[str, Arm]) -> list[str]:
+    """The model readings on the cluster split: the CE twin retrained on it (when that run exists) and the
+    shipped model's frozen embedding with a logistic probe fitted on the split's train images."""
+    return [key for key in (reading(arms["clusters"]), f"{SHIPPED}:logistic") if key in predictions]
 
 
 def score_colour_study(
@@ -183,11 +210,12 @@ def score_colour_study(
             "truth": truth,
         }
     pi, cl = results["per_image"], results["clusters"]
-    colour, grey_ce, grey_text, clustered_key = (reading(arms[r]) for r in ROLES)
-    pairs = [(colour, s) for s in shortcut_keys] + [(grey_ce, s) for s in shortcut_keys] + [(grey_text, s) for s in shortcut_keys]
-    pairs += [(grey_ce, colour), (grey_text, colour), (grey_text, grey_ce)]
+    readings = model_readings(pi["predictions"], arms)
+    colour, clustered_key = readings["colour"], reading(arms["clusters"])
+    cluster_models = cluster_model_readings(cl["predictions"], arms)
+    pairs = [(m, s) for m in readings["all"] for s in shortcut_keys] + readings["grey_pairs"]
     pi["comparisons"] = [paired_comparison(a, b, pi["predictions"], pi["truth"]["test"], classes) for a, b in pairs]
-    cl["comparisons"] = [paired_comparison(clustered_key, s, cl["predictions"], cl["truth"]["test"], classes) for s in shortcut_keys]
+    cl["comparisons"] = [paired_comparison(m, s, cl["predictions"], cl["truth"]["test"], classes) for m in cluster_models for s in shortcut_keys]
     truth = cl["truth"]["test"]
     for key, pred in cl["predictions"].items():
         cl["methods"][key]["test"]["macro_f1_cluster"] = cluster_bootstrap_macro_f1(truth, pred["test"], len(classes), test_clusters, n_resamples=N_RESAMPLES)
@@ -195,7 +223,8 @@ def score_colour_study(
         a, b = (cl["predictions"][comparison[k]]["test"] for k in ("a", "b"))
         comparison["macro_f1_cluster"] = paired_cluster_bootstrap_macro_f1(truth, a, b, len(classes), test_clusters, n_resamples=N_RESAMPLES)
     drops = []
-    for per_image_key, cluster_key in [(colour, clustered_key), *[(s, s) for s in shortcut_keys]]:
+    counterpart = {clustered_key: reading(arms["colour"])}  # a model retrained on the cluster split stands against its per-image twin
+    for per_image_key, cluster_key in [*[(counterpart.get(m, m), m) for m in cluster_models], *[(s, s) for s in shortcut_keys]]:
         right_cluster = cl["predictions"][cluster_key]["test"] == cl["truth"]["test"]
         right_image = pi["predictions"][per_image_key]["test"] == pi["truth"]["test"]
         drops.append({"clusters": cluster_key, "per_image": per_image_key,
@@ -243,16 +272,19 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
     shortcut_keys = [f"{name}:logistic" for name in context["shortcut_fits"]["per_image"]]
     descriptions = context["shortcut_descriptions"]
     audit, cluster = context["split_audit"], context["cluster_audit"]
-    colour, grey_ce, grey_text, clustered = (reading(arms[r]) for r in ROLES)
+    readings = model_readings(pi["predictions"], arms)
+    colour, grey_ce, grey_text, clustered = readings["colour"], readings["grey"], readings["grey_text"], reading(arms["clusters"])
+    cluster_models = cluster_model_readings(cl["predictions"], arms)
+    shipped_probe = f"{SHIPPED}:logistic"
 
     def method_row(key: str, split_name: str, results: Mapping[str, Any], fits: Mapping[str, Any]) -> list[Any]:
         name = key.split(":")[0]
-        note = f"C = {fits[name]['C']:g} (on val)" if name in fits else "best epoch on val"
+        note = f"C = {fits[name]['C']:g} (on val)" if name in fits else "no ALL training; probe fitted on train" if name in (SHIPPED, SHIPPED_GREY) else "best epoch on val"
         test = results["methods"][key]["test"]
         return [key, split_name, test["accuracy"], test["macro_f1"], note]
 
     figures = []
-    for key in (colour, grey_ce, grey_text, *[f"{s}" for s in shortcut_keys], clustered):
+    for key in (*readings["all"], *shortcut_keys, *[m for m in cluster_models if m == clustered]):
         results = cl if key == clustered else pi
         path = plot_confusion(results["methods"][key]["test"]["confusion_matrix"], classes,
                               out / f"confusion-{key.replace(':', '-')}{'-clusters' if key == clustered else ''}.png", normalized=True, title=f"{key} (test)")
@@ -263,12 +295,12 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
                  _diff(c["macro_f1"]), c["macro_f1"]["p_value"]] for c in comparisons]
 
     comparison_columns = ["A − B", "accuracy A", "accuracy B", "difference [95 % CI]", "p", "macro F1 difference [95 % CI]", "p"]
-    per_image_rows = [method_row(k, "per image", pi, context["shortcut_fits"]["per_image"]) for k in (*shortcut_keys, colour, grey_ce, grey_text)]
+    per_image_rows = [method_row(k, "per image", pi, context["shortcut_fits"]["per_image"]) for k in (*shortcut_keys, *readings["all"])]
     per_image_rows += _reference_rows(context.get("reference"))
-    grey_pairs = [c for c in pi["comparisons"] if c["b"] == colour or (c["a"] == grey_text and c["b"] == grey_ce)]
+    grey_pairs = [c for c in pi["comparisons"] if (c["a"], c["b"]) in readings["grey_pairs"]]
     shortcut_pairs = [c for c in pi["comparisons"] if c["b"] in shortcut_keys]
     per_class_rows = []
-    for key in (colour, grey_ce, grey_text, *shortcut_keys):
+    for key in (*readings["all"], *shortcut_keys):
         per_class = pi["methods"][key]["test"]["per_class"]
         per_class_rows.append([key, *[per_class[c]["f1"] for c in classes], _pro_pre(pi["methods"][key]["test"]["confusion_matrix"], classes)])
     per_class_tests = [[f"{c['a']} − {c['b']}", cls, _diff(c["per_class_f1"][cls]), c["per_class_f1"][cls]["p_value"]]
@@ -278,67 +310,93 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
     colour_acc = pi["methods"][colour]["test"]["accuracy"]
     best_acc = pi["methods"][best_shortcut]["test"]["accuracy"]
     grey_acc = pi["methods"][grey_ce]["test"]["accuracy"]
-    grey_text_acc = pi["methods"][grey_text]["test"]["accuracy"]
+    grey_text_acc = pi["methods"][grey_text]["test"]["accuracy"] if grey_text else None
     headline = next(c for c in pi["comparisons"] if c["a"] == colour and c["b"] == best_shortcut)
 
     saliency = context["saliency"]
-    saliency_rows = [[name, *[(v["mean"]) for v in regions.values()], next(iter(regions.values()))["n"]] for name, regions in saliency["enrichment"].items()]
-    saliency_regions = list(next(iter(saliency["enrichment"].values())))
+    if saliency:
+        saliency_rows = [[name, *[(v["mean"]) for v in regions.values()], next(iter(regions.values()))["n"]] for name, regions in saliency["enrichment"].items()]
+        saliency_regions = list(next(iter(saliency["enrichment"].values())))
 
     split_rows = [[s, *[audit["per_split_class"][s].get(c, 0) for c in classes], audit["split_sizes"][s]] for s in ("train", "val", "test")]
     cluster_rows = [[s, *[cluster["per_split_class"][s].get(c, 0) for c in classes], cluster["split_sizes"][s], cluster["clusters_per_split"][s]] for s in ("train", "val", "test")]
     cluster_method_rows = [[*method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"])[:4], _ci(cl["methods"][k]["test"]["macro_f1_cluster"]),
-                            method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"])[4]] for k in (*shortcut_keys, clustered)]
+                            method_row(k, "clusters", cl, context["shortcut_fits"]["clusters"])[4]] for k in (*shortcut_keys, *cluster_models)]
     cluster_comparison_rows = [[*row, _diff(c["macro_f1_cluster"]), c["macro_f1_cluster"]["p_value"]]
                                for row, c in zip(comparison_rows(cl["comparisons"]), cl["comparisons"])]
     drop_rows = [[f"{d['per_image']} → {d['clusters']}", d["accuracy"]["metric_b"], d["accuracy"]["metric_a"], _diff(d["accuracy"])] for d in study["drops"]]
     sensitivity_rows = [[k, *[v["test_accuracy"][s] for s in shortcut_keys], v["audit"]["clusters_in_two_splits"],
                          " / ".join(str(v["audit"]["split_sizes"][s]) for s in ("train", "val", "test"))] for k, v in context["sensitivity"].items()]
-    model_drop = study["drops"][0]["accuracy"]
+    model_drop = study["drops"][0]
+    shortcut_drop = next(d for d in study["drops"] if d["clusters"] == best_shortcut)["accuracy"]
 
+    colour_name = "the CE twin of the shipped model" if readings["twins"] else "the shipped model's frozen embedding with a logistic probe"
+    grey_text_part = (f" and {grey_text_acc['point']:.3f} [{grey_text_acc['low']:.3f}, {grey_text_acc['high']:.3f}] (sentence twin)"
+                      if grey_text_acc else "")
     summary = (
         f"The best shortcut reader on validation, `{best_shortcut}` ({descriptions[best_shortcut.split(':')[0]]}; no view of any "
         f"cell's shape), reaches test accuracy {best_acc['point']:.3f} [{best_acc['low']:.3f}, {best_acc['high']:.3f}] on the per-image "
-        f"split, against {colour_acc['point']:.3f} [{colour_acc['low']:.3f}, {colour_acc['high']:.3f}] for the CE twin of the shipped model "
-        f"(paired difference CE − reader {headline['accuracy']['difference']:+.3f} [{headline['accuracy']['low']:+.3f}, "
-        f"{headline['accuracy']['high']:+.3f}], p = {headline['accuracy']['p_value']:.2g}). Without colour, the same recipes reach "
-        f"{grey_acc['point']:.3f} [{grey_acc['low']:.3f}, {grey_acc['high']:.3f}] (CE) and {grey_text_acc['point']:.3f} "
-        f"[{grey_text_acc['low']:.3f}, {grey_text_acc['high']:.3f}] (sentences). On the cluster-grouped split the CE twin reaches "
-        f"{model_drop['metric_a']:.3f} (change against the per-image split {model_drop['difference']:+.3f} "
-        f"[{model_drop['low']:+.3f}, {model_drop['high']:+.3f}], unpaired).\n\n"
+        f"split, against {colour_acc['point']:.3f} [{colour_acc['low']:.3f}, {colour_acc['high']:.3f}] for {colour_name} (`{colour}`; "
+        f"paired difference model − reader {headline['accuracy']['difference']:+.3f} [{headline['accuracy']['low']:+.3f}, "
+        f"{headline['accuracy']['high']:+.3f}], p = {headline['accuracy']['p_value']:.2g}). Without colour (`{grey_ce}`, grey input), "
+        f"it reaches {grey_acc['point']:.3f} [{grey_acc['low']:.3f}, {grey_acc['high']:.3f}]{grey_text_part}. On the cluster-grouped "
+        f"split `{model_drop['clusters']}` reaches "
+        f"{model_drop['accuracy']['metric_a']:.3f} (change against the per-image split {model_drop['accuracy']['difference']:+.3f} "
+        f"[{model_drop['accuracy']['low']:+.3f}, {model_drop['accuracy']['high']:+.3f}], unpaired) and `{best_shortcut}` "
+        f"{shortcut_drop['metric_a']:.3f} ({shortcut_drop['difference']:+.3f} [{shortcut_drop['low']:+.3f}, {shortcut_drop['high']:+.3f}]).\n\n"
         "What an ALL accuracy here means: how well the four class folders of this one source can be told apart on images from "
         "the same acquisition as the training images. What it does not mean: that a model recognises leukaemia subtypes by "
         "cell morphology, or that it would hold on new patients, another stain batch or another laboratory; without patient "
         "identifiers nothing here can test that."
     )
+    frozen_text = (
+        f"`{shipped_probe}` and `{SHIPPED_GREY}:logistic`: the shipped model (trained on PBC, never on ALL) embeds every image, "
+        "once as it is and once reduced to its luma (`preprocess.colour = grey`); a logistic probe fitted on the train split "
+        "reads each embedding. No training is involved, so this pair measures how much of what a fixed cell representation "
+        "knows about the ALL classes rides on colour."
+    )
+    if readings["twins"]:
+        epochs = len(context["runs"][arms["colour"].name]["epochs"])
+        twin_text = (
+            f" `{reading(arms['colour'])}` is the CE twin of the shipped model retrained here ({epochs} epoch(s)); `{arms['grey-ce'].name}` and "
+            f"`{arms['grey-text'].name}` are the committed recipes (`all-finetune` and its CE twin) at the same epochs, seed, split and "
+            "augmentations with `preprocess.colour = grey`: every image is reduced to its luma (ITU-R 601) as three equal channels "
+            "in the decoded-image cache, again after augmentation (so HED or hue jitter cannot bring colour back), and at "
+            "inference, because the option is stored in the checkpoint's model config."
+        )
+    else:
+        twin_text = (
+            f" The retrained stain-blind twins (`{arms['grey-ce'].name}`, `{arms['grey-text'].name}`) and their colour-seeing twin "
+            f"`{arms['colour'].name}` are not in this run (no finished runs in `{context['runs_dir']}`): "
+            "`hemaclip leukemia colour` trains them when given the CPU time."
+        )
     colour_text = (
         "Every reader was fitted on the train split only; a shortcut reader's C (logistic regression on standardised "
         f"features, C in 10^-4 … 10^4) was chosen on validation accuracy; the test split only scores. Readers: "
         + "; ".join(f"`{k}`: {descriptions[k.split(':')[0]]}" for k in shortcut_keys)
-        + f". Models: `{colour}` is the CE twin of the shipped model retrained here with the committed recipe (its "
-        "checkpoint was not kept, and the paired tests need its per-image predictions); the committed report's rows, from "
-        "its own runs on the same seeded split, are shown for context."
-        + (f"\n\nReproduction: the retrained `{colour}` gives the committed test confusion matrix exactly: "
-           f"{'yes' if context.get('reproduced') else 'no'}." if context.get("reproduced") is not None else "")
+        + ". The committed report's rows, from its own 6-epoch runs on the same seeded split, are shown for context."
     )
     grey_text_md = (
-        f"`{arms['grey-ce'].name}` and `{arms['grey-text'].name}`: the committed recipes (`all-finetune` and its CE twin, 6 epochs, "
-        "same seed, split and augmentations) with `preprocess.colour = grey`: every image is reduced to its luma (ITU-R 601) "
-        "as three equal channels in the decoded-image cache, again after augmentation (so HED or hue jitter cannot bring "
-        "colour back), and at inference, because the option is stored in the checkpoint's model config.\n\n"
-        "Per class: pro-B vs pre-B is the subtle pair (both precursor B-cell leukaemias); the last column counts test "
-        "images of pro read as pre / pre read as pro."
+        frozen_text + twin_text + "\n\nPer class: pro-B vs pre-B is the subtle pair (both precursor B-cell leukaemias); the "
+        "last column counts test images of pro read as pre / pre read as pro."
     )
-    saliency_text = (
-        "Grad-CAM of each model's predicted class (the class head for CE models, the ALL prompts for the sentence model) on "
-        f"the first {saliency['fields_per_class']} test fields of each class (sorted by file name). The number per region is "
-        "its share of the saliency mass divided by its share of the pixels (1 = no preference; above 1 = looked at more than "
-        f"its area): `stained` = the darkest {STAINED_SHARE:.0%} of pixels by luma (nucleated cells, red-cell rims), "
-        f"`background` = the brightest {BACKGROUND_SHARE:.0%} (slide between cells), `scale-bar corner` = the bottom-right "
-        f"{CORNER[0]:.0%} × {CORNER[1]:.0%} of the field. The maps are 4×4 (EfficientNet-Lite0 at 128 px) upsampled, so at this "
-        "magnification one map cell covers several cells: a coarse check, not an explanation. The figure shows the first "
-        f"{SALIENCY_SHOWN_PER_CLASS} fields per class as each model sees them."
-    )
+    if saliency:
+        saliency_text = (
+            "Grad-CAM of each model's predicted class (the class head for CE models, the ALL prompts for the sentence model) on "
+            f"the first {saliency['fields_per_class']} test fields of each class (sorted by file name). The number per region is "
+            "its share of the saliency mass divided by its share of the pixels (1 = no preference; above 1 = looked at more than "
+            f"its area): `stained` = the darkest {STAINED_SHARE:.0%} of pixels by luma (nucleated cells, red-cell rims), "
+            f"`background` = the brightest {BACKGROUND_SHARE:.0%} (slide between cells), `scale-bar corner` = the bottom-right "
+            f"{CORNER[0]:.0%} × {CORNER[1]:.0%} of the field. The maps are 4×4 (EfficientNet-Lite0 at 128 px) upsampled, so at this "
+            "magnification one map cell covers several cells: a coarse check, not an explanation. The figure shows the first "
+            f"{SALIENCY_SHOWN_PER_CLASS} fields per class as each model sees them."
+        )
+        saliency_section = Section("Saliency: cells or background?", saliency_text,
+                                   tables=[Table(["model", *saliency_regions, "fields"], saliency_rows, caption="mean saliency enrichment per region (1 = no preference)")],
+                                   figures=[(context["saliency_figure"], "Grad-CAM of the predicted class on test fields (rows: benign, early, pre, pro)")])
+    else:
+        saliency_section = Section("Saliency: cells or background?", "Not run: saliency needs the retrained twins (a frozen embedding "
+                                   "read by a probe has no class map of its own).")
     cluster_text = (
         f"Every deduplicated image is described by 21 numbers at 32×32 (the 15 colour statistics, and mean and sd of R, G, B over "
         f"its brighter half, the slide background), standardised; k-means (scikit-learn, 10 restarts, seed 0) with k = {cluster['k']}, "
@@ -348,8 +406,13 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
         f"{cluster['cluster_sizes']['max']} (median {cluster['cluster_sizes']['median']:g}); mean class purity of a cluster "
         f"{cluster['mean_cluster_purity']:.3f} ({cluster['images_in_one_class_clusters']} images sit in single-class clusters): the colour "
         f"clusters nearly follow the class folders, as a class-by-class acquisition would make them.\n\n"
-        f"`{arms['clusters'].name}`: the CE recipe retrained on this split; the shortcut readers re-fitted on it. The change against the per-image "
-        "split compares two different test sets, so its interval is an unpaired bootstrap (each test set resampled on its own)."
+        + (f"`{clustered}`: the CE recipe retrained on this split. " if clustered in cluster_models else
+           f"The CE recipe was not retrained on this split in this run (`{arms['clusters'].name}` absent). ")
+        + f"`{shipped_probe}`: the shipped model's frozen embedding (no ALL training) with a logistic probe fitted on this split's "
+        "train images. The shortcut readers are re-fitted on it. Test images of one cluster are not independent, so macro F1 "
+        "also gets a cluster bootstrap (whole clusters resampled, stratified by their majority class). The change against the "
+        "per-image split compares two different test sets, so its interval is an unpaired item bootstrap (each test set "
+        "resampled on its own; it ignores the clustering and so is too narrow on the cluster side)."
     )
     proxy_text = (
         "What this proxy can show: how much accuracy depends on having seen images of the same colour cast, i.e. of the same "
@@ -357,8 +420,9 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
         "is not merely matching batches.\n\n"
         "What it cannot show: generalisation to new patients. A colour cluster is not a patient: one patient's fields can "
         "fall into several clusters (and stay on both sides of the split), and one cluster can hold several patients. Since "
-        "the clusters are built from the very colour statistics the shortcut readers use, holding them out is by construction "
-        "hard on colour readers and says little about morphology on its own. It also cannot show robustness to another "
+        "the clusters are built from colour statistics, holding them out should hurt a reader that matches batches by colour; "
+        "if colour readers stay accurate anyway, each class keeps its own colour across clusters, and this split cannot tell "
+        "a class-by-class acquisition cast from a colour difference of the cells themselves. It also cannot show robustness to another "
         "laboratory, scanner or stain protocol: every image here comes from one source. Only patient identifiers (or a new, "
         "independently acquired test set) can answer those questions."
     )
@@ -372,14 +436,12 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
         Section("Shortcut readers beside the models (per-image split)", colour_text,
                 tables=[Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "chosen on val"], per_image_rows),
                         Table(comparison_columns, comparison_rows(shortcut_pairs), caption="paired tests: each model's own reading minus each shortcut reader")]),
-        Section("Stain-blind twins (grey input)", grey_text_md,
-                tables=[Table(comparison_columns, comparison_rows(grey_pairs), caption="paired tests: grey twins against the colour-seeing CE twin, and the two grey twins"),
+        Section("Stain-blind readings (grey input)", grey_text_md,
+                tables=[Table(comparison_columns, comparison_rows(grey_pairs), caption="paired tests: grey against colour-seeing readings"),
                         Table(["model:reading", *[f"F1 {c}" for c in classes], "pro→pre / pre→pro"], per_class_rows, caption="per-class test F1"),
                         Table(["A − B", "class", "F1 difference [95 % CI]", "p"], per_class_tests, caption="per-class paired tests")],
-                figures=figures[:3 + len(shortcut_keys)]),
-        Section("Saliency: cells or background?", saliency_text,
-                tables=[Table(["model", *saliency_regions, "fields"], saliency_rows, caption="mean saliency enrichment per region (1 = no preference)")],
-                figures=[(context["saliency_figure"], "Grad-CAM of the predicted class on test fields (rows: benign, early, pre, pro)")]),
+                figures=figures[:len(readings["all"]) + len(shortcut_keys)]),
+        saliency_section,
         Section("Cluster-grouped split (a proxy for acquisition batches)", cluster_text,
                 tables=[Table(["split", *classes, "total", "clusters"], cluster_rows, caption="cluster-grouped split: images per split and class"),
                         Table(["model:reading", "split", "test accuracy [95 % CI]", "test macro F1 [95 % CI]", "macro F1 [95 % CI, cluster bootstrap]",
@@ -389,7 +451,7 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
                         Table(["per-image → cluster split", "accuracy per image", "accuracy clusters", "change [95 % CI, unpaired]"], drop_rows),
                         Table(["k", *[f"{s} test accuracy" for s in shortcut_keys], "clusters in two splits", "train / val / test"], sensitivity_rows,
                               caption=f"other k (shortcut readers only, no training); the main split uses k = {cluster['k']}")],
-                figures=figures[3 + len(shortcut_keys):]),
+                figures=figures[len(readings["all"]) + len(shortcut_keys):]),
         Section("What the cluster split can and cannot show", proxy_text),
     ]
     metrics = {
@@ -401,11 +463,11 @@ def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[st
         "shortcut_fits": context["shortcut_fits"],
         "methods": {"per_image": pi["methods"], "clusters": cl["methods"]},
         "comparisons": {"per_image": pi["comparisons"], "clusters": cl["comparisons"]},
+        "colour_reading": colour,
         "drops": study["drops"],
         "saliency": saliency,
         "runs": context["runs"],
         "training_sessions": context["training"],
-        "reproduced_committed_confusion": context.get("reproduced"),
         "seconds": context["seconds"],
     }
     return write_report(out, "Leukaemia (ALL): how much of the accuracy is colour?", sections, metrics, checkpoint=str(context["runs_dir"]))
@@ -430,6 +492,20 @@ def _load_saliency_models(runs_dir: Path, arms: Sequence[Arm]) -> dict[str, tupl
             prompts = {c: all_prompts[c] for c in model.class_names}
         models[arm.name] = (model, prompts)
     return models
+
+
+def colour_bench(metrics: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Benchmark record of a colour study from its metrics.json: timings, and each reading's test accuracy
+    with its ratio to the same run's colour-seeing model reading (the baseline)."""
+    baseline = metrics["colour_reading"]
+    out: dict[str, Any] = {"command": metrics["command"], "machine": metrics["machine"], "seconds": metrics["seconds"],
+                           "training": dict(training or {}), "baseline": baseline}
+    for split in ("per_image", "clusters"):
+        methods = metrics["methods"][split]
+        base = methods[baseline]["test"]["accuracy"]["point"] if baseline in methods else None
+        out[split] = {k: {"test_accuracy": v["test"]["accuracy"]["point"], "ratio_to_baseline": v["test"]["accuracy"]["point"] / base if base else None}
+                      for k, v in methods.items()}
+    return out
 
 
 def _key(path: Path, data_root: str | Path | None) -> str:
@@ -457,21 +533,31 @@ def run_colour_study(
     import json
 
     from hemaclip.io import write_json
-    from hemaclip.tasks.leukaemia import cluster_audit, cluster_groups, predict_shortcuts, predict_study, run_history, split_audit, study_records, train_arms
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.tasks.leukaemia import DATASET, cluster_audit, cluster_groups, make_cluster_split, predict_shortcuts, predict_study, run_history, split_audit, study_records, train_arms
     from hemaclip.tasks.shortcuts import SHORTCUTS
 
     tick = time.perf_counter()
     arms = study_arms(init)
     per_image_arms = [arms["colour"], arms["grey-ce"], arms["grey-text"]]
     training = train_arms(list(arms.values()), runs_dir, overrides, data_root=data_root, progress=progress) if train_missing else {}
-    missing = [str(runs_dir / a.name / "best.pt") for a in arms.values() if not (runs_dir / a.name / "best.pt").is_file()]
-    if missing:
+    missing = [str(runs_dir / a.name / "best.pt") for a in per_image_arms if not (runs_dir / a.name / "best.pt").is_file()]
+    if missing and len(missing) < len(per_image_arms):
         raise HemaclipError(f"{missing[0]}: run not trained (drop --no-train to train it)")
+    # With --no-train and no twins at all, the study reads the shipped model (colour and grey) and the shortcut readers only.
+    per_image_arms = [] if missing else per_image_arms
+    # The CE twin on the cluster split is optional with --no-train: without it the split is read by the
+    # shortcut readers and the shipped model's frozen embedding only (the report says which).
+    cluster_arms = [arms["clusters"]] if (runs_dir / arms["clusters"].name / "best.pt").is_file() else []
     per_image_dir, cluster_dir = runs_dir / arms["colour"].name / "splits", runs_dir / arms["clusters"].name / "splits"
+    make_cluster_split(cluster_dir, data_root)
+    load_dataset(DATASET, data_root=data_root, split_dir=per_image_dir)  # the seeded per-image split (kept if already there)
     show = progress is not False
-    per_image = {"models": predict_study(per_image_arms, runs_dir, data_root, include_shipped=False, max_eval_images=max_eval_images, progress=show),
+    per_image = {"models": predict_study(per_image_arms, runs_dir, data_root, include_shipped=True, max_eval_images=max_eval_images, progress=show,
+                                         split_dir=per_image_dir, shipped_grey=True),
                  "shortcuts": predict_shortcuts(per_image_dir, data_root, max_eval_images)}
-    clustered = {"models": predict_study([arms["clusters"]], runs_dir, data_root, include_shipped=False, max_eval_images=max_eval_images, progress=show),
+    clustered = {"models": predict_study(cluster_arms, runs_dir, data_root, include_shipped=True, max_eval_images=max_eval_images, progress=show,
+                                         split_dir=cluster_dir),
                  "shortcuts": predict_shortcuts(cluster_dir, data_root, max_eval_images)}
     classes = per_image["models"]["classes"]
     _, cluster_records = study_records(cluster_dir, data_root, max_eval_images)
@@ -479,37 +565,25 @@ def run_colour_study(
     study = score_colour_study(per_image, clustered, classes, arms, test_clusters)
     out.mkdir(parents=True, exist_ok=True)
     _, records = study_records(per_image_dir, data_root, max_eval_images)
-    saliency, saliency_figure = _saliency_study(_load_saliency_models(runs_dir, per_image_arms), records["test"], classes, out)
+    saliency, saliency_figure = _saliency_study(_load_saliency_models(runs_dir, per_image_arms), records["test"], classes, out) if per_image_arms else ({}, None)
     reference_metrics = json.loads(reference.read_text()) if reference is not None and reference.is_file() else None
-    reproduced = None
-    colour_key = reading(arms["colour"])
-    if reference_metrics and max_eval_images is None and colour_key in reference_metrics.get("methods", {}):
-        reproduced = (reference_metrics["methods"][colour_key]["test"]["confusion_matrix"]
-                      == study["per_image"]["methods"][colour_key]["test"]["confusion_matrix"])
     context = {
         "classes": classes,
         "split_audit": split_audit(data_root, per_image_dir),
         "cluster_audit": cluster_audit(cluster_dir),
-        "sensitivity": _sensitivity(runs_dir, data_root, classes, sensitivity_k),
+        "sensitivity": _sensitivity(runs_dir, data_root, classes, sensitivity_k, max_eval_images),
         "shortcut_fits": {"per_image": per_image["shortcuts"]["fits"], "clusters": clustered["shortcuts"]["fits"]},
         "shortcut_descriptions": {name: s.description for name, s in SHORTCUTS.items()},
         "saliency": saliency,
         "saliency_figure": saliency_figure,
         "reference": reference_metrics,
-        "reproduced": reproduced,
-        "runs": {a.name: run_history(runs_dir / a.name) for a in arms.values()},
+        "runs": {a.name: run_history(runs_dir / a.name) for a in [*per_image_arms, *cluster_arms]},
         "training": training,
         "runs_dir": runs_dir,
         "seconds": {"total": time.perf_counter() - tick, "eval": {**per_image["models"]["eval_seconds"], **clustered["models"]["eval_seconds"]}},
     }
     paths = write_colour_report(out, study, context, arms, command)
     if bench is not None:
-        write_json(bench, {
-            "command": command,
-            "machine": _machine(),
-            "seconds": context["seconds"],
-            "training": training,
-            "test_accuracy": {split: {k: v["test"]["accuracy"]["point"] for k, v in study[split]["methods"].items()} for split in ("per_image", "clusters")},
-        })
+        write_json(bench, colour_bench(json.loads(paths["metrics"].read_text()), training))
         paths["bench"] = bench
     return paths

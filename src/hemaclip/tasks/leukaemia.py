@@ -390,6 +390,9 @@ def predict_shortcuts(split_dir: Path, data_root: str | Path | None = None, max_
     from hemaclip.tasks.shortcuts import SHORTCUTS, fit_shortcut, shortcut_features
 
     classes, records = study_records(split_dir, data_root, max_eval_images)
+    empty = [s for s in SPLITS if not records[s]]
+    if empty:
+        raise HemaclipError(f"{split_file(split_dir)}: the {', '.join(empty)} split is empty (too few clusters?); shortcut readers need all three")
     index = {c: i for i, c in enumerate(classes)}
     labels = {s: np.array([index[r.label] for r in records[s]], dtype=np.int64) for s in SPLITS}
     predictions, fits = {}, {}
@@ -410,15 +413,19 @@ def predict_study(
     max_eval_images: int | None = None,
     device: str = "cpu",
     progress: bool = False,
+    split_dir: Path | None = None,
+    shipped_grey: bool = False,
 ) -> dict[str, Any]:
-    """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading.
+    """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading, on
+    the split the arms were trained on (or `split_dir`, which every arm must share). `shipped_grey` also
+    reads the shipped model on luma-only input ("shipped-grey": its probes; no training).
 
     Returns ``classes``, ``truth`` (split -> class indices), ``predictions`` ("<model>:<reading>" ->
     split -> class indices) and ``eval_seconds`` per model. Scoring is left to the caller (the studies layer).
     """
-    split_dir = runs_dir / arms[0].name / "splits"
-    reference = (split_dir / "all_seed0.csv").read_text()
-    for arm in arms[1:]:
+    split_dir = split_dir or runs_dir / arms[0].name / "splits"
+    reference = split_file(split_dir).read_text()
+    for arm in arms:
         other = runs_dir / arm.name / "splits" / "all_seed0.csv"
         if other.read_text() != reference:
             raise HemaclipError(f"{other}: the runs were trained on different splits; they cannot be compared")
@@ -426,6 +433,8 @@ def predict_study(
     models: list[tuple[str, Path, tuple[str, ...]]] = []
     if include_shipped:
         models.append((SHIPPED, default_checkpoint_path(), TEXT_METHODS))
+    if shipped_grey:
+        models.append((f"{SHIPPED}-grey", default_checkpoint_path(), ("logistic", "knn20")))
     models += [(arm.name, runs_dir / arm.name / "best.pt", arm.methods) for arm in arms]
     predictions: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, float] = {}
@@ -433,6 +442,8 @@ def predict_study(
     for name, checkpoint, methods in models:
         tick = time.perf_counter()
         model, meta = load_for_inference(checkpoint)
+        if name == f"{SHIPPED}-grey":
+            model.config = model.config.replace(preprocess={**model.config.preprocess, "colour": "grey"})
         model.to(device)
         prompts_file = ((meta.get("extra") or {}).get("train_config") or {}).get("prompts")
         emb = embed_splits(model, records, classes, device=device, progress=progress)
