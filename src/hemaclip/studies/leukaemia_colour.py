@@ -28,7 +28,6 @@ from hemaclip.tasks.leukaemia import CLUSTER_K, SHIPPED, Arm
 
 logger = get_logger(__name__)
 
-ROLES = ("colour", "grey-ce", "grey-text", "clusters")
 # Each model's own read-out (the one its training selected best.pt on).
 PRIMARY = {"ce": "head", "text": "zero-shot"}
 # Other cluster counts, for the shortcut readers only (no training): how much does k matter?
