@@ -119,3 +119,55 @@ def test_upload_describe_and_search_in_the_page(server, browser) -> None:
     browser.find_element(By.ID, "search-button").click()
     wait.until(EC.visibility_of_element_located((By.ID, "search-error")))
     assert "unknown value 'green'" in browser.find_element(By.ID, "search-error").text
+
+
+def test_the_page_shows_the_unfamiliar_flag_of_a_cell_and_hides_it_for_a_familiar_one(server, browser, data_root, make_tiny_model) -> None:
+    """A server whose familiarity score flags an other-lab cell (Zheng, Tecom) but not an in-lab PBC cell: the
+    API returns unfamiliar true/false with the score, and the page shows the warning only for the first."""
+    import numpy as np
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from hemaclip.data.preprocess import decode_image
+    from hemaclip.tasks.familiarity import fit_familiarity
+
+    _, cells = server
+    model = make_tiny_model()
+    describer = Describer(model, index=None)
+    other_lab = data_root / "zheng2018" / "dataset1_tecom" / "images" / "001.png"
+    from hemaclip.models.inference import image_outputs
+
+    arrays = np.stack([describer.prepare(decode_image(r.path)) for r in cells])
+    features = image_outputs(describer.model, arrays)["features"].numpy()
+    fam = fit_familiarity(features, [r.label for r in cells], features, "tiny", "test: the 20 index cells")
+    in_lab_scores = fam.score(features)
+    outside = float(fam.score(image_outputs(describer.model, describer.prepare(decode_image(other_lab))[None])["features"].numpy())[0])
+    familiar = int(np.argmin(in_lab_scores))
+    assert outside > in_lab_scores[familiar], "the tiny model must place the other-lab cell further out than its closest PBC cell"
+    fam.threshold = (outside + float(in_lab_scores[familiar])) / 2
+    describer.familiarity = fam
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(describer, None), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://127.0.0.1:{port}")
+        browser.find_element(By.ID, "file-input").send_keys(str(Path(other_lab).resolve()))
+        wait.until(EC.visibility_of_element_located((By.ID, "unfamiliar")))
+        assert "Unfamiliar image" in browser.find_element(By.ID, "unfamiliar").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "browser-unfamiliar.png"))
+        browser.get(f"http://127.0.0.1:{port}")
+        browser.find_element(By.ID, "file-input").send_keys(str(Path(cells[familiar].path).resolve()))
+        wait.until(EC.visibility_of_element_located((By.ID, "result")))
+        wait.until(lambda d: d.find_element(By.ID, "class-label").text.strip())
+        assert not browser.find_element(By.ID, "unfamiliar").is_displayed()
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)

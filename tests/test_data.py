@@ -27,7 +27,12 @@ def summary(data_root: Path, run_cli) -> dict:
 
 def test_summary_counts_match_the_data_readme(summary: dict) -> None:
     wbcatt = summary["wbcatt"]
-    assert wbcatt["split_sizes"] == {"train": 6169, "val": 1030, "test": 3099}
+    # The official 6,169 / 1,030 / 3,099 less 15 byte-identical copies (7 train-train pairs; 6 val/test images
+    # copying an earlier split's image; one test-test pair; the eosinophil/neutrophil pair loses both copies).
+    assert wbcatt["files_found"] == 10298 and wbcatt["records"] == 10298 - 15
+    assert wbcatt["split_sizes"] == {"train": 6162, "val": 1029, "test": 3092}
+    assert wbcatt["duplicates"]["dropped_by_split"] == {"train": 7, "val": 1, "test": 7}
+    assert len(wbcatt["duplicates"]["dropped"]) == 15 and len(wbcatt["duplicates"]["cross_label_groups"]) == 1
     pbc = summary["pbc"]
     assert pbc["files_found"] == 17092
     # 17 identical pairs: 16 lose one copy, the pair filed under two classes loses both.
@@ -42,6 +47,21 @@ def test_summary_counts_match_the_data_readme(summary: dict) -> None:
     assert all_set["records"] == 3256 - 40
     counts = {cls: sum(all_set["per_split_class"][s].get(cls, 0) for s in ("train", "val", "test")) for cls in all_set["classes"]}
     assert counts == {"benign": 504, "early": 985, "pre": 963, "pro": 804 - 40}
+
+
+def test_no_wbcatt_or_pbc_evaluation_image_is_a_copy_of_a_training_image(data_root: Path) -> None:
+    """Byte-identical copies never sit in two splits, within WBCAtt or within PBC, and the two loaders keep
+    the same copy (the one in the earliest split)."""
+    from hemaclip.data.dedupe import file_hashes
+
+    for name in ("wbcatt", "pbc"):
+        records = load_dataset(name, data_root=data_root).records
+        hashes = file_hashes([r.path for r in records])
+        assert len(set(hashes.values())) == len(records), name  # one copy of each image is left
+    wbcatt = {r.path.resolve(): r.split for r in load_dataset("wbcatt", data_root=data_root).records}
+    pbc = {r.path.resolve(): r.split for r in load_dataset("pbc", data_root=data_root).records}
+    assert {p: s for p, s in pbc.items() if p in wbcatt} == wbcatt
+    assert not any(p.name in {"BA_786369.jpg", "BA_80990.jpg", "MO_145357.jpg"} for p in wbcatt)  # test copies of train images
 
 
 def test_pbc11_uses_file_name_prefixes(data_root: Path) -> None:

@@ -134,3 +134,24 @@ def test_a_field_with_two_white_cells_gives_two_views_with_their_boxes() -> None
     assert len(views) == 2
     left, right = sorted(views, key=lambda v: v.box[0])
     assert left.box[2] <= 320 <= right.box[0] and all(v.found for v in views)
+
+
+@needs_data
+def test_cell_findings_are_remembered_by_picture_content_and_give_the_same_crop(tmp_path, monkeypatch) -> None:
+    from hemaclip.data import cells as cells_module
+
+    monkeypatch.setenv("HEMACLIP_CACHE", str(tmp_path))
+    image = np.asarray(decode_image(DATA / "zheng2018" / "dataset2_cellavision" / "images" / "003.png"))
+    pre = Preprocess(image_size=64, spec=(("locate", "cell"),))
+    fresh = pre.views(image)
+    calls = []
+    monkeypatch.setattr(cells_module, "find_cells", lambda *a, **k: calls.append(1) or [])
+    cells_module._FINDINGS.clear()  # only the on-disk memory is left
+    again = pre.views(image)
+    assert not calls and (tmp_path / "cells").is_dir()
+    assert [v.box for v in again] == [v.box for v in fresh]
+    assert all(np.array_equal(a.array, b.array) for a, b in zip(again, fresh))
+    other = image.copy()
+    other[0, 0] ^= 1  # a different picture is segmented anew
+    pre.views(other)
+    assert calls == [1]

@@ -74,6 +74,38 @@ def test_report_files_and_figures(evaluation):
                     "n-shot curves", "LVLM benchmark preset", "Embedding map"):
         assert heading in report, heading
     assert "QUOTED" in report and "0.220" in report and "0.360" in report
+    # Zero-shot through both wordings, labelled: the trained one and the held-out one no training sentence uses.
+    assert "| trained wording |" in report and "| unseen wording |" in report and "Macro F1, unseen wording" in report
+    unseen = on_disk["zero_shot_unseen_wording"]
+    assert on_disk["zero_shot"]["classes"]["wording"] == "train" and unseen["classes"]["wording"] == "heldout"
+    assert unseen["classes"]["n"] == on_disk["zero_shot"]["classes"]["n"] and len(unseen["attribute_table"]) == 11
+    assert 0.0 <= unseen["attribute_mean_macro_f1"] <= 1.0
+
+
+def test_baselines_beside_every_class_and_attribute_row_and_rows_below_them_marked(evaluation):
+    """Majority and prior-random F1 (prior from the train split) beside each per-class and per-attribute row; the
+    mark appears on exactly the rows whose F1 is not above both."""
+    out, _ = evaluation
+    on_disk = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert report.count("Majority F1") >= 2 and "Prior-random F1" in report and "baselines' prior: train split" in report
+    classes = on_disk["zero_shot"]["classes"]
+    base = classes["baselines"]
+    # The train split's labels (capped here at PER_CLASS per class like the scored split: a uniform prior, ties to the first).
+    assert base["reference"] == "train split" and base["n_reference"] == len(CLASSES) * PER_CLASS
+    assert set(base["majority"]["per_class"]) == set(CLASSES) and base["majority_label"] == "basophil"
+    assert base["prior_random"]["macro_f1"] == pytest.approx(0.2, abs=0.05)
+    checked = 0
+    for head in (on_disk["zero_shot"]["attributes"], on_disk["heads"]["attributes"], on_disk["attribute_probes"]["logistic"]):
+        for name, block in head.items():
+            b = block["baselines"]
+            assert block["beats_baselines"] == (block["macro_f1"]["point"] > b["majority"] and block["macro_f1"]["point"] > b["prior_random"])
+            checked += 1
+    assert checked == 33
+    marked = [line for line in report.splitlines() if "NOT above baselines" in line]
+    below = [n for n, blk in on_disk["heads"]["attributes"].items() if not blk["beats_baselines"]]
+    assert below and all(any(line.startswith(f"| {n} |") for line in marked) for n in below)  # a random tiny model: some rows fail
+    assert "baseline: majority" in report and on_disk["probe_baselines"]["reference"] == "train split"
 
 
 def test_metrics_in_unit_interval_and_cis_contain_point(evaluation):

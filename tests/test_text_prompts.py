@@ -77,6 +77,17 @@ def test_attribute_prompts_cover_every_value_and_say_it(prompts: PromptSet) -> N
                 assert parse_caption(prompt).get(name) == value, (name, value, prompt)
 
 
+def test_wordings_train_by_default_and_heldout_on_request(prompts: PromptSet) -> None:
+    trained, held = prompts.class_prompts("wbcatt"), prompts.class_prompts("wbcatt", "heldout")
+    assert trained == prompts.class_prompts("wbcatt", "train") and "an image of a basophil." in trained["basophil"]
+    assert "oil-immersion view of one basophile." in held["basophil"]
+    assert "here we have a sizeable leucocyte at 1000x magnification." in prompts.attribute_prompts("heldout")["cell_size"]["big"]
+    with pytest.raises(DataError, match="no heldout wording for dataset 'all'"):
+        prompts.class_prompts("all", "heldout")
+    with pytest.raises(DataError, match="unknown wording 'test'"):
+        prompts.attribute_prompts("test")
+
+
 def test_build_prompts_accepts_strings_and_callables() -> None:
     built = build_prompts(["band_neutrophil", "eosinophil"], ["a photo of a {}.", lambda c: f"{c}, stained."])
     assert built == {
@@ -125,6 +136,14 @@ def _broken(doc: dict, case: str) -> dict:
         doc["attributes"]["granule_colour"]["green"] = ["a cell with green granules."]
     elif case == "typo in key":
         doc["datasets"]["pbc"]["classes"]["ig"]["sentence"] = doc["datasets"]["pbc"]["classes"]["ig"].pop("sentences")
+    elif case == "held-out class unknown":
+        doc["heldout"]["classes"]["blast"] = ["myeloblast"]
+    elif case == "held-out frame without placeholder":
+        doc["heldout"]["attribute_frames"].append("a leucocyte.")
+    elif case == "held-out template set unknown":
+        doc["heldout"]["templates"]["cells"] = doc["heldout"]["templates"].pop("cell")
+    elif case == "held-out value missing":
+        del doc["heldout"]["attributes"]["granularity"]["no"]
     return doc
 
 
@@ -138,6 +157,10 @@ BROKEN = {
     "missing attribute value": "purple blue",
     "unknown attribute value": "green",
     "typo in key": "sentence",
+    "held-out class unknown": "blast",
+    "held-out frame without placeholder": "heldout.attribute_frames",
+    "held-out template set unknown": "cells",
+    "held-out value missing": "heldout.attributes.granularity",
 }
 
 

@@ -88,6 +88,9 @@ def data_summary(
             table.add_row(cls, *(str(summary["per_split_class"][s].get(cls, 0)) for s in summary["per_split_class"]))
         table.add_row("[bold]total", *(f"[bold]{n}" for n in summary["split_sizes"].values()))
         console.print(table)
+        if (dup or {}).get("dropped_by_split"):
+            by_split = ", ".join(f"{n} from {s}" for s, n in dup["dropped_by_split"].items())
+            console.print(f"  dropped byte-identical copies: {by_split} (the copy in the earliest split is kept): {', '.join(dup['dropped'])}")
         for group in (dup or {}).get("cross_label_groups", []):
             console.print(f"  dropped: identical image filed under two classes: {' = '.join(group)}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -128,17 +128,11 @@ def segment_probs(image: np.ndarray, scale: float, model: TinyUNet | None = None
     return torch.softmax(logits, 1)[0].numpy()
 
 
-@dataclass
-class Cell:
-    """One white cell. `mask` is box-sized (rows y0:y1, cols x0:x1 of the original image)."""
+class _CellGeometry:
+    """What framing reads of a cell: its equivalent diameter and box centre (needs `box` and `area`)."""
 
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), original pixels
-    mask: np.ndarray  # bool, shape (y1-y0, x1-x0)
-    nucleus_area: int  # original pixels
-    score: float  # mean confidence in [0,1]
-    touches_border: bool = False  # cut by the image edge or by black padding
-    area: int = 0
-    nucleus_mask: np.ndarray | None = field(default=None, repr=False)  # box-sized bool
+    box: tuple[int, int, int, int]
+    area: int
 
     @property
     def diameter(self) -> float:
@@ -150,6 +144,19 @@ class Cell:
         """Box centre (x, y): framing by box keeps the whole cell in view."""
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2.0, (y0 + y1) / 2.0
+
+
+@dataclass
+class Cell(_CellGeometry):
+    """One white cell. `mask` is box-sized (rows y0:y1, cols x0:x1 of the original image)."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), original pixels
+    mask: np.ndarray  # bool, shape (y1-y0, x1-x0)
+    nucleus_area: int  # original pixels
+    score: float  # mean confidence in [0,1]
+    touches_border: bool = False  # cut by the image edge or by black padding
+    area: int = 0
+    nucleus_mask: np.ndarray | None = field(default=None, repr=False)  # box-sized bool
 
     def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
         m = np.zeros(shape[:2], bool)
@@ -441,7 +448,7 @@ def background_colour(image: np.ndarray) -> np.ndarray:
     return np.median(x[ok & (score >= thr)], 0)
 
 
-def crop_cell(image: np.ndarray, cell: Cell, frame: float = 2.0, out_size: int | None = None) -> np.ndarray:
+def crop_cell(image: np.ndarray, cell: Cell | FoundCell, frame: float = 2.0, out_size: int | None = None) -> np.ndarray:
     """Square crop centred on the cell box with side = frame x cell equivalent diameter.
 
     Outside the picture the crop is filled with the estimated background colour (not black,
@@ -470,3 +477,78 @@ def crop_cell(image: np.ndarray, cell: Cell, frame: float = 2.0, out_size: int |
                           antialias=out_size < side)
         out = t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
     return out
+
+
+# ----------------------------------------------------------------------------- remembered findings
+@dataclass(frozen=True)
+class FoundCell(_CellGeometry):
+    """What framing needs of a found cell (no masks): its box, area, whether the picture's edge cuts it."""
+
+    box: tuple[int, int, int, int]
+    area: int
+    touches_border: bool
+
+
+_FINDINGS: dict[str, tuple[list[FoundCell], int | None]] = {}
+_FINDINGS_MAX = 50_000
+
+
+def _findings_db() -> Any:
+    """SQLite file of findings per picture content for this segmenter (caches of several sizes and split
+    lists share it, so each picture is segmented once)."""
+    import sqlite3
+
+    from hemaclip.cache import cache_dir
+
+    folder = cache_dir() / "cells"
+    folder.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(folder / f"findings-{segmenter_id()}.sqlite", timeout=60)
+    db.execute("CREATE TABLE IF NOT EXISTS findings (key TEXT PRIMARY KEY, cells TEXT NOT NULL)")
+    return db
+
+
+def locate_cells(image: np.ndarray, remember: bool = True) -> tuple[list[FoundCell], int | None]:
+    """The white cells of an RGB uint8 picture (:func:`find_cells`) and the index of its primary cell
+    (:func:`primary_cell`), remembered by picture content: a picture already seen (any cache size, any
+    split list) is not segmented again."""
+    import hashlib
+    import json
+
+    image = np.ascontiguousarray(np.asarray(image)[..., :3])
+    key = hashlib.blake2b(image.tobytes(), digest_size=20, person=str(image.shape).encode()[:16]).hexdigest()
+    if remember and key in _FINDINGS:
+        return _FINDINGS[key]
+    row = None
+    if remember:
+        try:
+            db = _findings_db()
+            try:
+                row = db.execute("SELECT cells FROM findings WHERE key = ?", (key,)).fetchone()
+            finally:
+                db.close()
+        except Exception:  # an unreadable cache only costs time
+            row = None
+    if row is not None:
+        doc = json.loads(row[0])
+        result = ([FoundCell(tuple(c[0]), int(c[1]), bool(c[2])) for c in doc["cells"]], doc["primary"])
+    else:
+        cells = find_cells(image)
+        primary = primary_cell(cells, image.shape[:2])
+        found = [FoundCell(tuple(int(v) for v in c.box), int(c.area), bool(c.touches_border)) for c in cells]
+        result = (found, None if primary is None else next(i for i, c in enumerate(cells) if c is primary))
+        if remember:
+            payload = json.dumps({"cells": [[list(c.box), c.area, c.touches_border] for c in found], "primary": result[1]})
+            try:
+                db = _findings_db()
+                try:
+                    with db:
+                        db.execute("INSERT OR REPLACE INTO findings VALUES (?, ?)", (key, payload))
+                finally:
+                    db.close()
+            except Exception:
+                pass
+    if remember:
+        if len(_FINDINGS) >= _FINDINGS_MAX:
+            _FINDINGS.clear()
+        _FINDINGS[key] = result
+    return result

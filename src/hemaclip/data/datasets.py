@@ -8,6 +8,7 @@ decorating a function with `@register_dataset("name")`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,7 +216,9 @@ def _wbcatt_record(row: dict[str, str], split: str, root: Path, source: str) -> 
 
 @register_dataset("wbcatt")
 def load_wbcatt(options: LoadOptions) -> CellDataset:
-    """WBCAtt with its official train/val/test split (5 WBC classes, 11 attributes per image)."""
+    """WBCAtt with its official train/val/test split (5 WBC classes, 11 attributes per image), byte-identical
+    copies removed: of a group the copy in the earliest split stays (train, then val, then test), so no val or
+    test image is a copy of an image in an earlier split; a group filed under two classes goes entirely."""
     root = options.data_root
     records: list[CellRecord] = []
     for split, rows in _wbcatt_rows(root).items():
@@ -225,7 +228,19 @@ def load_wbcatt(options: LoadOptions) -> CellDataset:
     missing = [r.path for r in records if not r.path.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image listed in WBCAtt CSV not found ({len(missing)} missing in all)")
-    return CellDataset(name="wbcatt", classes=WBCATT_CLASSES, records=records, files_found=len(records))
+    by_path = {r.path: r for r in records}
+    kept, report = deduplicate(by_path, {p: r.label for p, r in by_path.items()}, rank=lambda p: (split_rank(by_path[p].split), p))
+    report = dataclasses.replace(report, dropped_by_split=dict(Counter(by_path[p].split for p in report.dropped)))
+    note = (f"{len(report.dropped)} byte-identical copies dropped (by split: {report.dropped_by_split}); the copy in the earliest "
+            "split is kept, a group filed under two classes is dropped entirely") if report.dropped else "no byte-identical copies"
+    kept_set = set(kept)
+    return CellDataset(name="wbcatt", classes=WBCATT_CLASSES, records=[r for r in records if r.path in kept_set],
+                       files_found=len(records), duplicates=report, notes=[note])
+
+
+def split_rank(split: str) -> int:
+    """Order of splits for keeping one copy of a duplicate: train first, then val, then test."""
+    return SPLIT_NAMES.index(split)
 
 
 def _pbc_files(root: Path) -> dict[Path, str]:
@@ -241,13 +256,19 @@ def _pbc_records(options: LoadOptions) -> tuple[list[CellRecord], int, Duplicate
     """Deduplicated PBC records; WBC images keep their WBCAtt split, the rest get a seeded stratified split."""
     root = options.data_root
     labels = _pbc_files(root)
-    kept, report = deduplicate(labels, labels)
     notes: list[str] = []
     official: dict[Path, tuple[str, dict[str, str]]] = {}
     if (root / WBCATT_DIR).is_dir():
         for split, rows in _wbcatt_rows(root).items():
             for row in rows:
                 official[(root / row["path"]).resolve()] = (split, row)
+    # Of identical copies, keep one with WBCAtt's earliest split (as the wbcatt loader does), else the first path.
+    def rank(path: Path) -> tuple[int, Path]:
+        entry = official.get(path.resolve())
+        return (split_rank(entry[0]) if entry else len(SPLIT_NAMES), path)
+
+    kept, report = deduplicate(labels, labels, rank=rank)
+    if official:
         notes.append("PBC images annotated by WBCAtt keep WBCAtt's official split; the others are split 60/10/30 by class")
     else:
         notes.append("WBCAtt CSVs absent: every PBC class is split 60/10/30 by class")

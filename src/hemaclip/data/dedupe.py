@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hemaclip.cache import cache_dir, file_sha1
 from hemaclip.io import atomic_write
@@ -56,22 +57,31 @@ class DuplicateReport:
     groups: list[list[Path]]
     dropped: list[Path]
     cross_label_groups: list[list[Path]]
+    dropped_by_split: dict[str, int] = field(default_factory=dict)  # where the dropped copies sat (datasets with splits)
 
     def to_dict(self, root: Path | None = None) -> dict:
         def name(path: Path) -> str:
             return str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
 
-        return {
+        out = {
             "duplicate_groups": len(self.groups),
             "files_dropped": len(self.dropped),
             "cross_label_groups": [[name(p) for p in group] for group in self.cross_label_groups],
         }
+        if self.dropped_by_split:
+            out["dropped_by_split"] = dict(self.dropped_by_split)
+            out["dropped"] = [name(p) for p in self.dropped]
+        return out
 
 
-def deduplicate(paths: Iterable[Path], labels: dict[Path, str]) -> tuple[list[Path], DuplicateReport]:
+def deduplicate(
+    paths: Iterable[Path], labels: dict[Path, str], rank: Callable[[Path], Any] | None = None
+) -> tuple[list[Path], DuplicateReport]:
     """Keep one file per identical-bytes group; drop every copy of a group filed under two labels.
 
     A group whose copies disagree on the label cannot be trusted for either class, so all of it goes.
+    The copy kept is the one with the smallest `rank` (default: the first path), e.g. the copy in the
+    earliest split, so that an evaluation image never duplicates a training one.
     """
     paths = sorted(paths)
     hashes = file_hashes(paths)
@@ -91,6 +101,7 @@ def deduplicate(paths: Iterable[Path], labels: dict[Path, str]) -> tuple[list[Pa
             cross.append(group)
             dropped.extend(group)
         else:
-            kept.append(group[0])
-            dropped.extend(group[1:])
+            keep = min(group, key=rank) if rank is not None else group[0]
+            kept.append(keep)
+            dropped.extend(p for p in group if p != keep)
     return sorted(kept), DuplicateReport(groups=groups, dropped=sorted(dropped), cross_label_groups=cross)

@@ -265,12 +265,12 @@ class Preprocess:
         whole = CellView(self._whole(image, size), (0, 0, width, height), found=not self.locates_cells)
         if not self.locates_cells:
             return [whole]
-        from hemaclip.data.cells import crop_cell, find_cells, primary_cell
+        from hemaclip.data.cells import crop_cell, locate_cells
 
-        cells = find_cells(rgb)
+        cells, primary = locate_cells(rgb)
         if not cells:
             return [whole]
-        chosen = [primary_cell(cells, (height, width))] if primary_only else sorted(cells, key=lambda c: (c.box[1], c.box[0]))
+        chosen = [cells[primary]] if primary_only else sorted(cells, key=lambda c: (c.box[1], c.box[0]))
         side = int(size or self.image_size)
         return [
             CellView(self._whole(crop_cell(rgb, cell, self.frame), side), tuple(int(v) for v in cell.box), True, cell.touches_border)

@@ -700,3 +700,42 @@ def plot_reliability(bins: Mapping[str, Any], path: str | Path, title: str | Non
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
     return path
+
+
+def plot_roc_curves(curves: Mapping[str, tuple[Any, Any, float]], path: str | Path, title: str | None = None) -> Path:
+    """ROC curves (false- against true-positive rate), one per ``name -> (fpr, tpr, auroc)``, with the chance diagonal."""
+    if not curves:
+        raise ValueError("no ROC curves to plot")
+    fig = _new_figure(5.2, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for colour, (name, (fpr, tpr, auc)) in zip(_categorical_colours(len(curves)), curves.items()):
+        ax.plot(np.asarray(fpr), np.asarray(tpr), color=colour, label=f"{name} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1.0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-positive rate (familiar cells flagged)")
+    ax.set_ylabel("true-positive rate (unfamiliar cells flagged)")
+    ax.set_title(title or "Unfamiliarity score: ROC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_score_histograms(groups: Mapping[str, Any], threshold: float, path: str | Path, title: str | None = None) -> Path:
+    """Histograms of a score per group (density, shared bins) with the flag threshold as a vertical line."""
+    if not groups:
+        raise ValueError("no score groups to plot")
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in groups.items() if len(v)}
+    everything = np.concatenate(list(values.values()))
+    bins = np.linspace(np.quantile(everything, 0.001), np.quantile(everything, 0.995), 60)
+    fig = _new_figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for colour, (name, v) in zip(_categorical_colours(len(values)), values.items()):
+        ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, histtype="step", linewidth=1.4, color=colour,
+                label=f"{name} (n={v.size})")
+    ax.axvline(float(threshold), color="black", linestyle="--", linewidth=1.0, label="flag threshold")
+    ax.set_xlabel("unfamiliarity score")
+    ax.set_ylabel("density")
+    ax.set_title(title or "Unfamiliarity score per group")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

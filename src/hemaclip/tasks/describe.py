@@ -633,11 +633,14 @@ class Describer:
             array = self.stain_normalizer(array)
         return array
 
-    def _describe_views(self, views: Sequence[CellView], sources: Sequence[str], cells: Sequence[int]) -> list[CellDescription]:
+    def describe_views(self, views: Sequence[CellView], sources: Sequence[str], cells: Sequence[int],
+                       with_probs: bool = False) -> Any:
+        """Describe prepared cell views (`cells`: each view's number within its picture). With `with_probs`,
+        also return the calibrated class probabilities [N, C] over the read-out's classes (for scoring)."""
         from hemaclip.models.inference import image_outputs
 
         if not views:
-            return []
+            return ([], np.zeros((0, len(self.readout.class_names)))) if with_probs else []
         out = image_outputs(self.model, np.stack([v.array for v in views]), batch_size=max(1, len(views)), device=self.device)
         features = out["features"].numpy().astype(np.float32, copy=False)
         head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
@@ -685,7 +688,7 @@ class Describer:
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
                 cell_found=view.found, unfamiliar=unfamiliar,
                 unfamiliarity=round(float(scores[i]), 3) if scores is not None else None))
-        return results
+        return (results, class_probs) if with_probs else results
 
     def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
         """Describe uint8 HxWx3 RGB pictures (any size): one description per white cell found in each (a
@@ -698,7 +701,7 @@ class Describer:
                 views.append(view)
                 names.append(str(source))
                 cells.append(k)
-        return self._describe_views(views, names, cells)
+        return self.describe_views(views, names, cells)
 
     def _load(self, path: Path) -> list[CellView] | str:
         try:
@@ -770,7 +773,7 @@ class Describer:
                                 views.append(view)
                                 names.append(str(p))
                                 cells.append(k)
-                    described = iter(self._describe_views(views, names, cells))
+                    described = iter(self.describe_views(views, names, cells))
                     for p, item in zip(batch, loaded):
                         if isinstance(item, str):
                             yield CellDescription(source=str(p), error=item)

@@ -39,10 +39,10 @@ def _text_cache(model: Any, text_cache: PooledTextCache | None) -> PooledTextCac
 
 
 def annotated_attributes(
-    prompt_set: PromptSet, fs: FeatureSet, attributes: Sequence[str] | None
+    prompt_set: PromptSet, fs: FeatureSet, attributes: Sequence[str] | None, wording: str = "train"
 ) -> tuple[dict[str, dict[str, list[str]]], list[str], np.ndarray]:
     """(attribute prompt table, attribute names asked for, rows of `fs` that carry attribute labels)."""
-    table = prompt_set.attribute_prompts()
+    table = prompt_set.attribute_prompts(wording)
     names = list(table) if attributes is None else [str(a) for a in attributes]
     unknown = [a for a in names if a not in table]
     if unknown:
@@ -58,15 +58,17 @@ def zero_shot_classes(
     dataset: str,
     classes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
+    wording: str = "train",
 ) -> dict[str, Any]:
     """Zero-shot class logits for the rows of `fs` whose label is one of the prompt classes.
 
-    `classes` restricts (and orders) the classes of `dataset`'s prompts; None = all of them. Returns
+    `classes` restricts (and orders) the classes of `dataset`'s prompts; None = all of them. `wording`
+    chooses the prompt file's training ("train") or held-out ("heldout") wording. Returns
     ``y_true`` (labels of the kept rows), ``logits`` [M, C], ``class_names``, ``indices`` (kept rows
     of `fs`), ``missing_labels`` (how many rows were excluded because their label has no prompt)
     and ``missing_label_counts`` ({label: count}).
     """
-    all_prompts = prompt_set.class_prompts(dataset)
+    all_prompts = prompt_set.class_prompts(dataset, wording)
     names = list(all_prompts) if classes is None else [str(c) for c in classes]
     unknown = [c for c in names if c not in all_prompts]
     if unknown:
@@ -94,14 +96,16 @@ def zero_shot_attributes(
     prompt_set: PromptSet,
     attributes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
+    wording: str = "train",
 ) -> dict[str, dict[str, Any]]:
-    """Per WBCAtt attribute: zero-shot logits over its values for the rows of `fs` that have attributes.
+    """Per WBCAtt attribute: zero-shot logits over its values for the rows of `fs` that have attributes
+    (`wording`: the prompt file's "train" or "heldout" wording).
 
     Returns {attribute: {"y_true", "logits" [M, V], "values", "indices", "missing_attributes"}};
     ``missing_attributes`` counts rows without attribute annotations (excluded). An attribute with
     no annotated rows still appears, with empty arrays.
     """
-    table, names, keep = annotated_attributes(prompt_set, fs, attributes)
+    table, names, keep = annotated_attributes(prompt_set, fs, attributes, wording)
     cache = _text_cache(model, text_cache)
     feats = fs.features[keep]
     out: dict[str, dict[str, Any]] = {}

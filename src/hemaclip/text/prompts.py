@@ -5,6 +5,12 @@ code; `load_prompts` checks it against the class and attribute vocabularies in
 `hemaclip.data.attributes`, because a misspelt class name would otherwise silently drop a class from a
 zero-shot classifier. Prompts are built CONCH / open_clip style: every class synonym is put into every
 template, and the text embeddings of one class are later averaged.
+
+Two wordings. The file's main sections are the *training* wording: training reads only them. Its
+``heldout`` section is an *evaluation-only* wording with other sentence frames and other words for the
+same classes and attribute values, so that zero-shot reading can be measured on phrasing the model never
+read (`wording="heldout"`). :meth:`PromptSet.heldout_words` lists its words for the check that none of
+them occurs in any training sentence.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,7 +37,15 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
 PACKAGED_PROMPTS = ("configs", "prompts.yaml")  # inside the hemaclip package
 PROMPT_FILE_VERSION = 1
 PLACEHOLDER = "{}"
-_TOP_LEVEL_KEYS = {"version", "templates", "datasets", "attributes", "shared_classes"}
+_TOP_LEVEL_KEYS = {"version", "templates", "datasets", "attributes", "shared_classes", "heldout"}
+_HELDOUT_KEYS = {"shared_words", "templates", "classes", "attribute_frames", "attributes"}
+# The two wordings of a prompt file: what training reads, and what only evaluation reads.
+WORDINGS = ("train", "heldout")
+WORDING_LABELS = {
+    "train": "trained wording (the prompt file's training part: sentences the model was trained on)",
+    "heldout": "unseen wording (the prompt file's held-out part: frames and words no training sentence uses)",
+}
+_WORD = re.compile(r"[a-z0-9][a-z0-9:'-]*")
 _DATASET_KEYS = {"templates", "classes"}
 _CLASS_KEYS = {"synonyms", "sentences"}
 # YAML 1.1 reads unquoted yes/no as booleans; the attribute vocabulary spells them as strings.
@@ -88,14 +102,52 @@ class ClassText:
     sentences: tuple[str, ...]
 
 
+def words_of(text: str) -> list[str]:
+    """Lower-case words of a text as the held-out check compares them ("N:C", "two-lobed", "100x" stay whole)."""
+    return _WORD.findall(text.lower())
+
+
+def naming_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
+    """A case-insensitive pattern that finds any of `names` as whole words, plural 's' allowed
+    ("basophil" finds "Basophils" but not "basophilic"); None when there is no name."""
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
+    return re.compile(rf"(?<![\w-])(?:{alternatives})s?(?![\w-])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HeldOutWording:
+    """The evaluation-only wording: class frames per template set, class synonyms, attribute frames x phrases."""
+
+    shared_words: frozenset[str]  # function words and names of cell parts, allowed on both sides
+    templates: Mapping[str, tuple[str, ...]]  # template-set name -> frames
+    synonyms: Mapping[str, tuple[str, ...]]  # class name -> synonyms
+    attribute_frames: tuple[str, ...]
+    attributes: Mapping[str, Mapping[str, tuple[str, ...]]]  # attribute -> value -> phrases
+
+    def texts(self) -> list[str]:
+        """Every frame, synonym and phrase (the material of held-out prompts)."""
+        parts = [*self.attribute_frames, *(t for ts in self.templates.values() for t in ts)]
+        parts += [s for ss in self.synonyms.values() for s in ss]
+        parts += [p for values in self.attributes.values() for ps in values.values() for p in ps]
+        return parts
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """A validated prompt file: per-dataset templates and class texts, plus attribute prompts."""
+    """A validated prompt file: per-dataset templates and class texts, plus attribute prompts.
+
+    Methods that return prompts take `wording`: "train" (default; the only wording training reads) or
+    "heldout" (evaluation only).
+    """
 
     source: str
     dataset_templates: Mapping[str, tuple[str, ...]]
     dataset_classes: Mapping[str, Mapping[str, ClassText]]
     attributes: Mapping[str, Mapping[str, tuple[str, ...]]] | None
+    dataset_template_sets: Mapping[str, str | None] = field(default_factory=dict)  # named set per dataset, None if inline
+    heldout: HeldOutWording | None = None
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -112,29 +164,95 @@ class PromptSet:
         self._dataset(dataset)
         return DATASET_CLASSES[dataset]
 
-    def templates(self, dataset: str) -> list[str]:
+    def has_wording(self, wording: str, dataset: str | None = None) -> bool:
+        """Whether this file has `wording` for `dataset`'s classes (None: for the attributes).
+
+        Held-out class wording needs held-out frames for the dataset's template set and held-out
+        synonyms for every one of its classes.
+        """
+        if wording not in WORDINGS:
+            raise DataError(f"unknown wording '{wording}' (choose from {', '.join(WORDINGS)})")
+        if wording == "train":
+            return self.attributes is not None if dataset is None else dataset in self.dataset_classes
+        if self.heldout is None:
+            return False
+        if dataset is None:
+            return True
+        return (dataset in self.dataset_classes and self.dataset_template_sets.get(dataset) in self.heldout.templates
+                and all(c in self.heldout.synonyms for c in DATASET_CLASSES[dataset]))
+
+    def _check_wording(self, wording: str, dataset: str | None) -> None:
+        if not self.has_wording(wording, dataset):
+            what = f"dataset '{dataset}'" if dataset else "the attributes"
+            raise DataError(f"{self.source}: no {wording} wording for {what}")
+
+    def templates(self, dataset: str, wording: str = "train") -> list[str]:
         self._dataset(dataset)
-        return list(self.dataset_templates[dataset])
+        if wording == "train":
+            return list(self.dataset_templates[dataset])
+        self._check_wording(wording, dataset)
+        return list(self.heldout.templates[self.dataset_template_sets[dataset]])
 
-    def synonyms(self, dataset: str) -> dict[str, list[str]]:
+    def synonyms(self, dataset: str, wording: str = "train") -> dict[str, list[str]]:
         table = self._dataset(dataset)
-        return {name: list(table[name].synonyms) for name in DATASET_CLASSES[dataset]}
+        if wording == "train":
+            return {name: list(table[name].synonyms) for name in DATASET_CLASSES[dataset]}
+        self._check_wording(wording, dataset)
+        return {name: list(self.heldout.synonyms[name]) for name in DATASET_CLASSES[dataset]}
 
-    def class_prompts(self, dataset: str) -> dict[str, list[str]]:
-        """Full zero-shot prompts per class: synonyms x templates."""
-        return build_prompts(self.synonyms(dataset), self.templates(dataset))
+    def class_prompts(self, dataset: str, wording: str = "train") -> dict[str, list[str]]:
+        """Full zero-shot prompts per class: synonyms x templates of the chosen wording."""
+        return build_prompts(self.synonyms(dataset, wording), self.templates(dataset, wording))
 
     def class_sentences(self, dataset: str) -> dict[str, list[str]]:
         """Descriptive sentences per class (for training text or zero-shot ensembling)."""
         table = self._dataset(dataset)
         return {name: list(table[name].sentences) for name in DATASET_CLASSES[dataset]}
 
-    def attribute_prompts(self) -> dict[str, dict[str, list[str]]]:
-        """{attribute: {value: [prompts]}} for every WBCAtt attribute value, in vocabulary order."""
+    def attribute_prompts(self, wording: str = "train") -> dict[str, dict[str, list[str]]]:
+        """{attribute: {value: [prompts]}} for every WBCAtt attribute value, in vocabulary order.
+
+        Held-out attribute prompts are every held-out phrase of a value in every held-out attribute frame.
+        """
+        if wording == "heldout":
+            self._check_wording(wording, None)
+            held = self.heldout
+            return {name: {value: [fill_template(frame, phrase) for phrase in held.attributes[name][value]
+                                   for frame in held.attribute_frames] for value in values}
+                    for name, values in ATTRIBUTES.items()}
+        if wording != "train":
+            self._check_wording(wording, None)
         if self.attributes is None:
             raise DataError(f"{self.source}: the prompt file has no 'attributes' section")
         table = self.attributes
         return {name: {value: list(table[name][value]) for value in values} for name, values in ATTRIBUTES.items()}
+
+    def class_names(self, classes: Sequence[str]) -> list[str]:
+        """Every training name of `classes`: the class name itself (underscores as spaces) and its synonyms in
+        any dataset of the file; what a sentence must not say for those classes to stay unseen in training."""
+        names = [c.replace("_", " ") for c in classes]
+        for table in self.dataset_classes.values():
+            names += [s for c in classes if c in table for s in table[c].synonyms]
+        return list(dict.fromkeys(names))
+
+    def training_texts(self) -> list[str]:
+        """Every sentence of the training wording, for every dataset: class prompts, class sentences,
+        attribute prompts (what training may read from this file; captions come from text.captions)."""
+        texts: list[str] = []
+        for dataset in self.datasets:
+            texts += [t for ts in self.class_prompts(dataset).values() for t in ts]
+            texts += [t for ts in self.class_sentences(dataset).values() for t in ts]
+        if self.attributes is not None:
+            texts += [t for values in self.attribute_prompts().values() for ts in values.values() for t in ts]
+        return list(dict.fromkeys(texts))
+
+    def heldout_words(self) -> set[str]:
+        """The held-out wording's own words: every word of its frames, synonyms and phrases except the
+        declared shared words (articles, prepositions, names of cell parts). None may occur in training text."""
+        if self.heldout is None:
+            return set()
+        words = {w for text in self.heldout.texts() for w in words_of(text.replace(PLACEHOLDER, " "))}
+        return words - self.heldout.shared_words
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,10 +329,11 @@ def _templates(check: _Checker, doc: Mapping[Any, Any]) -> dict[str, tuple[str, 
 
 def _dataset(
     check: _Checker, name: str, spec: Any, template_sets: Mapping[str, tuple[str, ...]]
-) -> tuple[tuple[str, ...], dict[str, ClassText]]:
+) -> tuple[tuple[str, ...], dict[str, ClassText], str | None]:
     spec = check.mapping(spec, f"datasets.{name}")
     check.keys(spec, _DATASET_KEYS, f"datasets.{name}")
     ref = spec.get("templates")
+    set_name = ref if isinstance(ref, str) else None
     if isinstance(ref, str):
         if ref not in template_sets:
             defined = ", ".join(template_sets) or "none"
@@ -244,24 +363,49 @@ def _dataset(
             synonyms=check.texts(entry.get("synonyms"), f"{where}.synonyms"),
             sentences=check.texts(entry.get("sentences"), f"{where}.sentences"),
         )
-    return templates, table
+    return templates, table, set_name
 
 
-def _attributes(check: _Checker, spec: Any) -> dict[str, dict[str, tuple[str, ...]]]:
-    spec = check.mapping(spec, "'attributes'")
-    check.keys(spec, set(ATTRIBUTES), "attributes")
+def _attributes(check: _Checker, spec: Any, where: str = "attributes") -> dict[str, dict[str, tuple[str, ...]]]:
+    spec = check.mapping(spec, f"'{where}'")
+    check.keys(spec, set(ATTRIBUTES), where)
     result: dict[str, dict[str, tuple[str, ...]]] = {}
     for name, values in ATTRIBUTES.items():
         if name not in spec:
-            check.fail(f"attributes: missing attribute '{name}'")
-        raw = check.mapping(spec[name], f"attributes.{name}")
+            check.fail(f"{where}: missing attribute '{name}'")
+        raw = check.mapping(spec[name], f"{where}.{name}")
         given = {_YAML_BOOLEANS[k] if isinstance(k, bool) else str(k): v for k, v in raw.items()}
-        check.keys(given, set(values), f"attributes.{name}")
+        check.keys(given, set(values), f"{where}.{name}")
         missing = [v for v in values if v not in given]
         if missing:
-            check.fail(f"attributes.{name}: missing value(s) {', '.join(missing)}")
-        result[name] = {v: check.texts(given[v], f"attributes.{name}.{v}") for v in values}
+            check.fail(f"{where}.{name}: missing value(s) {', '.join(missing)}")
+        result[name] = {v: check.texts(given[v], f"{where}.{name}.{v}") for v in values}
     return result
+
+
+def _heldout(check: _Checker, spec: Any, template_sets: Mapping[str, tuple[str, ...]]) -> HeldOutWording:
+    """The evaluation-only section: frames for named template sets, synonyms of known classes, attribute phrases."""
+    spec = check.mapping(spec, "'heldout'")
+    check.keys(spec, _HELDOUT_KEYS, "heldout")
+    missing = sorted(_HELDOUT_KEYS - set(spec))
+    if missing:
+        check.fail(f"heldout: missing key(s) {', '.join(missing)}")
+    sets = check.mapping(spec["templates"], "heldout.templates")
+    unknown = [str(n) for n in sets if n not in template_sets]
+    if unknown:
+        check.fail(f"heldout.templates: {', '.join(unknown)} not a template set of the file ({', '.join(template_sets)})")
+    known_classes = {c for classes in DATASET_CLASSES.values() for c in classes}
+    classes = check.mapping(spec["classes"], "heldout.classes")
+    unknown = [str(c) for c in classes if c not in known_classes]
+    if unknown:
+        check.fail(f"heldout.classes: unknown class(es) {', '.join(unknown)}")
+    return HeldOutWording(
+        shared_words=frozenset(w.lower() for w in check.texts(spec["shared_words"], "heldout.shared_words")),
+        templates={str(n): check.texts(items, f"heldout.templates.{n}", placeholder=True) for n, items in sets.items()},
+        synonyms={str(c): check.texts(items, f"heldout.classes.{c}") for c, items in classes.items()},
+        attribute_frames=check.texts(spec["attribute_frames"], "heldout.attribute_frames", placeholder=True),
+        attributes=_attributes(check, spec["attributes"], "heldout.attributes"),
+    )
 
 
 def load_prompts(path: str | Path | None = None) -> PromptSet:
@@ -286,8 +430,11 @@ def load_prompts(path: str | Path | None = None) -> PromptSet:
         check.fail(f"unknown dataset(s) {', '.join(unknown)} (known: {', '.join(DATASET_CLASSES)})")
     templates: dict[str, tuple[str, ...]] = {}
     classes: dict[str, dict[str, ClassText]] = {}
+    set_names: dict[str, str | None] = {}
     for name in DATASET_CLASSES:
         if name in datasets:
-            templates[name], classes[name] = _dataset(check, name, datasets[name], template_sets)
+            templates[name], classes[name], set_names[name] = _dataset(check, name, datasets[name], template_sets)
     attributes = _attributes(check, doc["attributes"]) if doc.get("attributes") is not None else None
-    return PromptSet(source=source, dataset_templates=templates, dataset_classes=classes, attributes=attributes)
+    heldout = _heldout(check, doc["heldout"], template_sets) if doc.get("heldout") is not None else None
+    return PromptSet(source=source, dataset_templates=templates, dataset_classes=classes, attributes=attributes,
+                     dataset_template_sets=set_names, heldout=heldout)

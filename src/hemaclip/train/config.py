@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hemaclip.errors import HemaclipError
 from hemaclip.io import apply_overrides, config_from_dict, read_config
 from hemaclip.data.transforms import AugmentConfig
 
@@ -65,11 +67,33 @@ class TrainConfig:
     preprocess: dict[str, Any] | None = None
     amp: str = "auto"  # 'auto' = bfloat16 autocast on CUDA, off on CPU; 'off'; 'bf16'
     seed: int = 0
+    # Whole classes kept out of training (generalised zero-shot): their images leave the train and val sets,
+    # their class sentences and prompts leave the text bank, as does every sentence naming them (class name or
+    # a training synonym); the class head has no output for them. Each must be a class of `dataset`.
+    holdout_classes: list[str] = field(default_factory=list)
     max_train_images: int | None = None  # a stratified subset, for tests and quick looks
     max_val_images: int | None = None
     save_every_steps: int = 200  # mid-epoch resumable checkpoint
     select_metric: str | None = None  # validation metric that picks best.pt (None = mean of the headline F1s)
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        names = self.holdout_classes
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"holdout_classes must be a list of class names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"holdout_classes names a class twice: {names}")
+
+    def seen_classes(self, classes: Sequence[str]) -> list[str]:
+        """`classes` less the held-out ones; a held-out name that is not among `classes`, or holding out all
+        but one, is a one-line error (a typo would otherwise hold out nothing)."""
+        unknown = [n for n in self.holdout_classes if n not in classes]
+        if unknown:
+            raise HemaclipError(f"holdout_classes: {', '.join(unknown)} not a class of dataset '{self.dataset}' ({', '.join(classes)})")
+        seen = [c for c in classes if c not in self.holdout_classes]
+        if len(seen) < 2:
+            raise HemaclipError(f"holdout_classes: at least two classes of '{self.dataset}' must stay seen, {len(seen)} left")
+        return seen
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -8,7 +8,8 @@ false-negative problem of plain InfoNCE when many cells share one description).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.data.datasets import CellRecord
 from hemaclip.data.torch_data import MISSING_LABEL, attribute_targets
 from hemaclip.text.captions import caption_variants
-from hemaclip.text.prompts import PromptSet
+from hemaclip.text.prompts import PromptSet, naming_pattern
 
 TEXT_KINDS = ("caption", "attribute", "klass")
 
@@ -31,10 +32,13 @@ class TextBank:
     text_class: list[int] = field(default_factory=list)  # class index stated, -1 if none
     text_attributes: list[list[int]] = field(default_factory=list)  # value index per attribute, -1 if unstated
     candidates: list[dict[str, list[int]]] = field(default_factory=list)  # per record: kind -> text ids
+    blocked: re.Pattern[str] | None = None  # sentences it finds are never added (names of held-out classes)
     _index: dict[str, int] = field(default_factory=dict)
 
-    def add(self, text: str, klass: int = MISSING_LABEL, attributes: dict[str, str] | None = None) -> int:
-        """Add a sentence (once) and return its id."""
+    def add(self, text: str, klass: int = MISSING_LABEL, attributes: dict[str, str] | None = None) -> int | None:
+        """Add a sentence (once) and return its id; None (not added) when the blocked pattern finds it."""
+        if self.blocked is not None and self.blocked.search(text):
+            return None
         if text in self._index:
             return self._index[text]
         self._index[text] = len(self.texts)
@@ -49,31 +53,48 @@ class TextBank:
 
 
 def build_text_bank(
-    records: Sequence[CellRecord], classes: Sequence[str], prompts: PromptSet, dataset: str, captions_per_image: int, seed: int
+    records: Sequence[CellRecord],
+    classes: Sequence[str],
+    prompts: PromptSet,
+    dataset: str,
+    captions_per_image: int,
+    seed: int,
+    holdout: Sequence[str] = (),
 ) -> TextBank:
-    """Collect every sentence a record may be paired with during training."""
-    bank = TextBank()
+    """Collect every sentence a record may be paired with during training.
+
+    Only the training part of the prompt file is read (its held-out wording never is). Classes in `holdout`
+    stay unseen: no sentence that names one of them (its name or a training synonym, see
+    :meth:`PromptSet.class_names`) enters the bank, whichever class or attribute it was written for.
+    """
+    pattern = naming_pattern(prompts.class_names(holdout))
+    bank = TextBank(blocked=pattern)
     class_ids: dict[str, list[int]] = {}
     sentences = prompts.class_sentences(dataset)
-    templates = prompts.class_prompts(dataset)
+    templates = prompts.class_prompts(dataset, wording="train")
     for index, name in enumerate(classes):
         texts = [*sentences.get(name, []), *templates.get(name, [])]
-        class_ids[name] = [bank.add(text, klass=index) for text in texts]
+        class_ids[name] = kept(bank.add(text, klass=index) for text in texts)
     attribute_ids: dict[tuple[str, str], list[int]] = {}
     # Attribute statements only where some image is annotated (none for e.g. the ALL set): class sentences alone.
     annotated = any(record.attributes for record in records)
-    for name, by_value in (prompts.attribute_prompts() if annotated else {}).items():
+    for name, by_value in (prompts.attribute_prompts(wording="train") if annotated else {}).items():
         for value, texts in by_value.items():
-            attribute_ids[(name, value)] = [bank.add(text, attributes={name: value}) for text in texts]
+            attribute_ids[(name, value)] = kept(bank.add(text, attributes={name: value}) for text in texts)
     for record in records:
         candidates: dict[str, list[int]] = {"klass": class_ids.get(record.label, [])}
         if record.attributes:
-            candidates["caption"] = [
+            candidates["caption"] = kept(
                 bank.add(text, attributes=record.attributes) for text in caption_variants(record.attributes, n=captions_per_image, seed=seed)
-            ]
+            )
             candidates["attribute"] = [i for item in record.attributes.items() for i in attribute_ids[item]]
         bank.candidates.append(candidates)
     return bank
+
+
+def kept(ids: Iterable[int | None]) -> list[int]:
+    """The ids of sentences that entered the bank (blocked ones come back as None)."""
+    return [i for i in ids if i is not None]
 
 
 def draw_texts(bank: TextBank, record_ids: np.ndarray, mix: dict[str, float], rng: np.random.Generator) -> np.ndarray:

@@ -211,6 +211,11 @@ def _select_score(metrics: dict[str, float], key: str | None = None) -> float:
     return float(np.mean([metrics[k] for k in keys])) if keys else -metrics.get("train_loss", 0.0)
 
 
+def seen_only(records: Sequence[CellRecord], config: TrainConfig) -> list[CellRecord]:
+    """`records` without the images of the config's held-out classes."""
+    return [r for r in records if r.label not in config.holdout_classes]
+
+
 def initial_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
     """The model a new run starts from: `config.model` freshly built, or `config.init_checkpoint`'s weights.
 
@@ -223,6 +228,9 @@ def initial_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
         raise HemaclipError("model_overrides cannot be combined with init_checkpoint (the checkpoint fixes the model)")
     path = resolve_checkpoint(None if config.init_checkpoint == "default" else config.init_checkpoint)
     model, _ = load_checkpoint(path)
+    trained_on = sorted(set(config.holdout_classes) & set(model.class_names))
+    if trained_on:
+        raise HemaclipError(f"init_checkpoint {path} was trained on held-out class(es) {', '.join(trained_on)}: start from a model that never saw them")
     if tuple(model.class_names) != tuple(class_names):
         model.config = dataclasses.replace(model.config, class_names=tuple(class_names))
         if model.class_head is not None:
@@ -274,17 +282,20 @@ def _train(
     torch.manual_seed(config.seed)
 
     # Data: the training split of `dataset`, the validation split of `val_dataset`; splits saved in the run.
+    # Held-out classes (holdout_classes) leave both: no image of them is trained on or validated on.
     dataset = load_dataset(config.dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
-    train_records = stratified_subset(dataset.split("train"), config.max_train_images, config.seed)
+    seen_classes = config.seen_classes(dataset.classes)
+    train_records = stratified_subset(seen_only(dataset.split("train"), config), config.max_train_images, config.seed)
     for extra in config.extra_datasets:  # another lab's train split: class sentences only
         extra_set = load_dataset(extra, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
         unknown = sorted({r.label for r in extra_set.split("train")} - set(dataset.classes))
         if unknown:
             raise HemaclipError(f"extra dataset {extra}: class(es) {', '.join(unknown)} are not classes of {config.dataset}")
-        extra_records = stratified_subset(extra_set.split("train"), config.max_train_images, config.seed)
+        extra_records = stratified_subset(seen_only(extra_set.split("train"), config), config.max_train_images, config.seed)
         train_records += [dataclasses.replace(r, attributes=None) for r in extra_records]
     val_set = load_dataset(config.val_dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
-    val_records = stratified_subset(val_set.split("val"), config.max_val_images, config.seed)
+    val_classes = [c for c in val_set.classes if c not in config.holdout_classes]
+    val_records = stratified_subset(seen_only(val_set.split("val"), config), config.max_val_images, config.seed)
     if len(train_records) < config.batch_size:
         raise HemaclipError(f"only {len(train_records)} training images, fewer than one batch of {config.batch_size}")
     prompts: PromptSet = load_prompts(config.prompts)
@@ -294,7 +305,7 @@ def _train(
         model, meta = load_checkpoint(paths.last)
         state = meta["extra"]["train_state"]
     else:
-        model = initial_model(config, dataset.classes)
+        model = initial_model(config, seen_classes)
         if config.preprocess is not None:  # how images reach this model from now on (stored in its checkpoints)
             model.config = model.config.replace(preprocess=dict(config.preprocess))
         state = None
@@ -307,7 +318,8 @@ def _train(
         write_json(paths.config, {"train": config.to_dict(), "model": model.config.to_dict(), "world_size": info.world_size})
 
     # Sentences: each with its statement; frozen text features computed once and cached on disk.
-    bank = build_text_bank(train_records, model.class_names, prompts, config.dataset, config.captions_per_image, config.seed)
+    bank = build_text_bank(train_records, model.class_names, prompts, config.dataset, config.captions_per_image, config.seed,
+                           holdout=config.holdout_classes)
     text_cache = PooledTextCache(model.text)
     frozen_text = model.config.text_trainable_layers == 0
     bank_features = text_cache.get(bank.texts, progress=show) if frozen_text else None
@@ -448,7 +460,7 @@ def _train(
                 **{f"train_loss_{name}": float(np.mean(values)) for name, values in term_losses.items() if values},
                 "train_images_per_s": (steps_per_epoch - first) * config.batch_size / max(train_seconds, 1e-9),
                 "lr": scheduler.get_last_lr()[0],
-                **validate(model, val_images, val_records, val_set.classes, prompts, config.val_dataset, text_cache, info.device),
+                **validate(model, val_images, val_records, val_classes, prompts, config.val_dataset, text_cache, info.device),
             }
             score = _select_score(metrics, config.select_metric)
             if score > best_score:

@@ -30,12 +30,17 @@ def validate(
     dataset: str,
     text_cache: PooledTextCache,
     device: torch.device,
+    wording: str = "train",
 ) -> dict[str, float]:
-    """Metrics on validation images (uint8 [N, H, W, 3]) with their records, named `val_*`."""
+    """Metrics on validation images (uint8 [N, H, W, 3]) with their records, named `val_*`.
+
+    Zero-shot reads the prompt file's `wording`: training selects checkpoints on the trained wording only,
+    so the held-out wording stays unused by any choice.
+    """
     outputs = image_outputs(model, images, device=device)
     features = outputs["features"].numpy().astype(np.float32, copy=False)
     metrics: dict[str, float] = {}
-    class_prompts = prompts.class_prompts(dataset)
+    class_prompts = prompts.class_prompts(dataset, wording)
     truth = [classes.index(r.label) for r in records]
     predicted = zero_shot_scores(model, features, {c: class_prompts[c] for c in classes}, text_cache).argmax(axis=1)
     metrics["val_zs_class_macro_f1"] = macro_f1(truth, predicted, len(classes))
@@ -47,7 +52,7 @@ def validate(
     annotated = [i for i, r in enumerate(records) if r.attributes]
     if annotated:
         zs_scores, head_scores = [], []
-        attribute_prompts = prompts.attribute_prompts()
+        attribute_prompts = prompts.attribute_prompts(wording)
         for name, values in ATTRIBUTES.items():
             truth_a = [values.index(records[i].attributes[name]) for i in annotated]
             zs = zero_shot_scores(model, features[annotated], {v: attribute_prompts[name][v] for v in values}, text_cache).argmax(axis=1)

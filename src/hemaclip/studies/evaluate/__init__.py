@@ -10,6 +10,9 @@
   matrices (counts and row-normalised).
 * **Zero-shot attributes** (when the images carry the 11 WBCAtt attributes): macro F1 with an
   interval per attribute, the WBC-CLIP table and the mean over the 11.
+* Both zero-shot parts read the images twice where the prompt file has held-out wording: through the
+  **trained wording** (the file's training part; ``zero_shot``) and through the **unseen wording** (its
+  held-out part, which no training sentence contains; ``zero_shot_unseen_wording``), side by side.
 * **Supervised heads** (checkpoints trained with auxiliary heads): the class head, mapped by
   class name onto the evaluated classes when all of them are in the model's vocabulary (else
   reported as not applicable), and the attribute heads, with the same metrics.
@@ -68,6 +71,7 @@ from hemaclip.metrics.summary import classification_metrics
 from hemaclip.studies.evaluate.calibration import calibration_part
 from hemaclip.studies.evaluate.classes import (
     ZeroShotReading,
+    has_unseen_wording,
     head_class_predictions,
     head_class_reading,
     heads_part,
@@ -239,7 +243,8 @@ def run_evaluation(
     if not external:
         log("zero-shot classes")
         zs = zero_shot_reading(inputs)
-        parts.append(zero_shot_class_part(inputs, zs, figures))
+        unseen = zero_shot_reading(inputs, "heldout") if has_unseen_wording(inputs, inputs.prompt_dataset) else None
+        parts.append(zero_shot_class_part(inputs, zs, figures, unseen))
         log("zero-shot attributes")
         parts.append(zero_shot_attribute_part(inputs, figures))
         log("supervised heads")

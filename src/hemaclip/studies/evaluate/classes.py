@@ -12,6 +12,7 @@ import numpy as np
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.errors import DataError
 from hemaclip.io import display_path
+from hemaclip.metrics.baselines import beats_baselines, trivial_baselines
 from hemaclip.metrics.classification import attribute_table
 from hemaclip.metrics.summary import classification_metrics
 from hemaclip.studies import plots
@@ -20,7 +21,9 @@ from hemaclip.studies.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
 
 __all__ = [
+    "WORDING_NOTE",
     "ZeroShotReading",
+    "has_unseen_wording",
     "head_class_predictions",
     "head_class_reading",
     "heads_part",
@@ -43,12 +46,13 @@ class ZeroShotReading:
     missing_label_counts: dict[str, int]
 
 
-def zero_shot_reading(inputs: EvalInputs) -> ZeroShotReading:
-    """Zero-shot class logits and predictions of the evaluated images (one-line DataError if none has a prompt class)."""
+def zero_shot_reading(inputs: EvalInputs, wording: str = "train") -> ZeroShotReading:
+    """Zero-shot class logits and predictions of the evaluated images through the prompt file's `wording`
+    (one-line DataError if no image has a prompt class)."""
     from hemaclip.tasks.zero_shot import zero_shot_classes
 
     zs = zero_shot_classes(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
-                           text_cache=inputs.text_cache)
+                           text_cache=inputs.text_cache, wording=wording)
     if len(zs["y_true"]) == 0:
         raise DataError(
             f"no '{inputs.split}' image of dataset '{inputs.dataset}' has a class with '{inputs.prompt_dataset}' prompts "
@@ -83,15 +87,69 @@ def overall_table(result: Mapping[str, Any], caption: str) -> Table:
     )
 
 
-def per_class_table(result: Mapping[str, Any]) -> Table:
-    rows = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in result["per_class"].items()]
-    return Table(["Class", "Precision", "Recall", "F1", "Images"], rows, caption="Per class")
+BASELINE_NOTE = (
+    "Trivial baselines beside every row, from the train split's labels (never the scored ones): majority = every image gets "
+    "the train split's most frequent label; prior random = each image drawn from the train split's label frequencies "
+    "(expected F1, exact). A row marked 'NOT above baselines' does not beat both."
+)
 
 
-def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """Macro F1 (with its interval), accuracy and per-value numbers of one attribute."""
+def reference_labels(inputs: EvalInputs, attribute: str | None = None) -> tuple[list[str], str]:
+    """The labels baselines take their prior from: the train split's classes (or one attribute's values);
+    the scored split itself only when there is no train split (said in the name)."""
+    fs, name = (inputs.train_fs, "train split") if inputs.train_fs is not None else (inputs.eval_zs, "the scored split (no train split)")
+    if attribute is None:
+        return [str(y) for y in fs.labels], name
+    return [a[attribute] for a in fs.attributes if a is not None and attribute in a], name
+
+
+def baseline_mark(scores: Sequence[float | None], base: Mapping[str, Any]) -> str:
+    """'' when every score beats both baselines, else 'NOT above baselines' (naming which scores do not)."""
+    below = [i for i, s in enumerate(scores) if beats_baselines(s, base["majority"], base["prior_random"]) is False]
+    if not below:
+        return ""
+    return "NOT above baselines" if len(scores) == 1 else "NOT above baselines: " + ", ".join(("trained", "unseen")[i] for i in below)
+
+
+def per_class_baselines(baselines: Mapping[str, Any], name: str) -> dict[str, float]:
+    """One class's majority and prior-random F1."""
+    return {"majority": baselines["majority"]["per_class"].get(name, 0.0), "prior_random": baselines["prior_random"]["per_class"].get(name, 0.0)}
+
+
+def per_class_table(result: Mapping[str, Any], more_f1: Mapping[str, Mapping[str, Any]] | None = None,
+                    baselines: Mapping[str, Any] | None = None) -> Table:
+    """Precision, recall, F1 and images per class; `more_f1` adds an F1 column per other reading (by its title);
+    `baselines` (:func:`hemaclip.metrics.baselines.trivial_baselines`) adds their F1 and the mark of rows not above them."""
+    more = dict(more_f1 or {})
+    extra = ["Majority F1", "Prior-random F1", "Mark"] if baselines else []
+    columns = ["Class", "Precision", "Recall", "F1", *more, *extra, "Images"]
+    rows = []
+    for name, v in result["per_class"].items():
+        f1s = [v["f1"], *(m["per_class"].get(name, {}).get("f1") for m in more.values())]
+        cells = []
+        if baselines:
+            base = per_class_baselines(baselines, name)
+            cells = [base["majority"], base["prior_random"], baseline_mark(f1s, base)]
+        rows.append([name, v["precision"], v["recall"], *f1s, *cells, v["support"]])
+    if baselines:
+        macro = [result["macro_f1"]["point"], *(m["macro_f1"]["point"] for m in more.values())]
+        base = {"majority": baselines["majority"]["macro_f1"], "prior_random": baselines["prior_random"]["macro_f1"]}
+        rows.append(["macro F1", None, None, *macro, base["majority"], base["prior_random"], baseline_mark(macro, base), result["n"]])
+    return Table(columns, rows, caption="Per class" + (f" (baselines' prior: {baselines['reference']})" if baselines else ""))
+
+
+def class_baselines(inputs: EvalInputs, zs: ZeroShotReading) -> dict[str, Any]:
+    """Majority and prior-random baselines of the scored classes (the train split's prior)."""
+    reference, name = reference_labels(inputs)
+    return trivial_baselines(zs.y_true, zs.class_names, reference, name)
+
+
+def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequence[str], n_boot: int, seed: int,
+                    reference: tuple[Sequence[str], str] | None = None) -> dict[str, Any]:
+    """Macro F1 (with its interval), accuracy and per-value numbers of one attribute; with `reference`
+    (labels, name) its majority and prior-random baselines and whether it beats both."""
     res = classification_metrics(y_true, y_pred, values, n_boot, seed, cis=("macro_f1",))
-    return {
+    block = {
         "n": res["n"],
         "n_choices": len(values),
         "values": list(values),
@@ -100,6 +158,12 @@ def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequen
         "accuracy": res["accuracy"]["point"],
         "per_value": res["per_class"],
     }
+    if reference is not None:
+        base = trivial_baselines(y_true, values, reference[0], reference[1])
+        block["baselines"] = {"reference": base["reference"], "majority_label": base["majority_label"],
+                              "majority": base["majority"]["macro_f1"], "prior_random": base["prior_random"]["macro_f1"]}
+        block["beats_baselines"] = beats_baselines(res["macro_f1"]["point"], block["baselines"]["majority"], block["baselines"]["prior_random"])
+    return block
 
 
 def attribute_summary(blocks: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, Any]], float | None]:
@@ -109,20 +173,76 @@ def attribute_summary(blocks: Mapping[str, Mapping[str, Any]]) -> tuple[list[dic
     return rows, mean
 
 
-def attribute_section(title: str, blocks: Mapping[str, Mapping[str, Any]], mean: float | None, fig: Path, text: str) -> Section:
-    rows = [[k, v["n_choices"], v["macro_f1"], v["accuracy"], v["n"]] for k, v in blocks.items()]
-    rows.append(["mean over attributes", None, mean, None, None])
-    table = Table(["Attribute", "Choices", "Macro F1", "Accuracy", "Images"], rows,
-                  caption="WBC-CLIP table: macro F1 per attribute (95 % bootstrap interval)")
-    return Section(title, text, [table], [(fig, f"{title}: macro F1 per attribute; dashed line: human inter-annotator agreement.")])
+def attribute_section(title: str, blocks: Mapping[str, Mapping[str, Any]], mean: float | None, fig: Path, text: str,
+                      unseen: tuple[Mapping[str, Mapping[str, Any]], float | None] | None = None) -> Section:
+    """The WBC-CLIP table of attribute blocks; `unseen` = (blocks, mean) of the held-out wording, shown beside."""
+    def base(v: Mapping[str, Any]) -> list[Any]:
+        return [v["baselines"]["majority"], v["baselines"]["prior_random"]] if "baselines" in v else [None, None]
+
+    def mark(v: Mapping[str, Any], scores: list[Any]) -> str:
+        return baseline_mark([s["point"] for s in scores], v["baselines"]) if "baselines" in v else ""
+
+    if unseen is None:
+        rows = [[k, v["n_choices"], v["macro_f1"], *base(v), mark(v, [v["macro_f1"]]), v["accuracy"], v["n"]] for k, v in blocks.items()]
+        rows.append(["mean over attributes", None, mean, *mean_baselines(blocks), "", None, None])
+        columns = ["Attribute", "Choices", "Macro F1", "Majority", "Prior random", "Mark", "Accuracy", "Images"]
+    else:
+        held, held_mean = unseen
+        rows = [[k, v["n_choices"], v["macro_f1"], held[k]["macro_f1"], *base(v), mark(v, [v["macro_f1"], held[k]["macro_f1"]]),
+                 v["accuracy"], held[k]["accuracy"], v["n"]] for k, v in blocks.items()]
+        rows.append(["mean over attributes", None, mean, held_mean, *mean_baselines(blocks), "", None, None, None])
+        columns = ["Attribute", "Choices", "Macro F1, trained wording", "Macro F1, unseen wording", "Majority", "Prior random", "Mark",
+                   "Accuracy, trained", "Accuracy, unseen", "Images"]
+    table = Table(columns, rows, caption="WBC-CLIP table: macro F1 per attribute (95 % bootstrap interval), beside the majority "
+                  "and prior-random baselines' macro F1")
+    return Section(title, text + "\n\n" + BASELINE_NOTE, [table],
+                   [(fig, f"{title}: macro F1 per attribute; dashed line: human inter-annotator agreement.")])
 
 
-def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures) -> Part:
-    """Zero-shot class metrics with intervals, per class, confusion matrices."""
+def mean_baselines(blocks: Mapping[str, Mapping[str, Any]]) -> list[float | None]:
+    """Mean over attributes of the majority and prior-random macro F1 (None without baselines)."""
+    if not blocks or not all("baselines" in v for v in blocks.values()):
+        return [None, None]
+    return [float(np.mean([v["baselines"][k] for v in blocks.values()])) for k in ("majority", "prior_random")]
+
+
+def has_unseen_wording(inputs: EvalInputs, dataset: str | None) -> bool:
+    """Whether the prompt file has held-out wording for `dataset`'s classes (None: for the attributes)."""
+    return inputs.prompt_set is not None and inputs.prompt_set.has_wording("heldout", dataset)
+
+
+WORDING_NOTE = (
+    "Trained wording: the prompt file's training part, the sentences a model trained with this file read in training. "
+    "Unseen wording: the file's held-out part (other sentence frames, other words for the same classes and values), which no "
+    "training sentence contains (tests/test_text_heldout.py); it is unseen for any checkpoint trained with this prompt file."
+)
+
+
+def wording_table(results: Mapping[str, Mapping[str, Any]], caption: str) -> Table:
+    """One row per wording ("trained", "unseen"): the headline class metrics side by side."""
+    rows = [[f"{name} wording", r["n"], r["accuracy"], r["balanced_accuracy"], r["macro_f1"], r["weighted_f1"]]
+            for name, r in results.items()]
+    return Table(["Prompts", "Images", "Accuracy", "Balanced accuracy", "Macro F1", "Weighted F1"], rows,
+                 caption=f"{caption} (95 % bootstrap intervals)")
+
+
+def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures, unseen: ZeroShotReading | None = None) -> Part:
+    """Zero-shot class metrics with intervals, per class, confusion matrices; with `unseen` (the same images
+    read through the held-out wording) the two wordings side by side."""
     result = classification_metrics(zs.y_true, zs.pred, zs.class_names, inputs.n_boot, inputs.seed)
     result["prompt_dataset"] = inputs.prompt_dataset
+    result["wording"] = "train"
     result["excluded_images"] = int(zs.missing_labels)
     result["excluded_label_counts"] = zs.missing_label_counts
+    result["baselines"] = class_baselines(inputs, zs)
+    metrics: dict[str, Any] = {"zero_shot": {"classes": result}}
+    tables = [overall_table(result, "Zero-shot classes, trained wording"), per_class_table(result, baselines=result["baselines"])]
+    if unseen is not None:
+        held = classification_metrics(unseen.y_true, unseen.pred, unseen.class_names, inputs.n_boot, inputs.seed)
+        held["wording"] = "heldout"
+        metrics["zero_shot_unseen_wording"] = {"classes": held}
+        tables = [wording_table({"trained": result, "unseen": held}, "Zero-shot classes by wording"),
+                  per_class_table(result, {"F1, unseen wording": held}, baselines=result["baselines"])]
     figs = [
         (plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("zero_shot_confusion_counts.png"),
                               title="Zero-shot confusion matrix (counts)"), "Zero-shot classes: confusion matrix (counts)."),
@@ -136,8 +256,12 @@ def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figur
     )
     if result["excluded_images"]:
         text += f" {result['excluded_images']} image(s) whose class has no prompt were left out: {result['excluded_label_counts']}."
-    section = Section("Zero-shot classification", text, [overall_table(result, "Zero-shot classes"), per_class_table(result)], figs)
-    return Part({"zero_shot": {"classes": result}}, [section])
+    text += "\n\n" + WORDING_NOTE
+    if unseen is None:
+        text += f" The prompt file has no held-out wording for '{inputs.prompt_dataset}': only the trained wording is read."
+    text += " Confusion matrices: trained wording.\n\n" + BASELINE_NOTE
+    section = Section("Zero-shot classification", text, tables, figs)
+    return Part(metrics, [section])
 
 
 def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
@@ -147,24 +271,32 @@ def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
     fs = inputs.eval_fs
     if not any(a is not None for a in fs.attributes):
         return Part()
-    zsa = zero_shot_attributes(inputs.model, fs, inputs.prompt_set, text_cache=inputs.text_cache)
-    blocks = {}
-    for name, part in zsa.items():
-        pred = argmax_labels(part["logits"], part["values"])
-        blocks[name] = attribute_block(part["y_true"], pred, part["values"], inputs.n_boot, inputs.seed)
-    rows, mean = attribute_summary(blocks)
-    missing = next(iter(zsa.values()))["missing_attributes"] if zsa else 0
-    metrics = {"attributes": blocks, "attribute_table": rows, "attribute_mean_macro_f1": mean,
-               "attribute_images_without_annotation": int(missing)}
+
+    def read(wording: str) -> tuple[dict[str, Any], list[dict[str, Any]], float | None, int]:
+        zsa = zero_shot_attributes(inputs.model, fs, inputs.prompt_set, text_cache=inputs.text_cache, wording=wording)
+        blocks = {name: attribute_block(part["y_true"], argmax_labels(part["logits"], part["values"]), part["values"], inputs.n_boot,
+                                        inputs.seed, reference_labels(inputs, name)) for name, part in zsa.items()}
+        rows, mean = attribute_summary(blocks)
+        return blocks, rows, mean, (next(iter(zsa.values()))["missing_attributes"] if zsa else 0)
+
+    blocks, rows, mean, missing = read("train")
+    metrics: dict[str, Any] = {"zero_shot": {"attributes": blocks, "attribute_table": rows, "attribute_mean_macro_f1": mean,
+                                             "attribute_images_without_annotation": int(missing), "attribute_wording": "train"}}
+    unseen = None
+    if has_unseen_wording(inputs, None):
+        held, held_rows, held_mean, _ = read("heldout")
+        metrics["zero_shot_unseen_wording"] = {"attributes": held, "attribute_table": held_rows, "attribute_mean_macro_f1": held_mean}
+        unseen = (held, held_mean)
     fig = plots.plot_per_attribute_f1(rows, figures.path("zero_shot_attributes_f1.png"), reference=plots.HUMAN_INTER_ANNOTATOR_F1,
-                                      title="Zero-shot macro F1 per attribute")
+                                      title="Zero-shot macro F1 per attribute (trained wording)")
     text = (
         "Each attribute value is a prompt ensemble from the prompt file; an image takes the best-scoring value. "
         "Macro F1 averages the values that occur in the truth (a predicted value no image has is an error, not a class)."
     )
     if missing:
         text += f" {missing} image(s) without attribute annotations were left out."
-    return Part({"zero_shot": metrics}, [attribute_section("Zero-shot attributes", blocks, mean, fig, text)])
+    text += "\n\n" + WORDING_NOTE + (" The figure shows the trained wording." if unseen else " The prompt file has no held-out wording.")
+    return Part(metrics, [attribute_section("Zero-shot attributes", blocks, mean, fig, text, unseen)])
 
 
 def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | None, head_reason: str, figures: Figures) -> Part:
@@ -181,12 +313,13 @@ def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | N
     else:
         result = classification_metrics(zs.y_true, head_pred, zs.class_names, inputs.n_boot, inputs.seed)
         result["applicable"] = True
+        result["baselines"] = class_baselines(inputs, zs)
         heads["class"] = result
-        tables += [overall_table(result, "Class head"), per_class_table(result)]
+        tables += [overall_table(result, "Class head"), per_class_table(result, baselines=result["baselines"])]
         figs.append((plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("head_confusion_normalized.png"),
                                           normalized=True, title="Class head confusion matrix (row-normalised)"),
                      "Class head: row-normalised confusion matrix."))
-        text.append("The class head's logits are restricted to the evaluated classes by name.")
+        text.append("The class head's logits are restricted to the evaluated classes by name. " + BASELINE_NOTE)
     sections.append(Section("Supervised class head", " ".join(text), tables, figs))
     attr_logits = fs.attribute_logits or {}
     vocab = fs.meta.get("attributes") or {}
@@ -199,7 +332,7 @@ def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | N
             values = list(vocab[name])
             y = [fs.attributes[i][name] for i in annotated]
             p = argmax_labels(attr_logits[name][annotated], values)
-            blocks[name] = attribute_block(y, p, list(ATTRIBUTES[name]), inputs.n_boot, inputs.seed)
+            blocks[name] = attribute_block(y, p, list(ATTRIBUTES[name]), inputs.n_boot, inputs.seed, reference_labels(inputs, name))
         rows_t, mean = attribute_summary(blocks)
         heads["attributes"] = blocks
         heads["attribute_table"] = rows_t

@@ -10,10 +10,18 @@ import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.errors import DataError
+from hemaclip.metrics.baselines import trivial_baselines
 from hemaclip.metrics.classification import macro_f1
 from hemaclip.metrics.summary import classification_metrics
 from hemaclip.studies import plots
-from hemaclip.studies.evaluate.classes import ZeroShotReading, attribute_block, attribute_section, attribute_summary
+from hemaclip.studies.evaluate.classes import (
+    BASELINE_NOTE,
+    ZeroShotReading,
+    attribute_block,
+    attribute_section,
+    attribute_summary,
+    reference_labels,
+)
 from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part
 from hemaclip.studies.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
@@ -47,9 +55,14 @@ def probe_part(inputs: EvalInputs, probes: Mapping[str, Mapping[str, Any]] | Non
         res.update(n_train=r["n_train"], n_test=r["n_test"], unseen_test_labels=r["unseen_test_labels"])
         out[kind] = res
         rows.append([kind, r["n_train"], r["n_test"], res["macro_f1"], res["weighted_f1"], res["accuracy"]])
+    first = next(iter(probes.values()))
+    base = trivial_baselines(first["y_true"], first["classes"], *reference_labels(inputs))
+    for name in ("majority", "prior_random"):
+        rows.append([f"baseline: {name.replace('_', ' ')}", None, first["n_test"], base[name]["macro_f1"], base[name]["weighted_f1"],
+                     base[name]["accuracy"]])
     text = ("Probes on frozen, L2-normalised image features, fitted on the train split and tested on the evaluated split "
-            "(fixed hyper-parameters, see hemaclip.tasks.probes).")
-    return Part({"probes": out}, [Section("Linear, kNN and MLP probes", text,
+            "(fixed hyper-parameters, see hemaclip.tasks.probes). " + BASELINE_NOTE)
+    return Part({"probes": out, "probe_baselines": base}, [Section("Linear, kNN and MLP probes", text,
                                           [Table(["Probe", "Train images", "Test images", "Macro F1", "Weighted F1", "Accuracy"], rows,
                                                  caption="Probes (95 % bootstrap intervals)")])])
 
@@ -108,7 +121,8 @@ def attribute_probe_part(inputs: EvalInputs, figures: Figures) -> Part:
     curves: dict[int, list[float]] = {}
     for name, values in ATTRIBUTES.items():
         result = run_probes(inputs.train_fs, inputs.eval_fs, kinds=("logistic",), label_fn=attribute_labels(name), seed=inputs.seed)["logistic"]
-        blocks[name] = attribute_block(result["y_true"], result["y_pred"], list(values), inputs.n_boot, inputs.seed)
+        blocks[name] = attribute_block(result["y_true"], result["y_pred"], list(values), inputs.n_boot, inputs.seed,
+                                       reference_labels(inputs, name))
         for row in nshot_curve(inputs.train_fs, inputs.eval_fs, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=inputs.nshot_seeds,
                                kinds=("logistic",), label_fn=attribute_labels(name)):
             curves.setdefault(int(row["shots"]), []).append(macro_f1(row["y_true"], row["y_pred"], list(values)))

@@ -1,0 +1,208 @@
+"""Know what it does not know: the report behind ``hemaclip trust`` (``reports/trust/``).
+
+Everything is read as ``hemaclip describe`` reads it (:func:`hemaclip.studies.other_labs.read_lab`): the
+model's preprocessing, its calibrated class read-out and its unfamiliarity score (threshold fitted on PBC
+val by ``hemaclip calibrate``, never on anything scored here). Parts:
+
+* **In-lab false flags**: share flagged on PBC test and WBCAtt test, and the folder verdict on in-lab splits
+  (it must stay silent there).
+* **Other labs**: per lab (test part), share flagged, accuracy on all cells and on unflagged cells, ECE before
+  and after AdaBN, and the folder verdict (it must fire).
+* **Atypical cells (external)**: ALL lymphoblasts (early pre-B, pre-B, pro-B) against PBC test cells (AUROC),
+  split into lab shift (ALL benign haematogones against PBC test lymphocytes: the same cell type, another lab)
+  and cell type (blasts against haematogones: the same lab).
+* **Leave-classes-out**: a checkpoint trained without a class; its test images against the seen classes'
+  test images (AUROC, flag rate at the in-lab threshold).
+* **Flags never change the class**: every PBC test reading with and without the familiarity score.
+* **Worked examples**: cells with their reading, score and verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.errors import HemaclipError
+
+ALL_BLASTS = ("early", "pre", "pro")
+ALL_BENIGN = "benign"
+N_RESAMPLES = 2000
+
+
+def _describer(checkpoint: str | None, data_root: Any, adapt: str | None = None) -> Any:
+    from hemaclip.tasks.describe import Describer
+
+    describer = Describer.from_checkpoint(checkpoint, index=None, data_root=data_root, adapt=adapt)
+    if describer.familiarity is None:
+        raise HemaclipError(f"{checkpoint or 'the shipped model'} has no familiarity sidecar: run hemaclip calibrate --checkpoint CKPT first")
+    return describer
+
+
+def _auroc_block(negative: np.ndarray, positive: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
+    from hemaclip.metrics.detection import flag_rate, roc_points, separation_auroc
+
+    auc = separation_auroc(negative, positive, n_resamples, seed)
+    fpr, tpr = roc_points(negative, positive)
+    return {"auroc": auc, "flagged_positive": flag_rate(positive, threshold), "flagged_negative": flag_rate(negative, threshold),
+            "_roc": (fpr, tpr, auc["point"])}
+
+
+def run_trust_report(
+    checkpoint: str | None,
+    out: str | Path,
+    holdouts: Mapping[str, str] | None = None,
+    labs: Sequence[str] = ("lisc", "zheng1", "zheng2"),
+    data_root: str | Path | None = None,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``reports/trust``-style metrics.json, report.md/html and figures for `checkpoint`; `holdouts` maps a
+    held-out class name to a checkpoint trained without it (each needs its own familiarity sidecar)."""
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.studies import plots
+    from hemaclip.studies.other_labs import read_lab, score_reading
+    from hemaclip.studies.report import Section, Table, write_report
+
+    start = time.perf_counter()
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, flush=True)
+
+    describer = _describer(checkpoint, data_root)
+    fam = describer.familiarity
+    threshold = float(fam.threshold)
+    metrics: dict[str, Any] = {"checkpoint": checkpoint or "shipped default", "threshold": threshold, "fitted_on": fam.fitted_on,
+                               "n_resamples": n_resamples, "seed": seed}
+    sections: list[Any] = []
+
+    # -- in-lab ------------------------------------------------------------------------------------
+    say("in-lab splits ...")
+    pbc = load_dataset("pbc", data_root=data_root)
+    wbcatt = load_dataset("wbcatt", data_root=data_root)
+    in_lab: dict[str, Any] = {}
+    readings: dict[str, Any] = {}
+    for name, records in (("pbc val", pbc.split("val")), ("pbc test", pbc.split("test")), ("wbcatt test", wbcatt.split("test"))):
+        reading = read_lab(describer, records, "none")
+        readings[name] = (records, reading)
+        in_lab[name] = {"n": len(records), "flagged_share": float(reading.unfamiliar.mean()), "folder_shift": reading.shift}
+    metrics["in_lab"] = in_lab
+    # Flags never change the class: the same cells read without the familiarity score.
+    pbc_test_records, pbc_test = readings["pbc test"]
+    plain = copy.copy(describer)
+    plain.familiarity = None
+    without = read_lab(plain, pbc_test_records, "none")
+    metrics["flags_change_no_class"] = {"n": len(pbc_test_records), "identical": bool(without.predicted == pbc_test.predicted)}
+    rows = [[k, v["n"], v["flagged_share"], "fires" if (v["folder_shift"] or {}).get("shifted") else "silent"] for k, v in in_lab.items()]
+    sections.append(Section(
+        "In-lab cells: false flags",
+        f"Threshold {threshold:.3f} = {fam.fitted_on}. The PBC val share is the target of the fit (about 4 %); test shares are "
+        f"measured. Class readings with and without the flag on PBC test: "
+        f"{'identical' if metrics['flags_change_no_class']['identical'] else 'DIFFERENT'} on {len(pbc_test_records)} cells.",
+        [Table(["split", "cells", "flagged", "folder warning"], rows)]))
+
+    # -- other labs ----------------------------------------------------------------------------------
+    adapted = _describer(checkpoint, data_root, adapt="bn")
+    lab_rows, lab_metrics, examples = [], {}, []
+    for lab in labs:
+        say(f"{lab} ...")
+        records = load_dataset(lab, data_root=data_root).split("test")
+        reading = read_lab(describer, records, "none")
+        scored = score_reading(reading, n_resamples, seed)
+        after = score_reading(read_lab(adapted, records, "bn"), n_resamples, seed)
+        lab_metrics[lab] = {"none": {k: v for k, v in scored.items() if k != "reliability"},
+                            "bn": {k: v for k, v in after.items() if k != "reliability"}}
+        lab_rows.append([lab, scored["n"], scored["flagged_share"], scored["accuracy"]["point"], scored["accuracy_unflagged"],
+                         scored["n_unflagged"], scored["ece"], after["ece"], after["accuracy"]["point"],
+                         "fires" if (scored.get("folder_shift") or {}).get("shifted") else "silent"])
+        plots.plot_reliability(scored["reliability"], figures / f"reliability_{lab}.png", title=f"{lab} test: reliability (no adaptation)")
+        examples += _examples(lab, records, reading, 3)
+    metrics["other_labs"] = lab_metrics
+    sections.append(Section(
+        "Other labs: selective reading and calibration",
+        "Test part of each lab; five white-cell classes, any other reading wrong. `acc unflagged` is the accuracy on the cells "
+        "the score does not flag; ECE is top-label (15 bins) of the calibrated probabilities, before and after AdaBN on the "
+        "lab's cells. The folder warning is the verdict `describe` prints for the whole folder.",
+        [Table(["lab", "cells", "flagged", "accuracy", "acc unflagged", "unflagged cells", "ECE", "ECE after AdaBN",
+                "accuracy after AdaBN", "folder warning"], lab_rows)],
+        [(figures / f"reliability_{lab}.png", f"{lab}: reliability diagram") for lab in labs]))
+
+    # -- atypical cells: ALL -------------------------------------------------------------------------
+    say("ALL lymphoblasts ...")
+    all_records = load_dataset("all", data_root=data_root).split("all")
+    all_reading = read_lab(describer, all_records, "none")
+    all_scores = np.asarray(all_reading.scores)
+    is_blast = np.array([r.label in ALL_BLASTS for r in all_records])
+    is_benign = np.array([r.label == ALL_BENIGN for r in all_records])
+    pbc_scores = np.asarray(pbc_test.scores)
+    pbc_lymph = pbc_scores[np.array([r.label == "lymphocyte" for r in pbc_test_records])]
+    atypical = {
+        "ALL blasts vs PBC test cells": _auroc_block(pbc_scores, all_scores[is_blast], threshold, n_resamples, seed),
+        "lab shift: ALL haematogones vs PBC test lymphocytes": _auroc_block(pbc_lymph, all_scores[is_benign], threshold, n_resamples, seed),
+        "cell type: ALL blasts vs ALL haematogones": _auroc_block(all_scores[is_benign], all_scores[is_blast], threshold, n_resamples, seed),
+    }
+    examples += _examples("ALL", all_records, all_reading, 3)
+
+    # -- leave-classes-out ---------------------------------------------------------------------------
+    for held, held_checkpoint in (holdouts or {}).items():
+        say(f"held-out {held} ...")
+        held_describer = _describer(held_checkpoint, data_root)
+        recs = pbc.split("test")
+        reading = read_lab(held_describer, recs, "none")
+        scores = np.asarray(reading.scores)
+        mask = np.array([r.label == held for r in recs])
+        if not mask.any():
+            raise HemaclipError(f"no PBC test image of the held-out class '{held}'")
+        known = set(held_describer.readout.class_names)
+        if held in known:
+            raise HemaclipError(f"{held_checkpoint} knows '{held}': it was not trained with that class held out")
+        block = _auroc_block(scores[~mask], scores[mask], float(held_describer.familiarity.threshold), n_resamples, seed)
+        block["checkpoint"] = held_checkpoint
+        atypical[f"held-out {held} vs seen PBC test classes"] = block
+    metrics["atypical"] = {k: {kk: vv for kk, vv in v.items() if kk != "_roc"} for k, v in atypical.items()}
+    plots.plot_roc_curves({k: v["_roc"] for k, v in atypical.items()}, figures / "roc.png", title="Unfamiliarity score: ROC")
+    plots.plot_score_histograms({"PBC val": readings["pbc val"][1].scores, "PBC test": pbc_scores, "ALL blasts": all_scores[is_blast],
+                                 "ALL haematogones": all_scores[is_benign]}, threshold, figures / "scores.png")
+    rows = [[k, v["auroc"]["n_positive"], v["auroc"]["n_negative"], (v["auroc"]["point"], v["auroc"]["low"], v["auroc"]["high"]),
+             v["flagged_positive"], v["flagged_negative"]] for k, v in atypical.items()]
+    sections.append(Section(
+        "Atypical and unseen cells",
+        "AUROC of the unfamiliarity score separating the cells that should be flagged (positives) from the others, with a 95 % "
+        "bootstrap interval; flag rates at the in-lab threshold. The ALL rows split the blast signal into lab shift (same cell "
+        "type, another lab) and cell type (same lab). Leave-classes-out rows use a checkpoint trained without that class (its "
+        "own threshold, fitted on PBC val without the class).",
+        [Table(["positives vs negatives", "positives", "negatives", "AUROC [95 %]", "flagged positives", "flagged negatives"], rows)],
+        [(figures / "roc.png", "ROC curves"), (figures / "scores.png", "Score distributions and the flag threshold")]))
+
+    # -- examples ------------------------------------------------------------------------------------
+    if examples:
+        plots.plot_retrieval_grid([e[0] for e in examples], [e[1] for e in examples], figures / "examples.png", k=3,
+                                  title="Worked examples (green frame: reading right, red: wrong; caption: reading, score, verdict)")
+        sections.append(Section("Worked examples", "", figures=[(figures / "examples.png", "Cells with reading, score and verdict")]))
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(out, "Trust: unfamiliar and atypical cells", sections, metrics, checkpoint=checkpoint or "shipped default")
+    return metrics
+
+
+def _examples(name: str, records: Sequence[Any], reading: Any, k: int) -> list[tuple[str, list[tuple[Any, bool, str]]]]:
+    """Up to `k` flagged and `k` unflagged cells of one set (evenly spread over the set, deterministic)."""
+    rows = []
+    for flagged in (True, False):
+        idx = [i for i, u in enumerate(reading.unfamiliar) if bool(u) == flagged]
+        picked = idx[:: max(1, len(idx) // k)][:k] if idx else []
+        hits = [(records[i].path, reading.predicted[i] == reading.truth[i],
+                 f"{reading.predicted[i]} p={reading.probability[i]:.2f}, score {reading.scores[i]:.1f}"
+                 + (", UNFAMILIAR" if flagged else "")) for i in picked]
+        if hits:
+            rows.append((f"{name}: {'flagged' if flagged else 'not flagged'} (truth: "
+                         + ", ".join(records[i].label for i in picked) + ")", hits))
+    return rows

@@ -1,0 +1,80 @@
+"""The other-labs study: scoring as a user meets it (other classes are wrong), grouped intervals, the
+unflagged accuracy, leave-one-lab-out, and the command's errors and report through the installed entry point."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hemaclip.metrics.classification import macro_f1
+from hemaclip.studies.other_labs import WHITE_CELL_CLASSES, LabReading, run_other_labs, score_reading
+
+VOCAB = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+
+def _reading(truth, predicted, groups, unfamiliar=None):
+    probs = np.full((len(truth), len(VOCAB)), 0.02)
+    for i, p in enumerate(predicted):
+        probs[i, VOCAB.index(p)] = 1 - 0.02 * (len(VOCAB) - 1)
+    return LabReading(truth=list(truth), groups=list(groups), predicted=list(predicted), probability=probs.max(1), probs=probs,
+                      class_names=VOCAB, unfamiliar=None if unfamiliar is None else np.array(unfamiliar),
+                      scores=None if unfamiliar is None else np.array(unfamiliar, float), shift=None, seconds=0.0)
+
+
+def test_a_prediction_outside_the_five_white_cell_classes_counts_as_wrong_and_groups_are_resampled_whole() -> None:
+    truth = ["lymphocyte"] * 4 + ["neutrophil"] * 4 + ["monocyte"] * 2
+    predicted = ["lymphocyte", "lymphocyte", "erythroblast", "monocyte", "neutrophil", "platelet", "neutrophil", "neutrophil",
+                 "monocyte", "monocyte"]
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"]
+    unfamiliar = [False, False, True, True, False, True, False, False, False, True]
+    result = score_reading(_reading(truth, predicted, groups, unfamiliar), n_resamples=200)
+    assert result["accuracy"]["point"] == pytest.approx(0.7)
+    assert result["macro_f1"]["point"] == pytest.approx(macro_f1(truth, predicted, list(WHITE_CELL_CLASSES)))
+    assert result["interval_method"].startswith("cluster bootstrap") and result["n_groups"] == 5
+    assert "erythroblast" in result["confusion_labels"] and "platelet" in result["confusion_labels"]
+    assert result["flagged_share"] == pytest.approx(0.4)
+    # unflagged cells: 0,1 (right), 4 (right), 6,7 (right), 8 (right) -> 6/6
+    assert result["n_unflagged"] == 6 and result["accuracy_unflagged"] == pytest.approx(1.0)
+    assert result["ece"] == pytest.approx(abs((1 - 0.02 * 7) - 0.7))
+
+
+@pytest.mark.slow
+def test_a_lab_used_in_training_is_not_scored_and_the_report_says_so(data_root, tmp_path, monkeypatch) -> None:
+    from hemaclip.studies import other_labs
+    from hemaclip.studies.other_labs import ModelEntry
+
+    monkeypatch.setattr(other_labs, "trained_datasets", lambda checkpoint: {"pbc", "zheng2"})
+    metrics = run_other_labs([ModelEntry("m", None)], tmp_path / "r", labs=("zheng2",), adaptations=("none",), data_root=data_root,
+                             n_resamples=20, progress=False)
+    assert metrics["models"]["m"]["labs"]["zheng2/none"] == {"not_scored": "lab used in training (leave-one-lab-out)"}
+    assert "not scored: lab used in training" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_other_labs_command_scores_zheng2_with_the_shipped_model(run_cli, data_root, tmp_path) -> None:
+    result = run_cli("other-labs", "--labs", "zheng2", "--adapt", "none", "--n-boot", "50", "--out", str(tmp_path / "r"),
+                     "--data", str(data_root))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    block = metrics["models"]["default"]["labs"]["zheng2/none"]
+    assert block["n"] == 69 and 0.0 <= block["macro_f1"]["low"] <= block["macro_f1"]["point"] <= block["macro_f1"]["high"] <= 1.0
+    assert (tmp_path / "r" / "figures" / "confusion_default_zheng2_none.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--adapt", "tta"), "--adapt: unknown 'tta'"),
+    (("--labs", "barcelona"), "--labs: unknown 'barcelona'"),
+    (("--model", "=x.pt"), "give NAME=CHECKPOINT"),
+])
+def test_other_labs_command_refuses_bad_options_in_one_line(assert_one_line_error, run_cli, tmp_path, args, needle) -> None:
+    result = run_cli("other-labs", *args, "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_trust_command_refuses_a_missing_holdout_checkpoint_in_one_line(assert_one_line_error, run_cli, tmp_path) -> None:
+    result = run_cli("trust", "--holdout", f"basophil={tmp_path / 'none.pt'}", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "checkpoint file not found")
+    assert not (tmp_path / "r").exists()
