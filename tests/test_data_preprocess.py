@@ -95,7 +95,7 @@ def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path
     from hemaclip.models.checkpoint import load_checkpoint
 
     config = ModelConfig(name="x", preprocess={"resize": "bicubic"})
-    assert Preprocess.from_config(config) == Preprocess(128) and Preprocess.from_config(config).options == {"locate": "whole", "resize": "bicubic", "frame": "2.5"}
+    assert Preprocess.from_config(config) == Preprocess(128) and Preprocess.from_config(config).options == {"locate": "whole", "resize": "bicubic", "colour": "rgb", "frame": "2.5"}
     with pytest.raises(HemaclipError, match="unknown preprocess option"):
         ModelConfig(name="x", preprocess={"crop": "centre"})
     with pytest.raises(HemaclipError, match="locate='cells' is not supported"):
@@ -106,3 +106,38 @@ def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path
     torch.save(payload, tmp_path / "old.pt")
     model, _ = load_checkpoint(tmp_path / "old.pt")
     assert model.config.preprocess == {} and preprocess_for(model).spec == () and preprocess_for(model).image_size == 32
+
+
+def test_grey_option_gives_luma_on_every_path_and_travels_in_the_checkpoint(data_root: Path, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`preprocess.colour = grey`: cache arrays, tensors and augmented training images are all grey, and a
+    model trained with it carries the option, so inference reads grey too."""
+    import dataclasses
+
+    from hemaclip.data.transforms import AugmentConfig
+    from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+
+    path = data_root / "all_aria/Pro/WBC-Malignant-Pro-001.jpg"
+    rgb, grey = Preprocess(64, (0.5,) * 3, (0.5,) * 3), Preprocess(64, (0.5,) * 3, (0.5,) * 3, spec=(("colour", "grey"),))
+    colour_array, grey_array = rgb.load(path), grey.load(path)
+    assert not np.array_equal(colour_array[..., 0], colour_array[..., 2])
+    assert np.array_equal(grey_array[..., 0], grey_array[..., 1]) and np.array_equal(grey_array[..., 1], grey_array[..., 2])
+    luma = colour_array.astype(float) @ [0.299, 0.587, 0.114]
+    assert np.abs(grey_array[..., 0] - luma).max() <= 1.0  # ITU-R 601 luma, rounded
+    assert np.array_equal(grey.to_array(grey_array), grey_array)  # idempotent
+    assert grey.cache_id == "colour=grey" and rgb.cache_id == ""
+    cached = decoded_images([path], 64, directory=tmp_path / "cache", progress=False, preprocess=grey)
+    assert np.array_equal(cached[0], grey_array)
+    # a raw colour array handed to batch() (saliency, corruptions) is made grey too
+    assert torch.equal(grey.batch([colour_array]), grey.batch([grey_array]))
+    # HED stain jitter and hue jitter cannot bring colour back
+    augment = grey.train_transform(AugmentConfig(stain_jitter=0.5, hue=0.5, saturation=0.5))
+    torch.manual_seed(0)
+    x = augment(torch.from_numpy(colour_array.copy()).permute(2, 0, 1))
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    # the option travels in the checkpoint's model config, so every later reader sees grey
+    model, _ = load_checkpoint(tiny_checkpoint)
+    model.config = model.config.replace(preprocess={"colour": "grey"})
+    reloaded, _ = load_checkpoint(save_checkpoint(tmp_path / "grey.pt", model))
+    assert reloaded.config.preprocess == {"colour": "grey"} and preprocess_for(reloaded).grey
+    with pytest.raises(HemaclipError, match="colour='sepia' is not supported"):
+        model.config.replace(preprocess={"colour": "sepia"})

@@ -163,3 +163,20 @@ def test_cluster_bootstrap_with_singleton_groups_is_the_item_bootstrap_and_group
     clustered, naive = cluster_bootstrap_macro_f1(y5, p5, 3, g5), bootstrap_macro_f1(y5, p5, 3)
     assert clustered["high"] - clustered["low"] > 1.8 * (naive["high"] - naive["low"])
     assert paired_cluster_bootstrap_macro_f1(y5, p5, p5, 3, g5)["p_value"] == 1.0
+
+
+def test_unpaired_difference_of_two_test_sets_matches_the_normal_approximation() -> None:
+    """Two independent test sets (per-image vs cluster split): the interval of the accuracy change is
+    about +-1.96 sqrt(pa qa / na + pb qb / nb), and a sample against itself is centred on zero."""
+    from hemaclip.metrics.statistics import unpaired_bootstrap_difference
+
+    a = np.r_[np.ones(450), np.zeros(50)]  # 0.90 on 500 items
+    b = np.r_[np.ones(570), np.zeros(30)]  # 0.95 on 600 items
+    result = unpaired_bootstrap_difference(a, b, n_resamples=4000, seed=0)
+    half = 1.96 * np.sqrt(0.9 * 0.1 / 500 + 0.95 * 0.05 / 600)
+    assert result["difference"] == pytest.approx(-0.05) and result["n_a"] == 500 and result["n_b"] == 600
+    assert result["low"] == pytest.approx(-0.05 - half, abs=0.006) and result["high"] == pytest.approx(-0.05 + half, abs=0.006)
+    same = unpaired_bootstrap_difference(a, a, n_resamples=2000, seed=1)
+    assert same["difference"] == 0.0 and same["low"] < 0 < same["high"]
+    with pytest.raises(ValueError):
+        unpaired_bootstrap_difference([], b)

@@ -165,3 +165,61 @@ def test_init_checkpoint_cannot_take_model_overrides(tmp_path: Path, tinyinit: P
         initial_model(config, ALL_CLASSES)
     model = initial_model(dataclasses.replace(config, model_overrides={}), ALL_CLASSES)
     assert model.class_names == ALL_CLASSES and model.class_head.out_features == 4
+
+
+def test_arm_variants_change_only_what_they_say() -> None:
+    from hemaclip.studies.leukaemia_colour import study_arms
+
+    arms = study_arms("default")
+    assert [a.name for a in arms.values()] == ["default-ce", "default-ce-grey", "default-text-grey", "default-ce-clusters"]
+    colour = arm_config(arms["colour"]).to_dict()
+    for role, differing in (("grey-ce", {"preprocess"}), ("clusters", set())):
+        other = arm_config(arms[role]).to_dict()
+        assert {k for k in colour if colour[k] != other[k]} == differing, role
+    assert arm_config(arms["grey-ce"]).preprocess == {"colour": "grey"} == arm_config(arms["grey-text"]).preprocess
+    text, grey_text = arm_config(Arm("default", "text")).to_dict(), arm_config(arms["grey-text"]).to_dict()
+    assert {k for k in text if text[k] != grey_text[k]} == {"preprocess"}
+    with pytest.raises(HemaclipError, match="unknown variant"):
+        arm_config(Arm("default", "ce", "sepia"))
+
+
+@pytest.mark.slow
+def test_colour_study_trains_grey_and_cluster_twins_and_writes_the_report(
+    data_root: Path, tmp_path: Path, tinyinit: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hemaclip.studies import leukaemia_colour
+    from hemaclip.studies.leukaemia_colour import run_colour_study
+
+    monkeypatch.setattr(leukaemia_study, "N_RESAMPLES", 200)
+    monkeypatch.setattr(leukaemia_colour, "N_RESAMPLES", 200)
+    monkeypatch.setattr(leukaemia_colour, "SALIENCY_MEASURED_PER_CLASS", 2)
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    paths = run_colour_study(out, runs, TINY, data_root=data_root, init=str(tinyinit), max_eval_images=8, sensitivity_k=(32,),
+                             bench=tmp_path / "bench.json", progress=False)
+    for name in ("report.md", "report.html", "metrics.json", "saliency-grad-cam.png", "confusion-tinyinit-ce-grey-head.png"):
+        assert (out / name).is_file(), name
+    assert paths["bench"].is_file()
+    # the grey twins carry the option in their checkpoints; the colour twin does not
+    for run, grey in (("tinyinit-ce", False), ("tinyinit-ce-grey", True), ("tinyinit-text-grey", True)):
+        model, _ = load_checkpoint(runs / run / "best.pt")
+        assert (model.config.preprocess == {"colour": "grey"}) is grey, run
+    # the cluster run trained on the cluster split, which keeps every cluster in one split
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cluster_split"]["clusters_in_two_splits"] == 0 and metrics["sensitivity"]["32"]["audit"]["clusters_in_two_splits"] == 0
+    assert (runs / "tinyinit-ce-clusters" / "splits" / "all_seed0.csv").read_text() != (runs / "tinyinit-ce" / "splits" / "all_seed0.csv").read_text()
+    shortcut_keys = {"colour-stats:logistic", "colour-hist:logistic", "pixels-8x8:logistic"}
+    shipped = {f"shipped:{m}" for m in ("zero-shot", "logistic", "knn20")}
+    assert set(metrics["methods"]["per_image"]) == shortcut_keys | shipped | {"shipped-grey:logistic", "shipped-grey:knn20"} | {f"tinyinit-ce:{m}" for m in ("head", "logistic", "knn20")} | {
+        f"tinyinit-ce-grey:{m}" for m in ("head", "logistic", "knn20")} | {f"tinyinit-text-grey:{m}" for m in ("zero-shot", "logistic", "knn20")}
+    assert set(metrics["methods"]["clusters"]) == shortcut_keys | shipped | {f"tinyinit-ce-clusters:{m}" for m in ("head", "logistic", "knn20")}
+    pairs = {(c["a"], c["b"]) for c in metrics["comparisons"]["per_image"]}
+    assert ("tinyinit-ce-grey:head", "tinyinit-ce:head") in pairs and ("tinyinit-text-grey:zero-shot", "tinyinit-ce:head") in pairs
+    assert ("tinyinit-ce:head", "colour-stats:logistic") in pairs
+    assert ("shipped-grey:logistic", "shipped:logistic") in pairs  # the frozen tower on grey vs colour input
+    assert len(metrics["comparisons"]["clusters"]) == 6 and len(metrics["drops"]) == 5  # (retrained CE, shipped probe) x 3 readers; 2 + 3 drops
+    assert metrics["drops"][0]["per_image"] == "tinyinit-ce:head" and metrics["drops"][0]["clusters"] == "tinyinit-ce-clusters:head"
+    assert all("macro_f1_cluster" in c for c in metrics["comparisons"]["clusters"])
+    assert all(d["accuracy"]["low"] <= d["accuracy"]["difference"] <= d["accuracy"]["high"] for d in metrics["drops"])
+    assert set(metrics["saliency"]["enrichment"]) == {"tinyinit-ce", "tinyinit-ce-grey", "tinyinit-text-grey"}
+    text = (out / "report.md").read_text()
+    assert "can and cannot show" in text and "Clusters in two splits: **0**" in text

@@ -64,3 +64,16 @@ def test_map_falls_on_the_cell_of_an_expert_mask(data_root) -> None:
         off_cell.append(heat[background].sum() / heat.sum() / background.mean())
     assert min(on_cell) > 1.0 and np.median(on_cell) > 1.8
     assert np.median(off_cell) < 0.5
+
+
+def test_class_prompts_read_the_class_through_text_not_the_head(image: np.ndarray) -> None:
+    """A model trained with sentences only keeps an untrained class head: its map must follow the prompts."""
+    torch.manual_seed(0)
+    model = create_model("effnet-lite0-128", image_size=64, image_pretrained=None)
+    prompts = {"round": ["a round cell"], "lobed": ["a cell with a lobed nucleus"]}
+    by_head = saliency_map(model, image, "class")
+    by_prompts = saliency_map(model, image, "class", class_prompts=prompts)
+    assert by_prompts.shape == image.shape[:2] and 0.0 <= by_prompts.min() <= by_prompts.max() <= 1.0
+    assert not np.allclose(by_head, by_prompts, atol=1e-3)
+    with pytest.raises(HemaclipError, match="not a value"):
+        saliency_map(model, image, "class", value="neutrophil", class_prompts=prompts)

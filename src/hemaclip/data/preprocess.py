@@ -58,6 +58,9 @@ PREPROCESS_OPTIONS: dict[str, tuple[str, ...]] = {
     # (:mod:`hemaclip.data.cells`) centred in a square of `frame` x its diameter.
     "locate": ("whole", "cell"),
     "resize": ("bicubic",),  # how that part is brought to the model's size
+    # "grey": luma only (ITU-R 601, as 3 equal channels), so a model cannot use stain colour at all;
+    # the leukaemia study's stain-blind twins are trained and read this way.
+    "colour": ("rgb", "grey"),
 }
 # Numeric options: (default, lowest, highest). `frame` = crop side / cell diameter; 2.5 matches how large
 # white cells sit in the training lab's (PBC) crops (mean diameter 0.41 of the side, measured).
@@ -283,13 +286,24 @@ class Preprocess:
             if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
                 raise DataError(f"expected a uint8 HxWx3 RGB array, got {array.dtype} {array.shape}")
             if array.shape[:2] == (size, size):
-                return array
+                return self._colour(array)
             image = Image.fromarray(array)
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image)
+        return self._colour(np.asarray(image))
+
+    @property
+    def grey(self) -> bool:
+        """True when the model sees luma only (the `colour` option is "grey")."""
+        return self.options["colour"] == "grey"
+
+    def _colour(self, array: np.ndarray) -> np.ndarray:
+        if not self.grey:
+            return array
+        luma = np.asarray(Image.fromarray(array).convert("L"))
+        return np.repeat(luma[..., None], 3, axis=2)
 
     def load(self, source: str | Path | bytes, size: int | None = None) -> np.ndarray:
         """:func:`decode_image` then :meth:`to_array`."""
@@ -304,9 +318,15 @@ class Preprocess:
         return eval_transform(self.image_size, self.mean, self.std)
 
     def train_transform(self, augment: Any = None) -> Any:
-        """The training augmentation (:class:`hemaclip.data.transforms.AugmentConfig`) ending at `image_size`."""
-        from hemaclip.data.transforms import train_transform
+        """The training augmentation (:class:`hemaclip.data.transforms.AugmentConfig`) ending at `image_size`.
+        A grey model (``colour=grey``) always takes the augmentation's grey step (``grey_p = 1``, after the
+        HED and colour jitter), so no augmentation can bring colour back."""
+        import dataclasses
 
+        from hemaclip.data.transforms import AugmentConfig, train_transform
+
+        if self.grey:
+            augment = dataclasses.replace(augment or AugmentConfig(), grey_p=1.0)
         return train_transform(self.image_size, augment, self.mean, self.std)
 
     def batch(self, arrays: Sequence[np.ndarray] | np.ndarray, transform: Any = None) -> Any:
@@ -314,7 +334,8 @@ class Preprocess:
         import torch
 
         transform = transform or self.eval_transform()
-        return torch.stack([transform(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in arrays])
+        # The colour step again (idempotent): arrays changed after `to_array` (corruptions, raw images) stay grey.
+        return torch.stack([transform(torch.from_numpy(np.array(self._colour(np.asarray(a)))).permute(2, 0, 1)) for a in arrays])
 
 
 def preprocess_for(model: Any) -> Preprocess:

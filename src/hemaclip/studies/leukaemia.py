@@ -49,14 +49,27 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], seed: 
     }
 
 
+def paired_comparison(a: str, b: str, predictions: Mapping[str, Mapping[str, np.ndarray]], y_true: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Paired bootstrap test of reading `a` against reading `b` on the test split: accuracy, macro F1 and
+    each class's F1 (differences A - B with 95 % intervals and p)."""
+    from hemaclip.metrics.classification import accuracy
+    from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
+
+    pa, pb = predictions[a]["test"], predictions[b]["test"]
+    return {
+        "a": a,
+        "b": b,
+        "accuracy": paired_bootstrap_test(accuracy, y_true, pa, pb, n_resamples=N_RESAMPLES),
+        "macro_f1": paired_bootstrap_macro_f1(y_true, pa, pb, len(classes), n_resamples=N_RESAMPLES),
+        "per_class_f1": {c: paired_bootstrap_test(_class_f1(i), y_true, pa, pb, n_resamples=N_RESAMPLES) for i, c in enumerate(classes)},
+    }
+
+
 def compare_twins(arm_names: Sequence[str], predictions: Mapping[str, Mapping[str, np.ndarray]], y_true: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Paired bootstrap tests on the test split: each reading of a text twin against its CE twin.
 
     Overall accuracy and macro F1, plus per-class F1 differences (where language helps or hurts).
     """
-    from hemaclip.metrics.classification import accuracy
-    from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
-
     pairs = []
     inits = dict.fromkeys(name.rsplit("-", 1)[0] for name in arm_names)
     for init in inits:
@@ -64,14 +77,7 @@ def compare_twins(arm_names: Sequence[str], predictions: Mapping[str, Mapping[st
         if text not in arm_names or ce not in arm_names:
             continue
         for a, b in ((f"{text}:zero-shot", f"{ce}:head"), (f"{text}:logistic", f"{ce}:head"), (f"{text}:knn20", f"{ce}:head"), (f"{text}:logistic", f"{ce}:logistic")):
-            pa, pb = predictions[a]["test"], predictions[b]["test"]
-            pairs.append({
-                "a": a,
-                "b": b,
-                "accuracy": paired_bootstrap_test(accuracy, y_true, pa, pb, n_resamples=N_RESAMPLES),
-                "macro_f1": paired_bootstrap_macro_f1(y_true, pa, pb, len(classes), n_resamples=N_RESAMPLES),
-                "per_class_f1": {c: paired_bootstrap_test(_class_f1(i), y_true, pa, pb, n_resamples=N_RESAMPLES) for i, c in enumerate(classes)},
-            })
+            pairs.append(paired_comparison(a, b, predictions, y_true, classes))
     return pairs
 
 

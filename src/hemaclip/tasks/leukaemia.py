@@ -14,10 +14,16 @@ Image-text models are read by image-to-text similarity (the class prompt ensembl
 their embeddings; CE models by their head (and the same probes). Paired bootstrap tests on the test
 split compare the twins overall and per class (scoring and the report live in the studies layer,
 `hemaclip.studies.leukaemia`, above tasks).
+
+The colour study (`hemaclip leukemia colour`) adds arm *variants*: ``grey`` (the same recipe on luma-only
+input, at training and inference: the model config's ``preprocess.colour``) and ``clusters`` (the same
+recipe on a split that keeps acquisition-like colour clusters whole), and the shortcut readers of
+`hemaclip.tasks.shortcuts` fitted on the same split.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import time
@@ -30,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hemaclip.data.datasets import CellDataset, CellRecord, load_dataset
+from hemaclip.data.datasets import ALL_FRACTIONS, CellDataset, CellRecord, load_dataset
 from hemaclip.data.dedupe import file_hashes
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.preprocess import preprocess_for
@@ -56,16 +62,23 @@ OBJECTIVES = ("text", "ce")
 TEXT_METHODS = ("zero-shot", "logistic", "knn20")  # how an image-text model classifies
 CE_METHODS = ("head", "logistic", "knn20")  # how a supervised model classifies
 SHIPPED = "shipped"  # the shipped model read as is (no ALL training): a reference row
+# Arm variants of the colour study: what each changes in the arm's training config.
+VARIANTS: dict[str, dict[str, Any]] = {"": {}, "grey": {"preprocess": {"colour": "grey"}}, "clusters": {}}
+# Clusters of the grouped split: one per patient the source reports (Aria et al.: 89), a stand-in for
+# acquisition sessions; the rule is fixed before looking at any result.
+CLUSTER_K = 89
 
 logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training run of the study: an initialisation and an objective ('text' or 'ce')."""
+    """One training run of the study: an initialisation, an objective ('text' or 'ce') and a variant
+    ('' = as packaged, 'grey' = luma-only input, 'clusters' = the cluster-grouped split)."""
 
     init: str
     objective: str
+    variant: str = ""
 
     @property
     def label(self) -> str:
@@ -73,7 +86,7 @@ class Arm:
 
     @property
     def name(self) -> str:
-        return f"{self.label}-{self.objective}"
+        return f"{self.label}-{self.objective}" + (f"-{self.variant}" if self.variant else "")
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -105,7 +118,9 @@ def arm_config(arm: Arm, overrides: Mapping[str, Any] | None = None) -> TrainCon
     """Training config of an arm: the packaged ALL config of its init, `overrides` on top, then its objective."""
     if arm.objective not in OBJECTIVES:
         raise HemaclipError(f"unknown objective '{arm.objective}' (choose from {', '.join(OBJECTIVES)})")
-    extra = dict(overrides or {})
+    if arm.variant not in VARIANTS:
+        raise HemaclipError(f"unknown variant '{arm.variant}' (choose from {', '.join(v or 'none' for v in VARIANTS)})")
+    extra = {**dict(overrides or {}), **VARIANTS[arm.variant]}
     if arm.init in INIT_CONFIGS:
         config = load_train_config(INIT_CONFIGS[arm.init], extra)
     else:
@@ -155,6 +170,74 @@ def _folder_label(path: Path) -> str:
     return path.parent.name
 
 
+def split_file(split_dir: Path, seed: int = 0) -> Path:
+    """Where a run keeps its ALL split (the trainer reads and writes it there)."""
+    return split_dir / f"all_seed{seed}.csv"
+
+
+def make_cluster_split(split_dir: Path, data_root: str | Path | None = None, k: int = CLUSTER_K, seed: int = 0) -> dict[str, str]:
+    """Cluster the deduplicated ALL images on colour and background statistics (k-means, `k` clusters),
+    assign whole clusters to train/val/test (:func:`hemaclip.data.splits.grouped_stratified_split`, 70/10/20
+    of the images per class) and save the split with each image's cluster as its ``group`` column in
+    `split_dir`, where training picks it up. Returns key -> split. An existing split is kept."""
+    from hemaclip.data.paths import resolve_data_root
+    from hemaclip.data.splits import check_groups_within_splits, grouped_stratified_split, save_split
+    from hemaclip.tasks.shortcuts import acquisition_clusters, cluster_features
+
+    path = split_file(split_dir, seed)
+    if path.is_file():
+        return {row["key"]: row["split"] for row in _read_rows(path)}
+    dataset = load_dataset(DATASET, data_root=data_root, split_dir=None, seed=seed)
+    root = resolve_data_root(data_root)
+    keys = [str(Path(r.path).relative_to(root)) for r in dataset.records]
+    labels = [r.label for r in dataset.records]
+    clusters = [str(c) for c in acquisition_clusters(cluster_features([r.path for r in dataset.records]), k, seed)]
+    assignment = grouped_stratified_split(keys, labels, clusters, ALL_FRACTIONS, seed)
+    check_groups_within_splits(assignment, dict(zip(keys, clusters)), str(path))
+    save_split(path, assignment, dict(zip(keys, labels)), dict(zip(keys, clusters)))
+    return assignment
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cluster_audit(split_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Clusters per split, clusters found in more than one split (must be 0), class balance per split,
+    cluster sizes and purity, read back from the saved split's ``group`` column."""
+    rows = _read_rows(split_file(split_dir, seed))
+    if not rows or "group" not in rows[0]:
+        raise HemaclipError(f"{split_file(split_dir, seed)}: not a cluster-grouped split (no group column)")
+    split = {r["key"]: r["split"] for r in rows}
+    label = {r["key"]: r["label"] for r in rows}
+    cluster_of = {r["key"]: r["group"] for r in rows}
+    splits_of: dict[str, set[str]] = {}
+    classes_of: dict[str, Counter] = {}
+    for key, c in cluster_of.items():
+        splits_of.setdefault(c, set()).add(split[key])
+        classes_of.setdefault(c, Counter())[label[key]] += 1
+    sizes = {c: sum(n.values()) for c, n in classes_of.items()}
+    purity = {c: max(n.values()) / sizes[c] for c, n in classes_of.items()}
+    return {
+        "k": len(sizes),
+        "clusters_per_split": {s: sum(1 for v in splits_of.values() if v == {s}) for s in SPLITS},
+        "clusters_in_two_splits": sum(1 for v in splits_of.values() if len(v) > 1),
+        "per_split_class": {s: dict(sorted(Counter(label[k] for k in split if split[k] == s).items())) for s in SPLITS},
+        "split_sizes": {s: sum(1 for v in split.values() if v == s) for s in SPLITS},
+        "cluster_sizes": {"min": min(sizes.values()), "median": float(np.median(list(sizes.values()))), "max": max(sizes.values())},
+        "mean_cluster_purity": float(np.mean(list(purity.values()))),
+        "images_in_one_class_clusters": int(sum(n for c, n in sizes.items() if purity[c] == 1.0)),
+        "split_file": str(split_file(split_dir, seed)),
+    }
+
+
+def cluster_groups(split_dir: Path, keys: Sequence[str], seed: int = 0) -> np.ndarray:
+    """The cluster of each key (in order) from a cluster-grouped split: the groups of a cluster bootstrap."""
+    cluster_of = {r["key"]: r["group"] for r in _read_rows(split_file(split_dir, seed))}
+    return np.array([cluster_of[k] for k in keys])
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +279,8 @@ def train_arms(
         config = arm_config(arm, overrides)
         run_dir = runs_dir / arm.name
         _check_same_config(run_dir, config)
+        if arm.variant == "clusters":
+            make_cluster_split(run_dir / "splits", data_root, seed=config.seed)
         if _run_finished(run_dir, config.epochs):
             logger.info("%s: finished run found in %s, kept", arm.name, run_dir)
             done[arm.name] = {"trained_now": False}
@@ -292,6 +377,34 @@ def predict(model: torch.nn.Module, emb: Embedded, method: str, classes: Sequenc
     return out
 
 
+def study_records(split_dir: Path, data_root: str | Path | None = None, max_eval_images: int | None = None) -> tuple[list[str], dict[str, list[CellRecord]]]:
+    """The classes and the records of each split a study reads (a stratified subset with `max_eval_images`)."""
+    dataset: CellDataset = load_dataset(DATASET, data_root=data_root, split_dir=split_dir)
+    return list(dataset.classes), {s: stratified_subset(dataset.split(s), max_eval_images, 0) for s in SPLITS}
+
+
+def predict_shortcuts(split_dir: Path, data_root: str | Path | None = None, max_eval_images: int | None = None) -> dict[str, Any]:
+    """Every shortcut reader of `hemaclip.tasks.shortcuts` fitted on the train split of `split_dir`, C
+    chosen on val: ``predictions`` ("<name>:logistic" -> split -> class indices), ``truth`` and ``fits``
+    (chosen C, validation scores per C, training size)."""
+    from hemaclip.tasks.shortcuts import SHORTCUTS, fit_shortcut, shortcut_features
+
+    classes, records = study_records(split_dir, data_root, max_eval_images)
+    empty = [s for s in SPLITS if not records[s]]
+    if empty:
+        raise HemaclipError(f"{split_file(split_dir)}: the {', '.join(empty)} split is empty (too few clusters?); shortcut readers need all three")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = {s: np.array([index[r.label] for r in records[s]], dtype=np.int64) for s in SPLITS}
+    predictions, fits = {}, {}
+    for name in SHORTCUTS:
+        features = {s: shortcut_features(name, [r.path for r in records[s]]) for s in SPLITS}
+        fit = fit_shortcut(features, {s: labels[s] for s in ("train", "val")}, len(classes))
+        predictions[f"{name}:logistic"] = fit.pop("predictions")
+        fit.pop("model")
+        fits[name] = fit
+    return {"classes": classes, "truth": {s: labels[s] for s in ("val", "test")}, "predictions": predictions, "fits": fits}
+
+
 def predict_study(
     arms: Sequence[Arm],
     runs_dir: Path,
@@ -300,24 +413,28 @@ def predict_study(
     max_eval_images: int | None = None,
     device: str = "cpu",
     progress: bool = False,
+    split_dir: Path | None = None,
+    shipped_grey: bool = False,
 ) -> dict[str, Any]:
-    """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading.
+    """Predictions on val and test of every arm's best.pt (and the shipped model as is), per reading, on
+    the split the arms were trained on (or `split_dir`, which every arm must share). `shipped_grey` also
+    reads the shipped model on luma-only input ("shipped-grey": its probes; no training).
 
     Returns ``classes``, ``truth`` (split -> class indices), ``predictions`` ("<model>:<reading>" ->
     split -> class indices) and ``eval_seconds`` per model. Scoring is left to the caller (the studies layer).
     """
-    split_dir = runs_dir / arms[0].name / "splits"
-    reference = (split_dir / "all_seed0.csv").read_text()
-    for arm in arms[1:]:
+    split_dir = split_dir or runs_dir / arms[0].name / "splits"
+    reference = split_file(split_dir).read_text()
+    for arm in arms:
         other = runs_dir / arm.name / "splits" / "all_seed0.csv"
         if other.read_text() != reference:
             raise HemaclipError(f"{other}: the runs were trained on different splits; they cannot be compared")
-    dataset: CellDataset = load_dataset(DATASET, data_root=data_root, split_dir=split_dir)
-    classes = list(dataset.classes)
-    records = {s: stratified_subset(dataset.split(s), max_eval_images, 0) for s in SPLITS}
+    classes, records = study_records(split_dir, data_root, max_eval_images)
     models: list[tuple[str, Path, tuple[str, ...]]] = []
     if include_shipped:
         models.append((SHIPPED, default_checkpoint_path(), TEXT_METHODS))
+    if shipped_grey:
+        models.append((f"{SHIPPED}-grey", default_checkpoint_path(), ("logistic", "knn20")))
     models += [(arm.name, runs_dir / arm.name / "best.pt", arm.methods) for arm in arms]
     predictions: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, float] = {}
@@ -325,6 +442,8 @@ def predict_study(
     for name, checkpoint, methods in models:
         tick = time.perf_counter()
         model, meta = load_for_inference(checkpoint)
+        if name == f"{SHIPPED}-grey":
+            model.config = model.config.replace(preprocess={**model.config.preprocess, "colour": "grey"})
         model.to(device)
         prompts_file = ((meta.get("extra") or {}).get("train_config") or {}).get("prompts")
         emb = embed_splits(model, records, classes, device=device, progress=progress)

@@ -16,6 +16,7 @@ one, else the zero-shot prompt ensemble; `value=None` explains the predicted cla
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ from hemaclip.errors import HemaclipError
 from hemaclip.models.modes import eval_mode
 
 __all__ = ["overlay_png", "saliency_map"]
+
+Prompts = Mapping[str, Sequence[str]]
 
 OVERLAY_ALPHA = 0.45
 OVERLAY_COLORMAP = "jet"
@@ -42,7 +45,7 @@ def _input_tensor(model: Any, image: np.ndarray) -> torch.Tensor:
     return preprocess_for(model).batch([array])
 
 
-def _target_score(model: Any, raw: torch.Tensor, target: str, value: str | None) -> torch.Tensor:
+def _target_score(model: Any, raw: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     """Scalar logit of the chosen class / attribute value for the single image of `raw` [1, D]."""
     from hemaclip.models.text_cache import PooledTextCache
     from hemaclip.models.zero_shot import build_zero_shot_classifier
@@ -50,7 +53,10 @@ def _target_score(model: Any, raw: torch.Tensor, target: str, value: str | None)
 
     attribute_logits, class_logits = model.aux_logits(raw)
     if target == "class":
-        if class_logits is not None:
+        if class_prompts is not None:  # read through these prompts even if the model has a (maybe untrained) head
+            weights = build_zero_shot_classifier(model, class_prompts, PooledTextCache(model.text)).to(raw.dtype)
+            logits, names = (F.normalize(raw, dim=-1) @ weights.T)[0], list(class_prompts)
+        elif class_logits is not None:
             logits, names = class_logits[0], list(model.class_names)
         else:
             prompts = load_prompts().class_prompts("pbc")
@@ -84,7 +90,7 @@ def _normalise(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return out.clamp(0, 1).numpy().astype(np.float32)
 
 
-def _grad_cam(model: Any, x: torch.Tensor, target: str, value: str | None) -> torch.Tensor:
+def _grad_cam(model: Any, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     trunk = model.visual.trunk
     maps: list[torch.Tensor] = []
 
@@ -103,13 +109,13 @@ def _grad_cam(model: Any, x: torch.Tensor, target: str, value: str | None) -> to
     # The last feature map before pooling; if it is 1x1 (tiny inputs) use the last one with some extent.
     spatial = [m for m in maps if m.shape[-1] * m.shape[-2] > 1]
     fmap = spatial[-1] if spatial and maps[-1].shape[-1] * maps[-1].shape[-2] == 1 else maps[-1]
-    score = _target_score(model, raw, target, value)
+    score = _target_score(model, raw, target, value, class_prompts)
     (grad,) = torch.autograd.grad(score, fmap)
     weights = grad.mean(dim=(2, 3), keepdim=True)
     return F.relu((weights * fmap).sum(dim=1))[0]
 
 
-def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | None) -> torch.Tensor:
+def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     trunk = model.visual.trunk
     attentions: list[torch.Tensor] = []
     blocks = list(trunk.blocks)
@@ -131,7 +137,7 @@ def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | No
             block.attn.fused_attn = was
     if len(attentions) != len(blocks):
         raise HemaclipError("could not capture the ViT attention maps")
-    score = _target_score(model, raw, target, value)
+    score = _target_score(model, raw, target, value, class_prompts)
     grads = torch.autograd.grad(score, attentions)
     tokens = attentions[0].shape[-1]
     rollout = torch.eye(tokens)
@@ -143,9 +149,12 @@ def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | No
     return rollout[0, prefix:].reshape(int(grid[0]), int(grid[1]))
 
 
-def saliency_map(model: Any, image: np.ndarray, target: str = "class", value: str | None = None) -> np.ndarray:
+def saliency_map(
+    model: Any, image: np.ndarray, target: str = "class", value: str | None = None, class_prompts: Prompts | None = None
+) -> np.ndarray:
     """Saliency of `target` ("class" or an attribute name; `value` None = the predicted one) for one
-    uint8 HxWx3 image, as float32 [H, W] in [0, 1] at the image's own size.
+    uint8 HxWx3 image, as float32 [H, W] in [0, 1] at the image's own size. `class_prompts` (class ->
+    prompts) reads the class through those prompts instead of the head (a model trained with sentences only).
 
     An all-zero map means the feature map holds no positive evidence for that target (Grad-CAM keeps
     only positive contributions), which can happen for a value the model does not predict.
@@ -154,7 +163,8 @@ def saliency_map(model: Any, image: np.ndarray, target: str = "class", value: st
     with eval_mode(model):
         with torch.enable_grad():
             trunk = model.visual.trunk
-            heat = _attention_rollout(model, x, target, value) if _is_vit(trunk) else _grad_cam(model, x, target, value)
+            explain = _attention_rollout if _is_vit(trunk) else _grad_cam
+            heat = explain(model, x, target, value, class_prompts)
     return _normalise(heat, tuple(np.asarray(image).shape[:2]))
 
 
