@@ -174,17 +174,16 @@ def train_command(
     Several processes (DDP): torchrun --nproc_per_node 2 -m hemaclip.cli train --config default --out runs/ddp
     Resume after a stop or kill: hemaclip train --out runs/mine --resume
     """
-    from hemaclip.train.config import load_train_config
-    from hemaclip.train.trainer import train
+    from hemaclip.train.config import TrainConfig, load_train_config
 
     overrides = parse_set_options(set_)
     if resume and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())["train"]
-        from hemaclip.train.config import TrainConfig
-
         train_config = TrainConfig.from_dict({**saved, **overrides}, source=str(out / "config.json"))
     else:
-        train_config = load_train_config(config, overrides)
+        train_config = load_train_config(config, overrides)  # every value checked before anything is written
+    from hemaclip.train.trainer import train
+
     metrics = train(train_config, out, resume=resume, data_root=data)
     console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
     console.print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last); curves: {out / 'curves.png'}")
