@@ -95,7 +95,7 @@ def test_preprocess_field_is_checked_and_old_checkpoints_load_unchanged(tmp_path
     from hemaclip.models.checkpoint import load_checkpoint
 
     config = ModelConfig(name="x", preprocess={"resize": "bicubic"})
-    assert Preprocess.from_config(config) == Preprocess(128) and Preprocess.from_config(config).options == {"locate": "whole", "resize": "bicubic"}
+    assert Preprocess.from_config(config) == Preprocess(128) and Preprocess.from_config(config).options == {"locate": "whole", "resize": "bicubic", "frame": "2.5"}
     with pytest.raises(HemaclipError, match="unknown preprocess option"):
         ModelConfig(name="x", preprocess={"crop": "centre"})
     with pytest.raises(HemaclipError, match="locate='cells' is not supported"):

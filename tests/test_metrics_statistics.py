@@ -147,3 +147,19 @@ def test_invalid_arguments_raise(kwargs: dict) -> None:
         bootstrap_macro_f1(y, y, 2, **kwargs)
     with pytest.raises(ValueError):
         bootstrap_ci(accuracy, y, y[:2])
+
+
+def test_cluster_bootstrap_with_singleton_groups_is_the_item_bootstrap_and_groups_widen_intervals() -> None:
+    from hemaclip.metrics.statistics import bootstrap_macro_f1, cluster_bootstrap_macro_f1, paired_cluster_bootstrap_macro_f1
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    p = np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300))
+    single = cluster_bootstrap_macro_f1(y, p, 3, np.arange(300))
+    item = bootstrap_macro_f1(y, p, 3)
+    assert (single["point"], single["low"], single["high"]) == (item["point"], item["low"], item["high"])
+    # Five copies of each item: the item bootstrap thinks it has 1,500 independent cells, the cluster one 300.
+    y5, p5, g5 = np.repeat(y, 5), np.repeat(p, 5), np.repeat(np.arange(300), 5)
+    clustered, naive = cluster_bootstrap_macro_f1(y5, p5, 3, g5), bootstrap_macro_f1(y5, p5, 3)
+    assert clustered["high"] - clustered["low"] > 1.8 * (naive["high"] - naive["low"])
+    assert paired_cluster_bootstrap_macro_f1(y5, p5, p5, 3, g5)["p_value"] == 1.0

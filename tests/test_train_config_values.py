@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hemaclip.data.transforms import AugmentConfig
 from hemaclip.errors import HemaclipError
 from hemaclip.train.config import LOSS_NAMES, TextMix, TrainConfig, load_train_config
 
@@ -23,6 +24,7 @@ WRONG_TYPE = {
     "attribute_head_weight": "x", "class_head_weight": None, "captions_per_image": 2.5, "text_mix": 3,
     "freeze_image_fraction": "x", "augment": 1, "stain_jitter": "x", "amp": 1, "seed": 0.5,
     "max_train_images": 1.5, "max_val_images": "x", "save_every_steps": 1.5, "select_metric": 1, "device": 0,
+    "augmentation": 3, "extra_datasets": "lisc", "preprocess": 3,
 }
 # One value of the right type but out of range for every field with a rule.
 OUT_OF_RANGE = {
@@ -31,13 +33,34 @@ OUT_OF_RANGE = {
     "warmup_steps": -1, "grad_clip": -1.0, "loss": "hinge", "soft_target_temperature": 0, "contrastive_weight": -1,
     "attribute_head_weight": -0.5, "class_head_weight": -1, "captions_per_image": 0, "freeze_image_fraction": 1.5,
     "stain_jitter": 2.0, "amp": "fp8", "seed": -1, "max_train_images": 0, "max_val_images": 0, "save_every_steps": -2,
-    "device": "tpu",
+    "device": "tpu", "extra_datasets": ["lisc", "nosuch"], "preprocess": {"locate": "nowhere"},
+}
+# The augmentation block (`--set augmentation.KEY=...`): a wrong type for every field, a range case for every rule.
+AUGMENT_BAD = {
+    "crop_scale_min": "x", "hflip": "yes", "vflip": 1, "rot90": None, "brightness": "x", "contrast": [], "saturation": True,
+    "hue": "x", "stain_jitter": "x", "grey_p": "abc", "gamma": None, "blur_p": "x", "blur_sigma": "x", "lowres_p": [0.5],
+    "jpeg_p": "x", "zoom_out": "x",
+}
+AUGMENT_RANGE = {
+    "crop_scale_min": 0, "brightness": -0.1, "contrast": -1, "saturation": -1, "hue": 0.6, "stain_jitter": -0.1,
+    "grey_p": 1.5, "gamma": -1, "blur_p": -0.1, "blur_sigma": -1, "lowres_p": 2, "jpeg_p": 1.01, "zoom_out": 0.5,
 }
 
 
 def test_every_field_has_a_type_case_and_every_rule_a_range_case() -> None:
     assert set(WRONG_TYPE) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(OUT_OF_RANGE) == set(TrainConfig.RULES)
+    assert set(AUGMENT_BAD) == {f.name for f in dataclasses.fields(AugmentConfig)}
+    assert set(AUGMENT_RANGE) == set(AugmentConfig.RULES)
+
+
+@pytest.mark.parametrize("case", [f"type:{k}" for k in sorted(AUGMENT_BAD)] + [f"range:{k}" for k in sorted(AUGMENT_RANGE)])
+def test_every_augmentation_key_is_checked(case: str) -> None:
+    kind, key = case.split(":")
+    value = (AUGMENT_BAD if kind == "type" else AUGMENT_RANGE)[key]
+    with pytest.raises(HemaclipError) as caught:
+        load_train_config("tiny", {f"augmentation.{key}": value})
+    assert f"augmentation: {key} must be " in str(caught.value) and "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("key", sorted(WRONG_TYPE))

@@ -30,7 +30,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect the datasets: counts per split and class, duplicates found.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-DATASET_NAMES = ("wbcatt", "pbc", "pbc11", "all")
 
 
 def _version(value: bool) -> None:
@@ -56,12 +55,12 @@ def data_summary(
 
     Example: hemaclip data summary --json
     """
-    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.datasets import BUNDLED_DATASETS, load_dataset
     from hemaclip.data.paths import resolve_data_root
 
     root = resolve_data_root(data)
     report: dict = {"data_root": str(root), "datasets": {}}
-    for name in DATASET_NAMES:
+    for name in BUNDLED_DATASETS:
         try:
             report["datasets"][name] = load_dataset(name, data_root=root, seed=seed).summary(root)
         except HemaclipError as exc:
@@ -77,6 +76,10 @@ def data_summary(
         title = f"{name}: {summary['files_found']} files, {summary['records']} after deduplication"
         if dup:
             title += f" ({dup['duplicate_groups']} duplicate groups, {dup['files_dropped']} dropped)"
+        title += f"; lab {', '.join(summary['labs'])}"
+        if summary.get("groups"):
+            groups = summary["groups"]
+            title += f"; {groups['count']} groups of near-duplicate crops, {groups['split_across']} split across splits"
         table = Table(title=title, title_justify="left")
         table.add_column("class")
         for split in summary["per_split_class"]:
@@ -91,7 +94,7 @@ def data_summary(
 
 @data_app.command("check")
 def data_check(
-    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, or folder (ImageFolder layout under --data).")] = "folder",
+    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, lisc, zheng1, zheng2, or folder (ImageFolder layout under --data).")] = "folder",
     data: DataOption = None,
     attributes_csv: Annotated[
         Optional[Path], typer.Option(help="For --dataset folder: CSV of the 11 attributes (default ROOT/attributes.csv if present).")
@@ -277,7 +280,7 @@ def demo_command(
 def evaluate_command(
     out: Annotated[Path, typer.Option(help="Report folder: metrics.json, report.md, report.html, PNGs.")],
     checkpoint: CheckpointOption = None,
-    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, or folder (with --data DIR).")] = "wbcatt",
+    dataset: Annotated[str, typer.Option(help="wbcatt, pbc, pbc11, all, lisc, zheng1, zheng2, or folder (with --data DIR).")] = "wbcatt",
     split: Annotated[str, typer.Option(help="Split to evaluate (temperature is fitted on val, probes trained on train).")] = "test",
     data: DataOption = None,
     class_map: Annotated[

@@ -218,6 +218,23 @@ def check_values(config: Any, what: str, rules: Mapping[str, Rule] | None = None
         raise TypeError(f"{type(config).__name__}: a rule names '{name}', which is not one of its fields")
 
 
+def apply_overrides(payload: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`--set` overrides on top of a config mapping, in place: ``key`` sets a top-level option,
+    ``group.key`` an option of a nested block (e.g. ``augmentation.grey_p`` or ``model.g_channels``)."""
+    for key, value in (overrides or {}).items():
+        if "." in key:
+            group, sub = key.split(".", 1)
+            block = payload.setdefault(group, {})
+            if not isinstance(block, dict):
+                from hemaclip.errors import HemaclipError
+
+                raise HemaclipError(f"--set {key}: '{group}' is not a block of options")
+            block[sub] = value
+        else:
+            payload[key] = value
+    return payload
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically with stable key order and indentation (diff-friendly results)."""
     with atomic_write(path) as handle:

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
-from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration
+from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration, fit_familiarity_for
+from hemaclip.tasks.familiarity import familiarity_path
 
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
 
@@ -41,9 +42,9 @@ def _write_saliency(describer, description, directory: Path, target: str, used: 
     from hemaclip.io import atomic_write
     from hemaclip.tasks.saliency import overlay_png, saliency_map
 
-    image = describer.prepare(decode_image(description.source))
+    image = describer.views(decode_image(description.source))[description.cell].array
     heat = saliency_map(describer.model, image, target=target)
-    stem = Path(description.source).stem
+    stem = Path(description.source).stem + (f"-cell{description.cell}" if description.cell else "")
     name = f"{stem}.{target}.png"
     n = 1
     while name in used:  # two inputs with one file name in different folders
@@ -64,8 +65,11 @@ def _table(rows: list, calibrated: bool) -> Table:
             table.add_row(d.source, "[red]error[/red]", "", "", d.error, "")
             continue
         label = f"[yellow]{d.label} (abstain)[/yellow]" if d.abstain else d.label
+        if d.unfamiliar:
+            label += " [red](unfamiliar)[/red]"
         neighbours = ", ".join(f"{h['label']} {h['score']:.2f}" for h in d.neighbours)
-        table.add_row(Path(d.source).name, label, f"{d.probability:.3f}",
+        name = Path(d.source).name + (f" cell {d.cell + 1} {tuple(d.box)}" if d.cell or not d.cell_found else "")
+        table.add_row(name, label, f"{d.probability:.3f}",
                       f"{d.runner_up} {d.runner_up_probability:.3f}" if d.runner_up else "", d.sentence, neighbours)
     return table
 
@@ -87,6 +91,9 @@ def describe(
     saliency_target: Annotated[str, typer.Option("--saliency-target", help="'class' or an attribute name, e.g. nucleus_shape.")] = "class",
     stain_norm: Annotated[str, typer.Option("--stain-norm", help="Stain normalisation before the model: none, macenko or reinhard.")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and run per batch.")] = DEFAULTS.batch_size,
+    adapt: Annotated[str, typer.Option("--adapt", help="Test-time adaptation to the images given: 'none', or 'bn' "
+                                       "(re-estimate the model's BatchNorm statistics on them first; for a folder "
+                                       "from another lab).")] = "none",
 ) -> None:
     """Describe blood-cell images: class with a calibrated probability and the runner-up, the 11 WBCAtt
     attributes with probabilities, a sentence stating only confident attributes, and the most similar
@@ -106,7 +113,7 @@ def describe(
     normalizer = get_normalizer(stain_norm)
     describer = Describer.from_checkpoint(checkpoint, index=_index_argument(index), data_root=data,
                                           attribute_threshold=threshold, abstain_below=abstain_below,
-                                          stain_normalizer=normalizer, progress=True)
+                                          stain_normalizer=normalizer, progress=True, adapt=adapt)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:
@@ -114,8 +121,11 @@ def describe(
     failed = seen = 0
     used: set[str] = set()
     buffer: list = []
+    scores: list[float] = []  # unfamiliarity of every cell, for the folder-level verdict (not the descriptions: memory stays flat)
     for d in describer.describe_paths(images, batch_size=batch_size, progress=True):
         seen += 1
+        if d.error is None and d.unfamiliarity is not None:
+            scores.append(d.unfamiliarity)
         if d.error is not None:
             failed += 1
             logger.warning("warning: %s", d.error)
@@ -131,6 +141,14 @@ def describe(
                 buffer = []
     if buffer:
         console.print(_table(buffer, describer.calibrated))
+    if describer.familiarity is None:
+        logger.warning("note: no familiarity file beside the checkpoint, so no cell is flagged as unfamiliar (run hemaclip calibrate)")
+    else:
+        shift = describer.familiarity.folder_shift(scores)
+        if shift is not None and shift.shifted:
+            logger.warning("%s", shift.message)
+        elif shift is not None:
+            logger.info("%s", shift.message)
     if failed:
         raise HemaclipError(f"{failed} of {seen} file(s) could not be described (see the warnings above)")
 
@@ -140,7 +158,8 @@ def calibrate(
     data: DataOption = None,
 ) -> None:
     """Fit the temperatures `describe` uses (class on PBC val, each attribute on WBCAtt val; never test) and
-    write them beside the checkpoint as <name>.calibration.json.
+    the unfamiliarity score (PBC train embeddings, threshold on PBC val), and write them beside the
+    checkpoint as <name>.calibration.json and <name>.familiarity.npz.
 
     Example: hemaclip calibrate --checkpoint runs/mine/best.pt
     """
@@ -149,10 +168,13 @@ def calibrate(
     path = resolve_checkpoint(checkpoint)
     model, _ = load_for_inference(path)
     result = fit_calibration(model, path, data_root=data, progress=True)
+    familiarity = fit_familiarity_for(model, path, data_root=data, progress=True)
     console.print(f"class temperature ({result.class_source}): {result.class_temperature:.3f}")
     for name, t in result.attribute_temperatures.items():
         console.print(f"  {ATTRIBUTE_ABBREVIATIONS.get(name, name)}: {t:.3f}")
     console.print(f"written to {calibration_path(path)}")
+    console.print(f"unfamiliarity threshold {familiarity.threshold:.1f} ({familiarity.expected_share:.1%} of PBC val flagged); "
+                  f"written to {familiarity_path(path)}")
 
 
 def register(app: typer.Typer) -> None:

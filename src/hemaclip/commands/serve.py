@@ -52,7 +52,7 @@ def serve_command(
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
     pixels = int(max_megapixels * 1e6)
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency, max_upload_pixels=pixels,
-                             held_pixels=2 * pixels, allowed_hosts=allowed_hosts_for(host, tuple(allow_host or ())))
+                             allowed_hosts=allowed_hosts_for(host, tuple(allow_host or ())))
     app = create_app(describer, search_index, settings=settings)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("note: serving on %s: anyone who can reach this machine can use the page", host)

@@ -37,17 +37,30 @@ WBCATT_REQUIRED_COLUMNS = ("img_name", "label", *ATTRIBUTE_NAMES, "path")
 # Fractions for PBC classes that WBCAtt does not split: the WBCAtt proportions (about 60/10/30).
 PBC_FRACTIONS = SplitFractions(val=0.1, test=0.3)
 ALL_FRACTIONS = SplitFractions(val=0.1, test=0.2)
+# The datasets found under the data root that `data summary` and the demo list (not 'folder').
+BUNDLED_DATASETS: tuple[str, ...] = ("wbcatt", "pbc", "pbc11", "all", "lisc", "zheng1", "zheng2")
+# Laboratory of each bundled set (PBC and WBCAtt: Hospital Clinic of Barcelona, CellaVision DM96).
+PBC_LAB = "pbc-barcelona"
+ALL_LAB = "aria-all"
 
 
 @dataclass(frozen=True)
 class CellRecord:
-    """One image: where it is, its class, its split and, if annotated, its 11 WBCAtt attributes."""
+    """One image: where it is, its class, its split and, if annotated, its 11 WBCAtt attributes.
+
+    `lab` names the laboratory/scanner the image comes from (other-lab studies score a lab only with
+    models trained without it); `group` ties near-duplicate crops of one source cell together (they
+    never cross splits); `mask_path` points at an expert nucleus/cytoplasm mask where one exists.
+    """
 
     path: Path
     label: str
     split: str
     attributes: dict[str, str] | None = None
     fine_label: str | None = None
+    lab: str = ""
+    group: str | None = None
+    mask_path: Path | None = None
 
 
 @dataclass
@@ -86,8 +99,13 @@ class CellDataset:
         per_split = {
             split: dict(sorted(Counter(r.label for r in self.records if r.split == split).items())) for split in SPLIT_NAMES
         }
+        groups: dict[str, set[str]] = {}
+        for record in self.records:
+            if record.group is not None:
+                groups.setdefault(record.group, set()).add(record.split)
         return {
             "dataset": self.name,
+            "labs": dict(sorted(Counter(r.lab for r in self.records).items())),
             "classes": list(self.classes),
             "files_found": self.files_found,
             "records": len(self.records),
@@ -95,6 +113,7 @@ class CellDataset:
             "per_split_class": per_split,
             "duplicates": self.duplicates.to_dict(root) if self.duplicates else None,
             "has_attributes": self.has_attributes,
+            "groups": {"count": len(groups), "split_across": sum(len(s) > 1 for s in groups.values())} if groups else None,
             "notes": self.notes,
         }
 
@@ -190,6 +209,7 @@ def _wbcatt_record(row: dict[str, str], split: str, root: Path, source: str) -> 
         split=split,
         attributes=validate_attributes(row, source),
         fine_label=row["img_name"].split("_")[0],
+        lab=PBC_LAB,
     )
 
 
@@ -242,7 +262,9 @@ def _pbc_records(options: LoadOptions) -> tuple[list[CellRecord], int, Duplicate
         entry = official.get(path.resolve())
         split = entry[0] if entry else assignment[key_of[path]]
         attributes = validate_attributes(entry[1], str(path)) if entry else None
-        records.append(CellRecord(path=path, label=labels[path], split=split, attributes=attributes, fine_label=path.name.split("_")[0]))
+        records.append(
+            CellRecord(path=path, label=labels[path], split=split, attributes=attributes, fine_label=path.name.split("_")[0], lab=PBC_LAB)
+        )
     return records, len(labels), report, notes
 
 
@@ -258,7 +280,9 @@ def load_pbc11(options: LoadOptions) -> CellDataset:
     """PBC, 11 classes from file-name prefixes; images with the unlabelled IG/NEUTROPHIL prefixes are left out."""
     records, found, report, notes = _pbc_records(options)
     fine = [
-        CellRecord(path=r.path, label=PBC11_PREFIXES[r.fine_label], split=r.split, attributes=r.attributes, fine_label=r.fine_label)
+        CellRecord(
+            path=r.path, label=PBC11_PREFIXES[r.fine_label], split=r.split, attributes=r.attributes, fine_label=r.fine_label, lab=r.lab
+        )
         for r in records
         if r.fine_label in PBC11_PREFIXES
     ]
@@ -279,7 +303,7 @@ def load_all(options: LoadOptions) -> CellDataset:
     keys = {p: str(p.relative_to(options.data_root)) for p in kept}
     split_file = options.split_dir / f"all_seed{options.seed}.csv" if options.split_dir else None
     assignment = saved_or_new_split(split_file, list(keys.values()), [labels[p] for p in kept], ALL_FRACTIONS, options.seed)
-    records = [CellRecord(path=p, label=labels[p], split=assignment[keys[p]]) for p in kept]
+    records = [CellRecord(path=p, label=labels[p], split=assignment[keys[p]], lab=ALL_LAB) for p in kept]
     return CellDataset(name="all", classes=ALL_CLASSES, records=records, files_found=len(labels), duplicates=report)
 
 
@@ -330,7 +354,8 @@ def load_folder(options: LoadOptions) -> CellDataset:
         split_file = options.split_dir / f"folder_{root.name}_seed{options.seed}.csv" if options.split_dir else None
         by_key = saved_or_new_split(split_file, list(keys.values()), [labels[p] for p in kept], ALL_FRACTIONS, options.seed)
         assignment = {p: by_key[keys[p]] for p in kept}
-    records = [CellRecord(path=p, label=labels[p], split=assignment[p], attributes=attributes.get(p)) for p in kept]
+    lab = f"folder:{root.name}"
+    records = [CellRecord(path=p, label=labels[p], split=assignment[p], attributes=attributes.get(p), lab=lab) for p in kept]
     classes = tuple(d.name for d in class_dirs if any(labels[p] == d.name for p in labels))
     return CellDataset(name="folder", classes=classes, records=records, files_found=len(labels), duplicates=report)
 
@@ -346,3 +371,7 @@ __all__ = [
     "register_dataset",
     "stratified_split",
 ]
+
+
+# The other laboratories' sets register themselves on import (kept in their own module).
+from hemaclip.data import other_labs as _other_labs  # noqa: E402,F401

@@ -1,19 +1,23 @@
-"""Image transforms: a mild, morphology-preserving training augmentation and a plain eval transform.
+"""Image transforms: a morphology-preserving training augmentation and a plain eval transform.
 
-Cells have no canonical orientation, so flips and 90-degree rotations are free augmentations;
-colour jitter is kept small because colour *is* a labelled attribute (granule and cytoplasm colour).
+Cells have no canonical orientation, so flips and 90-degree rotations are free augmentations. The
+defaults keep colour jitter small because colour *is* a labelled attribute (granule and cytoplasm
+colour); the other-lab levers (stain and colour shifts, grey, gamma, blur, JPEG, lower resolution,
+zoom) are off by default and switched on by a training config's `augmentation` block, each measured
+in the other-labs study (README, "Other labs").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
 from hemaclip.data.stain import hed_jitter
-from hemaclip.errors import HemaclipError
+from hemaclip.io import Rule, at_least, between, check_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,10 +37,34 @@ class AugmentConfig:
     saturation: float = 0.08
     hue: float = 0.02
     stain_jitter: float = 0.0  # HED stain jitter strength (see hemaclip.data.stain.hed_jitter); 0 = off
+    grey_p: float = 0.0  # probability of turning the image grey (3 equal channels)
+    gamma: float = 0.0  # gamma drawn log-uniformly in [exp(-gamma), exp(gamma)]; 0 = off
+    blur_p: float = 0.0  # probability of a Gaussian blur (defocus) with sigma up to `blur_sigma`
+    blur_sigma: float = 1.5  # largest blur sigma, in pixels of the model's input
+    lowres_p: float = 0.0  # probability of down- then up-sampling (a coarser camera), to 35-90 % of the side
+    jpeg_p: float = 0.0  # probability of JPEG re-compression at quality 30-95
+    zoom_out: float = 1.0  # the cell shrinks by up to this factor (frame padded with the background colour)
+
+    # What each value may be beyond its type (checked with the types when the config is made, so
+    # `train --set augmentation.grey_p=abc` is one line before a run writes anything).
+    RULES: ClassVar[dict[str, Rule]] = {
+        "crop_scale_min": ("within (0, 1]", lambda v: 0 < v <= 1),
+        "brightness": at_least(0),
+        "contrast": at_least(0),
+        "saturation": at_least(0),
+        "hue": between(0, 0.5),
+        "stain_jitter": at_least(0),
+        "grey_p": between(0, 1),
+        "gamma": at_least(0),
+        "blur_p": between(0, 1),
+        "blur_sigma": at_least(0),
+        "lowres_p": between(0, 1),
+        "jpeg_p": between(0, 1),
+        "zoom_out": between(1, 3),
+    }
 
     def __post_init__(self) -> None:
-        if self.stain_jitter < 0:
-            raise HemaclipError(f"stain_jitter must be >= 0, got {self.stain_jitter}")
+        check_values(self, "augmentation", self.RULES)
 
 
 class RandomRot90(torch.nn.Module):
@@ -70,6 +98,74 @@ class RandomHEDJitter(torch.nn.Module):
         return tv_tensors.Image(torch.from_numpy(out).permute(2, 0, 1).contiguous())
 
 
+def _background(image: torch.Tensor) -> list[float]:
+    """Median colour of the brightest tenth of a uint8 CHW image's pixels: the smear's background."""
+    flat = image.as_subclass(torch.Tensor).reshape(3, -1).float()
+    bright = flat.sum(0) >= flat.sum(0).quantile(0.9)
+    return flat[:, bright].median(dim=1).values.tolist()
+
+
+class RandomZoomOut(torch.nn.Module):
+    """Shrink the picture by a random factor in [1, `most`] inside a canvas of its own size, filled
+    with its background colour: the same cell seen at a lower magnification (or framed more loosely)."""
+
+    def __init__(self, most: float) -> None:
+        super().__init__()
+        self.most = float(most)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        factor = float(torch.empty(()).uniform_(1.0, self.most))
+        if factor <= 1.0001:
+            return image
+        height, width = image.shape[-2:]
+        small = T.functional.resize(image, [max(8, round(height / factor)), max(8, round(width / factor))], antialias=True)
+        canvas = torch.empty_like(image.as_subclass(torch.Tensor))
+        canvas[:] = torch.tensor(_background(image), dtype=torch.float32).round().to(image.dtype).view(3, 1, 1)
+        top, left = (height - small.shape[-2]) // 2, (width - small.shape[-1]) // 2
+        canvas[:, top : top + small.shape[-2], left : left + small.shape[-1]] = small
+        return tv_tensors.Image(canvas)
+
+
+class RandomApplyOne(torch.nn.Module):
+    """Apply `transform` with probability `p` (torch's generator, so seeded per image like the rest)."""
+
+    def __init__(self, transform: torch.nn.Module, p: float) -> None:
+        super().__init__()
+        self.transform, self.p = transform, float(p)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(image) if float(torch.rand(())) < self.p else image
+
+
+class RandomGamma(torch.nn.Module):
+    """Gamma drawn log-uniformly in [exp(-spread), exp(spread)] (camera response / exposure)."""
+
+    def __init__(self, spread: float) -> None:
+        super().__init__()
+        self.spread = float(spread)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gamma = float(torch.empty(()).uniform_(-self.spread, self.spread).exp())
+        return T.functional.adjust_gamma(image, gamma)
+
+
+class RandomLowRes(torch.nn.Module):
+    """Down-sample to 35-90 % of the side and back: a coarser camera or a smaller crop up-scaled."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        side = image.shape[-1]
+        small = max(16, round(side * float(torch.empty(()).uniform_(0.35, 0.9))))
+        down = T.functional.resize(image, [small, small], antialias=True)
+        return T.functional.resize(down, [image.shape[-2], side], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+
+
+class RandomJPEG(torch.nn.Module):
+    """JPEG re-compression at a random quality in 30-95."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return T.functional.jpeg(image, int(torch.randint(30, 96, ())))
+
+
 def check_resolution(image_size: int) -> int:
     if not MIN_RESOLUTION <= image_size <= MAX_RESOLUTION:
         raise ValueError(f"image size {image_size} outside the supported range {MIN_RESOLUTION}-{MAX_RESOLUTION} px")
@@ -101,7 +197,8 @@ def eval_transform(image_size: int, mean: Stats = IMAGENET_MEAN, std: Stats = IM
 def train_transform(
     image_size: int, config: AugmentConfig | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
 ) -> T.Compose:
-    """Optional HED stain jitter, random resized crop, flips, 90-degree rotations and mild colour jitter.
+    """Optional HED stain jitter and zoom-out, random resized crop, flips, 90-degree rotations, colour
+    jitter, then the optional gamma, grey, blur, lower resolution and JPEG steps (a camera's order).
 
     Takes a PIL image or a uint8 CHW tensor.
     """
@@ -110,6 +207,7 @@ def train_transform(
     steps: list = [
         T.ToImage(),
         *([RandomHEDJitter(config.stain_jitter)] if config.stain_jitter > 0 else []),
+        *([RandomZoomOut(config.zoom_out)] if config.zoom_out > 1 else []),
         T.RandomResizedCrop(
             image_size, scale=(config.crop_scale_min, 1.0), ratio=(0.9, 1.1), interpolation=T.InterpolationMode.BICUBIC, antialias=True
         )
@@ -122,5 +220,15 @@ def train_transform(
         steps.append(RandomRot90())
     if any((config.brightness, config.contrast, config.saturation, config.hue)):
         steps.append(T.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
+    if config.gamma > 0:
+        steps.append(RandomGamma(config.gamma))
+    if config.grey_p > 0:
+        steps.append(RandomApplyOne(T.Grayscale(num_output_channels=3), config.grey_p))
+    if config.blur_p > 0:
+        steps.append(RandomApplyOne(T.GaussianBlur(7, sigma=(0.3, max(0.31, config.blur_sigma))), config.blur_p))
+    if config.lowres_p > 0:
+        steps.append(RandomApplyOne(RandomLowRes(), config.lowres_p))
+    if config.jpeg_p > 0:
+        steps.append(RandomApplyOne(RandomJPEG(), config.jpeg_p))
     steps += _to_normalised_float(mean, std)
     return T.Compose(steps)

@@ -9,8 +9,9 @@ Why it is built this way:
   never written to a named file. Every failure is a 4xx JSON ``{"detail": "..."}`` a person can act on:
   415 not an image / wrong content type, 413 too large (bytes, or pixels: ``max_upload_pixels``, 12
   megapixels by default, judged from the image header before decoding), 422 corrupt or truncated.
-* Decoding runs in worker threads, a few at a time, within a budget of decoded pixels held at once, and
-  describe requests are answered in micro-batches by one model call (:mod:`hemaclip.serve.workers`).
+* Decoding runs in a few worker threads of its own, which also cut the picture into the model's small
+  views and drop it (so at most ``decode_workers`` full pictures are held at once), and describe requests
+  are answered in micro-batches by one model call (:mod:`hemaclip.serve.workers`).
 * Only requests whose Host header names this server are answered (Starlette's TrustedHostMiddleware,
   ``allowed_hosts``: the loopback names by default), so a web page cannot reach a loopback server
   through DNS rebinding. No CORS headers are sent: browsers let only pages of this server's own origin
@@ -36,7 +37,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from hemaclip import __version__
 from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
-from hemaclip.serve.workers import DescribeBatcher, UploadError, UploadGate
+from hemaclip.serve.workers import DecodePool, DescribeBatcher, UploadError
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param"]
 
@@ -60,8 +61,7 @@ class ServeSettings:
     """Limits of the API (the first ones configurable from `hemaclip serve`).
 
     `max_upload_pixels`: largest image accepted (413 beyond, from the header, before decoding);
-    `decode_workers`: uploads decoded at once (each in a worker thread); `held_pixels`: decoded pixels held
-    at once by all requests together (a decoded upload waits for room; two full-size images by default);
+    `decode_workers`: uploads decoded at once (each in a worker thread; also the most full pictures held);
     `batch_size` / `batch_wait_ms`: micro-batching of describe requests; `allowed_hosts`: Host header
     names answered (others get 400), "*" for any.
     """
@@ -72,7 +72,6 @@ class ServeSettings:
     saliency: bool = True
     max_upload_pixels: int = MAX_UPLOAD_PIXELS
     decode_workers: int = 2
-    held_pixels: int = 2 * MAX_UPLOAD_PIXELS
     batch_size: int = 32
     batch_wait_ms: float = 5.0
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
@@ -102,9 +101,16 @@ def _example_field(pixels: int) -> str:
     return f"{4 * side}x{3 * side}"
 
 
-def _decoded_array(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """An upload as an HxWx3 uint8 array (what the describer and the pixel budget take); the PIL image is freed."""
-    return np.asarray(decode_upload(data, name, max_pixels), dtype=np.uint8)
+def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int) -> tuple[list[Any], list[int]]:
+    """Decode an upload and cut it into the views the model reads (in a decode worker); returns the views
+    and the picture's [width, height]. The full picture is dropped here, so only the small views wait
+    for the model."""
+    array = np.asarray(decode_upload(data, name, max_pixels), dtype=np.uint8)
+    try:
+        views = describer.views(array)
+    except (HemaclipError, OSError, ValueError) as exc:
+        raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
+    return views, [int(array.shape[1]), int(array.shape[0])]
 
 
 def parse_where_param(items: list[str] | None) -> dict[str, str]:
@@ -218,7 +224,7 @@ def create_app(
         index.check_model(model)
     saliency = _saliency_functions() if settings.saliency else None
     model_lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
-    gate = UploadGate(settings.decode_workers, settings.held_pixels)
+    decoder = DecodePool(settings.decode_workers)
     batcher = None
     if describer is not None:
         batcher = DescribeBatcher(describer, lock=model_lock, saliency=saliency, max_batch=settings.batch_size,
@@ -232,6 +238,7 @@ def create_app(
             "nearest reference cells) and search cells by description. " + DISCLAIMER
         ),
     )
+    app.state.describe_batcher = batcher  # its batch sizes, for tests and the load benchmark
     # Only requests for this server's own names: a page cannot reach it through DNS rebinding.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts), www_redirect=False)
     static = resources.files("hemaclip.serve") / "static"
@@ -296,14 +303,11 @@ def create_app(
             raise HTTPException(503, "this server was started without a model to describe cells")
         data, name = await _upload_bytes(request, settings)
         async with batcher.on_the_way():
-            array, held = await gate.decode(lambda: _decoded_array(data, name, settings.max_upload_pixels))
+            views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels))
         del data
-        try:
-            result = await batcher.describe(array, name, saliency_map)
-        finally:
-            del array
-            await gate.release(held)
-        result["neighbours"] = _with_image_urls(list(result.get("neighbours") or []), index)
+        result = await batcher.describe(views, name, size, saliency_map)
+        for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
+            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), index)
         result["disclaimer"] = DISCLAIMER
         return result
 

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from hemaclip.errors import HemaclipError
 
-DATASET_NAMES = ("wbcatt", "pbc", "pbc11", "all")
 # Demo queries: each names attribute values, so a hit can be checked against the WBCAtt annotation.
 QUERIES: tuple[tuple[str, dict[str, str], dict[str, str] | None], ...] = (
     ("large cell with a segmented nucleus and coarse red granules", {"granule_colour": "red"}, None),
@@ -29,12 +28,12 @@ K = 8
 
 def demo_data_lines(data: Path | None) -> list[str]:
     """One line per dataset: images after deduplication, classes, split sizes (or why it is absent)."""
-    from hemaclip.data.datasets import load_dataset
+    from hemaclip.data.datasets import BUNDLED_DATASETS, load_dataset
     from hemaclip.data.paths import resolve_data_root
 
     root = resolve_data_root(data)
     lines = [f"data root: {root}"]
-    for name in DATASET_NAMES:
+    for name in BUNDLED_DATASETS:
         try:
             summary = load_dataset(name, data_root=root).summary(root)
         except HemaclipError as exc:

@@ -36,6 +36,7 @@ __all__ = [
     "REANNOTATION_CSV",
     "annotator_agreement",
     "statement_agreement",
+    "textbook_agreement",
     "textbook_attributes",
     "textbook_test",
     "threshold_sweep",
@@ -163,6 +164,22 @@ def textbook_test(
         "discriminating_match_predicted_textbook": frac(d_book, d_made),
         "discriminating_match_own_annotation": frac(d_truth, d_made),
     }
+
+
+def textbook_agreement(
+    statements: Statements, predicted_labels: Sequence[str | None], textbook: Mapping[str, Mapping[str, str]]
+) -> dict[str, Any]:
+    """Of the statements made about cells whose predicted class has a textbook (annotated or not), the
+    fraction that match the predicted class's textbook values: how much of what is said could have been
+    said without looking at the cell."""
+    made = match = cells = 0
+    for said, pred in zip(statements, predicted_labels):
+        if pred is None or pred not in textbook:
+            continue
+        cells += 1
+        made += len(said)
+        match += sum(value == textbook[pred][name] for name, value in said.items())
+    return {"n_cells": cells, "n_statements": made, "match_predicted_textbook": match / made if made else None}
 
 
 def annotator_agreement(data_root: str | Path | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
-from hemaclip.data.preprocess import decode_image, is_image_file, preprocess_for
+from hemaclip.data.preprocess import CellView, decode_image, is_image_file, preprocess_for
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.text.captions import (
     CHROMATIN_WORDS,
@@ -63,14 +64,21 @@ __all__ = [
     "attribute_sentence",
     "calibration_path",
     "fit_calibration",
+    "fit_familiarity_for",
+    "UNFAMILIAR_WARNING",
     "iter_image_paths",
     "load_calibration",
+    "sayable_statements",
     "select_statements",
     "statements_for_rows",
 ]
 
 CALIBRATION_FORMAT = 1
 CALIBRATION_SUFFIX = ".calibration.json"
+UNFAMILIAR_WARNING = (
+    "Unfamiliar image: it lies outside what the model was trained on (another lab, stain or camera, or a cell "
+    "type it does not know), so this reading may be wrong; check it by eye."
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,11 @@ class DescribeSettings:
     classes_without_attributes: tuple[str, ...] = ("platelet", "erythroblast")
     # Prompt-set dataset whose class prompts are used when a checkpoint has no class head.
     zero_shot_dataset: str = "pbc"
+    # An unfamiliar cell (see hemaclip.tasks.familiarity) gets a plain warning instead of a confident
+    # sentence; an attribute is still stated only above this stricter calibrated probability.
+    unfamiliar_attribute_threshold: float = 0.9
+    # Test-time adaptation (--adapt bn) uses at most this many cells of a folder (a seeded sample beyond).
+    adapt_max_images: int = 4096
 
 
 DEFAULTS = DescribeSettings()
@@ -184,6 +197,14 @@ def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         text += f"; its cytoplasm is {_join(cyto_adj)}"
     sentence = text[:1].upper() + text[1:] + "."
     return sentence, parse_caption(sentence)
+
+
+def sayable_statements(stated: Mapping[str, str]) -> dict[str, str]:
+    """The part of `stated` that :func:`attribute_sentence` puts into words (granule type and colour only
+    together with granularity): what a reader of the sentence must recover exactly."""
+    _, _, used = _granule_statements(stated)
+    granule = {"granularity", "granule_type", "granule_colour"}
+    return {n: v for n, v in stated.items() if n in ATTRIBUTES and (n not in granule or n in used)}
 
 
 def select_statements(
@@ -340,6 +361,37 @@ def fit_calibration(
     return calibration
 
 
+def fit_familiarity_for(
+    model: Any, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False, write: bool = True
+) -> Any:
+    """Fit the unfamiliarity score of a checkpoint (:mod:`hemaclip.tasks.familiarity`): class means and
+    covariance on the embeddings of the PBC train split (the images the shipped recipe trains on), the
+    flag threshold and the reference scores on the PBC val split; never test. Writes
+    ``<checkpoint>.familiarity.npz`` when `write`."""
+    from hemaclip.cache import file_sha1
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.tasks.familiarity import familiarity_path, fit_familiarity
+    from hemaclip.tasks.features import extract_features
+
+    checkpoint = Path(checkpoint)
+    sha1 = file_sha1(checkpoint)
+    pbc = load_dataset("pbc", data_root=data_root)
+    known = set(model.class_names)
+    train = [r for r in pbc.split("train") if r.label in known]
+    val = [r for r in pbc.split("val") if r.label in known]
+    if not train:
+        raise DataError("no PBC train image has a class the model knows; cannot fit the unfamiliarity score")
+    ft = extract_features(model, train, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    fv = extract_features(model, val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    familiarity = fit_familiarity(
+        ft.features, [r.label for r in train], fv.features, sha1,
+        fitted_on=f"means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
+    )
+    if write:
+        familiarity.save(familiarity_path(checkpoint))
+    return familiarity
+
+
 # ------------------------------------------------------------------------------------------------ #
 # read-outs: logits of the class and the attributes from image outputs
 # ------------------------------------------------------------------------------------------------ #
@@ -418,6 +470,14 @@ class CellDescription:
     sentence: str = ""
     neighbours: list[dict[str, Any]] = field(default_factory=list)
     calibrated: bool = True
+    # Where the cell is in the picture (x0, y0, x1, y1 pixels) and its number there (a field may hold several);
+    # cell_found False: no white cell was found, the whole picture was read.
+    box: list[int] | None = None
+    cell: int = 0
+    cell_found: bool = True
+    # How far the cell lies from the training data (None: the checkpoint has no familiarity file).
+    unfamiliar: bool | None = None
+    unfamiliarity: float | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -451,7 +511,12 @@ def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
 
 
 class Describer:
-    """Loads a model, its calibration and a reference index once; describes arrays or files."""
+    """Loads a model, its calibration, familiarity and a reference index once; describes arrays or files.
+
+    With cell finding in the model's preprocessing, a picture holding several white cells gives one
+    description per cell, each with its box; with `adapt="bn"`, `describe_paths` first re-estimates the
+    model's BatchNorm statistics on the folder's own cells (:mod:`hemaclip.models.adapt`).
+    """
 
     def __init__(
         self,
@@ -459,12 +524,14 @@ class Describer:
         *,
         calibration: Calibration | None = None,
         uncalibrated_reason: str = "",
+        familiarity: Any = None,
         index: Any = None,
         attribute_threshold: float = DEFAULTS.attribute_threshold,
         abstain_below: float = DEFAULTS.abstain_below,
         stain_normalizer: Any = None,
         settings: DescribeSettings = DEFAULTS,
         device: str = "cpu",
+        training_model: Any = None,
     ) -> None:
         if not 0.0 <= float(attribute_threshold) <= 1.0:
             raise HemaclipError(f"attribute threshold must be within [0, 1], got {attribute_threshold}")
@@ -477,6 +544,7 @@ class Describer:
             calibration, uncalibrated_reason = None, "calibration classes differ from the model's"
         self.calibration = calibration
         self.uncalibrated_reason = uncalibrated_reason
+        self.familiarity = familiarity
         self.index = index
         self.attribute_threshold = float(attribute_threshold)
         self.abstain_below = float(abstain_below)
@@ -484,6 +552,9 @@ class Describer:
         self.device = device
         self.preprocess = preprocess_for(model)
         self.image_size = self.preprocess.image_size
+        # The model before BatchNorm folding, kept only when test-time adaptation was asked for.
+        self.training_model = training_model
+        self.adapted_on: int | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -501,19 +572,32 @@ class Describer:
         stain_normalizer: Any = None,
         progress: bool = False,
         device: str = "cpu",
+        adapt: str | None = None,
     ) -> Describer:
-        """Load `checkpoint` (None = the shipped model), its calibration sidecar and the reference index.
+        """Load `checkpoint` (None = the shipped model), its calibration and familiarity sidecars and the
+        reference index.
 
         `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
-        a path of a saved index, a loaded index, or None for no neighbours.
+        a path of a saved index, a loaded index, or None for no neighbours. `adapt`: None, or "bn" to
+        re-estimate BatchNorm statistics on each folder described (see :meth:`describe_paths`).
         """
-        from hemaclip.models.checkpoint import load_for_inference
-        from hemaclip.models.default import resolve_checkpoint
-        from hemaclip.cache import file_sha1
+        import copy
 
+        from hemaclip.cache import file_sha1
+        from hemaclip.models.checkpoint import load_checkpoint
+        from hemaclip.models.default import resolve_checkpoint
+        from hemaclip.models.inference import prepare_for_inference
+        from hemaclip.tasks.familiarity import load_familiarity
+
+        if adapt not in (None, "none", "bn"):
+            raise HemaclipError(f"unknown adaptation '{adapt}' (choose none or bn)")
         path = resolve_checkpoint(checkpoint)
-        model, _meta = load_for_inference(path, map_location=device)
-        calibration, reason = load_calibration(path, file_sha1(path))
+        raw, _meta = load_checkpoint(path, map_location=device)
+        training_model = copy.deepcopy(raw) if adapt == "bn" else None
+        model = prepare_for_inference(raw)
+        sha1 = file_sha1(path)
+        calibration, reason = load_calibration(path, sha1)
+        familiarity, _why = load_familiarity(path, sha1)
         loaded = None
         if isinstance(index, str) and index == "default":
             from hemaclip.tasks.index import default_reference_index
@@ -527,25 +611,34 @@ class Describer:
             loaded = index
         if loaded is not None and getattr(loaded, "dim", model.config.embed_dim) != model.config.embed_dim:
             raise CheckpointError(f"reference index has dimension {loaded.dim}, the model embeds to {model.config.embed_dim}")
-        return cls(model, calibration=calibration, uncalibrated_reason=reason, index=loaded,
+        return cls(model, calibration=calibration, uncalibrated_reason=reason, familiarity=familiarity, index=loaded,
                    attribute_threshold=attribute_threshold, abstain_below=abstain_below,
-                   stain_normalizer=stain_normalizer, device=device)
+                   stain_normalizer=stain_normalizer, device=device, training_model=training_model)
 
     # -- core ------------------------------------------------------------------------------------
 
+    def views(self, image: Image.Image | np.ndarray) -> list[CellView]:
+        """What the model sees of a picture: one view per white cell found (one of the whole picture when
+        the model reads whole images or no cell is found), stain-normalised if asked."""
+        views = self.preprocess.views(image)
+        if self.stain_normalizer is None:
+            return views
+        return [dataclasses.replace(v, array=self.stain_normalizer(v.array)) for v in views]
+
     def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """The uint8 array the model sees (the model's preprocessing, then stain normalisation if asked)."""
+        """The uint8 array the model sees of the cell a picture is about (its preprocessing, then stain
+        normalisation if asked)."""
         array = self.preprocess.to_array(image)
         if self.stain_normalizer is not None:
             array = self.stain_normalizer(array)
         return array
 
-    def _describe_prepared(self, arrays: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
+    def _describe_views(self, views: Sequence[CellView], sources: Sequence[str], cells: Sequence[int]) -> list[CellDescription]:
         from hemaclip.models.inference import image_outputs
 
-        if not arrays:
+        if not views:
             return []
-        out = image_outputs(self.model, np.stack(arrays), batch_size=max(1, len(arrays)), device=self.device)
+        out = image_outputs(self.model, np.stack([v.array for v in views]), batch_size=max(1, len(views)), device=self.device)
         features = out["features"].numpy().astype(np.float32, copy=False)
         head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
         head_attr = {k: v.numpy() for k, v in out["attribute_logits"].items()} if out["attribute_logits"] else None
@@ -553,15 +646,17 @@ class Describer:
         class_probs = _softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0)
         attr_logits = self.readout.attribute_logits(features, head_attr)
         attr_probs = {n: _softmax(l, cal.attribute_temperatures.get(n, 1.0) if cal else 1.0) for n, l in attr_logits.items()}
+        scores = self.familiarity.score(features) if self.familiarity is not None else None
         names = self.readout.class_names
-        hits: list[list[dict[str, Any]]] = [[] for _ in arrays]
+        hits: list[list[dict[str, Any]]] = [[] for _ in views]
         if self.index is not None and self.settings.neighbours > 0:
             hits = self.index.search(features, k=self.settings.neighbours)
         results = []
-        for i, source in enumerate(sources):
+        for i, (view, source) in enumerate(zip(views, sources)):
             order = np.argsort(-class_probs[i], kind="stable")
             label = names[order[0]]
             second = names[order[1]] if len(order) > 1 else None
+            unfamiliar = bool(scores[i] > self.familiarity.threshold) if scores is not None else None
             attributes, values, probs = {}, {}, {}
             for name, p in attr_probs.items():
                 j = int(np.argmax(p[i]))
@@ -570,6 +665,11 @@ class Describer:
             stated: dict[str, str] = {}
             if label in self.settings.classes_without_attributes:
                 sentence = f"No attribute is stated: the WBCAtt attributes describe white blood cells, not a {label}."
+                if unfamiliar:
+                    sentence = f"{UNFAMILIAR_WARNING} {sentence}"
+            elif unfamiliar:
+                said, stated = attribute_sentence(select_statements(values, probs, self.settings.unfamiliar_attribute_threshold))
+                sentence = UNFAMILIAR_WARNING + ("" if not stated else f" Still clear at p > {self.settings.unfamiliar_attribute_threshold:g}: {said}")
             else:
                 sentence, stated = attribute_sentence(select_statements(values, probs, self.attribute_threshold))
             for name in values:
@@ -582,42 +682,86 @@ class Describer:
                 source=str(source), label=label, probability=round(prob, 4), runner_up=second,
                 runner_up_probability=round(float(class_probs[i, order[1]]), 4) if second else None,
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
-                neighbours=neighbours, calibrated=self.calibrated))
+                neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
+                cell_found=view.found, unfamiliar=unfamiliar,
+                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None))
         return results
 
     def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
-        """Describe uint8 HxWx3 RGB arrays (any size; resized like the training images)."""
+        """Describe uint8 HxWx3 RGB pictures (any size): one description per white cell found in each (a
+        picture without one is read whole, `cell_found` False), in input order."""
         if len(images) != len(sources):
             raise HemaclipError(f"{len(images)} images but {len(sources)} sources")
-        return self._describe_prepared([self.prepare(a) for a in images], [str(s) for s in sources])
+        views, names, cells = [], [], []
+        for image, source in zip(images, sources):
+            for k, view in enumerate(self.views(image)):
+                views.append(view)
+                names.append(str(source))
+                cells.append(k)
+        return self._describe_views(views, names, cells)
 
-    def _load(self, path: Path) -> np.ndarray | str:
+    def describe_pictures(self, pictures: Sequence[Sequence[CellView]], sources: Sequence[str]) -> list[list[CellDescription]]:
+        """Pictures already cut into views (:meth:`views`) described in one model call, one list per
+        picture: the server cuts each upload in the thread that decoded it and batches the model call
+        across concurrent requests."""
+        if len(pictures) != len(sources):
+            raise HemaclipError(f"{len(pictures)} pictures but {len(sources)} sources")
+        flat = [(view, str(source), k) for views, source in zip(pictures, sources) for k, view in enumerate(views)]
+        described = iter(self._describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]))
+        return [[next(described) for _ in views] for views in pictures]
+
+    def _load(self, path: Path) -> list[CellView] | str:
         try:
-            return self.prepare(decode_image(path))
+            return self.views(decode_image(path))
         except DataError as err:
             return str(err)
         except (OSError, ValueError) as err:  # a normaliser or resize failing on an odd file
             return f"{path}: {type(err).__name__}: {err}"
 
-    def _load_batch(self, paths: Sequence[Path]) -> list[np.ndarray | str]:
+    def _load_batch(self, paths: Sequence[Path]) -> list[list[CellView] | str]:
         return [self._load(p) for p in paths]
+
+    def adapt_to(self, arrays: Sequence[np.ndarray]) -> None:
+        """Re-estimate the model's BatchNorm statistics on `arrays` (the cells of the folder being described)."""
+        from hemaclip.models.adapt import adapt_batchnorm
+        from hemaclip.models.inference import prepare_for_inference
+
+        if self.training_model is None:
+            raise HemaclipError("this describer was not loaded for adaptation (from_checkpoint(..., adapt='bn'))")
+        if len(arrays) > self.settings.adapt_max_images:
+            chosen = np.random.default_rng(0).choice(len(arrays), self.settings.adapt_max_images, replace=False)
+            arrays = [arrays[i] for i in sorted(chosen)]
+        self.model = prepare_for_inference(adapt_batchnorm(self.training_model, arrays))
+        self.adapted_on = len(arrays)
 
     def describe_paths(
         self, paths: Iterable[str | Path], batch_size: int = DEFAULTS.batch_size, progress: bool = True
     ) -> Iterator[CellDescription]:
-        """Describe image files (directories are walked recursively), yielding results in input order.
+        """Describe image files (directories are walked recursively), yielding results in input order (one
+        per white cell found in each file).
 
         Memory stays constant: one batch at a time. Where a CPU core is left over beside torch's threads,
         the next batch is decoded while this one runs through the model; where none is (2 cores, 2 torch
         threads), decoding in parallel only slows the model's threads down, so batches run in turn
         (bench/results/describe_speed.json). An unreadable file yields a description with `error` set
-        instead of stopping the run.
+        instead of stopping the run. With adaptation, a first pass finds the folder's cells and adapts
+        the model to them (at most `adapt_max_images` cells are kept for it).
         """
         if int(batch_size) < 1:
             raise HemaclipError(f"batch size must be >= 1, got {batch_size}")
         files = list(iter_image_paths(paths))  # names only; images are decoded batch by batch
         batches = [files[i : i + int(batch_size)] for i in range(0, len(files), int(batch_size))]
         show = progress and sys.stderr.isatty()
+        if self.training_model is not None and files:
+            sample = files
+            if len(files) > self.settings.adapt_max_images:
+                picked = np.random.default_rng(0).choice(len(files), self.settings.adapt_max_images, replace=False)
+                sample = [files[i] for i in sorted(picked)]
+            arrays = []
+            for loaded in tqdm(map(self._load, sample), total=len(sample), desc="adapting to the folder", unit="img", disable=not show):
+                if not isinstance(loaded, str):
+                    arrays.extend(v.array for v in loaded)
+            self.adapt_to(arrays)
         bar = tqdm(total=len(files), desc="describing", unit="img", disable=not show)
         import torch
 
@@ -629,10 +773,20 @@ class Describer:
                     loaded = pending.result() if overlap else self._load_batch(batch)
                     if overlap and b + 1 < len(batches):
                         pending = pool.submit(self._load_batch, batches[b + 1])
-                    good = [(p, a) for p, a in zip(batch, loaded) if not isinstance(a, str)]
-                    described = iter(self._describe_prepared([a for _, a in good], [str(p) for p, _ in good]))
-                    for p, a in zip(batch, loaded):
-                        yield CellDescription(source=str(p), error=a) if isinstance(a, str) else next(described)
+                    views, names, cells = [], [], []
+                    for p, item in zip(batch, loaded):
+                        if not isinstance(item, str):
+                            for k, view in enumerate(item):
+                                views.append(view)
+                                names.append(str(p))
+                                cells.append(k)
+                    described = iter(self._describe_views(views, names, cells))
+                    for p, item in zip(batch, loaded):
+                        if isinstance(item, str):
+                            yield CellDescription(source=str(p), error=item)
+                        else:
+                            for _ in item:
+                                yield next(described)
                     bar.update(len(batch))
         finally:
             bar.close()

@@ -44,6 +44,7 @@ __all__ = [
     "LVLMBenchmarkPreset",
     "LVLM_BENCHMARK_PRESET",
     "attribute_labels",
+    "benchmark_rows",
     "fit_predict",
     "knn_probe",
     "logistic_probe",
@@ -343,11 +344,21 @@ def lvlm_test_subset(fs: FeatureSet, per_class: int = 50, seed: int = 0, split: 
     Candidates are ordered by path before sampling, so the chosen images do not depend on row
     order; the subset keeps the row order of `fs`.
     """
+    return fs.subset(benchmark_rows(fs.paths, fs.labels, fs.splits, per_class=per_class, seed=seed, split=split))
+
+
+def benchmark_rows(
+    paths: Sequence[str], labels: Sequence[str], splits: Sequence[str], per_class: int = 50, seed: int = 0,
+    split: str | None = "test",
+) -> np.ndarray:
+    """Sorted row indices of the LVLM benchmark sample: up to `per_class` rows per label of split `split`
+    (None = all rows). Candidates are ordered by path before sampling, so the choice does not depend on
+    row order; the feature-set preset of `evaluate` and `hemaclip lvlm run` draw the same cells this way."""
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    rows = np.arange(len(fs)) if split is None else np.array([i for i, s in enumerate(fs.splits) if s == split], dtype=np.int64)
+    rows = np.arange(len(paths)) if split is None else np.array([i for i, s in enumerate(splits) if s == split], dtype=np.int64)
     if len(rows) == 0:
         raise DataError(f"no rows in split '{split}' for the LVLM benchmark subset")
-    rows = rows[np.argsort(np.asarray([fs.paths[i] for i in rows], dtype=object), kind="stable")]
-    pick = sample_per_class([fs.labels[i] for i in rows], per_class, seed)
-    return fs.subset(np.sort(rows[pick]))
+    rows = rows[np.argsort(np.asarray([str(paths[i]) for i in rows], dtype=object), kind="stable")]
+    pick = sample_per_class([labels[i] for i in rows], per_class, seed)
+    return np.sort(rows[pick])

@@ -142,7 +142,7 @@ _NUCLEUS_TOKENS: dict[str, _Meaning] = {
         {
             "unsegmented-band": ("band-shaped", "band"),
             "unsegmented-round": ("round", "rounded"),
-            "unsegmented-indented": ("indented", "kidney-shaped", "reniform"),
+            "unsegmented-indented": ("indented", "kidney-shaped", "reniform", "horseshoe-shaped"),
             "segmented-bilobed": ("bilobed", "bilobate", "two-lobed"),
             "segmented-multilobed": ("multilobed", "multilobated", "multilobular"),
             "irregular": ("irregular", "irregularly shaped", "irregular in shape"),
@@ -164,6 +164,7 @@ _CYTOPLASM_TOKENS: dict[str, _Meaning] = {
         {"light blue": ("light-blue", "pale-blue"), "purple blue": ("purple blue", "purplish blue")},
     ),
     **_words("cytoplasm_texture", TEXTURE_WORDS),
+    **_words("cytoplasm_texture", {"frosted": ("ground-glass",)}),
     **_words("nuclear_cytoplasmic_ratio", CYTOPLASM_AMOUNT),
     **_words("nuclear_cytoplasmic_ratio", {"low": ("abundant", "plentiful")}),
     # Vacuoles and granularity are read from the whole text (with negation); here they only keep the
@@ -229,8 +230,12 @@ _IDIOMS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
             "nucleus_shape",
             "segmented-multilobed",
         ),
+        (r"\b(?:3|4|5|three|four|five)\s+lobes\b", "nucleus_shape", "segmented-multilobed"),
         (r"\bband-shaped\b|\bband form\b", "nucleus_shape", "unsegmented-band"),
-        (r"\bindented\b|\bkidney-shaped\b|\breniform\b", "nucleus_shape", "unsegmented-indented"),
+        (r"\bindented\b|\bkidney-shaped\b|\breniform\b|\bhorseshoe-shaped\b", "nucleus_shape", "unsegmented-indented"),
+        (r"\b(?:scant|scanty|thin|narrow)\s+rim\s+of\b(?:\s+\S+){0,3}\s+cytoplasm\b|\bvery little cytoplasm\b",
+         "nuclear_cytoplasmic_ratio", "high"),
+        (r"\bground-glass\b", "cytoplasm_texture", "frosted"),
         (
             r"\bnucleus\s+(?:(?:that|which)\s+is\s+)?of\s+(?:an?\s+)?irregular\s+(?:shape|outline)\b",
             "nucleus_shape",
@@ -251,7 +256,7 @@ _GRANULES_ABSENT: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
     for p in (
         r"(?<![\w-])(?:a|non-)granular\b",
-        rf"\b{_NEGATORS}{_NEG_FILLER}\s+(?:vacuoles\s+(?:or|nor)\s+)?granul(?:es|e|ation|arity)\b",
+        rf"\b{_NEGATORS}{_NEG_FILLER}\s+(?:vacuoles\s+(?:or|nor|and)\s+)?granul(?:es|e|ation|arity)\b",
         r"\bgranules?\s+(?:are|is)\s+(?:absent|not seen)\b",
     )
 )
@@ -260,7 +265,7 @@ _VACUOLES_ABSENT: tuple[re.Pattern[str], ...] = tuple(
     for p in (
         r"\bnon-vacuolated\b",
         r"\bnot\s+vacuolated\b",
-        rf"\b{_NEGATORS}{_NEG_FILLER}\s+(?:granules\s+(?:or|nor)\s+)?vacuol",
+        rf"\b{_NEGATORS}{_NEG_FILLER}\s+(?:granules\s+(?:or|nor|and)\s+)?vacuol",
         r"\bvacuoles?\s+(?:are|is)\s+(?:absent|not seen)\b",
     )
 )

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hemaclip.io import Rule, at_least, between, check_values, config_from_dict, greater_than, one_of, packaged_configs, read_config
+from hemaclip.data.transforms import AugmentConfig
+from hemaclip.io import Rule, apply_overrides, at_least, between, check_values, config_from_dict, greater_than, one_of, packaged_configs, read_config
 
 LOSS_NAMES = ("clip", "soft", "multipos")  # hemaclip.models.losses.LOSSES (a test keeps the two equal)
 AMP_MODES = ("auto", "off", "bf16")
@@ -65,6 +66,15 @@ class TrainConfig:
     # HED-space stain jitter of training images (0 = off; 0.2 = stain concentrations scaled by up to
     # +-20 %), drawn per image from the same seed as the other augmentations; needs `augment`.
     stain_jitter: float = 0.0
+    # The rest of the augmentation (:class:`hemaclip.data.transforms.AugmentConfig` fields: colour jitter,
+    # grey_p, gamma, blur_p, lowres_p, jpeg_p, zoom_out, ...); empty = the mild defaults.
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    # Further training sets, each a dataset name whose *train* split joins the images (e.g. "lisc", a second
+    # lab); their cells carry class sentences only. Validation stays on `val_dataset`.
+    extra_datasets: list[str] = field(default_factory=list)
+    # The model's preprocessing (`ModelConfig.preprocess`, e.g. {"locate": "cell"}); None keeps the model's
+    # own (a fresh model's config, or the init checkpoint's).
+    preprocess: dict[str, Any] | None = None
     amp: str = "auto"  # 'auto' = bfloat16 autocast on CUDA, off on CPU; 'off'; 'bf16'
     seed: int = 0
     max_train_images: int | None = None  # a stratified subset, for tests and quick looks
@@ -96,6 +106,8 @@ class TrainConfig:
         "captions_per_image": at_least(1),
         "freeze_image_fraction": between(0, 1),
         "stain_jitter": between(0, 1),
+        "extra_datasets": ("a list of dataset names", lambda v: all(isinstance(x, str) and _dataset_known(x) for x in v)),
+        "preprocess": ("preprocess options: locate (whole or cell), resize (bicubic), frame (1.5 to 4)", lambda v: _preprocess_ok(v)),
         "amp": one_of(AMP_MODES),
         "seed": at_least(0),
         "max_train_images": at_least(1),
@@ -109,7 +121,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], source: str = "config") -> TrainConfig:
-        return config_from_dict(cls, payload, "training config", source, nested={"text_mix": TextMix})
+        return config_from_dict(cls, payload, "training config", source, nested={"text_mix": TextMix, "augmentation": AugmentConfig})
+
+    def augment_config(self) -> AugmentConfig:
+        """The training augmentation; the top-level `stain_jitter` (a shorthand kept for existing runs and
+        `--set stain_jitter=0.2`) wins over `augmentation.stain_jitter` when it is set."""
+        if self.stain_jitter:
+            return dataclasses.replace(self.augmentation, stain_jitter=float(self.stain_jitter))
+        return self.augmentation
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +142,17 @@ def _dataset_known(name: str) -> bool:
     from hemaclip.data.datasets import DATASETS
 
     return name in DATASETS
+
+
+def _preprocess_ok(spec: dict[str, Any]) -> bool:
+    from hemaclip.data.preprocess import check_preprocess
+    from hemaclip.errors import HemaclipError
+
+    try:
+        check_preprocess(spec)
+    except HemaclipError:
+        return False
+    return True
 
 
 def _device_ok(name: str) -> bool:
@@ -139,5 +169,4 @@ def _device_ok(name: str) -> bool:
 def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training config by packaged name (e.g. 'default') or path; apply `overrides` on top."""
     path, payload = read_config(name_or_path, "train", "training config")
-    payload.update(overrides or {})
-    return TrainConfig.from_dict(payload, source=str(path))
+    return TrainConfig.from_dict(apply_overrides(payload, overrides), source=str(path))

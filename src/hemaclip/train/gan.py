@@ -31,7 +31,7 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
-from hemaclip.io import Rule, at_least, atomic_write, between, check_values, config_from_dict, greater_than, one_of, read_config, remove_stale_temps, write_json
+from hemaclip.io import Rule, apply_overrides, at_least, atomic_write, between, check_values, config_from_dict, greater_than, one_of, read_config, remove_stale_temps, write_json
 from hemaclip.log import logged_run
 from hemaclip.models.gan import (
     DiffAugmentConfig,
@@ -112,13 +112,7 @@ def load_gan_config(name_or_path: str | Path = "default", overrides: Mapping[str
     Override keys may be top-level options or ``model.<key>`` / ``augment.<key>``.
     """
     path, payload = read_config(name_or_path, "gan", "GAN config")
-    for key, value in (overrides or {}).items():
-        if "." in key:
-            group, sub = key.split(".", 1)
-            payload.setdefault(group, {})[sub] = value
-        else:
-            payload[key] = value
-    return GanTrainConfig.from_dict(payload, source=str(path))
+    return GanTrainConfig.from_dict(apply_overrides(payload, overrides), source=str(path))
 
 
 # ------------------------------------------------------------------------------------------------

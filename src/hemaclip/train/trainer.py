@@ -31,7 +31,6 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.data.preprocess import preprocess_for
-from hemaclip.data.transforms import AugmentConfig
 from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, remove_stale_temps, write_json
 from hemaclip.log import get_logger, run_log
@@ -277,6 +276,13 @@ def _train(
     # Data: the training split of `dataset`, the validation split of `val_dataset`; splits saved in the run.
     dataset = load_dataset(config.dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
     train_records = stratified_subset(dataset.split("train"), config.max_train_images, config.seed)
+    for extra in config.extra_datasets:  # another lab's train split: class sentences only
+        extra_set = load_dataset(extra, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
+        unknown = sorted({r.label for r in extra_set.split("train")} - set(dataset.classes))
+        if unknown:
+            raise HemaclipError(f"extra dataset {extra}: class(es) {', '.join(unknown)} are not classes of {config.dataset}")
+        extra_records = stratified_subset(extra_set.split("train"), config.max_train_images, config.seed)
+        train_records += [dataclasses.replace(r, attributes=None) for r in extra_records]
     val_set = load_dataset(config.val_dataset, data_root=data_root, split_dir=paths.out / "splits", seed=config.seed)
     val_records = stratified_subset(val_set.split("val"), config.max_val_images, config.seed)
     if len(train_records) < config.batch_size:
@@ -289,6 +295,8 @@ def _train(
         state = meta["extra"]["train_state"]
     else:
         model = initial_model(config, dataset.classes)
+        if config.preprocess is not None:  # how images reach this model from now on (stored in its checkpoints)
+            model.config = model.config.replace(preprocess=dict(config.preprocess))
         state = None
     if not config.contrastive_weight:  # a plain supervised classifier: the text side is not trained
         model.text_projection.requires_grad_(False)
@@ -311,8 +319,7 @@ def _train(
     preprocess = preprocess_for(model)
     images = decoded_images([r.path for r in train_records], STORAGE_SIZE, progress=show, preprocess=preprocess)
     val_images = decoded_images([r.path for r in val_records], preprocess.image_size, progress=show, preprocess=preprocess)
-    augment_config = AugmentConfig(stain_jitter=float(config.stain_jitter))
-    augment = preprocess.train_transform(augment_config) if config.augment else preprocess.eval_transform()
+    augment = preprocess.train_transform(config.augment_config()) if config.augment else preprocess.eval_transform()
 
     loss_options: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "gather_with_grad": True}
     if config.loss == "soft":

@@ -40,7 +40,47 @@ function cellCard(hit) {
   return card;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+// Boxes of every white cell found in the upload, drawn over the preview; a click reads that cell.
+function drawBoxes(response, selected) {
+  const svg = $("boxes");
+  svg.replaceChildren();
+  const cells = response.cells || [];
+  const [w, h] = response.image_size || [1, 1];
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  cells.forEach((c, i) => {
+    if (!c.box || c.cell_found === false) return;
+    const [x0, y0, x1, y1] = c.box;
+    const rect = document.createElementNS(SVG, "rect");
+    rect.setAttribute("x", x0); rect.setAttribute("y", y0);
+    rect.setAttribute("width", x1 - x0); rect.setAttribute("height", y1 - y0);
+    rect.setAttribute("class", "cell-box" + (i === selected ? " selected" : "") + (c.unfamiliar ? " unfamiliar" : ""));
+    rect.dataset.cell = String(i);
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = `cell ${i + 1}: ${c.label} (p = ${Number(c.probability).toFixed(2)})` + (c.unfamiliar ? ", unfamiliar" : "");
+    rect.appendChild(title);
+    rect.addEventListener("click", () => renderResponse(response, i));
+    svg.appendChild(rect);
+  });
+  const found = cells.filter((c) => c.cell_found !== false).length;
+  $("cell-count").textContent = found ? `(${found} white cell${found === 1 ? "" : "s"} found; click a box to read it)` : "(no white cell found: the whole picture was read)";
+}
+
+function renderResponse(response, index) {
+  const cells = response.cells && response.cells.length ? response.cells : [response];
+  const d = { ...cells[index], saliency_png: index === 0 ? response.saliency_png : null };
+  drawBoxes(response, index);
+  renderDescription(d);
+}
+
 function renderDescription(d) {
+  const unfamiliar = $("unfamiliar");
+  unfamiliar.textContent = d.unfamiliar
+    ? `Unfamiliar image (score ${Number(d.unfamiliarity).toFixed(0)}): it lies outside what the model was trained on; the reading may be wrong.`
+    : "";
+  show(unfamiliar, !!d.unfamiliar);
   $("class-label").textContent = d.label;
   $("class-prob").textContent = d.probability != null ? `(p = ${d.probability.toFixed(2)})` : "";
   $("runner-up").textContent = d.runner_up ? `runner-up: ${d.runner_up} (p = ${Number(d.runner_up_probability).toFixed(2)})` : "";
@@ -82,7 +122,7 @@ async function describe(file) {
       body: file,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
-    renderDescription(await response.json());
+    renderResponse(await response.json(), 0);
   } catch (err) {
     $("describe-error").textContent = `Could not describe ${file.name}: ${err.message}`;
     show($("describe-error"), true);
