@@ -181,3 +181,23 @@ def test_one_bad_picture_fails_only_its_own_request() -> None:
     assert a["source"] == "a" and c["source"] == "c"
     assert isinstance(bad, UploadError) and bad.status == 422 and "broken picture" in bad.detail
     assert describer.calls[0] == ["a", "bad", "c"]  # tried together first
+
+
+def test_pixel_budget_lets_one_full_size_decode_run_at_a_time() -> None:
+    from hemaclip.serve.workers import PixelBudget
+
+    budget = PixelBudget(100)
+    peak, lock = [0], threading.Lock()
+
+    def work(pixels: int) -> None:
+        with budget.claim(pixels):
+            with lock:
+                peak[0] = max(peak[0], budget.in_use)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in (100, 100, 30, 30, 30, 500)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] <= 100 and budget.in_use == 0  # a claim over the budget waits for all of it

@@ -10,7 +10,7 @@ Why it is built this way:
   415 not an image / wrong content type, 413 too large (bytes, or pixels: ``max_upload_pixels``, 12
   megapixels by default, judged from the image header before decoding), 422 corrupt or truncated.
 * Decoding runs in a few worker threads of its own, which also cut the picture into the model's small
-  views and drop it (so at most ``decode_workers`` full pictures are held at once), and describe requests
+  views and drop it, within a budget of pixels being decoded at once (one full-size picture), and describe requests
   are answered in micro-batches by one model call (:mod:`hemaclip.serve.workers`).
 * Only requests whose Host header names this server are answered (Starlette's TrustedHostMiddleware,
   ``allowed_hosts``: the loopback names by default), so a web page cannot reach a loopback server
@@ -37,7 +37,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from hemaclip import __version__
 from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
-from hemaclip.serve.workers import DecodePool, DescribeBatcher, UploadError
+from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param"]
 
@@ -61,7 +61,8 @@ class ServeSettings:
     """Limits of the API (the first ones configurable from `hemaclip serve`).
 
     `max_upload_pixels`: largest image accepted (413 beyond, from the header, before decoding);
-    `decode_workers`: uploads decoded at once (each in a worker thread; also the most full pictures held);
+    `decode_workers`: uploads decoded at once (each in a worker thread), within a budget of
+    `max_upload_pixels` pixels being decoded at once;
     `batch_size` / `batch_wait_ms`: micro-batching of describe requests; `allowed_hosts`: Host header
     names answered (others get 400), "*" for any.
     """
@@ -101,16 +102,30 @@ def _example_field(pixels: int) -> str:
     return f"{4 * side}x{3 * side}"
 
 
-def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int) -> tuple[list[Any], list[int]]:
-    """Decode an upload and cut it into the views the model reads (in a decode worker); returns the views
-    and the picture's [width, height]. The full picture is dropped here, so only the small views wait
-    for the model."""
-    array = np.asarray(decode_upload(data, name, max_pixels), dtype=np.uint8)
-    try:
-        views = describer.views(array)
-    except (HemaclipError, OSError, ValueError) as exc:
-        raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
-    return views, [int(array.shape[1]), int(array.shape[0])]
+def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int, budget: PixelBudget) -> tuple[list[Any], list[int]]:
+    """Decode an upload and cut it into the views the model reads (in a decode worker), within the pixel
+    budget; returns the views and the picture's [width, height]. The full picture is dropped here, so
+    only the small views wait for the model."""
+    with budget.claim(_header_pixels(data, max_pixels)):
+        image = decode_upload(data, name, max_pixels)
+        try:
+            views = describer.views(image)
+        except (HemaclipError, OSError, ValueError) as exc:
+            raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
+        return views, [int(image.width), int(image.height)]
+
+
+def _header_pixels(data: bytes, max_pixels: int) -> int:
+    """Pixels an upload says it has (its header only; 0 when it has none a decoder reads, or more than
+    `max_pixels`: the decoder refuses those without decoding them)."""
+    import io
+
+    try:  # no warnings.catch_warnings here: it changes process-wide filters, and decodes run in threads
+        with Image.open(io.BytesIO(data)) as probe:
+            pixels = int(probe.size[0]) * int(probe.size[1])
+    except Exception:  # noqa: BLE001 - not an image, a bomb or a broken header: decode_upload says which
+        return 0
+    return pixels if pixels <= max_pixels else 0
 
 
 def parse_where_param(items: list[str] | None) -> dict[str, str]:
@@ -187,14 +202,15 @@ def _saliency_functions() -> tuple[Any, Any] | None:
     return saliency_map, overlay_png
 
 
-def _with_image_urls(hits: list[dict[str, Any]], index: Any) -> list[dict[str, Any]]:
-    """Hits for the browser: paths stay server-side facts, images are fetched by index row."""
+def _with_image_urls(hits: list[dict[str, Any]], row_for_path: Any) -> list[dict[str, Any]]:
+    """Hits for the browser: paths stay server-side facts, images are fetched by index row
+    (`row_for_path`: the index's lookup, or None without an index)."""
     out = []
     for hit in hits:
         item = {k: v for k, v in hit.items() if k != "path"}
         row = hit.get("row")
-        if row is None and index is not None and hit.get("path"):
-            row = index.row_for_path(hit["path"])
+        if row is None and row_for_path is not None and hit.get("path"):
+            row = row_for_path(str(hit["path"]))
         item["row"] = None if row is None else int(row)
         item["name"] = str(hit.get("path", "")).replace("\\", "/").rsplit("/", 1)[-1]
         item["image_url"] = None if row is None else f"/api/reference/{int(row)}/image"
@@ -225,6 +241,8 @@ def create_app(
     saliency = _saliency_functions() if settings.saliency else None
     model_lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
     decoder = DecodePool(settings.decode_workers)
+    budget = PixelBudget(settings.max_upload_pixels)  # one full-size picture decoding at a time
+    row_for_path = index.row_for_path if index is not None else None
     batcher = None
     if describer is not None:
         batcher = DescribeBatcher(describer, lock=model_lock, saliency=saliency, max_batch=settings.batch_size,
@@ -272,6 +290,7 @@ def create_app(
             "index": {"count": len(index), "kind": index.kind, "dim": index.dim} if index is not None else None,
             "max_upload_bytes": settings.max_upload_bytes,
             "max_upload_pixels": settings.max_upload_pixels,
+            "describe_batches": _batch_stats(batcher),
             "filter_columns": _filter_columns(index),
             "disclaimer": DISCLAIMER,
         }
@@ -298,18 +317,18 @@ def create_app(
             }
         },
     )
-    async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> dict[str, Any]:
+    async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> JSONResponse:
         if describer is None:
             raise HTTPException(503, "this server was started without a model to describe cells")
         data, name = await _upload_bytes(request, settings)
         async with batcher.on_the_way():
-            views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels))
+            views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels, budget))
         del data
         result = await batcher.describe(views, name, size, saliency_map)
         for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
-            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), index)
+            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), row_for_path)
         result["disclaimer"] = DISCLAIMER
-        return result
+        return JSONResponse(result)  # plain JSON types already: FastAPI's encoder pass cost about 1 ms a request
 
     @app.get("/api/search", summary="Find cells by description")
     def search(
@@ -329,7 +348,7 @@ def create_app(
         with model_lock:
             vectors = embed_texts(model, [q])
         hits = index.search(vectors, k=k, where=filters or None)[0]
-        return {"query": q, "k": k, "where": filters, "hits": _with_image_urls(hits, index)}
+        return {"query": q, "k": k, "where": filters, "hits": _with_image_urls(hits, row_for_path)}
 
     @app.get("/api/reference/{row}/image", summary="Image of one indexed cell (by row number only)")
     def reference_image(row: int) -> FileResponse:
@@ -369,6 +388,15 @@ def allowed_hosts_for(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]
         except OSError:
             pass
     return tuple(dict.fromkeys(as_header(n) for n in names if n and n not in ("0.0.0.0", "::")))
+
+
+def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:
+    """Sizes of the recent describe batches (the last 1,000): how well concurrent requests are batched."""
+    if batcher is None:
+        return None
+    sizes = list(batcher.batches)
+    return {"recent": len(sizes), "mean_size": round(sum(sizes) / len(sizes), 2) if sizes else None,
+            "largest": max(sizes, default=None), "max_batch": batcher.max_batch}
 
 
 def _filter_columns(index: Any) -> dict[str, list[str]]:

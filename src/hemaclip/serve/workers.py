@@ -8,9 +8,10 @@ Why it is built this way:
   in the event loop holding only their upload bytes (no thread, no decoded pixels).
 * **Decoded pixels live only inside a decode worker.** A worker decodes an upload, cuts it into the small
   views the model reads (:meth:`hemaclip.tasks.describe.Describer.views`: cell finding, resize) and drops
-  the full picture before returning. So at most ``decode_workers`` full pictures are in memory at once,
-  each within the per-image pixel limit, however many requests arrive (eight 64-megapixel PNGs took the
-  server from 1.1 to 4.8 GB when every request held its decoded picture).
+  the full picture before returning, and :class:`PixelBudget` bounds the pixels being decoded at once
+  (judged from each image's header), so the memory of decoding stays that of one full-size picture
+  however many requests arrive (eight 64-megapixel PNGs took the server from 1.1 to 4.8 GB when every
+  request held its decoded picture).
 * **Micro-batching.** One model call on 32 images costs far less than 32 calls on one. :class:`DescribeBatcher`
   collects concurrent describe requests in one worker thread, up to ``max_batch`` pictures, waiting at most
   ``max_wait_s`` for requests already on their way (uploaded, still decoding; none are waited for when
@@ -28,12 +29,12 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from hemaclip.errors import HemaclipError
 
-__all__ = ["DecodePool", "DescribeBatcher", "UploadError"]
+__all__ = ["DecodePool", "DescribeBatcher", "PixelBudget", "UploadError"]
 
 IDLE_EXIT_S = 2.0  # the batch thread ends after this long without work and starts again on the next request
 T = TypeVar("T")
@@ -63,6 +64,34 @@ class DecodePool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class PixelBudget:
+    """At most `pixels` pixels being decoded at once, across the decode threads (claimed from the image's
+    header before decoding). A camera field near the pixel limit decodes alone; cell images, about 0.13
+    megapixels, decode side by side. Decoding an RGBA PNG of 12 megapixels briefly takes about 200 MB."""
+
+    def __init__(self, pixels: int) -> None:
+        if pixels < 1:
+            raise HemaclipError(f"the pixel budget must be >= 1, got {pixels}")
+        self.pixels = int(pixels)
+        self.in_use = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def claim(self, pixels: int) -> Iterator[None]:
+        """Wait (in the calling thread) until `pixels` fit, hold them for the block; larger claims than
+        the budget wait for the whole budget."""
+        pixels = max(0, min(int(pixels), self.pixels))
+        with self._room:
+            self._room.wait_for(lambda: self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._room:
+                self.in_use -= pixels
+                self._room.notify_all()
 
 
 class DescribeBatcher:
