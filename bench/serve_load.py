@@ -1,11 +1,13 @@
 """`hemaclip serve` under load, beside `hemaclip describe` on the same images in the same run (issue 15).
 
 * describe: ``Describer.describe_paths`` on N PBC test images (seeded sample), the way the CLI runs it
-  (shipped model, default reference index, batch 64), timed once before and once after the server
-  phases; the baseline is their mean, so drift in the load of a shared machine hits both sides.
+  (shipped model, default reference index, batch 64), in this process while the server idles.
 * serve: the installed ``hemaclip serve --no-saliency`` in its own process on a free loopback port; the
-  same N images POSTed to /api/describe by ``concurrency`` clients at once (1, 8, 32): requests/s and
-  latency p50/p99. The ratio at 32 against describe is the issue's target (>= 0.70).
+  same N images POSTed to /api/describe by ``concurrency`` clients at once (1, 8, 32): requests/s,
+  latency p50/p99, the server's CPU time per request and the images per model batch. Concurrency 32 runs
+  in rounds, each between two describe runs; the median ratio of the rounds is the issue's target
+  (>= 0.70). CPU time per image (server vs describe) is reported too: on a shared machine it moves far
+  less with other jobs than wall-clock rates do.
 * hostile: concurrency 32 again with hostile uploads sent at the same time (8 pixel bombs of 7999x7999,
   the issue's 203 KB PNGs; 4 camera fields of 4000x3000, the largest accepted; 4 bodies over the byte
   limit; 4 of 9.5 MB read in full, then refused; 4 truncated JPEGs): the status each got, and the server's peak resident memory (VmHWM from
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import socket
 import statistics
@@ -86,11 +89,56 @@ def hostile_uploads() -> list[tuple[str, bytes, str]]:
             + [("truncated JPEG", truncated, "image/jpeg")] * 4)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection driven by h11 over asyncio streams: the load generator. httpx cost
+    about 4 ms of CPU per request on the 2 cores the server also runs on, more than the server's own
+    HTTP work (1.7 ms with a no-op model); this costs a fraction of that, so the client takes less of
+    the CPU it is measuring."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, target: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        import h11
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.http = h11.Connection(h11.CLIENT)
+        headers = [("Host", f"{self.host}:{self.port}"), ("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        self.writer.write(self.http.send(h11.Request(method="POST", target=target, headers=headers))
+                          + self.http.send(h11.Data(data=body)) + self.http.send(h11.EndOfMessage()))
+        status, chunks = 0, []
+        while True:
+            event = self.http.next_event()
+            if event is h11.NEED_DATA:
+                self.http.receive_data(await self.reader.read(1 << 16))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
+            self.http.start_next_cycle()
+        else:
+            await self.close()
+        return status, b"".join(chunks)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 async def load(url: str, bodies: list[bytes], concurrency: int, extra: list[tuple[str, bytes, str]] = ()) -> dict:
     """POST every body once, `concurrency` at a time; `extra` (hostile) uploads go out at the start, beside them."""
     import httpx
 
+    host, port = url.rsplit("//", 1)[1].split(":")
     latencies: list[float] = []
+    answers: list[dict] = []  # the first answer, checked below: a 200 must carry a reading
     statuses: Counter = Counter()
     extra_statuses: dict[str, Counter] = {}
     queue: asyncio.Queue = asyncio.Queue()
@@ -100,12 +148,16 @@ async def load(url: str, bodies: list[bytes], concurrency: int, extra: list[tupl
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def worker() -> None:
+            connection = Connection(host, port)
             while not queue.empty():
                 body = queue.get_nowait()
                 started = time.perf_counter()
-                response = await client.post("/api/describe?saliency=false", content=body, headers={"Content-Type": "image/jpeg"})
+                status, answer = await connection.post("/api/describe?saliency=false", body, "image/jpeg")
                 latencies.append(time.perf_counter() - started)
-                statuses[response.status_code] += 1
+                statuses[status] += 1
+                if status == 200 and not answers:
+                    answers.append(json.loads(answer))
+            await connection.close()
 
         async def hostile(kind: str, body: bytes, content_type: str) -> None:
             try:
@@ -118,6 +170,8 @@ async def load(url: str, bodies: list[bytes], concurrency: int, extra: list[tupl
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)), *(hostile(*item) for item in extra))
         elapsed = time.perf_counter() - started
+    if answers and not {"label", "probability", "cells", "neighbours"} <= set(answers[0]):
+        raise SystemExit(f"a 200 answer without a reading: {sorted(answers[0])}")
     ms = sorted(1000 * t for t in latencies)
     out = {
         "concurrency": concurrency,
@@ -141,9 +195,12 @@ def measured(url: str, pid: int, bodies: list[bytes], concurrency: int, extra: l
     def batches() -> int:
         return int(httpx.get(f"{url}/api/health", timeout=30).json()["describe_batches"]["recent"])
 
-    before, cpu_before = batches(), cpu_seconds(pid)
+    before, cpu_before, client_before = batches(), cpu_seconds(pid), time.process_time()
     out = asyncio.run(load(url, bodies, concurrency, extra))
     out["server_cpu_ms_per_request"] = round(1000 * (cpu_seconds(pid) - cpu_before) / len(bodies), 1)
+    out["client_cpu_ms_per_request"] = round(1000 * (time.process_time() - client_before) / len(bodies), 2)
+    memory = memory_mib(pid)
+    out["server_rss_mib_after"], out["server_peak_rss_mib_so_far"] = memory["VmRSS"], memory["VmHWM"]
     run = batches() - before
     out["model_batches"] = run
     out["mean_images_per_batch"] = round((len(bodies) + len(extra)) / run, 1) if run else None  # refused uploads included: an upper bound
@@ -163,12 +220,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=256, help="images per phase")
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (serve at the highest concurrency, describe)")
     parser.add_argument("--batch-size", type=int, default=64, help="describe's batch size (the CLI default)")
     parser.add_argument("--shared-machine", default="yes: other engineers' jobs ran on the same 2 cores during this run",
                         help="a note on what else ran on the machine")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    top = max(levels)
 
     from hemaclip.tasks.describe import Describer
 
@@ -180,7 +239,7 @@ def main() -> None:
 
     describer = Describer.from_checkpoint(None, index="default", progress=False)
     time_describe(describer, paths[: args.batch_size], args.batch_size)  # warm-up
-    describe_before, cpu_before = time_describe(describer, paths, args.batch_size)
+    describes = [time_describe(describer, paths, args.batch_size)]
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -193,9 +252,11 @@ def main() -> None:
                 "(seeded sample), shipped model, default reference index, same run",
         "date": date.today().isoformat(),
         "machine_shared": args.shared_machine,
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "n_images": args.n,
     }
+    rounds = []
     try:
         import httpx
 
@@ -212,8 +273,20 @@ def main() -> None:
             time.sleep(0.5)
         asyncio.run(load(url, bodies[:64], 8))  # warm-up
         result["server_rss_mib_after_warm_up"] = memory_mib(server.pid)["VmRSS"]
-        phases = [measured(url, server.pid, bodies, c) for c in levels]
-        with_hostile = measured(url, server.pid, bodies, max(levels), hostile)
+        phases = [measured(url, server.pid, bodies, c) for c in levels if c != top]
+        # The highest concurrency in rounds, each between two describe runs (the server idles during
+        # those), so a change in the machine's load between them hits both sides of a round's ratio.
+        for _ in range(args.rounds):
+            describes_before = describes[-1]
+            serve = measured(url, server.pid, bodies, top)
+            describes.append(time_describe(describer, paths, args.batch_size))
+            describe_rate = args.n / ((describes_before[0] + describes[-1][0]) / 2)
+            describe_cpu = 1000 * (describes_before[1] + describes[-1][1]) / 2 / args.n
+            rounds.append({**serve, "describe_images_per_second": round(describe_rate, 1),
+                           "describe_cpu_ms_per_image": round(describe_cpu, 1),
+                           "throughput_ratio": round(serve["requests_per_second"] / describe_rate, 3),
+                           "cpu_per_image_ratio": round(serve["server_cpu_ms_per_request"] / describe_cpu, 3)})
+        with_hostile = measured(url, server.pid, bodies, top, hostile)
         health = httpx.get(f"{url}/api/health", timeout=10)
         memory = memory_mib(server.pid)
     finally:
@@ -222,36 +295,37 @@ def main() -> None:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    describe_after, cpu_after = time_describe(describer, paths, args.batch_size)
 
-    describe_rate = args.n / ((describe_before + describe_after) / 2)
-    at_max = next(p for p in phases if p["concurrency"] == max(levels))
-    ratio = at_max["requests_per_second"] / describe_rate
-    describe_cpu_ms = 1000 * (cpu_before + cpu_after) / 2 / args.n
+    ratio = statistics.median(r["throughput_ratio"] for r in rounds)
+    describe_rate = args.n / statistics.median(d[0] for d in describes)
+    for phase in phases:
+        phase["throughput_ratio_to_describe_median"] = round(phase["requests_per_second"] / describe_rate, 3)
     result.update({
         "describe": {
-            "images_per_second_before": round(args.n / describe_before, 1),
-            "images_per_second_after": round(args.n / describe_after, 1),
-            "images_per_second": round(describe_rate, 1),
-            "cpu_ms_per_image": round(describe_cpu_ms, 1),
+            "images_per_second_each_run": [round(args.n / d[0], 1) for d in describes],
+            "cpu_ms_per_image_each_run": [round(1000 * d[1] / args.n, 1) for d in describes],
+            "images_per_second_median": round(describe_rate, 1),
             "how": f"Describer.describe_paths, batch {args.batch_size}, in the benchmark's process while the server idled",
         },
         "serve": phases,
-        f"serve_to_describe_throughput_ratio_at_{max(levels)}": round(ratio, 3),
+        f"serve_at_{top}_rounds": rounds,
+        f"serve_to_describe_throughput_ratio_at_{top}": round(ratio, 3),
+        "ratio_is": f"median over the rounds of serve requests/s at {top} over describe images/s of the describe runs around it",
         "target_ratio": TARGET_RATIO,
-        # CPU time per image does not depend on what else the shared machine runs: the cost of serving.
-        f"serve_to_describe_cpu_per_image_ratio_at_{max(levels)}": round(at_max["server_cpu_ms_per_request"] / describe_cpu_ms, 3),
         "ratio_met": bool(ratio >= TARGET_RATIO),
+        # CPU time per image depends far less on what else the shared machine runs: the cost of serving.
+        f"serve_to_describe_cpu_per_image_ratio_at_{top}": round(statistics.median(r["cpu_per_image_ratio"] for r in rounds), 3),
         "with_hostile_uploads": with_hostile,
         "server_still_healthy_after": health.status_code == 200,
         "server_peak_rss_mib": memory["VmHWM"],
         "server_rss_mib_at_end": memory["VmRSS"],
         "rss_limit_mib": RSS_LIMIT_MIB,
         "rss_met": bool(memory["VmHWM"] < RSS_LIMIT_MIB),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "machine": machine_info(),
     })
     write_json(args.out, result)
-    print(result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
