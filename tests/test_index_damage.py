@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,20 +60,7 @@ def test_damaged_shard_is_embedded_again(how: str, setup, tmp_path: Path, caplog
     assert all((out / "shards" / n).stat().st_mtime_ns == t for n, t in untouched.items())  # reused, not redone
 
 
-def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    from hemaclip.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hemaclip", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_index_build_command_redoes_a_truncated_shard(setup, data_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_index_build_command_redoes_a_truncated_shard(setup, data_root: Path, tmp_path: Path, main_in_process) -> None:
     """The issue's case through the command: `index build` over a truncated shard (was a 61-line BadZipFile traceback)."""
     model, records, clean, checkpoint = setup
     folder = tmp_path / "cells"
@@ -83,11 +69,11 @@ def test_index_build_command_redoes_a_truncated_shard(setup, data_root: Path, tm
         (folder / record.label / Path(record.path).name).symlink_to(Path(record.path).resolve())
     out = tmp_path / "folder.index"
     args = ("index", "build", "--data", str(folder), "--out", str(out), "--checkpoint", str(checkpoint), "--shard-size", "4")
-    assert _main(monkeypatch, capsys, *args)[0] == 0
+    assert main_in_process(*args)[0] == 0
     shard = out / "shards" / "shard-00002.npz"
     shard.write_bytes(shard.read_bytes()[:100])
     (out / "meta.sqlite").unlink()  # as a build killed after its shards
-    code, stdout, stderr = _main(monkeypatch, capsys, *args)
+    code, stdout, stderr = main_in_process(*args)
     assert code == 0, stderr
     assert "1 shards embedded, 2 reused" in " ".join(stdout.split())
     assert "damaged shard" in stderr and "Traceback" not in stderr
@@ -95,7 +81,7 @@ def test_index_build_command_redoes_a_truncated_shard(setup, data_root: Path, tm
 
 
 @pytest.mark.parametrize("table", ["cells", "meta"])
-def test_metadata_without_its_table_is_one_line_naming_the_file(table: str, setup, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_metadata_without_its_table_is_one_line_naming_the_file(table: str, setup, tmp_path: Path, main_in_process) -> None:
     _, _, clean, checkpoint = setup
     out = _copy(clean, tmp_path)
     con = sqlite3.connect(out / "meta.sqlite")
@@ -105,7 +91,7 @@ def test_metadata_without_its_table_is_one_line_naming_the_file(table: str, setu
     with pytest.raises(DataError, match="meta.sqlite: not a hemaclip index metadata file"):
         CellIndex.load(out)
     for args in (("index", "info", str(out)), ("search", "a round nucleus", "--index", str(out), "--checkpoint", str(checkpoint))):
-        code, _, stderr = _main(monkeypatch, capsys, *args)
+        code, _, stderr = main_in_process(*args)
         lines = stderr.strip().splitlines()
         assert code == 1 and len(lines) == 1, stderr
         assert lines[0].startswith("error: ") and str(out / "meta.sqlite") in lines[0]
