@@ -119,3 +119,22 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> 
 def assert_one_line_error():
     """`assert_one_line_error(result, needle)`: the command failed with exactly one 'error: ...' line naming `needle`."""
     return _assert_one_line_error
+
+
+@pytest.fixture
+def main_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`main_in_process(*args) -> (exit code, stdout, stderr)`: `hemaclip ARGS` through the entry point's
+    function in this process (faster than a subprocess; sees what `cli.main` does with errors)."""
+    from hemaclip.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["hemaclip", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

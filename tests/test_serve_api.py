@@ -39,7 +39,7 @@ def client(cells, tmp_path_factory: pytest.TempPathFactory, make_tiny_model) -> 
     index = CellIndex.build(model, cells, tmp_path_factory.mktemp("serve") / "ref.index", checkpoint_id="tiny", progress=False)
     describer = Describer(model, index=index)
     app = create_app(describer, index, settings=ServeSettings(max_upload_bytes=LIMIT))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as test_client:
         yield test_client
 
 

@@ -198,32 +198,19 @@ def test_kill_9_during_build_resumes_from_finished_shards(tiny, data_root: Path,
     assert list(killed.iter_rows()) == list(clean.iter_rows())
 
 
-def _cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    from hemaclip.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hemaclip", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_search_command_text_image_filters_and_errors(built: CellIndex, records, capsys, monkeypatch, tmp_path: Path) -> None:
+def test_search_command_text_image_filters_and_errors(built: CellIndex, records, main_in_process, tmp_path: Path) -> None:
     import json
 
     colour = records[0].attributes["granule_colour"]
-    code, out, err = _cli(capsys, monkeypatch, "search", "cell with coarse red granules", "--index", str(built.path), "-k", "3", "--where", f"granule_colour={colour}", "--json")
+    code, out, err = main_in_process("search", "cell with coarse red granules", "--index", str(built.path), "-k", "3", "--where", f"granule_colour={colour}", "--json")
     assert code == 0, err
     answer = json.loads(out)
     assert len(answer["hits"]) == 3 and all(h["attributes"]["granule_colour"] == colour for h in answer["hits"])
-    code, out, err = _cli(capsys, monkeypatch, "search", "--image", str(records[4].path), "--index", str(built.path), "-k", "2", "--json")
+    code, out, err = main_in_process("search", "--image", str(records[4].path), "--index", str(built.path), "-k", "2", "--json")
     assert code == 0, err
     first = json.loads(out)["hits"][0]
     assert first["row"] == 4 and first["score"] == pytest.approx(1.0, abs=1e-4)
-    code, out, err = _cli(capsys, monkeypatch, "index", "info", str(built.path), "--json")
+    code, out, err = main_in_process("index", "info", str(built.path), "--json")
     assert code == 0 and json.loads(out)["count"] == len(records)
     for args, message in [
         (("search", "cells", "--index", str(built.path), "--where", "colour=red"), "unknown filter column 'colour'"),
@@ -232,7 +219,7 @@ def test_search_command_text_image_filters_and_errors(built: CellIndex, records,
         (("search", "cells", "--index", str(tmp_path / "none.index")), "index not found"),
         (("index", "build", "--out", str(tmp_path / "x.index")), "--data DIR"),
     ]:
-        code, out, err = _cli(capsys, monkeypatch, *args)
+        code, out, err = main_in_process(*args)
         assert code == 1 and message in " ".join(err.split()), (args, err)
         assert err.startswith("error: ")
 

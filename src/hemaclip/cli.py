@@ -180,17 +180,16 @@ def train_command(
     Several processes (DDP): torchrun --nproc_per_node 2 -m hemaclip.cli train --config default --out runs/ddp
     Resume after a stop or kill: hemaclip train --out runs/mine --resume
     """
-    from hemaclip.train.config import load_train_config
-    from hemaclip.train.trainer import train
+    from hemaclip.train.config import TrainConfig, load_train_config
 
     overrides = parse_set_options(set_)
     if resume and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())["train"]
-        from hemaclip.train.config import TrainConfig
-
         train_config = TrainConfig.from_dict({**saved, **overrides}, source=str(out / "config.json"))
     else:
-        train_config = load_train_config(config, overrides)
+        train_config = load_train_config(config, overrides)  # every value checked before anything is written
+    from hemaclip.train.trainer import train
+
     metrics = train(train_config, out, resume=resume, data_root=data)
     console.print_json(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
     console.print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last); curves: {out / 'curves.png'}")
@@ -380,8 +379,35 @@ def compare_command(
 register_all(app)
 
 
+def usage_error_types() -> tuple[type[Exception], ...]:
+    """The exception classes that mean "the command line was used wrongly" (unknown command or option,
+    missing or invalid value): click's, and the copies typer >= 0.29 raises from its vendored click
+    (``typer._click``), which do not derive from click's."""
+    import click
+
+    types: list[type[Exception]] = [click.ClickException]
+    # typer.BadParameter is its own UsageError's subclass; its ClickException base is the one to catch.
+    typer_base = next((cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"), None)
+    if typer_base is not None and typer_base not in types:
+        types.append(typer_base)
+    return tuple(types)
+
+
+def usage_error_lines(exc: Exception) -> list[str]:
+    """click's usage-error text without its blank line: the usage, a help hint, the error (each one line)."""
+    ctx = getattr(exc, "ctx", None)
+    lines = []
+    if ctx is not None:
+        lines.append(" ".join(ctx.get_usage().split()))
+        if ctx.command.get_help_option(ctx) is not None:
+            lines.append(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.")
+    lines.append("Error: " + " ".join(exc.format_message().split()))
+    return lines
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line on stderr and exit status 1."""
+    """Entry point: user errors become one line on stderr and exit status 1; usage errors (unknown
+    command or option, missing or bad value) the usage line, a help hint and one error line, exit 2."""
     setup_console()
     try:
         app(standalone_mode=False)
@@ -393,13 +419,12 @@ def main() -> None:
     except typer.Abort:
         logger.error("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except usage_error_types() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click shows it
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        sys.stderr.write("\n".join(usage_error_lines(exc)) + "\n")
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

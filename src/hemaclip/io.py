@@ -4,11 +4,14 @@ and the one reader of config files with the one unknown-key check of every datac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import tempfile
-import dataclasses
-from collections.abc import Iterator, Mapping
+import types
+import typing
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -136,6 +139,83 @@ def config_from_dict(
     except (TypeError, ValueError) as exc:
         prefix = f"{source}: " if source else ""
         raise HemaclipError(f"{prefix}{what}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Value checks of dataclass configs: every field against its annotation, then the config's own rules
+# ------------------------------------------------------------------------------------------------
+
+Rule = tuple[str, Callable[[Any], bool]]  # (what is allowed, in words; test of a value of the right type)
+
+
+def at_least(low: float) -> Rule:
+    return (f">= {low}", lambda v: v >= low)
+
+
+def greater_than(low: float) -> Rule:
+    return (f"> {low}", lambda v: v > low)
+
+
+def between(low: float, high: float) -> Rule:
+    return (f"within [{low}, {high}]", lambda v: low <= v <= high)
+
+
+def one_of(choices: Collection[Any]) -> Rule:
+    return (f"one of {', '.join(str(c) for c in choices)}", lambda v: v in choices)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # JSON 1.5 or true is not a count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is a number too; NaN and infinity are not a setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    base = origin or hint
+    if base in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, base) if isinstance(base, type) else True
+
+
+def _type_words(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(arg) for arg in typing.get_args(hint))
+    base = typing.get_origin(hint) or hint
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             dict: "a mapping", Mapping: "a mapping", list: "a list", tuple: "a list"}
+    return words.get(base, f"a {getattr(base, '__name__', base)} mapping")
+
+
+def check_values(config: Any, what: str, rules: Mapping[str, Rule] | None = None) -> None:
+    """The one value check of dataclass configs, called from their ``__post_init__`` (so a config from a
+    file, from ``--set`` or from code is checked before a run writes anything): each field against its
+    type annotation (an int field takes no 1.5, "abc" or true; a float field takes ints but no NaN), then
+    the config's `rules` (field -> :data:`Rule`, skipped for a None value). A one-line `HemaclipError`
+    naming the field, what it must be and the value given; ints given for float fields become floats."""
+    from hemaclip.errors import HemaclipError
+
+    hints = typing.get_type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        value, hint = getattr(config, spec.name), hints[spec.name]
+        if not _type_ok(value, hint):
+            raise HemaclipError(f"{what}: {spec.name} must be {_type_words(hint)}, got {value!r}")
+        rule = (rules or {}).get(spec.name)
+        if rule is not None and value is not None and not rule[1](value):
+            raise HemaclipError(f"{what}: {spec.name} must be {rule[0]}, got {value!r}")
+        floats = hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint))
+        if floats and isinstance(value, int):
+            object.__setattr__(config, spec.name, float(value))
+    for name in set(rules or {}) - {spec.name for spec in dataclasses.fields(config)}:
+        raise TypeError(f"{type(config).__name__}: a rule names '{name}', which is not one of its fields")
 
 
 def apply_overrides(payload: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -22,6 +22,13 @@ def serve_command(
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.", min=0.01)] = 10.0,
     stain_norm: Annotated[str, typer.Option("--stain-norm", help="Stain normalisation of uploads: none, macenko or reinhard.")] = "none",
     saliency: Annotated[bool, typer.Option("--saliency/--no-saliency", help="Compute a Grad-CAM overlay for each upload.")] = True,
+    max_megapixels: Annotated[
+        float, typer.Option(help="Largest accepted image in megapixels (12: a 4000x3000 camera field; a cell image is about 0.13).", min=0.01)
+    ] = 12.0,
+    allow_host: Annotated[
+        Optional[list[str]], typer.Option("--allow-host", help="Another name this server is reached by (Host header); repeatable.")
+    ] = None,
+    max_connections: Annotated[int, typer.Option(help="Connections served at once; more get 503 (bounds upload memory).", min=1)] = 64,
 ) -> None:
     """Serve the hemaclip page (upload a cell image, search by description) and its JSON API (/docs).
 
@@ -31,7 +38,7 @@ def serve_command(
 
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.serve.app import ServeSettings, create_app
+    from hemaclip.serve.app import ServeSettings, allowed_hosts_for, create_app
     from hemaclip.tasks.describe import Describer
     from hemaclip.cache import file_sha1
     from hemaclip.tasks.index import CellIndex
@@ -43,11 +50,15 @@ def serve_command(
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
-    app = create_app(describer, search_index, settings=ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency))
+    pixels = int(max_megapixels * 1e6)
+    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency, max_upload_pixels=pixels,
+                             allowed_hosts=allowed_hosts_for(host, tuple(allow_host or ())))
+    app = create_app(describer, search_index, settings=settings)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("note: serving on %s: anyone who can reach this machine can use the page", host)
+    logger.info("answering requests for host names: %s", ", ".join(settings.allowed_hosts))
     console.print(f"hemaclip at http://{host}:{port}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)
 
 
 def register(app: typer.Typer) -> None:

@@ -100,13 +100,17 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def decode_image(source: str | Path | bytes, name: str | None = None, formats: Sequence[str] | None = None) -> Image.Image:
+def decode_image(
+    source: str | Path | bytes, name: str | None = None, formats: Sequence[str] | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode a file (path) or an upload (bytes) fully into an 8-bit RGB PIL image.
 
     `name` names an upload in messages (default "upload"); `formats` (PIL format names) restricts what
-    is accepted, judged by the content, not the file name. Raises :class:`ImageDecodeError` (a
-    `DataError`, one line naming the file) for a missing, empty, unreadable, too large, corrupt or
-    truncated image, or one under 8 pixels on a side.
+    is accepted, judged by the content, not the file name; `max_pixels` (default :data:`MAX_IMAGE_PIXELS`)
+    refuses larger images from their header, before any pixel is decoded (thread-safe: a caller's own
+    limit, not PIL's global one). Raises :class:`ImageDecodeError` (a `DataError`, one line naming the
+    file) for a missing, empty, unreadable, too large, corrupt or truncated image, or one under 8 pixels
+    on a side.
     """
     from_bytes = isinstance(source, (bytes, bytearray, memoryview))
     if from_bytes:
@@ -130,6 +134,11 @@ def decode_image(source: str | Path | bytes, name: str | None = None, formats: S
                     names = [{"WEBP": "WebP"}.get(f, f) for f in formats]
                     accepted = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
                     raise ImageDecodeError(f"{label}: image format {opened.format} is not accepted; send {accepted}", "format")
+                width, height = opened.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"{label}: image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
+                        f"more than the limit of {max_pixels / 1e6:g} megapixels", "too_large")
                 opened.load()
                 image = _to_rgb(ImageOps.exif_transpose(opened))
                 image.load()

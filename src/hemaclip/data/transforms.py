@@ -10,13 +10,14 @@ in the other-labs study (README, "Other labs").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
 from hemaclip.data.stain import hed_jitter
-from hemaclip.errors import HemaclipError
+from hemaclip.io import Rule, at_least, between, check_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,17 +45,26 @@ class AugmentConfig:
     jpeg_p: float = 0.0  # probability of JPEG re-compression at quality 30-95
     zoom_out: float = 1.0  # the cell shrinks by up to this factor (frame padded with the background colour)
 
+    # What each value may be beyond its type (checked with the types when the config is made, so
+    # `train --set augmentation.grey_p=abc` is one line before a run writes anything).
+    RULES: ClassVar[dict[str, Rule]] = {
+        "crop_scale_min": ("within (0, 1]", lambda v: 0 < v <= 1),
+        "brightness": at_least(0),
+        "contrast": at_least(0),
+        "saturation": at_least(0),
+        "hue": between(0, 0.5),
+        "stain_jitter": at_least(0),
+        "grey_p": between(0, 1),
+        "gamma": at_least(0),
+        "blur_p": between(0, 1),
+        "blur_sigma": at_least(0),
+        "lowres_p": between(0, 1),
+        "jpeg_p": between(0, 1),
+        "zoom_out": between(1, 3),
+    }
+
     def __post_init__(self) -> None:
-        for name in ("stain_jitter", "gamma", "blur_sigma"):
-            if getattr(self, name) < 0:
-                raise HemaclipError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("grey_p", "blur_p", "lowres_p", "jpeg_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise HemaclipError(f"{name} is a probability, within [0, 1]; got {getattr(self, name)}")
-        if not 0 < self.crop_scale_min <= 1:
-            raise HemaclipError(f"crop_scale_min must be within (0, 1], got {self.crop_scale_min}")
-        if not 1 <= self.zoom_out <= 3:
-            raise HemaclipError(f"zoom_out must be within [1, 3], got {self.zoom_out}")
+        check_values(self, "augmentation", self.RULES)
 
 
 class RandomRot90(torch.nn.Module):

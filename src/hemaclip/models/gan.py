@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch.nn.utils import spectral_norm
 
 from hemaclip import __version__
 from hemaclip.errors import CheckpointError, HemaclipError
-from hemaclip.io import atomic_write, config_from_dict
+from hemaclip.io import Rule, at_least, atomic_write, between, check_values, config_from_dict, one_of
 from hemaclip.models.modes import eval_mode
 
 GAN_KIND = "hemaclip-gan"
@@ -48,11 +48,13 @@ class GanConfig:
     class_embed_dim: int = 128
     minibatch_std: bool = True  # a batch-spread feature in D (StyleGAN's cure for a generator that ignores z)
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "image_size": one_of(SUPPORTED_SIZES), "num_classes": at_least(1), "z_dim": at_least(1),
+        "g_channels": at_least(1), "d_channels": at_least(1), "class_embed_dim": at_least(1),
+    }
+
     def __post_init__(self) -> None:
-        if self.image_size not in SUPPORTED_SIZES:
-            raise ValueError(f"image_size must be one of {SUPPORTED_SIZES}, got {self.image_size}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        check_values(self, "GAN model config", self.RULES)
 
     @property
     def n_stages(self) -> int:
@@ -204,6 +206,11 @@ class DiffAugmentConfig:
     color: bool = True
     translation: float = 0.125  # max shift as a fraction of the image side; 0 disables
     cutout: float = 0.5  # side of the cut-out square as a fraction of the image side; 0 disables
+
+    RULES: ClassVar[dict[str, Rule]] = {"translation": between(0, 1), "cutout": between(0, 1)}
+
+    def __post_init__(self) -> None:
+        check_values(self, "GAN augment config", self.RULES)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> "DiffAugmentConfig":

@@ -7,31 +7,38 @@ Why it is built this way:
 * Uploads are read into memory with a hard byte limit (checked on Content-Length and again while
   the body streams), decoded fully with PIL (the content decides, not the header or file name), and
   never written to a named file. Every failure is a 4xx JSON ``{"detail": "..."}`` a person can act on:
-  415 not an image / wrong content type, 413 too large, 422 corrupt or truncated.
+  415 not an image / wrong content type, 413 too large (bytes, or pixels: ``max_upload_pixels``, 12
+  megapixels by default, judged from the image header before decoding), 422 corrupt or truncated.
+* Decoding runs in a few worker threads of its own, which also cut the picture into the model's small
+  views and drop it, within a budget of pixels being decoded at once (one full-size picture), and describe requests
+  are answered in micro-batches by one model call (:mod:`hemaclip.serve.workers`).
+* Only requests whose Host header names this server are answered (Starlette's TrustedHostMiddleware,
+  ``allowed_hosts``: the loopback names by default), so a web page cannot reach a loopback server
+  through DNS rebinding. No CORS headers are sent: browsers let only pages of this server's own origin
+  read its answers.
 * Reference images are served by index row only (`/api/reference/{row}/image`): the path comes from
   the index's own table, so no request can name a file.
 """
 
 from __future__ import annotations
 
-import base64
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from hemaclip import __version__
 from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
+from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError
 
-__all__ = ["ServeSettings", "UploadError", "create_app", "decode_upload", "parse_where_param"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param"]
 
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 # Raw image bodies may say so, or be generic bytes; forms (curl -F) are read the same way.
@@ -40,37 +47,84 @@ FORM_TYPE = "multipart/form-data"
 DISCLAIMER = "Research software: these readings are not a diagnosis."
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# 12 megapixels: a 4000x3000 camera field (the full frame of a 12-MP microscope or phone camera) passes,
+# 640x480 to 5-MP microscope cameras pass easily, and a cell image is about 0.13 (PBC: 360x363). Decoded,
+# 12 MP is 36 MB of RGB (up to about 200 MB while PIL converts an RGBA PNG); 64 MP, the old limit, was
+# 192 MB and eight of them took the server from 1.1 to 4.8 GB.
+MAX_UPLOAD_PIXELS = 12_000_000
+
+
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits of the API (all configurable from `hemaclip serve`)."""
+    """Limits of the API (the first ones configurable from `hemaclip serve`).
+
+    `max_upload_pixels`: largest image accepted (413 beyond, from the header, before decoding);
+    `decode_workers`: uploads decoded at once (each in a worker thread), within a budget of
+    `max_upload_pixels` pixels being decoded at once;
+    `batch_size` / `batch_wait_ms`: micro-batching of describe requests; `allowed_hosts`: Host header
+    names answered (others get 400), "*" for any.
+    """
 
     max_upload_bytes: int = 10 * 1024 * 1024
     max_k: int = 100
     default_k: int = 12
     saliency: bool = True
-
-
-class UploadError(Exception):
-    """An upload the API refuses, with the HTTP status that says why."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+    decode_workers: int = 2
+    batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
 
 # HTTP status of each way an upload can fail to decode (hemaclip.data.preprocess.ImageDecodeError.kind).
 DECODE_STATUS = {"empty": 415, "not_image": 415, "format": 415, "too_large": 413, "corrupt": 422, "too_small": 422}
 
 
-def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
+def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:
     """Decode image bytes fully into RGB through the one decoder (the content decides the type), or
-    raise UploadError: 415 not an image or not an accepted format, 413 too many pixels, 422 corrupt,
-    truncated or too small."""
+    raise UploadError: 415 not an image or not an accepted format, 413 more than `max_pixels` (judged
+    from the header, before decoding), 422 corrupt, truncated or too small."""
     try:
-        return decode_image(bytes(data), name, formats=IMAGE_FORMATS)
+        return decode_image(bytes(data), name, formats=IMAGE_FORMATS, max_pixels=max_pixels)
     except ImageDecodeError as exc:
-        raise UploadError(DECODE_STATUS.get(exc.kind, 422), str(exc)) from None
+        detail = str(exc)
+        if exc.kind == "too_large":
+            detail += (f"; this server takes up to {max_pixels / 1e6:g} megapixels, enough for a "
+                       f"{_example_field(max_pixels)} camera field (a cell image is about 0.13)")
+        raise UploadError(DECODE_STATUS.get(exc.kind, 422), detail) from None
+
+
+def _example_field(pixels: int) -> str:
+    """A 4:3 frame of about `pixels` pixels, e.g. '4000x3000', for messages."""
+    side = int((pixels / 12) ** 0.5)
+    return f"{4 * side}x{3 * side}"
+
+
+def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int, budget: PixelBudget) -> tuple[list[Any], list[int]]:
+    """Decode an upload and cut it into the views the model reads (in a decode worker), within the pixel
+    budget; returns the views and the picture's [width, height]. The full picture is dropped here, so
+    only the small views wait for the model."""
+    with budget.claim(_header_pixels(data, max_pixels)):
+        image = decode_upload(data, name, max_pixels)
+        try:
+            views = describer.views(image)
+        except (HemaclipError, OSError, ValueError) as exc:
+            raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
+        return views, [int(image.width), int(image.height)]
+
+
+def _header_pixels(data: bytes, max_pixels: int) -> int:
+    """Pixels an upload says it has (its header only; 0 when it has none a decoder reads, or more than
+    `max_pixels`: the decoder refuses those without decoding them)."""
+    import io
+
+    try:  # no warnings.catch_warnings here: it changes process-wide filters, and decodes run in threads
+        with Image.open(io.BytesIO(data)) as probe:
+            pixels = int(probe.size[0]) * int(probe.size[1])
+    except Exception:  # noqa: BLE001 - not an image, a bomb or a broken header: decode_upload says which
+        return 0
+    return pixels if pixels <= max_pixels else 0
 
 
 def parse_where_param(items: list[str] | None) -> dict[str, str]:
@@ -147,14 +201,15 @@ def _saliency_functions() -> tuple[Any, Any] | None:
     return saliency_map, overlay_png
 
 
-def _with_image_urls(hits: list[dict[str, Any]], index: Any) -> list[dict[str, Any]]:
-    """Hits for the browser: paths stay server-side facts, images are fetched by index row."""
+def _with_image_urls(hits: list[dict[str, Any]], row_for_path: Any) -> list[dict[str, Any]]:
+    """Hits for the browser: paths stay server-side facts, images are fetched by index row
+    (`row_for_path`: the index's lookup, or None without an index)."""
     out = []
     for hit in hits:
         item = {k: v for k, v in hit.items() if k != "path"}
         row = hit.get("row")
-        if row is None and index is not None and hit.get("path"):
-            row = index.row_for_path(hit["path"])
+        if row is None and row_for_path is not None and hit.get("path"):
+            row = row_for_path(str(hit["path"]))
         item["row"] = None if row is None else int(row)
         item["name"] = str(hit.get("path", "")).replace("\\", "/").rsplit("/", 1)[-1]
         item["image_url"] = None if row is None else f"/api/reference/{int(row)}/image"
@@ -184,6 +239,13 @@ def create_app(
         index.check_model(model)
     saliency = _saliency_functions() if settings.saliency else None
     model_lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
+    decoder = DecodePool(settings.decode_workers)
+    budget = PixelBudget(settings.max_upload_pixels)  # one full-size picture decoding at a time
+    row_for_path = index.row_for_path if index is not None else None
+    batcher = None
+    if describer is not None:
+        batcher = DescribeBatcher(describer, lock=model_lock, saliency=saliency, max_batch=settings.batch_size,
+                                  max_wait_s=settings.batch_wait_ms / 1000)
 
     app = FastAPI(
         title=title,
@@ -193,6 +255,9 @@ def create_app(
             "nearest reference cells) and search cells by description. " + DISCLAIMER
         ),
     )
+    app.state.describe_batcher = batcher  # its batch sizes, for tests and the load benchmark
+    # Only requests for this server's own names: a page cannot reach it through DNS rebinding.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts), www_redirect=False)
     static = resources.files("hemaclip.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
@@ -209,7 +274,7 @@ def create_app(
         return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
 
     @app.get("/api/health", summary="What the server has loaded")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: answers while uploads decode and batches run
         config = getattr(model, "config", None)
         return {
             "status": "ok",
@@ -223,6 +288,8 @@ def create_app(
             else None,
             "index": {"count": len(index), "kind": index.kind, "dim": index.dim} if index is not None else None,
             "max_upload_bytes": settings.max_upload_bytes,
+            "max_upload_pixels": settings.max_upload_pixels,
+            "describe_batches": _batch_stats(batcher),
             "filter_columns": _filter_columns(index),
             "disclaimer": DISCLAIMER,
         }
@@ -234,7 +301,8 @@ def create_app(
             "Send the image bytes as the body (Content-Type image/jpeg, image/png, ...) or as a multipart form "
             "field 'file'. Returns the class with calibrated probability, the 11 attributes, a sentence that states "
             "only confident attributes, the nearest reference cells and a saliency overlay (PNG data URL). "
-            "Errors: 413 too large, 415 not an image / wrong content type, 422 corrupt or truncated image."
+            "Errors: 413 too large (bytes, or more pixels than max_upload_pixels in /api/health), 415 not an image / "
+            "wrong content type, 422 corrupt or truncated image."
         ),
         openapi_extra={
             "requestBody": {
@@ -248,16 +316,18 @@ def create_app(
             }
         },
     )
-    async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> dict[str, Any]:
+    async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> JSONResponse:
         if describer is None:
             raise HTTPException(503, "this server was started without a model to describe cells")
         data, name = await _upload_bytes(request, settings)
-        image = decode_upload(data, name)
+        async with batcher.on_the_way():
+            views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels, budget))
         del data
-        result = await _run_sync(_describe_one, describer, image, name, saliency if saliency_map else None, model_lock)
+        result = await batcher.describe(views, name, size, saliency_map)
         for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
-            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), index)
-        return result
+            reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), row_for_path)
+        result["disclaimer"] = DISCLAIMER
+        return JSONResponse(result)  # plain JSON types already: FastAPI's encoder pass cost about 1 ms a request
 
     @app.get("/api/search", summary="Find cells by description")
     def search(
@@ -277,7 +347,7 @@ def create_app(
         with model_lock:
             vectors = embed_texts(model, [q])
         hits = index.search(vectors, k=k, where=filters or None)[0]
-        return {"query": q, "k": k, "where": filters, "hits": _with_image_urls(hits, index)}
+        return {"query": q, "k": k, "where": filters, "hits": _with_image_urls(hits, row_for_path)}
 
     @app.get("/api/reference/{row}/image", summary="Image of one indexed cell (by row number only)")
     def reference_image(row: int) -> FileResponse:
@@ -294,6 +364,40 @@ def create_app(
     return app
 
 
+def allowed_hosts_for(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The Host header names a server bound to `host` answers to: the loopback names, `host` itself and
+    `extra`; bound to every interface (0.0.0.0 or ::), also this machine's name and its addresses. An
+    IPv6 address is written in brackets, as it appears in a Host header."""
+    import ipaddress
+    import socket
+
+    def as_header(name: str) -> str:
+        name = name.strip().strip("[]").lower()
+        try:
+            return f"[{name}]" if ipaddress.ip_address(name).version == 6 else name
+        except ValueError:
+            return name
+
+    names = [*LOOPBACK_HOSTS, host, *extra]
+    if host in ("0.0.0.0", "::", ""):
+        machine = socket.gethostname()
+        names += [machine, socket.getfqdn()]
+        try:
+            names += [info[4][0] for info in socket.getaddrinfo(machine, None)]
+        except OSError:
+            pass
+    return tuple(dict.fromkeys(as_header(n) for n in names if n and n not in ("0.0.0.0", "::")))
+
+
+def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:
+    """Sizes of the recent describe batches (the last 1,000): how well concurrent requests are batched."""
+    if batcher is None:
+        return None
+    sizes = list(batcher.batches)
+    return {"recent": len(sizes), "mean_size": round(sum(sizes) / len(sizes), 2) if sizes else None,
+            "largest": max(sizes, default=None), "max_batch": batcher.max_batch}
+
+
 def _filter_columns(index: Any) -> dict[str, list[str]]:
     if index is None:
         return {}
@@ -304,33 +408,4 @@ def _filter_columns(index: Any) -> dict[str, list[str]]:
         values = sorted(index.column_values(column))
         if values and column != "split":
             out[column] = values
-    return out
-
-
-async def _run_sync(fn: Any, *args: Any) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(fn, *args)
-
-
-def _describe_one(describer: Any, image: Image.Image, name: str, saliency: Any, lock: threading.Lock) -> dict[str, Any]:
-    """Describe one decoded image; add the saliency overlay and browser-ready neighbour links."""
-    array = np.asarray(image, dtype=np.uint8)
-    with lock:
-        descriptions = describer.describe_arrays([array], [name])
-        description = descriptions[0]
-        result: Mapping[str, Any] = description.to_dict()
-        overlay = None
-        if saliency is not None and description.error is None:
-            saliency_map, overlay_png = saliency
-            prepared = describer.views(image)[description.cell].array
-            heat = saliency_map(describer.model, prepared, target="class")
-            overlay = "data:image/png;base64," + base64.b64encode(overlay_png(prepared, heat)).decode("ascii")
-    if description.error is not None:
-        raise UploadError(422, description.error)
-    out = dict(result)  # the first cell's reading at the top level (as before), every cell in `cells`
-    out["cells"] = [d.to_dict() for d in descriptions]
-    out["image_size"] = [int(array.shape[1]), int(array.shape[0])]
-    out["saliency_png"] = overlay
-    out["disclaimer"] = DISCLAIMER
     return out

@@ -703,6 +703,16 @@ class Describer:
                 cells.append(k)
         return self.describe_views(views, names, cells)
 
+    def describe_pictures(self, pictures: Sequence[Sequence[CellView]], sources: Sequence[str]) -> list[list[CellDescription]]:
+        """Pictures already cut into views (:meth:`views`) described in one model call, one list per
+        picture: the server cuts each upload in the thread that decoded it and batches the model call
+        across concurrent requests."""
+        if len(pictures) != len(sources):
+            raise HemaclipError(f"{len(pictures)} pictures but {len(sources)} sources")
+        flat = [(view, str(source), k) for views, source in zip(pictures, sources) for k, view in enumerate(views)]
+        described = iter(self._describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]))
+        return [[next(described) for _ in views] for views in pictures]
+
     def _load(self, path: Path) -> list[CellView] | str:
         try:
             return self.views(decode_image(path))

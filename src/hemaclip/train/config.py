@@ -6,11 +6,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hemaclip.errors import HemaclipError
-from hemaclip.io import apply_overrides, config_from_dict, read_config
 from hemaclip.data.transforms import AugmentConfig
+from hemaclip.io import Rule, apply_overrides, at_least, between, check_values, config_from_dict, greater_than, one_of, packaged_configs, read_config
+
+LOSS_NAMES = ("clip", "soft", "multipos")  # hemaclip.models.losses.LOSSES (a test keeps the two equal)
+AMP_MODES = ("auto", "off", "bf16")
 
 
 @dataclass
@@ -23,6 +26,15 @@ class TextMix:
     caption: float = 0.55  # a full 11-attribute caption (one of `captions_per_image` phrasings)
     attribute: float = 0.2  # a single-attribute statement ("a cell whose nucleus is bilobed")
     klass: float = 0.25  # a class sentence or class prompt
+
+    RULES: ClassVar[dict[str, Rule]] = {"caption": at_least(0), "attribute": at_least(0), "klass": at_least(0)}
+
+    def __post_init__(self) -> None:
+        check_values(self, "training config text_mix", self.RULES)
+        if self.caption + self.attribute + self.klass <= 0:
+            from hemaclip.errors import HemaclipError
+
+            raise HemaclipError("training config text_mix: at least one of caption, attribute, klass must be > 0")
 
 
 @dataclass
@@ -77,7 +89,41 @@ class TrainConfig:
     select_metric: str | None = None  # validation metric that picks best.pt (None = mean of the headline F1s)
     device: str = "auto"
 
+    # What each value may be beyond its type (checked with the types in __post_init__, before a run writes
+    # anything). A batch needs two images: the contrastive loss contrasts them and BatchNorm needs two.
+    RULES: ClassVar[dict[str, Rule]] = {
+        "model": ("a packaged model config (see `hemaclip models`) or an existing JSON/YAML file", lambda v: _model_exists(v)),
+        "init_checkpoint": ("'default' or an existing checkpoint file", lambda v: v == "default" or Path(v).is_file()),
+        "dataset": ("a dataset name", lambda v: _dataset_known(v)),
+        "val_dataset": ("a dataset name", lambda v: _dataset_known(v)),
+        "prompts": ("an existing prompt file", lambda v: Path(v).is_file()),
+        "epochs": at_least(1),
+        "batch_size": at_least(2),
+        "lr": greater_than(0),
+        "backbone_lr": at_least(0),
+        "weight_decay": at_least(0),
+        "warmup_steps": at_least(0),
+        "grad_clip": at_least(0),  # 0 = no clipping
+        "loss": one_of(LOSS_NAMES),
+        "soft_target_temperature": greater_than(0),
+        "contrastive_weight": at_least(0),
+        "attribute_head_weight": at_least(0),
+        "class_head_weight": at_least(0),
+        "captions_per_image": at_least(1),
+        "freeze_image_fraction": between(0, 1),
+        "stain_jitter": between(0, 1),
+        "extra_datasets": ("a list of dataset names", lambda v: all(isinstance(x, str) and _dataset_known(x) for x in v)),
+        "preprocess": ("preprocess options: locate (whole or cell), resize (bicubic), frame (1.5 to 4)", lambda v: _preprocess_ok(v)),
+        "amp": one_of(AMP_MODES),
+        "seed": at_least(0),
+        "max_train_images": at_least(1),
+        "max_val_images": at_least(1),
+        "save_every_steps": at_least(0),  # 0 = only at epoch ends
+        "device": ("'auto', 'cpu', 'cuda' or 'cuda:N'", lambda v: _device_ok(v)),
+    }
+
     def __post_init__(self) -> None:
+        check_values(self, "training config", self.RULES)
         names = self.holdout_classes
         if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
             raise ValueError(f"holdout_classes must be a list of class names, got {names!r}")
@@ -108,6 +154,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _model_exists(name_or_path: str) -> bool:
+    return name_or_path in packaged_configs("models") or Path(name_or_path).is_file()  # what get_model_config reads
+
+
+def _dataset_known(name: str) -> bool:
+    from hemaclip.data.datasets import DATASETS
+
+    return name in DATASETS
+
+
+def _preprocess_ok(spec: dict[str, Any]) -> bool:
+    from hemaclip.data.preprocess import check_preprocess
+    from hemaclip.errors import HemaclipError
+
+    try:
+        check_preprocess(spec)
+    except HemaclipError:
+        return False
+    return True
+
+
+def _device_ok(name: str) -> bool:
+    import torch
+
+    if name == "auto":
+        return True
+    try:
+        return torch.device(name).type in ("cpu", "cuda", "mps")
+    except RuntimeError:
+        return False
 
 
 def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from hemaclip.data.datasets import CellRecord, load_dataset
 from hemaclip.data.image_cache import decoded_images
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
-from hemaclip.io import apply_overrides, atomic_write, config_from_dict, read_config, remove_stale_temps, write_json
+from hemaclip.io import Rule, apply_overrides, at_least, atomic_write, between, check_values, config_from_dict, greater_than, one_of, read_config, remove_stale_temps, write_json
 from hemaclip.log import logged_run
 from hemaclip.models.gan import (
     DiffAugmentConfig,
@@ -81,12 +81,16 @@ class GanTrainConfig:
     grid_per_class: int = 8
     seed: int = 0
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "epochs": at_least(1), "batch_size": at_least(1), "lr_g": greater_than(0), "lr_d": greater_than(0),
+        "betas": ("two numbers within [0, 1)", lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
+        "ema_decay": between(0, 1), "mode_seeking_weight": at_least(0), "sampling": one_of(SAMPLING_MODES),
+        "save_every_steps": at_least(1), "grid_per_class": at_least(1), "seed": at_least(0),
+    }
+
     def __post_init__(self) -> None:
-        if self.sampling not in SAMPLING_MODES:
-            raise HemaclipError(f"GAN config: sampling must be one of {', '.join(SAMPLING_MODES)}, got '{self.sampling}'")
-        for name in ("epochs", "batch_size", "save_every_steps"):
-            if int(getattr(self, name)) < 1:
-                raise HemaclipError(f"GAN config: {name} must be >= 1, got {getattr(self, name)}")
+        check_values(self, "GAN config", self.RULES)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,10 +99,11 @@ class GanTrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "GAN config") -> "GanTrainConfig":
-        data = dict(data)
-        if "betas" in data and isinstance(data["betas"], (list, tuple)):
-            data["betas"] = tuple(float(b) for b in data["betas"])
         return config_from_dict(cls, data, "GAN config", source, nested={"model": GanConfig, "augment": DiffAugmentConfig})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_gan_config(name_or_path: str | Path = "default", overrides: Mapping[str, Any] | None = None) -> GanTrainConfig:

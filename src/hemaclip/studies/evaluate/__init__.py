@@ -86,6 +86,7 @@ from hemaclip.studies.evaluate.embedding import embedding_part
 from hemaclip.studies.evaluate.faithfulness import faithfulness_part
 from hemaclip.studies.evaluate.inputs import (
     DEFAULT_MAP_ATTRIBUTE,
+    MIN_IMAGES_PER_CLASS,
     NSHOT_SEEDS,
     NSHOT_SHOTS,
     EvalInputs,
@@ -93,6 +94,7 @@ from hemaclip.studies.evaluate.inputs import (
     Part,
     argmax_labels,
     cap_feature_set,
+    check_classes,
     cap_per_class,
     check_split,
     load_model_features,
@@ -106,6 +108,7 @@ from hemaclip.studies.report import Section, Table, write_report
 
 __all__ = [
     "DEFAULT_MAP_ATTRIBUTE",
+    "MIN_IMAGES_PER_CLASS",
     "NSHOT_SEEDS",
     "NSHOT_SHOTS",
     "RETRIEVAL_KS",
@@ -218,6 +221,9 @@ def run_evaluation(
         inputs, mapping = _checkpoint_inputs(checkpoint, dataset, split, data_root, folder, class_map, probes, nshot, progress,
                                              max_per_class, prompts, split_dir, batch_size, device, stain_normalizer, settings,
                                              header, log)
+    for warning in header.get("warnings", []):  # also in metrics.json and the report's overview
+        logger.warning("%s", warning)
+        notes.append(warning)
     unmapped = sorted(mapping.unmapped) if mapping is not None else []
     metrics: dict[str, Any] = dict(header)
     metrics["n_images"] = int(len(inputs.eval_fs))
@@ -314,6 +320,7 @@ def _external_inputs(features: Path, index_csv: Path, split: str, max_per_class:
     eval_fs = cap_feature_set(fs_all.by_split(split), max_per_class, seed)
     if len(eval_fs) == 0:
         raise DataError(f"{index_csv}: no rows in split '{split}'")
+    header["warnings"] = check_classes(eval_fs.labels, f"split '{split}' of {index_csv}")
     train_fs = None
     if split not in ("train", "all"):
         train_fs = cap_feature_set(fs_all.by_split("train"), max_per_class, seed)
@@ -352,6 +359,8 @@ def _checkpoint_inputs(checkpoint: Path | None, dataset: str, split: str, data_r
     eval_records = split_records(ds, split, max_per_class, seed)
     if not eval_records:
         raise DataError(f"dataset '{dataset}' has no images in split '{split}'")
+    what = f"split '{split}' of folder {folder}" if dataset == "folder" else f"split '{split}' of dataset '{dataset}'"
+    header["warnings"] = check_classes([r.label for r in eval_records], what, zs_classes)
     needed = {"eval": eval_records}
     if split not in ("val", "all"):
         needed["val"] = split_records(ds, "val", max_per_class, seed)

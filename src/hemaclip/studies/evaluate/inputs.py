@@ -32,12 +32,14 @@ __all__ = [
     "EVAL_SPLITS",
     "NSHOT_SEEDS",
     "NSHOT_SHOTS",
+    "MIN_IMAGES_PER_CLASS",
     "EvalInputs",
     "Figures",
     "Part",
     "argmax_labels",
     "cap_feature_set",
     "cap_per_class",
+    "check_classes",
     "check_split",
     "load_model_features",
     "prompt_vocabularies",
@@ -45,6 +47,10 @@ __all__ = [
     "split_records",
 ]
 
+# Below this many evaluated images in a class, its numbers are reported with a warning: its recall moves
+# in steps of 0.1 or more, and the stratified bootstrap (resampling within each class) can only show the
+# spread of those few images, so its intervals look tighter than what is known.
+MIN_IMAGES_PER_CLASS = 10
 NSHOT_SHOTS: tuple[int, ...] = (1, 5, 10, 25, 50, 100, 200)
 NSHOT_SEEDS: tuple[int, ...] = (0, 1, 2)
 DEFAULT_MAP_ATTRIBUTE = "nucleus_shape"
@@ -116,6 +122,35 @@ class Figures:
 def check_split(split: str) -> None:
     if split not in EVAL_SPLITS:
         raise HemaclipError(f"unknown split '{split}'; choose from {', '.join(EVAL_SPLITS)}")
+
+
+def check_classes(labels: Sequence[str], what: str, candidates: Sequence[str] | None = None) -> list[str]:
+    """Refuse an evaluation whose class metrics would be trivial; warn where they rest on few images.
+
+    `labels` are the evaluated images' classes, `what` names them in messages ("split 'test' of folder X"),
+    `candidates` the classes zero-shot chooses among (a folder's mapped classes). With one class, or
+    one candidate, every zero-shot answer is that class: accuracy and F1 come out 1.0 with interval
+    [1.0, 1.0] and ECE 0, which are not results, so this is a one-line DataError instead. Returns one
+    warning naming every class with fewer than :data:`MIN_IMAGES_PER_CLASS` images (empty if none).
+    """
+    from collections import Counter
+
+    from hemaclip.errors import DataError
+
+    counts = Counter(labels)
+    if len(counts) < 2:
+        found = ", ".join(f"{c} ({n})" for c, n in sorted(counts.items())) or "none"
+        raise DataError(f"{what} has images of {len(counts)} class ({found}); evaluate needs at least 2: with one, every "
+                        "prediction is that class, so accuracy, F1 and calibration would be trivially perfect, not results")
+    if candidates is not None and len(candidates) < 2:
+        raise DataError(f"{what}: only {len(candidates)} class ({', '.join(candidates) or 'none'}) is mapped onto a prompt class; "
+                        "evaluate needs at least 2, else every zero-shot answer is that class (map two or more)")
+    small = {c: n for c, n in sorted(counts.items()) if n < MIN_IMAGES_PER_CLASS}
+    if not small:
+        return []
+    listed = ", ".join(f"{c} ({n})" for c, n in small.items())
+    return [f"Warning: {what} has fewer than {MIN_IMAGES_PER_CLASS} images in class(es) {listed}: their per-class numbers "
+            "move in large steps and the bootstrap intervals, resampling those few images, understate the uncertainty."]
 
 
 def cap_per_class(records: list[CellRecord], max_per_class: int | None, seed: int) -> list[CellRecord]:

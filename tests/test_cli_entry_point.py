@@ -1,0 +1,58 @@
+"""Usage errors through the installed `hemaclip` entry point (the console script pip writes beside the
+interpreter), not the in-process runner: typer >= 0.29 raises its own copies of click's exceptions, which
+only the real `hemaclip.cli:main` sees. Each must give the usage line, a help hint and one error line
+(at most 3 lines on stderr), no traceback, and exit status 2, as click does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The console script of the interpreter running the tests (the project's venv locally, CI's fresh venv).
+ENTRY_POINT = Path(sys.executable).parent / "hemaclip"
+
+USAGE_ERRORS = {
+    "unknown command": (["nosuch"], "No such command 'nosuch'"),
+    "unknown option": (["describe", "--nosuch"], "No such option: --nosuch"),
+    "missing --out (evaluate)": (["evaluate"], "Missing option '--out'"),
+    "missing --out (index build)": (["index", "build", "--dataset", "wbcatt"], "Missing option '--out'"),
+    "serve --port abc": (["serve", "--port", "abc"], "'--port'"),
+    "serve --port 0": (["serve", "--port", "0"], "'--port'"),
+    "index build --shard-size 0": (["index", "build", "--out", "x.index", "--shard-size", "0"], "'--shard-size'"),
+    "evaluate --n-boot 50": (["evaluate", "--out", "report", "--n-boot", "50"], "'--n-boot'"),
+}
+
+
+def run_entry_point(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    if not ENTRY_POINT.is_file():
+        pytest.fail(f"{ENTRY_POINT}: the hemaclip console script is not installed beside {sys.executable} (pip install -e .)")
+    return subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "80"})
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_error_is_three_lines_and_exit_2(case: str, tmp_path: Path) -> None:
+    args, needle = USAGE_ERRORS[case]
+    result = run_entry_point(*args, cwd=tmp_path)
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert 1 <= len(lines) <= 3, result.stderr
+    assert lines[-1].startswith("Error: ") and needle in lines[-1], result.stderr
+    assert lines[0].startswith("Usage: hemaclip")
+    assert list(tmp_path.iterdir()) == []  # nothing was started, so nothing was written
+
+
+def test_user_error_is_still_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = run_entry_point("export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bare_command_prints_help(tmp_path: Path) -> None:
+    result = run_entry_point(cwd=tmp_path)
+    assert result.returncode == 2 and "Usage" in result.stdout and "Traceback" not in result.stderr
