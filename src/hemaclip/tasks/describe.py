@@ -479,13 +479,16 @@ class CellDescription:
     unfamiliar: bool | None = None
     unfamiliarity: float | None = None
     error: str | None = None
+    # The model's unit image embedding (for review corrections that teach an adapter); not in to_dict.
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; an error record is just {"source", "error"}."""
         if self.error is not None:
             return {"source": self.source, "error": self.error}
-        data = asdict(self)
+        data = asdict(dataclasses.replace(self, embedding=None))
         data.pop("error")
+        data.pop("embedding")
         return data
 
 
@@ -684,7 +687,7 @@ class Describer:
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
                 cell_found=view.found, unfamiliar=unfamiliar,
-                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None))
+                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None, embedding=features[i]))
         return results
 
     def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:

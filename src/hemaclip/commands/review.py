@@ -1,0 +1,60 @@
+"""`hemaclip review`: a folder of cells as a lab reviews a slide (differential, queue, galleries), resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
+from hemaclip.errors import HemaclipError
+from hemaclip.tasks.review import DEFAULTS
+
+
+def review(
+    folder: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively): crops, an export, fields.")],
+    out: Annotated[Path, typer.Option("--out", help="Review folder: review.sqlite, review.json, cells.csv, report.html.")],
+    checkpoint: CheckpointOption = None,
+    data: DataOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and run per batch.")] = DEFAULTS.batch_size,
+) -> None:
+    """Review a folder of cells at once: the differential count with 95 % Wilson intervals, the cells sorted for
+    review (unfamiliar first, then lowest confidence), galleries per class and the attributes per class, in a
+    self-contained report.html and review.json. Running it again resumes (only new files are described) and
+    rewrites the reports with the corrections made in `hemaclip serve --review OUT`. Not a diagnosis.
+
+    Example: hemaclip review ../shared/data/lisc/neutrophil --out review/lisc-neutrophils
+    """
+    from hemaclip.cache import file_sha1
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.tasks.describe import Describer, iter_image_paths
+    from hemaclip.tasks.review import review_folder, write_review_reports
+
+    for item in folder:  # before loading the model: a mistyped path is one line, not a run
+        if not item.exists():
+            raise HemaclipError(f"{item}: no such file or folder")
+    if next(iter_image_paths(folder), None) is None:
+        raise HemaclipError(f"no image files found in {', '.join(str(p) for p in folder)}")
+    path = resolve_checkpoint(checkpoint)
+    describer = Describer.from_checkpoint(path, index=None, data_root=data)
+    if not describer.calibrated:
+        logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
+    store = review_folder(describer, file_sha1(path), folder, out, settings=DEFAULTS.__class__(batch_size=batch_size))
+    summary = write_review_reports(store, out)
+    store.close()
+    for item in summary["errors"]:
+        logger.warning("warning: %s", item["error"])
+    if summary["warning"]:
+        logger.warning("%s", summary["warning"])
+    console.print(f"{summary['cells']} cells ({summary['white_cells']} in the differential), {summary['reviewed']} reviewed")
+    for name, row in summary["differential"].items():
+        if row["count"]:
+            console.print(f"  {name:<12} {row['count']:>5}  {row['share']:6.1%}  [{row['low']:.1%}, {row['high']:.1%}]")
+    console.print(f"written to {out}/report.html, review.json, cells.csv; review it with: hemaclip serve --review {out}")
+    if summary["errors"]:
+        raise HemaclipError(f"{len(summary['errors'])} file(s) could not be described (see the warnings above)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("review")(review)

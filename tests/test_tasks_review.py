@@ -1,0 +1,121 @@
+"""`hemaclip review`: the store, resume, the differential with intervals, the queue, append-only corrections."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from hemaclip.data.datasets import load_dataset
+from hemaclip.errors import HemaclipError
+from hemaclip.metrics.statistics import share_intervals
+from hemaclip.tasks.describe import Describer
+from hemaclip.tasks.review import REVIEW_STORE, ReviewStore, queue_order, review_folder, review_summary, write_review_reports
+
+
+@pytest.fixture(scope="module")
+def cell_folder(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 real PBC test cells (3 of each of 4 classes) copied into one flat folder."""
+    test = load_dataset("wbcatt", data_root=data_root).split("test")
+    folder = tmp_path_factory.mktemp("slide")
+    for label in ("basophil", "eosinophil", "lymphocyte", "neutrophil"):
+        for record in [r for r in test if r.label == label][:3]:
+            shutil.copy(record.path, folder / Path(record.path).name)
+    return folder
+
+
+@pytest.fixture()
+def describer(make_tiny_model, one_torch_thread) -> Describer:
+    return Describer(make_tiny_model())
+
+
+def test_queue_puts_unfamiliar_first_then_lowest_probability() -> None:
+    cells = [
+        {"id": 1, "probability": 0.99, "unfamiliar": False, "unfamiliarity": 10.0},
+        {"id": 2, "probability": 0.40, "unfamiliar": False, "unfamiliarity": 20.0},
+        {"id": 3, "probability": 0.95, "unfamiliar": True, "unfamiliarity": 300.0},
+        {"id": 4, "probability": 0.70, "unfamiliar": None, "unfamiliarity": None},
+        {"id": 5, "probability": 0.99, "unfamiliar": True, "unfamiliarity": 900.0},
+    ]
+    assert queue_order(cells) == [5, 3, 2, 4, 1]
+
+
+def test_review_writes_differential_with_wilson_intervals_and_resumes(describer, cell_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "review"
+    store = review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
+    cells = store.cells()
+    assert len(cells) == 12 and store.meta()["described_now"] == 12
+    assert all(c["embedding"] is not None for c in store.cells(with_embeddings=True))
+    assert all(store.thumbnail(c["id"])[:2] == b"\xff\xd8" for c in cells)  # JPEG thumbnails
+    summary = write_review_reports(store, out)
+    labels = [c["label"] for c in cells if c["label"] not in ("platelet", "erythroblast")]
+    expected = share_intervals({k: labels.count(k) for k in summary["differential"]})
+    assert summary["differential"] == expected
+    assert summary["white_cells"] == len(labels)
+    assert [q["id"] for q in summary["queue"]] == queue_order(cells)
+    for name in ("review.json", "cells.csv", "report.html"):
+        assert (out / name).stat().st_size > 0
+    assert "Differential count" in (out / "report.html").read_text()
+    assert not list(out.glob(".*.tmp"))
+    store.close()
+
+    # Running again describes nothing new and keeps the same cells.
+    again = review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
+    assert again.meta()["described_now"] == 0 and again.meta()["reused"] == 12
+    assert [c["id"] for c in again.cells()] == [c["id"] for c in cells]
+    # Another model may not write into the same review.
+    with pytest.raises(HemaclipError, match="another model"):
+        review_folder(describer, "other-sha", [cell_folder], out, progress=False)
+
+
+def test_corrections_are_appended_never_overwritten_and_change_the_counts(describer, cell_folder: Path, tmp_path: Path) -> None:
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    first = store.cells()[0]
+    target = "monocyte" if first["label"] != "monocyte" else "lymphocyte"
+    before = review_summary(store)["differential"][target]["count"]
+    made = store.correct(first["id"], "class", target, "Ann Reviewer")
+    assert made["old"] == first["label"] and made["new"] == target and made["model_sha1"] == "tiny-sha"
+    store.correct(first["id"], "cytoplasm_vacuole", "yes", "Ann Reviewer")
+    back = store.correct(first["id"], "class", first["label"], "Bob")  # changed again: a new row, the old one stays
+    assert back["old"] == target
+    assert [c["new"] for c in store.corrections()] == [target, "yes", first["label"]]
+    summary = review_summary(store)
+    assert summary["differential"][target]["count"] == before and summary["reviewed"] == 1
+    store.correct(first["id"], "class", target, "Bob")
+    assert review_summary(store)["differential"][target]["count"] == before + 1
+    assert store.cells()[0]["current"]["cytoplasm_vacuole"] == "yes"
+    for bad, match in (((first["id"], "class", "dragon", "Bob"), "unknown value"), ((first["id"], "colour", "red", "Bob"), "unknown field"),
+                       ((first["id"], "class", target, "  "), "reviewer"), ((99999, "class", target, "Bob"), "no cell")):
+        with pytest.raises(HemaclipError, match=match):
+            store.correct(*bad)
+    db = sqlite3.connect(tmp_path / REVIEW_STORE)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE corrections SET new = 'basophil'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM corrections")
+    db.close()
+
+
+def test_review_store_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
+    with pytest.raises(HemaclipError, match="no review store"):
+        ReviewStore(tmp_path / "nothing.sqlite")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(HemaclipError, match="not a review store"):
+        ReviewStore(junk)
+
+
+@pytest.mark.slow
+def test_review_command_through_the_entry_point(run_cli, assert_one_line_error, tiny_checkpoint: Path, cell_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli-review"
+    result = run_cli("review", str(cell_folder), "--out", str(out), "--checkpoint", str(tiny_checkpoint), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "12 cells" in result.stdout and (out / "report.html").is_file()
+    missing = run_cli("review", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--checkpoint", str(tiny_checkpoint))
+    assert_one_line_error(missing, "no such file or folder")
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("review", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--checkpoint", str(tiny_checkpoint))
+    assert_one_line_error(empty, "no image files")
+    assert not (tmp_path / "x").exists()
