@@ -184,6 +184,10 @@ class ReviewStore:
             out.append(cell)
         return out
 
+    def has_cell(self, cell_id: int) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM cells WHERE id = ?", (int(cell_id),)).fetchone() is not None
+
     def thumbnail(self, cell_id: int) -> bytes | None:
         with self._lock:
             row = self._db.execute("SELECT thumbnail FROM cells WHERE id = ?", (int(cell_id),)).fetchone()
