@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hemaclip.data.datasets import load_dataset
@@ -119,3 +120,22 @@ def test_review_command_through_the_entry_point(run_cli, assert_one_line_error, 
     empty = run_cli("review", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--checkpoint", str(tiny_checkpoint))
     assert_one_line_error(empty, "no image files")
     assert not (tmp_path / "x").exists()
+
+
+def test_corrections_teach_an_adapter_that_reads_the_next_folder(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.adapter import fit_adapter_from_store
+
+    first = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "first", progress=False)
+    with pytest.raises(HemaclipError, match="no reviewed cells"):
+        fit_adapter_from_store(first)
+    for cell in first.cells():  # the reviewer gives each cell its true class (file-name prefix)
+        truth = {"BA": "basophil", "EO": "eosinophil", "LY": "lymphocyte", "SNE": "neutrophil", "BNE": "neutrophil"}[Path(cell["source"]).name.split("_")[0]]
+        first.correct(cell["id"], "class", truth, "Ann")
+    adapter = fit_adapter_from_store(first)
+    assert adapter.n_cells == 12
+    second = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False, adapter=adapter, adapter_id="a1")
+    cells = second.cells(with_embeddings=True)
+    expected = adapter.predict(np.stack([c["embedding"] for c in cells]), np.stack([c["class_probabilities"] for c in cells]))
+    assert [c["label"] for c in cells] == expected
+    with pytest.raises(HemaclipError, match="with adapter a1"):
+        review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False)

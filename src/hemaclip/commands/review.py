@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
+from hemaclip.tasks.adapter import ADAPTER_FILE
 from hemaclip.tasks.review import DEFAULTS
 
 
@@ -18,6 +19,9 @@ def review(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and run per batch.")] = DEFAULTS.batch_size,
+    learn_from: Annotated[Optional[Path], typer.Option("--learn-from", help="A review folder whose corrections teach the "
+                                                       "class read-out (an adapter on the frozen embeddings, saved as "
+                                                       "OUT/adapter.npz) before this folder is read.", show_default=False)] = None,
 ) -> None:
     """Review a folder of cells at once: the differential count with 95 % Wilson intervals, the cells sorted for
     review (unfamiliar first, then lowest confidence), galleries per class and the attributes per class, in a
@@ -37,10 +41,17 @@ def review(
     if next(iter_image_paths(folder), None) is None:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in folder)}")
     path = resolve_checkpoint(checkpoint)
+    model_sha1 = file_sha1(path)
+    adapter = adapter_id = None
+    if learn_from is not None:
+        adapter, adapter_id = _adapter_from(learn_from, model_sha1)
     describer = Describer.from_checkpoint(path, index=None, data_root=data)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
-    store = review_folder(describer, file_sha1(path), folder, out, settings=DEFAULTS.__class__(batch_size=batch_size))
+    store = review_folder(describer, model_sha1, folder, out, settings=DEFAULTS.__class__(batch_size=batch_size),
+                          adapter=adapter, adapter_id=adapter_id)
+    if adapter is not None:
+        adapter.save(out / ADAPTER_FILE)
     summary = write_review_reports(store, out)
     store.close()
     for item in summary["errors"]:
@@ -54,6 +65,21 @@ def review(
     console.print(f"written to {out}/report.html, review.json, cells.csv; review it with: hemaclip serve --review {out}")
     if summary["errors"]:
         raise HemaclipError(f"{len(summary['errors'])} file(s) could not be described (see the warnings above)")
+
+
+def _adapter_from(folder: Path, model_sha1: str) -> tuple[Any, str]:
+    """The adapter taught by the corrections of review `folder` (made with the same model) and its id."""
+    from hemaclip.tasks.adapter import fit_adapter_from_store
+    from hemaclip.tasks.review import REVIEW_STORE, ReviewStore
+
+    source = ReviewStore(folder / REVIEW_STORE)
+    if source.meta().get("model_sha1") != model_sha1:
+        raise HemaclipError(f"--learn-from {folder}: that review was made with another model")
+    adapter = fit_adapter_from_store(source)
+    last = source.corrections()[-1]["id"]
+    source.close()
+    logger.info("adapter taught by %d reviewed cells of %s (L2 %g)", adapter.n_cells, folder, adapter.l2)
+    return adapter, f"{folder.resolve()}@correction-{last}"
 
 
 def register(app: typer.Typer) -> None:

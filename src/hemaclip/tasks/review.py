@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS cells (
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, cell INTEGER NOT NULL, file_sha1 TEXT NOT NULL,
     model_sha1 TEXT NOT NULL, label TEXT NOT NULL, probability REAL NOT NULL, runner_up TEXT,
     abstain INTEGER NOT NULL, unfamiliar INTEGER, unfamiliarity REAL, attributes TEXT NOT NULL,
-    sentence TEXT NOT NULL, box TEXT, cell_found INTEGER NOT NULL, embedding BLOB, thumbnail BLOB,
+    sentence TEXT NOT NULL, box TEXT, cell_found INTEGER NOT NULL, embedding BLOB, class_probabilities BLOB, thumbnail BLOB,
     UNIQUE (source, file_sha1, model_sha1, cell));
 CREATE TABLE IF NOT EXISTS corrections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cell_id INTEGER NOT NULL REFERENCES cells(id), field TEXT NOT NULL,
@@ -151,7 +151,7 @@ class ReviewStore:
     def add_files(self, items: Sequence[tuple[str, str, str, Sequence[dict[str, Any]], str | None]]) -> None:
         """Record a batch of described files and their cells in one transaction."""
         columns = ("source", "cell", "file_sha1", "model_sha1", "label", "probability", "runner_up", "abstain", "unfamiliar",
-                   "unfamiliarity", "attributes", "sentence", "box", "cell_found", "embedding", "thumbnail")
+                   "unfamiliarity", "attributes", "sentence", "box", "cell_found", "embedding", "class_probabilities", "thumbnail")
         sql = f"INSERT OR REPLACE INTO cells({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         with self._lock, self._transaction():
             for source, file_sha1, model_sha1, cells, error in items:
@@ -161,7 +161,7 @@ class ReviewStore:
 
     def cells(self, with_embeddings: bool = False) -> list[dict[str, Any]]:
         """Every cell with the model's reading and its current values (latest correction wins)."""
-        extra = ", embedding" if with_embeddings else ""
+        extra = ", embedding, class_probabilities" if with_embeddings else ""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, source, cell, file_sha1, label, probability, runner_up, abstain, unfamiliar, unfamiliarity, "
@@ -181,6 +181,7 @@ class ReviewStore:
             cell["reviewed"] = bool(mine)
             if with_embeddings:
                 cell["embedding"] = None if row[14] is None else np.frombuffer(row[14], dtype=np.float32)
+                cell["class_probabilities"] = None if row[15] is None else np.frombuffer(row[15], dtype=np.float32)
             out.append(cell)
         return out
 
@@ -263,11 +264,13 @@ def cell_row(description: Any, image: Image.Image | None, settings: ReviewSettin
     """The store's row of one :class:`hemaclip.tasks.describe.CellDescription` (thumbnail from `image`)."""
     d = description
     embedding = None if d.embedding is None else np.asarray(d.embedding, dtype=np.float32).tobytes()
+    probs = None if d.class_probabilities is None else np.asarray(d.class_probabilities, dtype=np.float32).tobytes()
     return {
         "cell": int(d.cell), "label": d.label, "probability": float(d.probability), "runner_up": d.runner_up,
         "abstain": int(bool(d.abstain)), "unfamiliar": None if d.unfamiliar is None else int(bool(d.unfamiliar)),
         "unfamiliarity": d.unfamiliarity, "attributes": json.dumps(d.attributes), "sentence": d.sentence,
         "box": json.dumps(d.box) if d.box else None, "cell_found": int(bool(d.cell_found)), "embedding": embedding,
+        "class_probabilities": probs,
         "thumbnail": _thumbnail(image, d.box if d.cell_found else None, settings.thumbnail_px) if image is not None else None,
     }
 
@@ -294,9 +297,14 @@ def review_folder(
     *,
     settings: ReviewSettings = DEFAULTS,
     progress: bool = True,
+    adapter: Any = None,
+    adapter_id: str | None = None,
 ) -> ReviewStore:
     """Describe every image under `inputs` into ``<out>/review.sqlite`` (files already described by this
-    model are skipped), committing a batch of files at a time. Returns the open store."""
+    model are skipped), committing a batch of files at a time. Returns the open store.
+
+    With `adapter` (:class:`hemaclip.tasks.adapter.CorrectionAdapter`, identified by `adapter_id`), each
+    cell's class is read through it; a review folder keeps one model and one adapter throughout."""
     from hemaclip.cache import file_sha1
     from hemaclip.data.preprocess import decode_image
     from hemaclip.tasks.describe import iter_image_paths
@@ -307,11 +315,16 @@ def review_folder(
     if meta.get("model_sha1") not in (None, model_sha1):
         raise HemaclipError(f"{out} holds a review made with another model (SHA-1 {str(meta['model_sha1'])[:10]}); "
                             "choose another --out")
+    if meta.get("model_sha1") is not None and meta.get("adapter") != adapter_id:
+        raise HemaclipError(f"{out} holds a review made {'with adapter ' + str(meta.get('adapter')) if meta.get('adapter') else 'without an adapter'}; "
+                            "choose another --out")
     readout = describer.readout
+    if adapter is not None and list(adapter.classes) != list(readout.class_names):
+        raise HemaclipError("the adapter was fitted for other classes than this model's")
     store.set_meta(format=REVIEW_FORMAT, model_sha1=model_sha1, classes=list(readout.class_names),
                    attribute_values={n: list(v) for n, v in readout.attribute_values.items()},
                    inputs=[str(p) for p in inputs], calibrated=bool(describer.calibrated),
-                   familiarity=describer.familiarity is not None)
+                   familiarity=describer.familiarity is not None, adapter=adapter_id)
     files = list(iter_image_paths(inputs))
     if not files:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in inputs)}")
@@ -319,7 +332,12 @@ def review_folder(
     hashes = {str(p): file_sha1(p) if p.is_file() else "" for p in files}
     todo = [p for p in files if (str(p), hashes[str(p)]) not in done]
     pending: list[tuple[str, str, str, list[dict[str, Any]], str | None]] = []
-    for source, group in _grouped_by_source(describer.describe_paths(todo, batch_size=settings.batch_size, progress=progress)):
+    described = describer.describe_paths(todo, batch_size=settings.batch_size, progress=progress)
+    if adapter is not None:
+        from hemaclip.tasks.adapter import adapt_description
+
+        described = (adapt_description(adapter, d, describer.abstain_below) for d in described)
+    for source, group in _grouped_by_source(described):
         if group[0].error is not None:
             pending.append((source, hashes.get(source, ""), model_sha1, [], group[0].error))
         else:
