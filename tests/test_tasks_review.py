@@ -139,3 +139,26 @@ def test_corrections_teach_an_adapter_that_reads_the_next_folder(describer, cell
     assert [c["label"] for c in cells] == expected
     with pytest.raises(HemaclipError, match="with adapter a1"):
         review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False)
+
+
+def test_export_of_reviewed_cells_loads_as_a_folder_dataset(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.review import export_reviewed
+
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "review", progress=False)
+    cells = store.cells()
+    with pytest.raises(HemaclipError, match="no reviewed white cells"):
+        export_reviewed(store, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    store.correct(cells[0]["id"], "class", "monocyte", "Ann")
+    store.correct(cells[1]["id"], "class", "basophil", "Ann")
+    store.correct(cells[1]["id"], "granularity", "yes", "Ann")
+    counts = export_reviewed(store, tmp_path / "export")
+    assert counts == {"monocyte": 1, "basophil": 1}
+    loaded = load_dataset("folder", folder=tmp_path / "export")
+    by_name = {Path(r.path).name: r for r in loaded.records}
+    assert by_name[f"cell-{cells[0]['id']}.png"].label == "monocyte"
+    second = by_name[f"cell-{cells[1]['id']}.png"]
+    assert second.label == "basophil" and second.attributes["granularity"] == "yes"
+    assert {r.split for r in loaded.records} <= {"train", "val", "test"}
+    with pytest.raises(HemaclipError, match="already exists"):
+        export_reviewed(store, tmp_path / "export")

@@ -82,5 +82,23 @@ def _adapter_from(folder: Path, model_sha1: str) -> tuple[Any, str]:
     return adapter, f"{folder.resolve()}@correction-{last}"
 
 
+def review_export(
+    review_dir: Annotated[Path, typer.Argument(help="A review folder (from `hemaclip review`).")],
+    to: Annotated[Path, typer.Option("--to", help="New folder for the export (must not exist).")],
+) -> None:
+    """Export the reviewed white cells as a `folder` dataset (DEST/<class>/cell-ID.png and attributes.csv with a
+    split column: 70/10/20 by source file), to train or evaluate on: --dataset folder --data DEST.
+
+    Example: hemaclip review-export review/slide-12 --to reviewed/slide-12
+    """
+    from hemaclip.tasks.review import REVIEW_STORE, ReviewStore, export_reviewed
+
+    store = ReviewStore(review_dir / REVIEW_STORE)
+    counts = export_reviewed(store, to)
+    store.close()
+    console.print(f"{sum(counts.values())} reviewed cells written to {to} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("review")(review)
+    app.command("review-export")(review_export)

@@ -43,6 +43,7 @@ __all__ = [
     "REVIEW_STORE",
     "ReviewSettings",
     "ReviewStore",
+    "export_reviewed",
     "queue_order",
     "review_folder",
     "review_summary",
@@ -537,3 +538,57 @@ def _report_html(store: ReviewStore, summary: dict[str, Any], cells: Sequence[di
             f"<li>{e(x['source'])}: {e(x['error'])}</li>" for x in summary["errors"]) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# export: reviewed cells as a `folder` dataset, to feed back into hemaclip
+# ------------------------------------------------------------------------------------------------ #
+
+
+def _split_of(file_sha1: str) -> str:
+    """A fixed 70/10/20 split by the source file's hash: the cells of one picture always share a split."""
+    bucket = int(file_sha1[:8], 16) % 10
+    return "train" if bucket < 7 else "val" if bucket < 8 else "test"
+
+
+def export_reviewed(store: ReviewStore, dest: str | Path, settings: ReviewSettings = DEFAULTS) -> dict[str, int]:
+    """Write the reviewed white cells as a `folder` dataset: ``DEST/<class>/cell-<id>.png`` (the cell's crop
+    from its source file) and ``DEST/attributes.csv`` (path, the 11 current attribute values, split).
+
+    Only cells a reviewer touched are exported; platelets and erythroblasts are left out (the folder format
+    gives every row the 11 white-cell attributes). The folder is built beside `dest` and renamed into place,
+    so it is either complete or absent. Returns the count per class."""
+    import csv
+    import os
+    import shutil
+    import tempfile
+
+    from hemaclip.data.preprocess import decode_image
+
+    dest = Path(dest)
+    if dest.exists():
+        raise HemaclipError(f"{dest} already exists: choose a new folder for the export")
+    cells = [c for c in store.cells() if c["reviewed"] and c["current"][CLASS_FIELD] not in settings.outside_differential]
+    if not cells:
+        raise HemaclipError(f"{store.path}: no reviewed white cells to export")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        rows = []
+        for c in cells:
+            label = c["current"][CLASS_FIELD]
+            image = decode_image(Path(c["source"]))
+            crop = image.crop(tuple(c["box"])) if c["box"] and c["cell_found"] else image
+            (tmp / label).mkdir(exist_ok=True)
+            crop.save(tmp / label / f"cell-{c['id']}.png")
+            rows.append({"path": f"{label}/cell-{c['id']}.png", **{n: c["current"][n] for n in ATTRIBUTE_NAMES},
+                         "split": _split_of(c["file_sha1"])})
+        with (tmp / "attributes.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", *ATTRIBUTE_NAMES, "split"])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(Counter(c["current"][CLASS_FIELD] for c in cells))
