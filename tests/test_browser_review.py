@@ -24,9 +24,8 @@ from hemaclip.tasks.review import REVIEW_STORE, review_folder, write_review_repo
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 ENTRY = Path(sys.executable).with_name("hemaclip")
+TIMEOUT = 120  # seconds: the shared test machines can be very busy
 
 
 def _free_port() -> int:
@@ -83,23 +82,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("chromium/chromedriver not installed (run `make browser`, or apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1500"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
 def _page_counts(driver) -> dict[str, int]:
     from selenium.webdriver.common.by import By
 
@@ -117,7 +99,7 @@ def test_keyboard_corrections_persist_across_reload(review_dir: Path, browser) -
     proc = _start(review_dir, port)
     try:
         url = f"http://127.0.0.1:{port}/"
-        data = httpx.get(f"{url}api/review").json()
+        data = httpx.get(f"{url}api/review", timeout=TIMEOUT).json()
         classes, queue = data["classes"], data["queue"]
         browser.get(url)
         wait = WebDriverWait(browser, 60)
@@ -159,7 +141,7 @@ def test_keyboard_corrections_persist_across_reload(review_dir: Path, browser) -
         for cell_id, _, new in targets:
             assert cards[cell_id].find_element(By.CSS_SELECTOR, ".label").text == new
             assert "reviewed" in cards[cell_id].get_attribute("class")
-        made = httpx.get(f"{url}api/review/corrections").json()
+        made = httpx.get(f"{url}api/review/corrections", timeout=TIMEOUT).json()
         assert [(c["cell_id"], c["new"], c["reviewer"]) for c in made] == [
             *((i, new, "Test Reviewer") for i, _, new in targets), (third["id"], new_size, "Test Reviewer")]
     finally:
@@ -172,13 +154,13 @@ def test_kill_9_mid_correction_loses_nothing_acknowledged(review_dir: Path, tmp_
     port = _free_port()
     proc = _start(review, port)
     url = f"http://127.0.0.1:{port}"
-    data = httpx.get(f"{url}/api/review").json()
+    data = httpx.get(f"{url}/api/review", timeout=TIMEOUT).json()
     ids, classes = [c["id"] for c in data["queue"]], data["classes"]
     acknowledged: list[dict] = []
     stop = threading.Event()
 
     def stream() -> None:
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=TIMEOUT) as client:
             k = 0
             while not stop.is_set():
                 body = {"field": "class", "value": classes[k % len(classes)], "reviewer": "stream"}
@@ -210,8 +192,8 @@ def test_kill_9_mid_correction_loses_nothing_acknowledged(review_dir: Path, tmp_
 
     proc = _start(review, port)  # and the restarted server shows them, counts included
     try:
-        assert len(httpx.get(f"{url}/api/review/corrections").json()) == len(saved)
-        after = httpx.get(f"{url}/api/review").json()
+        assert len(httpx.get(f"{url}/api/review/corrections", timeout=TIMEOUT).json()) == len(saved)
+        after = httpx.get(f"{url}/api/review", timeout=TIMEOUT).json()
         latest: dict[int, str] = {}
         for cell_id, new, _ in (saved[k] for k in sorted(saved)):
             latest[cell_id] = new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import shutil
 import sqlite3
 from pathlib import Path
@@ -162,3 +163,22 @@ def test_export_of_reviewed_cells_loads_as_a_folder_dataset(describer, cell_fold
     assert {r.split for r in loaded.records} <= {"train", "val", "test"}
     with pytest.raises(HemaclipError, match="already exists"):
         export_reviewed(store, tmp_path / "export")
+
+
+def test_a_folder_unlike_the_training_data_is_flagged_and_queued_first(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.familiarity import fit_familiarity
+
+    # "Training data" far from these cells: embeddings clustered around one random direction.
+    rng = np.random.default_rng(0)
+    width = describer.model.config.embed_dim
+    centre = rng.normal(size=width)
+    fake = centre + 0.05 * rng.normal(size=(400, width))
+    fake /= np.linalg.norm(fake, axis=1, keepdims=True)
+    describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 150 + ["neutrophil"] * 150, fake[300:], "tiny-sha", "synthetic")
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    summary = write_review_reports(store, tmp_path)
+    assert summary["unfamiliar"] == 12
+    assert summary["warning"] and "far from the training data" in summary["warning"]
+    assert html.escape(summary["warning"]) in (tmp_path / "report.html").read_text()
+    scores = [q["unfamiliarity"] for q in summary["queue"]]
+    assert scores == sorted(scores, reverse=True) and all(q["unfamiliar"] for q in summary["queue"])
