@@ -148,6 +148,7 @@ def test_keyboard_corrections_persist_across_reload(review_dir: Path, browser) -
         _stop(proc)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_correction_loses_nothing_acknowledged(review_dir: Path, tmp_path: Path) -> None:
     review = tmp_path / "review"
     shutil.copytree(review_dir, review)
