@@ -10,7 +10,7 @@ import typer
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 from hemaclip.tasks.adapter import ADAPTER_FILE
-from hemaclip.tasks.review import DEFAULTS
+from hemaclip.tasks.review import DEFAULTS, ReviewSettings
 
 
 def review(
@@ -48,7 +48,7 @@ def review(
     describer = Describer.from_checkpoint(path, index=None, data_root=data)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
-    store = review_folder(describer, model_sha1, folder, out, settings=DEFAULTS.__class__(batch_size=batch_size),
+    store = review_folder(describer, model_sha1, folder, out, settings=ReviewSettings(batch_size=batch_size),
                           adapter=adapter, adapter_id=adapter_id)
     if adapter is not None:
         adapter.save(out / ADAPTER_FILE)
