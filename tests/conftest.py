@@ -138,3 +138,28 @@ def main_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
         return code, captured.out, captured.err
 
     return run
+# --------------------------------------------------------------------------------------------------
+# Headless Chromium (Debian's chromium + chromedriver, never downloaded) for the page tests
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by selenium, one per test module; skips when Chromium is not installed."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        pytest.skip("chromium/chromedriver not installed (run `make browser`, or apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,2000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

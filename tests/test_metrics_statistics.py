@@ -180,3 +180,21 @@ def test_unpaired_difference_of_two_test_sets_matches_the_normal_approximation()
     assert same["difference"] == 0.0 and same["low"] < 0 < same["high"]
     with pytest.raises(ValueError):
         unpaired_bootstrap_difference([], b)
+def test_share_intervals_are_wilson_intervals_with_nominal_coverage() -> None:
+    from hemaclip.metrics.statistics import share_intervals
+
+    got = share_intervals({"a": 5, "b": 15, "c": 0})
+    # Wilson by hand: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    z, n, p = 1.959963984540054, 20, 0.25
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert got["a"]["share"] == 0.25 and got["a"]["count"] == 5
+    assert got["a"]["low"] == pytest.approx((centre - half) / (1 + z * z / n), abs=1e-9)
+    assert got["a"]["high"] == pytest.approx((centre + half) / (1 + z * z / n), abs=1e-9)
+    assert got["c"]["low"] == 0.0 and 0.0 < got["c"]["high"] < 0.2  # never below zero, not degenerate
+    # Coverage of a 3 % class in 150-cell counts stays near 95 %.
+    rng = np.random.default_rng(0)
+    hits = 0
+    for k in rng.binomial(150, 0.03, size=2000):
+        ci = share_intervals({"x": int(k), "rest": 150 - int(k)})["x"]
+        hits += ci["low"] <= 0.03 <= ci["high"]
+    assert 0.92 <= hits / 2000 <= 0.99

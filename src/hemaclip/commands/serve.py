@@ -29,6 +29,11 @@ def serve_command(
         Optional[list[str]], typer.Option("--allow-host", help="Another name this server is reached by (Host header); repeatable.")
     ] = None,
     max_connections: Annotated[int, typer.Option(help="Connections served at once; more get 503 (bounds upload memory).", min=1)] = 64,
+    review: Annotated[Optional[Path], typer.Option("--review", help="Serve the review page of a folder written by `hemaclip review` "
+                                                   "(keyboard corrections saved in its review.sqlite); no model is loaded.")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="HEMACLIP_TOKEN", help="Every request must carry it "
+                                                 "(Authorization: Bearer TOKEN, or ?token=TOKEN in the page's address); "
+                                                 "required by --review off loopback.", show_default=False)] = None,
 ) -> None:
     """Serve the hemaclip page (upload a cell image, search by description) and its JSON API (/docs).
 
@@ -36,6 +41,9 @@ def serve_command(
     """
     import uvicorn
 
+    if review is not None:
+        _serve_review(review, host, port, token)
+        return
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.serve.app import ServeSettings, allowed_hosts_for, create_app
@@ -59,6 +67,22 @@ def serve_command(
     logger.info("answering requests for host names: %s", ", ".join(settings.allowed_hosts))
     console.print(f"hemaclip at http://{host}:{port}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)
+
+
+def _serve_review(folder: Path, host: str, port: int, token: str | None) -> None:
+    """The review page: loopback unless a token guards it."""
+    import uvicorn
+
+    from hemaclip.serve.review import LOOPBACK_HOSTS, create_review_app
+
+    if host not in LOOPBACK_HOSTS and not token:
+        raise HemaclipError(f"--host {host} exposes the review to the network: give --token (every request must then carry it)")
+    if token is not None and len(token) < 16:
+        raise HemaclipError("--token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    app = create_review_app(folder, token=token)
+    address = f"http://{host}:{port}/" + ("?token=..." if token else "")
+    console.print(f"hemaclip review of {folder} at {address}  (stop with Ctrl+C; every correction is saved as it is made)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ Resamples are drawn in blocks of about two million indices to keep memory flat f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
     "paired_bootstrap_test",
     "resample_indices",
     "unpaired_bootstrap_difference",
+    "share_intervals",
 ]
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -367,3 +368,25 @@ def unpaired_bootstrap_difference(
         "confidence": float(confidence),
         "method": "unpaired percentile bootstrap (each sample resampled on its own; scipy.stats.bootstrap)",
     }
+def share_intervals(counts: Mapping[str, int], confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Share of each category in a count (a differential count) with its Wilson score interval.
+
+    Why Wilson: with 100-200 cells and classes of 0-5 %, the normal approximation gives intervals below
+    zero and the exact (Clopper-Pearson) one is needlessly wide; Wilson keeps nominal coverage there.
+    Each share is treated as a binomial proportion of the total (a per-class interval, not a joint one).
+    """
+    from scipy.stats import binomtest
+
+    _check_common(1, confidence)
+    total = int(sum(int(c) for c in counts.values()))
+    out: dict[str, dict[str, Any]] = {}
+    for name, count in counts.items():
+        k = int(count)
+        if k < 0:
+            raise ValueError(f"count of {name!r} is negative ({k})")
+        if total == 0:
+            out[name] = {"count": 0, "share": float("nan"), "low": float("nan"), "high": float("nan")}
+            continue
+        ci = binomtest(k, total).proportion_ci(confidence_level=float(confidence), method="wilson")
+        out[name] = {"count": k, "share": k / total, "low": float(ci.low), "high": float(ci.high)}
+    return out

@@ -479,13 +479,18 @@ class CellDescription:
     unfamiliar: bool | None = None
     unfamiliarity: float | None = None
     error: str | None = None
+    # The model's unit image embedding (for review corrections that teach an adapter); not in to_dict.
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Calibrated probabilities over Readout.class_names (what an adapter corrects); not in to_dict.
+    class_probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; an error record is just {"source", "error"}."""
         if self.error is not None:
             return {"source": self.source, "error": self.error}
-        data = asdict(self)
-        data.pop("error")
+        data = asdict(dataclasses.replace(self, embedding=None, class_probabilities=None))
+        for key in ("error", "embedding", "class_probabilities"):
+            data.pop(key)
         return data
 
 
@@ -687,7 +692,8 @@ class Describer:
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
                 cell_found=view.found, unfamiliar=unfamiliar,
-                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None))
+                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None, embedding=features[i],
+                class_probabilities=class_probs[i].astype(np.float32)))
         return (results, class_probs) if with_probs else results
 
     def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:

@@ -1,0 +1,160 @@
+"""Do a lab's corrections teach the model? The learning curve of the review adapter on another lab's cells.
+
+Protocol (fixed before any number was seen):
+
+* **Reviewed cells** are drawn at random (as a reviewer meets them on slides, not class-balanced) from the
+  other lab's **val** part only: 0, 20, 50 and 100 cells, 5 draws per size (seeds 0-4); their dataset labels
+  stand in for the reviewer's corrections. Sizes larger than the val part are left out.
+* **Scored** on that lab's **test** part, which shares no source cell with val (LISC: near-duplicate crops of
+  one cell are grouped and whole groups split). Macro F1 over the lab's classes, a prediction outside them
+  (the model also knows erythroblasts, immature granulocytes, platelets) counted as an error.
+* **Intervals**: the 95 % cluster bootstrap of the test cells (whole groups resampled) for draw 0, and the
+  spread (mean ± sd, min-max) over the 5 draws, which is the reviewer-sample variation.
+* **Arms**: the adapter (:mod:`hemaclip.tasks.adapter`: the model's calibrated scores plus an L2-penalised
+  linear correction on the frozen embedding, penalty by cross-validation on the reviewed cells), and, for
+  comparison, a logistic regression on the embeddings alone (scikit-learn, C = 1), which forgets the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemaclip.errors import HemaclipError
+
+__all__ = ["SIZES", "describe_records", "learning_curve", "write_learning_curve"]
+
+SIZES = (0, 20, 50, 100)
+DRAWS = 5
+
+
+def describe_records(describer: Any, records: Sequence[Any], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N, D], calibrated class probabilities [N, C]) of each record's first cell, as `review` reads it."""
+    first: dict[str, Any] = {}
+    for d in describer.describe_paths([r.path for r in records], batch_size=batch_size, progress=False):
+        if d.error is not None:
+            raise HemaclipError(d.error)
+        first.setdefault(d.source, d)
+    described = [first[str(r.path)] for r in records]
+    return np.stack([d.embedding for d in described]), np.stack([d.class_probabilities for d in described])
+
+
+def _embedding_only(features: np.ndarray, labels: Sequence[str], test: np.ndarray) -> list[str]:
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(labels)) < 2:
+        return [labels[0]] * len(test)
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
+    return [str(p) for p in model.predict(test)]
+
+
+def learning_curve(
+    describer: Any, dataset: str, data_root: str | Path | None = None, sizes: Sequence[int] = SIZES, draws: int = DRAWS,
+    n_resamples: int = 2000,
+) -> dict[str, Any]:
+    """The curve on one other-lab dataset (see the module docstring for the protocol)."""
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.metrics.classification import macro_f1
+    from hemaclip.metrics.statistics import cluster_bootstrap_macro_f1, paired_cluster_bootstrap_macro_f1
+    from hemaclip.tasks.adapter import fit_adapter
+
+    ds = load_dataset(dataset, data_root=data_root)
+    val, test = ds.split("val"), ds.split("test")
+    if not val or not test:
+        raise HemaclipError(f"{dataset}: needs a val and a test part")
+    classes = list(describer.readout.class_names)
+    labels = list(ds.classes)
+    fv, pv = describe_records(describer, val)
+    ft, pt = describe_records(describer, test)
+    y_val = [r.label for r in val]
+    y_test = [r.label for r in test]
+    groups = [r.group or str(r.path) for r in test]
+    model_pred = [classes[i] for i in np.argmax(pt, axis=1)]
+    rows = []
+    for n in sizes:
+        if n > len(val):
+            continue
+        per_draw: dict[str, list[float]] = {"adapter": [], "embedding_only": []}
+        first: dict[str, Any] = {}
+        for draw in range(draws if n > 0 else 1):
+            pick = np.random.default_rng(draw).choice(len(val), size=n, replace=False) if n else np.array([], dtype=int)
+            chosen = [y_val[i] for i in pick]
+            adapter = fit_adapter(fv[pick], pv[pick], chosen, classes, seed=draw)
+            preds = {"adapter": adapter.predict(ft, pt) if n else model_pred}
+            if n:
+                preds["embedding_only"] = _embedding_only(fv[pick], chosen, ft)
+            for arm, pred in preds.items():
+                per_draw[arm].append(macro_f1(y_test, pred, labels))
+            if draw == 0:
+                first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen))}
+        row: dict[str, Any] = {"reviewed": int(n), "classes_seen_draw0": first["classes_seen"], "l2_draw0": first["l2"]}
+        for arm, scores in per_draw.items():
+            if not scores:
+                continue
+            ci = cluster_bootstrap_macro_f1(y_test, first["preds"][arm], labels, groups, n_resamples=n_resamples, seed=0)
+            row[arm] = {"draw0": ci["point"], "draw0_low": ci["low"], "draw0_high": ci["high"], "mean": float(np.mean(scores)),
+                        "sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, "min": float(np.min(scores)),
+                        "max": float(np.max(scores)), "draws": [float(s) for s in scores]}
+            if n:
+                diff = paired_cluster_bootstrap_macro_f1(y_test, first["preds"][arm], model_pred, labels, groups,
+                                                         n_resamples=n_resamples, seed=0)
+                row[arm]["minus_model_draw0"] = {k: diff[k] for k in ("difference", "low", "high", "p_value") if k in diff}
+        rows.append(row)
+    return {
+        "dataset": dataset, "labs": sorted({str(r.lab) for r in test}), "val_cells": len(val), "test_cells": len(test),
+        "test_groups": len(set(groups)), "labels": labels, "model_classes": classes, "draws": draws,
+        "protocol": "reviewed cells drawn at random from val (labels stand in for the reviewer); scored on test "
+                    "(no source cell shared); macro F1 over the lab's classes; 95 % cluster bootstrap over test groups "
+                    "for draw 0, spread over draws",
+        "rows": rows,
+    }
+
+
+def write_learning_curve(results: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, Any]) -> None:
+    """learning_curve.json, learning_curve.md and learning_curve.png in `out` (atomically)."""
+    from hemaclip.io import atomic_write, write_json
+    from hemaclip.studies.plots import _new_figure, _save
+
+    out = Path(out)
+    write_json(out / "learning_curve.json", {"meta": meta, "datasets": list(results)})
+    lines = ["# Corrections that teach: other-lab macro F1 after n reviewed cells", "",
+             f"Checkpoint SHA-1 {meta.get('checkpoint_sha1', '')[:12]}; {results[0]['protocol'] if results else ''}.", ""]
+    for res in results:
+        lines += [f"## {res['dataset']} ({', '.join(res['labs'])}): {res['val_cells']} val cells to draw from, "
+                  f"{res['test_cells']} test cells in {res['test_groups']} groups", "",
+                  "| reviewed cells | adapter, draw 0 [95 % CI] | adapter, 5 draws mean ± sd | adapter − model, draw 0 [95 % CI] | "
+                  "embeddings-only LR, mean ± sd |", "| --- | --- | --- | --- | --- |"]
+        for row in res["rows"]:
+            a = row["adapter"]
+            d = a.get("minus_model_draw0")
+            e = row.get("embedding_only")
+            p_text = "p < 0.001" if d and d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}" if d else ""
+            diff = "(the model)" if not d else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({p_text})"
+            other = f"{e['mean']:.3f} ± {e['sd']:.3f}" if e else ""
+            lines.append(f"| {row['reviewed']} | {a['draw0']:.3f} [{a['draw0_low']:.3f}, {a['draw0_high']:.3f}] | "
+                         f"{a['mean']:.3f} ± {a['sd']:.3f} | {diff} | {other} |")
+        lines.append("")
+    with atomic_write(out / "learning_curve.md") as handle:
+        handle.write("\n".join(lines) + "\n")
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ticks: set[int] = set()
+    for res in results:
+        ticks.update(r["reviewed"] for r in res["rows"])
+        for arm, style in (("adapter", "-o"), ("embedding_only", "--s")):
+            pts = [(r["reviewed"], r[arm]) for r in res["rows"] if arm in r]
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            mean = np.array([p[1]["mean"] for p in pts])
+            sd = np.array([p[1]["sd"] for p in pts])
+            ax.errorbar(x, mean, yerr=sd, fmt=style, capsize=3, label=f"{res['dataset']}: {arm.replace('_', ' ')}")
+    ax.set_xticks(sorted(ticks))
+    ax.set_xlabel("reviewed cells (drawn from the lab's val part)")
+    ax.set_ylabel("test macro F1 (mean ± sd, 5 draws)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, out / "learning_curve.png")

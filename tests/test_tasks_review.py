@@ -1,0 +1,184 @@
+"""`hemaclip review`: the store, resume, the differential with intervals, the queue, append-only corrections."""
+
+from __future__ import annotations
+
+import html
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hemaclip.data.datasets import load_dataset
+from hemaclip.errors import HemaclipError
+from hemaclip.metrics.statistics import share_intervals
+from hemaclip.tasks.describe import Describer
+from hemaclip.tasks.review import REVIEW_STORE, ReviewStore, queue_order, review_folder, review_summary, write_review_reports
+
+
+@pytest.fixture(scope="module")
+def cell_folder(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 real PBC test cells (3 of each of 4 classes) copied into one flat folder."""
+    test = load_dataset("wbcatt", data_root=data_root).split("test")
+    folder = tmp_path_factory.mktemp("slide")
+    for label in ("basophil", "eosinophil", "lymphocyte", "neutrophil"):
+        for record in [r for r in test if r.label == label][:3]:
+            shutil.copy(record.path, folder / Path(record.path).name)
+    return folder
+
+
+@pytest.fixture()
+def describer(make_tiny_model, one_torch_thread) -> Describer:
+    return Describer(make_tiny_model())
+
+
+def test_queue_puts_unfamiliar_first_then_lowest_probability() -> None:
+    cells = [
+        {"id": 1, "probability": 0.99, "unfamiliar": False, "unfamiliarity": 10.0},
+        {"id": 2, "probability": 0.40, "unfamiliar": False, "unfamiliarity": 20.0},
+        {"id": 3, "probability": 0.95, "unfamiliar": True, "unfamiliarity": 300.0},
+        {"id": 4, "probability": 0.70, "unfamiliar": None, "unfamiliarity": None},
+        {"id": 5, "probability": 0.99, "unfamiliar": True, "unfamiliarity": 900.0},
+    ]
+    assert queue_order(cells) == [5, 3, 2, 4, 1]
+
+
+def test_review_writes_differential_with_wilson_intervals_and_resumes(describer, cell_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "review"
+    store = review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
+    cells = store.cells()
+    assert len(cells) == 12 and store.meta()["described_now"] == 12
+    assert all(c["embedding"] is not None for c in store.cells(with_embeddings=True))
+    assert all(store.thumbnail(c["id"])[:2] == b"\xff\xd8" for c in cells)  # JPEG thumbnails
+    summary = write_review_reports(store, out)
+    labels = [c["label"] for c in cells if c["label"] not in ("platelet", "erythroblast")]
+    expected = share_intervals({k: labels.count(k) for k in summary["differential"]})
+    assert summary["differential"] == expected
+    assert summary["white_cells"] == len(labels)
+    assert [q["id"] for q in summary["queue"]] == queue_order(cells)
+    for name in ("review.json", "cells.csv", "report.html"):
+        assert (out / name).stat().st_size > 0
+    assert "Differential count" in (out / "report.html").read_text()
+    assert not list(out.glob(".*.tmp"))
+    store.close()
+
+    # Running again describes nothing new and keeps the same cells.
+    again = review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
+    assert again.meta()["described_now"] == 0 and again.meta()["reused"] == 12
+    assert [c["id"] for c in again.cells()] == [c["id"] for c in cells]
+    # Another model may not write into the same review.
+    with pytest.raises(HemaclipError, match="another model"):
+        review_folder(describer, "other-sha", [cell_folder], out, progress=False)
+
+
+def test_corrections_are_appended_never_overwritten_and_change_the_counts(describer, cell_folder: Path, tmp_path: Path) -> None:
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    first = store.cells()[0]
+    target = "monocyte" if first["label"] != "monocyte" else "lymphocyte"
+    before = review_summary(store)["differential"][target]["count"]
+    made = store.correct(first["id"], "class", target, "Ann Reviewer")
+    assert made["old"] == first["label"] and made["new"] == target and made["model_sha1"] == "tiny-sha"
+    store.correct(first["id"], "cytoplasm_vacuole", "yes", "Ann Reviewer")
+    back = store.correct(first["id"], "class", first["label"], "Bob")  # changed again: a new row, the old one stays
+    assert back["old"] == target
+    assert [c["new"] for c in store.corrections()] == [target, "yes", first["label"]]
+    summary = review_summary(store)
+    assert summary["differential"][target]["count"] == before and summary["reviewed"] == 1
+    store.correct(first["id"], "class", target, "Bob")
+    assert review_summary(store)["differential"][target]["count"] == before + 1
+    assert store.cells()[0]["current"]["cytoplasm_vacuole"] == "yes"
+    for bad, match in (((first["id"], "class", "dragon", "Bob"), "unknown value"), ((first["id"], "colour", "red", "Bob"), "unknown field"),
+                       ((first["id"], "class", target, "  "), "reviewer"), ((99999, "class", target, "Bob"), "no cell")):
+        with pytest.raises(HemaclipError, match=match):
+            store.correct(*bad)
+    db = sqlite3.connect(tmp_path / REVIEW_STORE)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE corrections SET new = 'basophil'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM corrections")
+    db.close()
+
+
+def test_review_store_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
+    with pytest.raises(HemaclipError, match="no review store"):
+        ReviewStore(tmp_path / "nothing.sqlite")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(HemaclipError, match="not a review store"):
+        ReviewStore(junk)
+
+
+@pytest.mark.slow
+def test_review_command_through_the_entry_point(run_cli, assert_one_line_error, tiny_checkpoint: Path, cell_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli-review"
+    result = run_cli("review", str(cell_folder), "--out", str(out), "--checkpoint", str(tiny_checkpoint), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "12 cells" in result.stdout and (out / "report.html").is_file()
+    missing = run_cli("review", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--checkpoint", str(tiny_checkpoint))
+    assert_one_line_error(missing, "no such file or folder")
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("review", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--checkpoint", str(tiny_checkpoint))
+    assert_one_line_error(empty, "no image files")
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrections_teach_an_adapter_that_reads_the_next_folder(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.adapter import fit_adapter_from_store
+
+    first = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "first", progress=False)
+    with pytest.raises(HemaclipError, match="no reviewed cells"):
+        fit_adapter_from_store(first)
+    for cell in first.cells():  # the reviewer gives each cell its true class (file-name prefix)
+        truth = {"BA": "basophil", "EO": "eosinophil", "LY": "lymphocyte", "SNE": "neutrophil", "BNE": "neutrophil"}[Path(cell["source"]).name.split("_")[0]]
+        first.correct(cell["id"], "class", truth, "Ann")
+    adapter = fit_adapter_from_store(first)
+    assert adapter.n_cells == 12
+    second = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False, adapter=adapter, adapter_id="a1")
+    cells = second.cells(with_embeddings=True)
+    expected = adapter.predict(np.stack([c["embedding"] for c in cells]), np.stack([c["class_probabilities"] for c in cells]))
+    assert [c["label"] for c in cells] == expected
+    with pytest.raises(HemaclipError, match="with adapter a1"):
+        review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False)
+
+
+def test_export_of_reviewed_cells_loads_as_a_folder_dataset(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.review import export_reviewed
+
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "review", progress=False)
+    cells = store.cells()
+    with pytest.raises(HemaclipError, match="no reviewed white cells"):
+        export_reviewed(store, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    store.correct(cells[0]["id"], "class", "monocyte", "Ann")
+    store.correct(cells[1]["id"], "class", "basophil", "Ann")
+    store.correct(cells[1]["id"], "granularity", "yes", "Ann")
+    counts = export_reviewed(store, tmp_path / "export")
+    assert counts == {"monocyte": 1, "basophil": 1}
+    loaded = load_dataset("folder", folder=tmp_path / "export")
+    by_name = {Path(r.path).name: r for r in loaded.records}
+    assert by_name[f"cell-{cells[0]['id']}.png"].label == "monocyte"
+    second = by_name[f"cell-{cells[1]['id']}.png"]
+    assert second.label == "basophil" and second.attributes["granularity"] == "yes"
+    assert {r.split for r in loaded.records} <= {"train", "val", "test"}
+    with pytest.raises(HemaclipError, match="already exists"):
+        export_reviewed(store, tmp_path / "export")
+
+
+def test_a_folder_unlike_the_training_data_is_flagged_and_queued_first(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.familiarity import fit_familiarity
+
+    # "Training data" far from these cells: embeddings clustered around one random direction.
+    rng = np.random.default_rng(0)
+    width = describer.model.config.embed_dim
+    centre = rng.normal(size=width)
+    fake = centre + 0.05 * rng.normal(size=(400, width))
+    fake /= np.linalg.norm(fake, axis=1, keepdims=True)
+    describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 150 + ["neutrophil"] * 150, fake[300:], "tiny-sha", "synthetic")
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    summary = write_review_reports(store, tmp_path)
+    assert summary["unfamiliar"] == 12
+    assert summary["warning"] and "far from the training data" in summary["warning"]
+    assert html.escape(summary["warning"]) in (tmp_path / "report.html").read_text()
+    scores = [q["unfamiliarity"] for q in summary["queue"]]
+    assert scores == sorted(scores, reverse=True) and all(q["unfamiliar"] for q in summary["queue"])
