@@ -61,11 +61,12 @@ class FakeModel(nn.Module):
 class StubPrompts:
     source = "stub-prompts"
 
-    def class_prompts(self, dataset):
-        assert dataset == "toy"
+    def class_prompts(self, dataset, wording="train"):
+        assert dataset == "toy" and wording == "train"
         return {"a": ["an a", "the a"], "b": ["a b"], "c": ["c one", "c two", "c three"]}
 
-    def attribute_prompts(self):
+    def attribute_prompts(self, wording="train"):
+        assert wording == "train"
         return {"size": {"big": ["big"], "small": ["small", "tiny"]}, "shape": {"round": ["round"], "odd": ["odd"]}}
 
 
