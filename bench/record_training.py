@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--command", required=True)
     parser.add_argument("--wall-seconds", type=float, required=True)
     parser.add_argument("--note", default="")
+    parser.add_argument("--what", default="training of the shipped default model")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "default_training.json")
     args = parser.parse_args()
     history = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -32,7 +33,7 @@ def main() -> None:
     write_json(
         args.out,
         {
-            "what": "training of the shipped default model",
+            "what": args.what,
             "date": date.today().isoformat(),
             "command": args.command,
             "wall_seconds": args.wall_seconds,
