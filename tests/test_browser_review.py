@@ -59,7 +59,7 @@ def _start(review: Path, port: int) -> subprocess.Popen:
     command = [str(ENTRY)] if ENTRY.is_file() else [sys.executable, "-m", "hemaclip.cli"]
     proc = subprocess.Popen([*command, "serve", "--review", str(review), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # importing the CLI can take minutes on a saturated machine
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"server exited: {proc.stderr.read().decode()}")
