@@ -30,6 +30,7 @@ WHITE_CELL_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutr
 OTHER_LABS = ("lisc", "zheng1", "zheng2")
 ADAPTATIONS = ("none", "bn", "reinhard", "macenko")  # test-time options: AdaBN, stain normalisation to PBC
 N_RESAMPLES = 2000
+CHUNK = 256  # cells per model call when reading a lab
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,14 @@ def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
     side = pre.image_size
     normalise = describer.stain_normalizer or (lambda a: a)
     views = [CellView(normalise(np.asarray(a)), (0, 0, side, side)) for a in arrays]
-    out = describer.describe_views(views, [str(r.path) for r in records], [0] * len(records), with_probs=True)
-    descriptions, probs = out
+    descriptions, parts = [], []
+    for start_row in range(0, len(views), CHUNK):  # bounded memory: the model sees CHUNK cells at a time
+        chunk = slice(start_row, start_row + CHUNK)
+        described, chunk_probs = describer.describe_views(views[chunk], [str(r.path) for r in records[chunk]],
+                                                          [0] * len(views[chunk]), with_probs=True)
+        descriptions += described
+        parts.append(chunk_probs)
+    probs = np.concatenate(parts)
     unfamiliar = None if descriptions[0].unfamiliar is None else np.array([bool(d.unfamiliar) for d in descriptions])
     scores = None if descriptions[0].unfamiliarity is None else np.array([float(d.unfamiliarity) for d in descriptions])
     shift = None

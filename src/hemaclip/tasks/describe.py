@@ -716,7 +716,7 @@ class Describer:
         if len(pictures) != len(sources):
             raise HemaclipError(f"{len(pictures)} pictures but {len(sources)} sources")
         flat = [(view, str(source), k) for views, source in zip(pictures, sources) for k, view in enumerate(views)]
-        described = iter(self._describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]))
+        described = iter(self.describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]))
         return [[next(described) for _ in views] for views in pictures]
 
     def _load(self, path: Path) -> list[CellView] | str:
