@@ -24,7 +24,7 @@ WRONG_TYPE = {
     "attribute_head_weight": "x", "class_head_weight": None, "captions_per_image": 2.5, "text_mix": 3,
     "freeze_image_fraction": "x", "augment": 1, "stain_jitter": "x", "amp": 1, "seed": 0.5,
     "max_train_images": 1.5, "max_val_images": "x", "save_every_steps": 1.5, "select_metric": 1, "device": 0,
-    "augmentation": 3, "extra_datasets": "lisc", "preprocess": 3,
+    "augmentation": 3, "extra_datasets": "lisc", "preprocess": 3, "holdout_classes": "basophil",
 }
 # One value of the right type but out of range for every field with a rule.
 OUT_OF_RANGE = {
