@@ -26,7 +26,8 @@ def test_holdout_classes_values_are_checked() -> None:
     assert load_train_config("tiny").holdout_classes == []
     classes = DATASET_CLASSES["pbc"]
     assert config.seen_classes(classes) == [c for c in classes if c != "basophil"]
-    for bad, needle in (("basophil", "list of class names"), ([""], "list of class names"), ([3], "list of class names"),
+    # a string or a non-string item fails the type check of every field; an empty name fails the holdout check
+    for bad, needle in (("basophil", "holdout_classes must be a list"), ([""], "list of class names"), ([3], "holdout_classes must be a list"),
                         (["basophil", "basophil"], "twice")):
         with pytest.raises(HemaclipError, match=needle):
             load_train_config("tiny", {"holdout_classes": bad})
