@@ -65,6 +65,9 @@ def _differences(old, new, path="") -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="superseded: issue 16 deduplicated WBCAtt (the evaluated images differ from the old pipeline's) and "
+                  "added baselines, wordings and anchors to every report; issue 12's check is now that committed reports "
+                  "re-run with identical numbers (bench/eval_time.py)")
 def test_new_evaluation_equals_the_old_pipeline(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vit_checkpoint: Path) -> None:
     from hemaclip.data.attributes import ATTRIBUTES
     from hemaclip.data.datasets import load_dataset
