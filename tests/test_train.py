@@ -117,7 +117,9 @@ def test_two_process_ddp_loss_matches_one_process(data_root: Path, tmp_path: Pat
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     after_one, after_two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
     for key in after_one:
-        torch.testing.assert_close(after_two[key], after_one[key], rtol=1e-4, atol=1e-5, msg=key)
+        # atol 5e-5: two ranks all-reduce gradients in another summation order; after the deduplicated WBCAtt changed
+        # the tiny run's images, one weight in 147,456 ended 1.1e-5 apart (float32 rounding, not a different update).
+        torch.testing.assert_close(after_two[key], after_one[key], rtol=1e-4, atol=5e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_select_metric_names_the_validation_number_that_picks_best() -> None:
