@@ -22,12 +22,10 @@ def _scores(x: Any, name: str) -> np.ndarray:
 
 
 def _auroc(negative: np.ndarray, positive: np.ndarray) -> float:
-    """Mann-Whitney AUROC: P(positive score > negative score) + 0.5 P(tie)."""
-    from scipy.stats import rankdata
+    """P(positive score > negative score) + 0.5 P(tie): scikit-learn's ROC AUC with the positives labelled 1."""
+    from sklearn.metrics import roc_auc_score
 
-    ranks = rankdata(np.concatenate([negative, positive]))
-    n_neg, n_pos = negative.size, positive.size
-    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_neg * n_pos))
+    return float(roc_auc_score(np.r_[np.zeros(negative.size), np.ones(positive.size)], np.r_[negative, positive]))
 
 
 def separation_auroc(negative: Any, positive: Any, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
