@@ -11,7 +11,6 @@ import typer
 
 from hemaclip.commands.common import DataOption, console, parse_set_options
 from hemaclip.studies.leukaemia import DEFAULT_INITS, run_study
-from hemaclip.studies.leukaemia_colour import run_colour_study
 
 
 def _overrides(set_: Optional[list[str]], epochs: Optional[int], max_train_images: Optional[int]) -> dict:
@@ -75,6 +74,8 @@ def register(app: typer.Typer) -> None:
         """
         overrides = _overrides(set_, epochs, max_train_images)
         command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        from hemaclip.studies.leukaemia_colour import run_colour_study  # imports the trainer: only when run
+
         paths = run_colour_study(out, runs, overrides, data_root=data, init=init, train_missing=train_runs, max_eval_images=max_eval_images,
                                  reference=reference, bench=bench, command=command, progress=None)
         for kind, path in paths.items():
