@@ -11,22 +11,29 @@ import pytest
 from PIL import Image
 
 from hemaclip.data.paths import repo_default_data_root
-from hemaclip.tasks.familiarity import FLAG_QUANTILE, fit_familiarity, load_familiarity
+from hemaclip.tasks.familiarity import FLAG_QUANTILE, METHODS, fit_familiarity, load_familiarity
 
 DATA = repo_default_data_root()
 
 
 def _clusters(rng: np.random.Generator, n: int, shift: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    centres = np.eye(8)[:3] * 4
+    """Three classes around orthogonal centres in 32 dimensions; `shift` moves every point along eight
+    further axes that no class uses (another lab: the whole folder off the training distribution)."""
+    dims = 32
+    centres = np.eye(dims)[:3] * 4
+    offset = np.zeros(dims)
+    offset[3:11] = shift
     labels = rng.integers(0, 3, n)
-    return centres[labels] + rng.normal(size=(n, 8)) + shift, [f"c{k}" for k in labels]
+    return centres[labels] + rng.normal(scale=0.5, size=(n, dims)) + offset, [f"c{k}" for k in labels]
 
 
-def test_threshold_flags_the_chosen_share_of_validation_and_far_points() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_threshold_flags_the_chosen_share_of_validation_and_far_points(method: str) -> None:
     rng = np.random.default_rng(0)
     train, labels = _clusters(rng, 600)
     val, _ = _clusters(rng, 400)
-    familiarity = fit_familiarity(train, labels, val, "sha", "synthetic")
+    familiarity = fit_familiarity(train, labels, val, "sha", "synthetic", method=method)
+    assert familiarity.method == method
     assert abs(familiarity.flags(familiarity.score(val)).mean() - (1 - FLAG_QUANTILE)) < 0.01
     test, _ = _clusters(rng, 2000)
     assert familiarity.flags(familiarity.score(test)).mean() < 0.07
@@ -34,16 +41,42 @@ def test_threshold_flags_the_chosen_share_of_validation_and_far_points() -> None
     assert familiarity.flags(familiarity.score(far)).mean() > 0.9
 
 
-def test_folder_shift_fires_on_a_shifted_folder_and_not_on_in_lab_folders() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_folder_shift_fires_on_a_shifted_folder_and_not_on_in_lab_folders(method: str) -> None:
     rng = np.random.default_rng(1)
     train, labels = _clusters(rng, 600)
-    val, _ = _clusters(rng, 400)
-    familiarity = fit_familiarity(train, labels, val, "sha", "synthetic")
+    val, _ = _clusters(rng, 1500)  # enough that the 96th percentile itself is stable across 50 folders
+    familiarity = fit_familiarity(train, labels, val, "sha", "synthetic", method=method)
     in_lab = [familiarity.folder_shift(familiarity.score(_clusters(rng, 60)[0])) for _ in range(50)]
     assert not any(v.shifted for v in in_lab)
     shifted = familiarity.folder_shift(familiarity.score(_clusters(rng, 60, shift=1.0)[0]))
-    assert shifted.shifted and "readings may be unreliable" in shifted.message and "--adapt bn" in shifted.message
+    assert shifted.shifted and "readings may be unreliable" in shifted.message and "hemaclip review" in shifted.message
     assert familiarity.folder_shift(familiarity.score(val[:5])) is None  # too few cells for a verdict
+
+
+def test_knn_file_round_trips_and_a_format_1_file_still_loads_as_mahalanobis(tmp_path: Path) -> None:
+    """The kNN sidecar saves its training embeddings (float16) and scores identically after loading; an
+    older Mahalanobis-only file (format 1) keeps working."""
+    from hemaclip.tasks.familiarity import familiarity_path
+
+    rng = np.random.default_rng(2)
+    train, labels = _clusters(rng, 300)
+    val, _ = _clusters(rng, 100)
+    query, _ = _clusters(rng, 50, shift=0.5)
+    fitted = fit_familiarity(train, labels, val, "sha", "synthetic", method="knn")
+    checkpoint = tmp_path / "m.pt"
+    fitted.save(familiarity_path(checkpoint))
+    loaded, why = load_familiarity(checkpoint, "sha")
+    assert loaded is not None, why
+    assert loaded.method == "knn" and loaded.k == fitted.k and loaded.threshold == fitted.threshold
+    np.testing.assert_allclose(loaded.score(query), fitted.score(query), rtol=1e-6)
+    old = fit_familiarity(train, labels, val, "sha", "synthetic", method="mahalanobis")
+    np.savez(familiarity_path(checkpoint), format=np.array(1), checkpoint_sha1=np.array("sha"), classes=np.array(old.classes),
+             means=old.means, precision=old.precision, threshold=np.array(old.threshold),
+             reference_scores=old.reference_scores, fitted_on=np.array("old"))
+    legacy, why = load_familiarity(checkpoint, "sha")
+    assert legacy is not None and legacy.method == "mahalanobis", why
+    np.testing.assert_allclose(legacy.score(query), old.score(query), rtol=1e-5)
 
 
 def test_threshold_is_fitted_without_test_labels_or_test_images(monkeypatch, tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration, fit_familiarity_for
-from hemaclip.tasks.familiarity import familiarity_path
+from hemaclip.tasks.familiarity import DEFAULT_METHOD, METHODS, familiarity_path
 
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
 
@@ -156,6 +156,10 @@ def describe(
 def calibrate(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
+    unfamiliarity: Annotated[str, typer.Option(
+        metavar="knn|mahalanobis",
+        help="Unfamiliarity score: distance to the k-th nearest PBC training embedding (default; separated a held-out "
+             "class best on PBC val) or the class-conditional Mahalanobis distance.")] = DEFAULT_METHOD,
 ) -> None:
     """Fit the temperatures `describe` uses (class on PBC val, each attribute on WBCAtt val; never test) and
     the unfamiliarity score (PBC train embeddings, threshold on PBC val), and write them beside the
@@ -163,17 +167,19 @@ def calibrate(
 
     Example: hemaclip calibrate --checkpoint runs/mine/best.pt
     """
+    if unfamiliarity not in METHODS:
+        raise HemaclipError(f"--unfamiliarity must be one of {', '.join(METHODS)}, not '{unfamiliarity}'")
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     path = resolve_checkpoint(checkpoint)
     model, _ = load_for_inference(path)
     result = fit_calibration(model, path, data_root=data, progress=True)
-    familiarity = fit_familiarity_for(model, path, data_root=data, progress=True)
+    familiarity = fit_familiarity_for(model, path, data_root=data, progress=True, method=unfamiliarity)
     console.print(f"class temperature ({result.class_source}): {result.class_temperature:.3f}")
     for name, t in result.attribute_temperatures.items():
         console.print(f"  {ATTRIBUTE_ABBREVIATIONS.get(name, name)}: {t:.3f}")
     console.print(f"written to {calibration_path(path)}")
-    console.print(f"unfamiliarity threshold {familiarity.threshold:.1f} ({familiarity.expected_share:.1%} of PBC val flagged); "
+    console.print(f"unfamiliarity ({familiarity.method}) threshold {familiarity.threshold:.4g} ({familiarity.expected_share:.1%} of PBC val flagged); "
                   f"written to {familiarity_path(path)}")
 
 

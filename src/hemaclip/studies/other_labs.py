@@ -55,6 +55,7 @@ class LabReading:
     scores: np.ndarray | None
     shift: dict[str, Any] | None
     seconds: float
+    features: np.ndarray | None = None  # [N, D] embeddings (to compare unfamiliarity scores on the same reading)
 
 
 def trained_datasets(checkpoint: str | None) -> set[str]:
@@ -99,7 +100,7 @@ def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
         truth=[r.label for r in records], groups=[str(r.group or r.path) for r in records],
         predicted=[d.label for d in descriptions], probability=np.array([d.probability for d in descriptions]),
         probs=probs, class_names=list(describer.readout.class_names), unfamiliar=unfamiliar, scores=scores,
-        shift=shift, seconds=time.perf_counter() - start)
+        shift=shift, seconds=time.perf_counter() - start, features=np.stack([d.embedding for d in descriptions]))
 
 
 def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:

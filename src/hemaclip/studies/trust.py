@@ -12,7 +12,8 @@ val by ``hemaclip calibrate``, never on anything scored here). Parts:
   split into lab shift (ALL benign haematogones against PBC test lymphocytes: the same cell type, another lab)
   and cell type (blasts against haematogones: the same lab).
 * **Leave-classes-out**: a checkpoint trained without a class; its test images against the seen classes'
-  test images (AUROC, flag rate at the in-lab threshold).
+  test images (AUROC, flag rate at the in-lab threshold), and every built-in score on val (where the method
+  in use was chosen) and test.
 * **Flags never change the class**: every PBC test reading with and without the familiarity score.
 * **Worked examples**: cells with their reading, score and verdict.
 """
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from hemaclip.errors import HemaclipError
+from hemaclip.metrics.detection import separation_auroc
+from hemaclip.tasks.familiarity import METHODS
 
 ALL_BLASTS = ("early", "pre", "pro")
 ALL_BENIGN = "benign"
@@ -44,7 +47,7 @@ def _describer(checkpoint: str | None, data_root: Any, adapt: str | None = None)
 
 
 def _auroc_block(negative: np.ndarray, positive: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
-    from hemaclip.metrics.detection import flag_rate, roc_points, separation_auroc
+    from hemaclip.metrics.detection import flag_rate, roc_points
 
     auc = separation_auroc(negative, positive, n_resamples, seed)
     fpr, tpr = roc_points(negative, positive)
@@ -81,7 +84,8 @@ def run_trust_report(
     describer = _describer(checkpoint, data_root)
     fam = describer.familiarity
     threshold = float(fam.threshold)
-    metrics: dict[str, Any] = {"checkpoint": checkpoint or "shipped default", "threshold": threshold, "fitted_on": fam.fitted_on,
+    metrics: dict[str, Any] = {"checkpoint": checkpoint or "shipped default", "method": fam.method, "k": fam.k if fam.method == "knn" else None,
+                               "threshold": threshold, "fitted_on": fam.fitted_on,
                                "n_resamples": n_resamples, "seed": seed}
     sections: list[Any] = []
 
@@ -105,7 +109,7 @@ def run_trust_report(
     rows = [[k, v["n"], v["flagged_share"], "fires" if (v["folder_shift"] or {}).get("shifted") else "silent"] for k, v in in_lab.items()]
     sections.append(Section(
         "In-lab cells: false flags",
-        f"Threshold {threshold:.3f} = {fam.fitted_on}. The PBC val share is the target of the fit (about 4 %); test shares are "
+        f"Score: {fam.method}" + (f" (k = {fam.k})" if fam.method == "knn" else "") + f". Threshold {threshold:.4g} = {fam.fitted_on}. The PBC val share is the target of the fit (about 4 %); test shares are "
         f"measured. Class readings with and without the flag on PBC test: "
         f"{'identical' if metrics['flags_change_no_class']['identical'] else 'DIFFERENT'} on {len(pbc_test_records)} cells.",
         [Table(["split", "cells", "flagged", "folder warning"], rows)]))
@@ -153,21 +157,37 @@ def run_trust_report(
     examples += _examples("ALL", all_records, all_reading, 3)
 
     # -- leave-classes-out ---------------------------------------------------------------------------
+    # Each held-out class on PBC val (where the score's method and k were chosen) and test (confirmation),
+    # scored by every built-in method from the same embeddings.
+    candidates: dict[str, Any] = {}
+    candidate_rows = []
     for held, held_checkpoint in (holdouts or {}).items():
         say(f"held-out {held} ...")
         held_describer = _describer(held_checkpoint, data_root)
-        recs = pbc.split("test")
-        reading = read_lab(held_describer, recs, "none")
-        scores = np.asarray(reading.scores)
-        mask = np.array([r.label == held for r in recs])
-        if not mask.any():
-            raise HemaclipError(f"no PBC test image of the held-out class '{held}'")
         known = set(held_describer.readout.class_names)
         if held in known:
             raise HemaclipError(f"{held_checkpoint} knows '{held}': it was not trained with that class held out")
-        block = _auroc_block(scores[~mask], scores[mask], float(held_describer.familiarity.threshold), n_resamples, seed)
-        block["checkpoint"] = held_checkpoint
-        atypical[f"held-out {held} vs seen PBC test classes"] = block
+        held_fam = held_describer.familiarity
+        for split in ("val", "test"):
+            recs = pbc.split(split)
+            mask = np.array([r.label == held for r in recs])
+            if not mask.any():
+                raise HemaclipError(f"no PBC {split} image of the held-out class '{held}'")
+            reading = read_lab(held_describer, recs, "none")
+            if split == "test":
+                scores = np.asarray(reading.scores)
+                block = _auroc_block(scores[~mask], scores[mask], float(held_fam.threshold), n_resamples, seed)
+                block["checkpoint"] = held_checkpoint
+                atypical[f"held-out {held} vs seen PBC test classes"] = block
+            for method in METHODS:
+                if method == "knn" and held_fam.train_features is None:
+                    continue
+                other = held_fam.score(reading.features, method=method)
+                auroc = float(separation_auroc(other[~mask], other[mask], n_resamples=0)["point"])
+                candidates.setdefault(held, {}).setdefault(method, {})[split] = auroc
+                candidate_rows.append([held, split, method + (" (in use)" if method == held_fam.method else ""),
+                                       int(mask.sum()), int((~mask).sum()), auroc])
+    metrics["score_candidates"] = candidates
     metrics["atypical"] = {k: {kk: vv for kk, vv in v.items() if kk != "_roc"} for k, v in atypical.items()}
     plots.plot_roc_curves({k: v["_roc"] for k, v in atypical.items()}, figures / "roc.png", title="Unfamiliarity score: ROC")
     plots.plot_score_histograms({"PBC val": readings["pbc val"][1].scores, "PBC test": pbc_scores, "ALL blasts": all_scores[is_blast],
@@ -179,8 +199,10 @@ def run_trust_report(
         "AUROC of the unfamiliarity score separating the cells that should be flagged (positives) from the others, with a 95 % "
         "bootstrap interval; flag rates at the in-lab threshold. The ALL rows split the blast signal into lab shift (same cell "
         "type, another lab) and cell type (same lab). Leave-classes-out rows use a checkpoint trained without that class (its "
-        "own threshold, fitted on PBC val without the class).",
-        [Table(["positives vs negatives", "positives", "negatives", "AUROC [95 %]", "flagged positives", "flagged negatives"], rows)],
+        "own threshold, fitted on PBC val without the class). The second table scores the same embeddings with every built-in "
+        "unfamiliarity score: the method in use was chosen on the val rows; the test rows only confirm.",
+        [Table(["positives vs negatives", "positives", "negatives", "AUROC [95 %]", "flagged positives", "flagged negatives"], rows)]
+        + ([Table(["held-out class", "PBC split", "score", "held-out cells", "seen cells", "AUROC"], candidate_rows)] if candidate_rows else []),
         [(figures / "roc.png", "ROC curves"), (figures / "scores.png", "Score distributions and the flag threshold")]))
 
     # -- examples ------------------------------------------------------------------------------------
@@ -200,7 +222,7 @@ def _examples(name: str, records: Sequence[Any], reading: Any, k: int) -> list[t
         idx = [i for i, u in enumerate(reading.unfamiliar) if bool(u) == flagged]
         picked = idx[:: max(1, len(idx) // k)][:k] if idx else []
         hits = [(records[i].path, reading.predicted[i] == reading.truth[i],
-                 f"{reading.predicted[i]} p={reading.probability[i]:.2f}, score {reading.scores[i]:.1f}"
+                 f"{reading.predicted[i]} p={reading.probability[i]:.2f}, score {reading.scores[i]:.3g}"
                  + (", UNFAMILIAR" if flagged else "")) for i in picked]
         if hits:
             rows.append((f"{name}: {'flagged' if flagged else 'not flagged'} (truth: "

@@ -362,7 +362,8 @@ def fit_calibration(
 
 
 def fit_familiarity_for(
-    model: Any, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False, write: bool = True
+    model: Any, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False, write: bool = True,
+    method: str | None = None,
 ) -> Any:
     """Fit the unfamiliarity score of a checkpoint (:mod:`hemaclip.tasks.familiarity`): class means and
     covariance on the embeddings of the PBC train split (the images the shipped recipe trains on), the
@@ -370,7 +371,7 @@ def fit_familiarity_for(
     ``<checkpoint>.familiarity.npz`` when `write`."""
     from hemaclip.cache import file_sha1
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.tasks.familiarity import familiarity_path, fit_familiarity
+    from hemaclip.tasks.familiarity import DEFAULT_METHOD, familiarity_path, fit_familiarity
     from hemaclip.tasks.features import extract_features
 
     checkpoint = Path(checkpoint)
@@ -385,7 +386,8 @@ def fit_familiarity_for(
     fv = extract_features(model, val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
     familiarity = fit_familiarity(
         ft.features, [r.label for r in train], fv.features, sha1,
-        fitted_on=f"means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
+        fitted_on=f"reference embeddings, means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
+        method=method or DEFAULT_METHOD,
     )
     if write:
         familiarity.save(familiarity_path(checkpoint))
@@ -692,7 +694,7 @@ class Describer:
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
                 cell_found=view.found, unfamiliar=unfamiliar,
-                unfamiliarity=round(float(scores[i]), 3) if scores is not None else None, embedding=features[i],
+                unfamiliarity=float(f"{scores[i]:.4g}") if scores is not None else None, embedding=features[i],
                 class_probabilities=class_probs[i].astype(np.float32)))
         return (results, class_probs) if with_probs else results
 

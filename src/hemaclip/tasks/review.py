@@ -374,7 +374,7 @@ def queue_order(cells: Sequence[dict[str, Any]]) -> list[int]:
 
 def _reason(cell: dict[str, Any]) -> str:
     if cell.get("unfamiliar"):
-        return f"unfamiliar (score {cell['unfamiliarity']:.0f})"
+        return f"unfamiliar (score {cell['unfamiliarity']:.3g})"
     if cell.get("abstain"):
         return f"abstains (p = {cell['probability']:.2f})"
     return f"p = {cell['probability']:.2f}, runner-up {cell.get('runner_up')}"

@@ -78,7 +78,7 @@ function renderResponse(response, index) {
 function renderDescription(d) {
   const unfamiliar = $("unfamiliar");
   unfamiliar.textContent = d.unfamiliar
-    ? `Unfamiliar image (score ${Number(d.unfamiliarity).toFixed(0)}): it lies outside what the model was trained on; the reading may be wrong.`
+    ? `Unfamiliar image (score ${Number(d.unfamiliarity).toPrecision(3)}): it lies outside what the model was trained on; the reading may be wrong.`
     : "";
   show(unfamiliar, !!d.unfamiliar);
   $("class-label").textContent = d.label;

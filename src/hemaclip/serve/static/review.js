@@ -54,7 +54,7 @@ function renderDetail() {
   $("detail-name").textContent = `#${c.id} · ${c.name}`;
   $("detail-image").src = withToken(c.image_url);
   $("detail-reading").textContent = `model: ${c.model_label} (p = ${Number(c.probability).toFixed(2)}), runner-up ${c.runner_up}` +
-    (c.unfamiliar ? ` · unfamiliar (score ${Number(c.unfamiliarity).toFixed(0)})` : "");
+    (c.unfamiliar ? ` · unfamiliar (score ${Number(c.unfamiliarity).toPrecision(3)})` : "");
   const body = $("fields").querySelector("tbody");
   body.replaceChildren();
   fields().forEach((f, j) => {
