@@ -165,6 +165,22 @@ def test_cluster_bootstrap_with_singleton_groups_is_the_item_bootstrap_and_group
     assert paired_cluster_bootstrap_macro_f1(y5, p5, p5, 3, g5)["p_value"] == 1.0
 
 
+def test_cluster_bootstrap_accuracy_counts_a_group_of_copies_as_one_cell() -> None:
+    """Five identical copies of each cell in one group give exactly the interval of the single cells (the copies
+    add no evidence), while an item bootstrap over the copies is far narrower; the point is plain accuracy."""
+    from hemaclip.metrics.statistics import bootstrap_ci, cluster_bootstrap_accuracy
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))  # class 3: a reading outside the labels, wrong
+    single = cluster_bootstrap_accuracy(y, p, 4, np.arange(200))
+    copies = cluster_bootstrap_accuracy(np.repeat(y, 5), np.repeat(p, 5), 4, np.repeat(np.arange(200), 5))
+    assert single["point"] == pytest.approx(float(np.mean(y == p)))
+    assert (copies["point"], copies["low"], copies["high"]) == pytest.approx((single["point"], single["low"], single["high"]))
+    naive = bootstrap_ci(lambda a, b: float(np.mean(a == b)), np.repeat(y, 5), np.repeat(p, 5), 2000, seed=0)
+    assert copies["high"] - copies["low"] > 1.8 * (naive["high"] - naive["low"])
+
+
 def test_unpaired_difference_of_two_test_sets_matches_the_normal_approximation() -> None:
     """Two independent test sets (per-image vs cluster split): the interval of the accuracy change is
     about +-1.96 sqrt(pa qa / na + pb qb / nb), and a sample against itself is centred on zero."""

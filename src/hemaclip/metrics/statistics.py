@@ -24,6 +24,7 @@ from hemaclip.metrics.classification import LabelSet, encode_labels, macro_f1_co
 
 __all__ = [
     "bootstrap_ci",
+    "cluster_bootstrap_accuracy",
     "cluster_bootstrap_macro_f1",
     "paired_cluster_bootstrap_macro_f1",
     "bootstrap_macro_f1",
@@ -321,6 +322,21 @@ def cluster_bootstrap_macro_f1(
     t, p, n = encode_labels(y_true, y_pred, labels)
     dist = _weighted_macro_f1(t, p, n, _group_weights(t, groups, n_resamples, seed))
     result = _ci_result(macro_f1_codes(t, p, n), dist, confidence, True)
+    result["method"] = "percentile, cluster bootstrap over groups"
+    return result
+
+
+def cluster_bootstrap_accuracy(
+    y_true: Any, y_pred: Any, labels: LabelSet, groups: Any, n_resamples: int = 2000, confidence: float = 0.95, seed: int | None = 0
+) -> dict[str, Any]:
+    """Percentile interval of accuracy when items come in groups (resampled whole, stratified by class): a
+    group of near-duplicate crops counts as the one cell it is, not as independent evidence."""
+    _check_common(n_resamples, confidence)
+    t, p, _ = encode_labels(y_true, y_pred, labels)
+    weights = _group_weights(t, groups, n_resamples, seed)
+    correct = (t == p).astype(np.float64)
+    dist = (weights @ correct) / np.maximum(weights.sum(axis=1), 1e-12)
+    result = _ci_result(float(correct.mean()), dist, confidence, True)
     result["method"] = "percentile, cluster bootstrap over groups"
     return result
 

@@ -107,7 +107,7 @@ def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int
     """Macro F1 / accuracy with intervals, per class, confusion, ECE, selective accuracy of one reading."""
     from hemaclip.metrics.calibration import reliability_bins
     from hemaclip.metrics.classification import classification_report_dict
-    from hemaclip.metrics.statistics import bootstrap_ci, cluster_bootstrap_macro_f1
+    from hemaclip.metrics.statistics import cluster_bootstrap_accuracy, cluster_bootstrap_macro_f1
 
     labels = list(WHITE_CELL_CLASSES)
     shown = labels + sorted(set(reading.predicted) - set(labels))
@@ -118,7 +118,7 @@ def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int
     correct = (t == p).astype(float)
     grouped = len(set(reading.groups)) < len(reading.groups)
     f1 = cluster_bootstrap_macro_f1(reading.truth, reading.predicted, labels, reading.groups, n_resamples, seed=seed)
-    acc = bootstrap_ci(lambda a, b: float(np.mean(a == b)), t, p, n_resamples, seed=seed)
+    acc = cluster_bootstrap_accuracy(reading.truth, reading.predicted, labels, reading.groups, n_resamples, seed=seed)
     vocab = {c: i for i, c in enumerate(reading.class_names)}
     bins = reliability_bins(reading.probs, np.array([vocab[y] for y in reading.truth]))
     result: dict[str, Any] = {
