@@ -30,7 +30,7 @@ from hemaclip.data.corruptions import corrupt  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.data.preprocess import decode_image, preprocess_for  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
-from hemaclip.metrics.calibration import expected_calibration_error, softmax  # noqa: E402
+from hemaclip.metrics.calibration import expected_calibration_error, negative_log_likelihood, softmax  # noqa: E402
 from hemaclip.models.checkpoint import load_for_inference  # noqa: E402
 from hemaclip.models.default import resolve_checkpoint  # noqa: E402
 from hemaclip.models.inference import image_outputs  # noqa: E402
@@ -48,9 +48,7 @@ def temperatures(scores: np.ndarray, threshold: float, base: float, gamma: float
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temps: np.ndarray) -> float:
-    from scipy.special import log_softmax
-
-    return float(-log_softmax(logits / temps[:, None], axis=1)[np.arange(len(y)), y].mean())
+    return negative_log_likelihood(logits / temps[:, None], y)
 
 
 def ece(logits: np.ndarray, y: np.ndarray, temps: np.ndarray) -> float:

@@ -66,3 +66,16 @@ def test_starting_the_command_line_imports_neither_torch_nor_the_trainer() -> No
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"imported at start-up: {result.stdout.strip()}"
+
+
+def test_calibrate_with_an_unknown_unfamiliarity_score_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """The score's name is checked before any work: one error line, exit 1, the shipped sidecars untouched."""
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.tasks.familiarity import familiarity_path
+
+    sidecar = familiarity_path(resolve_checkpoint(None))
+    before = sidecar.stat().st_mtime_ns
+    result = run_entry_point("calibrate", "--unfamiliarity", "nearest", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: unknown unfamiliarity score 'nearest'; choose from knn, mahalanobis"]
+    assert sidecar.stat().st_mtime_ns == before and not any(tmp_path.iterdir())

@@ -13,7 +13,7 @@ from rich.table import Table
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration, fit_familiarity_for
-from hemaclip.tasks.familiarity import DEFAULT_METHOD, METHODS, familiarity_path
+from hemaclip.tasks.familiarity import DEFAULT_METHOD, check_method, familiarity_path
 
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
 
@@ -167,8 +167,7 @@ def calibrate(
 
     Example: hemaclip calibrate --checkpoint runs/mine/best.pt
     """
-    if unfamiliarity not in METHODS:
-        raise HemaclipError(f"--unfamiliarity must be one of {', '.join(METHODS)}, not '{unfamiliarity}'")
+    check_method(unfamiliarity)  # before any work: the fit below needs minutes
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     path = resolve_checkpoint(checkpoint)
@@ -179,7 +178,7 @@ def calibrate(
     for name, t in result.attribute_temperatures.items():
         console.print(f"  {ATTRIBUTE_ABBREVIATIONS.get(name, name)}: {t:.3f}")
     console.print(f"written to {calibration_path(path)}")
-    console.print(f"unfamiliarity ({familiarity.method}) threshold {familiarity.threshold:.4g} ({familiarity.expected_share:.1%} of PBC val flagged); "
+    console.print(f"unfamiliarity ({familiarity.label}) threshold {familiarity.threshold:.4g} ({familiarity.expected_share:.1%} of PBC val flagged); "
                   f"written to {familiarity_path(path)}")
 
 

@@ -109,7 +109,7 @@ def run_trust_report(
     rows = [[k, v["n"], v["flagged_share"], "fires" if (v["folder_shift"] or {}).get("shifted") else "silent"] for k, v in in_lab.items()]
     sections.append(Section(
         "In-lab cells: false flags",
-        f"Score: {fam.method}" + (f" (k = {fam.k})" if fam.method == "knn" else "") + f". Threshold {threshold:.4g} = {fam.fitted_on}. The PBC val share is the target of the fit (about 4 %); test shares are "
+        f"Score: {fam.label}. Threshold {threshold:.4g} = {fam.fitted_on}. The PBC val share is the target of the fit (about 4 %); test shares are "
         f"measured. Class readings with and without the flag on PBC test: "
         f"{'identical' if metrics['flags_change_no_class']['identical'] else 'DIFFERENT'} on {len(pbc_test_records)} cells.",
         [Table(["split", "cells", "flagged", "folder warning"], rows)]))

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.preprocess import CellView, decode_image, is_image_file, preprocess_for
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
+from hemaclip.tasks.familiarity import DEFAULT_METHOD
 from hemaclip.text.captions import (
     CHROMATIN_WORDS,
     CYTOPLASM_COLOUR_WORDS,
@@ -363,7 +364,7 @@ def fit_calibration(
 
 def fit_familiarity_for(
     model: Any, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False, write: bool = True,
-    method: str | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> Any:
     """Fit the unfamiliarity score of a checkpoint (:mod:`hemaclip.tasks.familiarity`): class means and
     covariance on the embeddings of the PBC train split (the images the shipped recipe trains on), the
@@ -371,7 +372,7 @@ def fit_familiarity_for(
     ``<checkpoint>.familiarity.npz`` when `write`."""
     from hemaclip.cache import file_sha1
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.tasks.familiarity import DEFAULT_METHOD, familiarity_path, fit_familiarity
+    from hemaclip.tasks.familiarity import familiarity_path, fit_familiarity
     from hemaclip.tasks.features import extract_features
 
     checkpoint = Path(checkpoint)
@@ -387,7 +388,7 @@ def fit_familiarity_for(
     familiarity = fit_familiarity(
         ft.features, [r.label for r in train], fv.features, sha1,
         fitted_on=f"reference embeddings, means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
-        method=method or DEFAULT_METHOD,
+        method=method,
     )
     if write:
         familiarity.save(familiarity_path(checkpoint))

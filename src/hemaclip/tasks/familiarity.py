@@ -47,6 +47,7 @@ __all__ = [
     "KNN_K",
     "METHODS",
     "Familiarity",
+    "check_method",
     "FolderShift",
     "familiarity_path",
     "fit_familiarity",
@@ -71,6 +72,13 @@ SHIFT_EFFECT = 0.5
 SHIFT_P = 1e-3
 FLAG_SHARE_WARN = 0.15
 MIN_FOLDER = 10  # fewer cells than this: no folder-level verdict (too little evidence either way)
+
+
+def check_method(method: str) -> str:
+    """`method` if it is a built-in unfamiliarity score, else one clear error naming the choices."""
+    if method not in METHODS:
+        raise HemaclipError(f"unknown unfamiliarity score '{method}'; choose from {', '.join(METHODS)}")
+    return method
 
 
 @dataclass
@@ -136,6 +144,11 @@ class Familiarity:
             sims = unit[start:start + 512].astype(np.float32) @ reference.T
             out[start:start + 512] = 1.0 - np.partition(sims, -k, axis=1)[:, -k]
         return out
+
+    @property
+    def label(self) -> str:
+        """The score in words, for reports and messages: "knn (k = 3)" or "mahalanobis"."""
+        return f"{self.method} (k = {self.k})" if self.method == "knn" else self.method
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
@@ -216,7 +229,7 @@ def load_familiarity(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Fami
                 raise ValueError(f"format {version}, this version reads {', '.join(map(str, READABLE_FORMATS))}")
             method = str(data["method"]) if version >= 2 else "mahalanobis"
             if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}")
+                raise ValueError(f"unknown unfamiliarity score {method!r}")
             train = np.asarray(data["train_features"], dtype=np.float32) if version >= 2 else np.zeros((0, 0))
             familiarity = Familiarity(
                 checkpoint_sha1=str(data["checkpoint_sha1"]),
@@ -254,6 +267,9 @@ def fit_familiarity(
     did not train on)."""
     from sklearn.covariance import LedoitWolf
 
+    check_method(method)
+    if int(k) < 1:
+        raise HemaclipError(f"k must be >= 1, got {k}")
     train_features = np.asarray(train_features, dtype=np.float64)
     labels = np.asarray(list(train_labels))
     classes = sorted(set(labels.tolist()))
@@ -262,13 +278,10 @@ def fit_familiarity(
     means = np.stack([train_features[labels == c].mean(axis=0) for c in classes])
     centred = np.concatenate([train_features[labels == c] - means[i] for i, c in enumerate(classes)])
     precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(centred).covariance_)
-    if method not in METHODS:
-        raise HemaclipError(f"unknown familiarity method {method!r}; choose from {', '.join(METHODS)}")
-    if int(k) < 1:
-        raise HemaclipError(f"k must be >= 1, got {k}")
-    unit = train_features / np.maximum(np.linalg.norm(train_features, axis=1, keepdims=True), 1e-12)
-    # Stored as float16 in the file; scored from the same rounding here so fit and use agree exactly.
-    stored = unit.astype(np.float16).astype(np.float32) if method == "knn" else None
+    stored = None
+    if method == "knn":  # stored as float16 in the file; scored from the same rounding here so fit and use agree
+        unit = train_features / np.maximum(np.linalg.norm(train_features, axis=1, keepdims=True), 1e-12)
+        stored = unit.astype(np.float16).astype(np.float32)
     familiarity = Familiarity(checkpoint_sha1, classes, means, precision, 0.0, np.empty(0), fitted_on,
                               method=method, k=int(k), train_features=stored)
     reference = np.sort(familiarity.score(val_features))
