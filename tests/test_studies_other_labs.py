@@ -54,12 +54,14 @@ def test_a_lab_used_in_training_is_not_scored_and_the_report_says_so(data_root, 
 
 @pytest.mark.slow
 def test_other_labs_command_scores_zheng2_with_the_shipped_model(run_cli, data_root, tmp_path) -> None:
-    result = run_cli("other-labs", "--labs", "zheng2", "--adapt", "none", "--n-boot", "50", "--out", str(tmp_path / "r"),
+    result = run_cli("other-labs", "--labs", "zheng2", "--adapt", "none,entropy", "--n-boot", "50", "--out", str(tmp_path / "r"),
                      "--data", str(data_root))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     block = metrics["models"]["default"]["labs"]["zheng2/none"]
     assert block["n"] == 69 and 0.0 <= block["macro_f1"]["low"] <= block["macro_f1"]["point"] <= block["macro_f1"]["high"] <= 1.0
+    tent = metrics["models"]["default"]["labs"]["zheng2/entropy"]  # Tent on the lab's cells, then read
+    assert tent["n"] == 69 and tent["mean_confidence"] != block["mean_confidence"]
     assert (tmp_path / "r" / "figures" / "confusion_default_zheng2_none.png").stat().st_size > 1000
 
 

@@ -91,9 +91,10 @@ def describe(
     saliency_target: Annotated[str, typer.Option("--saliency-target", help="'class' or an attribute name, e.g. nucleus_shape.")] = "class",
     stain_norm: Annotated[str, typer.Option("--stain-norm", help="Stain normalisation before the model: none, macenko or reinhard.")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and run per batch.")] = DEFAULTS.batch_size,
-    adapt: Annotated[str, typer.Option("--adapt", help="Test-time adaptation to the images given: 'none', or 'bn' "
-                                       "(re-estimate the model's BatchNorm statistics on them first; for a folder "
-                                       "from another lab).")] = "none",
+    adapt: Annotated[str, typer.Option("--adapt", help="Test-time adaptation to the images given: 'none', 'bn' "
+                                       "(re-estimate the model's BatchNorm statistics on them first) or 'entropy' "
+                                       "(Tent: tune BatchNorm scales so the class read-out is confident on them). "
+                                       "Neither helped on the other labs measured (README, Other labs).")] = "none",
 ) -> None:
     """Describe blood-cell images: class with a calibrated probability and the runner-up, the 11 WBCAtt
     attributes with probabilities, a sentence stating only confident attributes, and the most similar

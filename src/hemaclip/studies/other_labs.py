@@ -6,7 +6,8 @@ classes the other labs label: a prediction of any other class (erythroblast, ig,
 it is for a user. Leave-one-lab-out: a checkpoint whose training used a lab (its ``dataset`` or
 ``extra_datasets``) is not scored on that lab; the table says so instead of printing a flattering number.
 
-Per checkpoint, lab and adaptation (``none``; ``bn`` = AdaBN on the lab's cells first; ``reinhard`` /
+Per checkpoint, lab and adaptation (``none``; ``bn`` = AdaBN on the lab's cells first; ``entropy`` = Tent,
+the class read-out's entropy minimised on the lab's cells first; ``reinhard`` /
 ``macenko`` = stain normalisation to the PBC reference first): macro F1 and
 accuracy with 95 % bootstrap intervals (whole near-duplicate groups resampled where the lab has them,
 as LISC does), per-class F1, confusion, top-label ECE of the calibrated probabilities, mean confidence,
@@ -28,7 +29,8 @@ from hemaclip.errors import HemaclipError
 
 WHITE_CELL_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 OTHER_LABS = ("lisc", "zheng1", "zheng2")
-ADAPTATIONS = ("none", "bn", "reinhard", "macenko")  # test-time options: AdaBN, stain normalisation to PBC
+ADAPTATIONS = ("none", "bn", "entropy", "reinhard", "macenko")  # test-time options: AdaBN, Tent, stain normalisation to PBC
+MODEL_ADAPTATIONS = ("bn", "entropy")  # the ones that change the model on the lab's own cells
 N_RESAMPLES = 2000
 CHUNK = 256  # cells per model call when reading a lab
 
@@ -70,14 +72,14 @@ def trained_datasets(checkpoint: str | None) -> set[str]:
 
 def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
     """Read every record's cell with `describer` (cell finding, calibrated read-out, familiarity), after
-    AdaBN on these cells when `adapt` is "bn"."""
+    adapting the model to these cells first when `adapt` is one of :data:`MODEL_ADAPTATIONS`."""
     from hemaclip.data.image_cache import decoded_images
     from hemaclip.data.preprocess import CellView
 
     start = time.perf_counter()
     pre = describer.preprocess
     arrays = decoded_images([r.path for r in records], pre.image_size, preprocess=pre, progress=False)
-    if adapt == "bn":
+    if adapt in MODEL_ADAPTATIONS:
         describer.adapt_to(arrays)
     side = pre.image_size
     normalise = describer.stain_normalizer or (lambda a: a)
@@ -188,7 +190,7 @@ def run_other_labs(
             from hemaclip.data.stain import get_normalizer
 
             describer = Describer.from_checkpoint(entry.checkpoint, index=None, data_root=data_root,
-                                                  adapt="bn" if adapt == "bn" else None,
+                                                  adapt=adapt if adapt in MODEL_ADAPTATIONS else None,
                                                   stain_normalizer=get_normalizer(adapt) if adapt in ("reinhard", "macenko") else None)
             for lab in labs:
                 key = f"{lab}/{adapt}"
@@ -235,7 +237,8 @@ def _sections(metrics: dict[str, Any], figures: list[tuple[Path, str]], Table: A
               for k, v in metrics["paired_vs_baseline"].items()] if metrics["paired_vs_baseline"] else []
     text = (f"Split: {metrics['split']} part of each lab. {metrics['scoring']}. Intervals: 95 % percentile bootstrap "
             f"({metrics['n_resamples']} resamples; LISC resamples whole near-duplicate groups). Adaptation `bn` re-estimates "
-            "BatchNorm statistics on the lab's cells before reading them (AdaBN); `reinhard` / `macenko` normalise each "
+            "BatchNorm statistics on the lab's cells before reading them (AdaBN); `entropy` trains BatchNorm's scales and "
+            "shifts to minimise the entropy of the class read-out on them first (Tent); `reinhard` / `macenko` normalise each "
             "cell's stain to the PBC reference first (`--stain-norm`). `flagged` is the share of cells the "
             "familiarity score calls unfamiliar; `acc unflagged` the accuracy on the rest.")
     sections = [Section("Per lab", text, [Table(["model", "lab", "adaptation", "cells", "macro F1", "accuracy", "mean confidence",

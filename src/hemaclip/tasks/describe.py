@@ -99,7 +99,7 @@ class DescribeSettings:
     # An unfamiliar cell (see hemaclip.tasks.familiarity) gets a plain warning instead of a confident
     # sentence; an attribute is still stated only above this stricter calibrated probability.
     unfamiliar_attribute_threshold: float = 0.9
-    # Test-time adaptation (--adapt bn) uses at most this many cells of a folder (a seeded sample beyond).
+    # Test-time adaptation (--adapt bn|entropy) uses at most this many cells of a folder (a seeded sample beyond).
     adapt_max_images: int = 4096
 
 
@@ -522,8 +522,9 @@ class Describer:
     """Loads a model, its calibration, familiarity and a reference index once; describes arrays or files.
 
     With cell finding in the model's preprocessing, a picture holding several white cells gives one
-    description per cell, each with its box; with `adapt="bn"`, `describe_paths` first re-estimates the
-    model's BatchNorm statistics on the folder's own cells (:mod:`hemaclip.models.adapt`).
+    description per cell, each with its box; with `adapt="bn"` (or "entropy"), `describe_paths` first re-estimates
+    the model's BatchNorm statistics on the folder's own cells (or minimises the entropy of its class read-out on
+    them; :mod:`hemaclip.models.adapt`).
     """
 
     def __init__(
@@ -540,6 +541,7 @@ class Describer:
         settings: DescribeSettings = DEFAULTS,
         device: str = "cpu",
         training_model: Any = None,
+        adapt_method: str = "bn",
     ) -> None:
         if not 0.0 <= float(attribute_threshold) <= 1.0:
             raise HemaclipError(f"attribute threshold must be within [0, 1], got {attribute_threshold}")
@@ -562,6 +564,7 @@ class Describer:
         self.image_size = self.preprocess.image_size
         # The model before BatchNorm folding, kept only when test-time adaptation was asked for.
         self.training_model = training_model
+        self.adapt_method = adapt_method  # a key of hemaclip.models.adapt.ADAPTERS
         self.adapted_on: int | None = None
 
     @property
@@ -586,22 +589,24 @@ class Describer:
         reference index.
 
         `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
-        a path of a saved index, a loaded index, or None for no neighbours. `adapt`: None, or "bn" to
-        re-estimate BatchNorm statistics on each folder described (see :meth:`describe_paths`).
+        a path of a saved index, a loaded index, or None for no neighbours. `adapt`: None, "bn" to
+        re-estimate BatchNorm statistics on each folder described, or "entropy" to minimise the entropy of the
+        class read-out on it (see :meth:`describe_paths`).
         """
         import copy
 
         from hemaclip.cache import file_sha1
         from hemaclip.models.checkpoint import load_checkpoint
         from hemaclip.models.default import resolve_checkpoint
+        from hemaclip.models.adapt import ADAPTERS
         from hemaclip.models.inference import prepare_for_inference
         from hemaclip.tasks.familiarity import load_familiarity
 
-        if adapt not in (None, "none", "bn"):
-            raise HemaclipError(f"unknown adaptation '{adapt}' (choose none or bn)")
+        if adapt not in (None, "none", *ADAPTERS):
+            raise HemaclipError(f"unknown adaptation '{adapt}' (choose none, {', '.join(ADAPTERS)})")
         path = resolve_checkpoint(checkpoint)
         raw, _meta = load_checkpoint(path, map_location=device)
-        training_model = copy.deepcopy(raw) if adapt == "bn" else None
+        training_model = copy.deepcopy(raw) if adapt in ADAPTERS else None
         model = prepare_for_inference(raw)
         sha1 = file_sha1(path)
         calibration, reason = load_calibration(path, sha1)
@@ -621,7 +626,8 @@ class Describer:
             raise CheckpointError(f"reference index has dimension {loaded.dim}, the model embeds to {model.config.embed_dim}")
         return cls(model, calibration=calibration, uncalibrated_reason=reason, familiarity=familiarity, index=loaded,
                    attribute_threshold=attribute_threshold, abstain_below=abstain_below,
-                   stain_normalizer=stain_normalizer, device=device, training_model=training_model)
+                   stain_normalizer=stain_normalizer, device=device, training_model=training_model,
+                   adapt_method=adapt if adapt in ADAPTERS else "bn")
 
     # -- core ------------------------------------------------------------------------------------
 
@@ -734,8 +740,9 @@ class Describer:
         return [self._load(p) for p in paths]
 
     def adapt_to(self, arrays: Sequence[np.ndarray]) -> None:
-        """Re-estimate the model's BatchNorm statistics on `arrays` (the cells of the folder being described)."""
-        from hemaclip.models.adapt import adapt_batchnorm
+        """Adapt the model to `arrays` (the cells of the folder being described) by this describer's method:
+        AdaBN statistics ("bn") or entropy-minimised BatchNorm scales and shifts ("entropy")."""
+        from hemaclip.models.adapt import adapt_model
         from hemaclip.models.inference import prepare_for_inference
 
         if self.training_model is None:
@@ -743,7 +750,7 @@ class Describer:
         if len(arrays) > self.settings.adapt_max_images:
             chosen = np.random.default_rng(0).choice(len(arrays), self.settings.adapt_max_images, replace=False)
             arrays = [arrays[i] for i in sorted(chosen)]
-        self.model = prepare_for_inference(adapt_batchnorm(self.training_model, arrays))
+        self.model = prepare_for_inference(adapt_model(self.training_model, arrays, self.adapt_method))
         self.adapted_on = len(arrays)
 
     def describe_paths(
