@@ -69,7 +69,7 @@ def run_trust_report(
     held-out class name to a checkpoint trained without it (each needs its own familiarity sidecar)."""
     from hemaclip.data.datasets import load_dataset
     from hemaclip.studies import plots
-    from hemaclip.studies.other_labs import read_lab, score_reading
+    from hemaclip.studies.other_labs import MODEL_ADAPTATIONS, read_lab, score_reading
     from hemaclip.studies.report import Section, Table, write_report
 
     start = time.perf_counter()
@@ -115,29 +115,32 @@ def run_trust_report(
         [Table(["split", "cells", "flagged", "folder warning"], rows)]))
 
     # -- other labs ----------------------------------------------------------------------------------
-    adapted = _describer(checkpoint, data_root, adapt="bn")
+    adapted = {method: _describer(checkpoint, data_root, adapt=method) for method in MODEL_ADAPTATIONS}
     lab_rows, lab_metrics, examples = [], {}, []
     for lab in labs:
         say(f"{lab} ...")
         records = load_dataset(lab, data_root=data_root).split("test")
         reading = read_lab(describer, records, "none")
         scored = score_reading(reading, n_resamples, seed)
-        after = score_reading(read_lab(adapted, records, "bn"), n_resamples, seed)
+        after = {method: score_reading(read_lab(d, records, method), n_resamples, seed) for method, d in adapted.items()}
         lab_metrics[lab] = {"none": {k: v for k, v in scored.items() if k != "reliability"},
-                            "bn": {k: v for k, v in after.items() if k != "reliability"}}
+                            **{method: {k: v for k, v in a.items() if k != "reliability"} for method, a in after.items()}}
         lab_rows.append([lab, scored["n"], scored["flagged_share"], scored["accuracy"]["point"], scored["accuracy_unflagged"],
-                         scored["n_unflagged"], scored["ece"], after["ece"], after["accuracy"]["point"],
+                         scored["n_unflagged"], scored["ece"],
+                         *[value for method in MODEL_ADAPTATIONS for value in (after[method]["ece"], after[method]["accuracy"]["point"])],
                          "fires" if (scored.get("folder_shift") or {}).get("shifted") else "silent"])
         plots.plot_reliability(scored["reliability"], figures / f"reliability_{lab}.png", title=f"{lab} test: reliability (no adaptation)")
         examples += _examples(lab, records, reading, 3)
     metrics["other_labs"] = lab_metrics
+    names = {"bn": "AdaBN", "entropy": "Tent"}
     sections.append(Section(
         "Other labs: selective reading and calibration",
         "Test part of each lab; five white-cell classes, any other reading wrong. `acc unflagged` is the accuracy on the cells "
-        "the score does not flag; ECE is top-label (15 bins) of the calibrated probabilities, before and after AdaBN on the "
-        "lab's cells. The folder warning is the verdict `describe` prints for the whole folder.",
-        [Table(["lab", "cells", "flagged", "accuracy", "acc unflagged", "unflagged cells", "ECE", "ECE after AdaBN",
-                "accuracy after AdaBN", "folder warning"], lab_rows)],
+        "the score does not flag; ECE is top-label (15 bins) of the calibrated probabilities, before and after test-time "
+        "adaptation on the lab's cells (AdaBN: BatchNorm statistics re-estimated; Tent: BatchNorm scales and shifts trained to "
+        "minimise the class read-out's entropy). The folder warning is the verdict `describe` prints for the whole folder.",
+        [Table(["lab", "cells", "flagged", "accuracy", "acc unflagged", "unflagged cells", "ECE",
+                *[f"{h} after {names.get(m, m)}" for m in MODEL_ADAPTATIONS for h in ("ECE", "accuracy")], "folder warning"], lab_rows)],
         [(figures / f"reliability_{lab}.png", f"{lab}: reliability diagram") for lab in labs]))
 
     # -- atypical cells: ALL -------------------------------------------------------------------------
