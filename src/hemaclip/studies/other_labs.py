@@ -84,14 +84,11 @@ def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
     side = pre.image_size
     normalise = describer.stain_normalizer or (lambda a: a)
     views = [CellView(normalise(np.asarray(a)), (0, 0, side, side)) for a in arrays]
-    descriptions, parts = [], []
+    descriptions = []
     for start_row in range(0, len(views), CHUNK):  # bounded memory: the model sees CHUNK cells at a time
         chunk = slice(start_row, start_row + CHUNK)
-        described, chunk_probs = describer.describe_views(views[chunk], [str(r.path) for r in records[chunk]],
-                                                          [0] * len(views[chunk]), with_probs=True)
-        descriptions += described
-        parts.append(chunk_probs)
-    probs = np.concatenate(parts)
+        descriptions += describer.describe_views(views[chunk], [str(r.path) for r in records[chunk]], [0] * len(views[chunk]))
+    probs = np.stack([d.class_probabilities for d in descriptions]).astype(np.float64)
     unfamiliar = None if descriptions[0].unfamiliar is None else np.array([bool(d.unfamiliar) for d in descriptions])
     scores = None if descriptions[0].unfamiliarity is None else np.array([float(d.unfamiliarity) for d in descriptions])
     shift = None

@@ -647,14 +647,13 @@ class Describer:
             array = self.stain_normalizer(array)
         return array
 
-    def describe_views(self, views: Sequence[CellView], sources: Sequence[str], cells: Sequence[int],
-                       with_probs: bool = False) -> Any:
-        """Describe prepared cell views (`cells`: each view's number within its picture). With `with_probs`,
-        also return the calibrated class probabilities [N, C] over the read-out's classes (for scoring)."""
+    def describe_views(self, views: Sequence[CellView], sources: Sequence[str], cells: Sequence[int]) -> list[CellDescription]:
+        """Describe prepared cell views (`cells`: each view's number within its picture). Each description keeps
+        its calibrated class probabilities over the read-out's classes (`class_probabilities`, for scoring)."""
         from hemaclip.models.inference import image_outputs
 
         if not views:
-            return ([], np.zeros((0, len(self.readout.class_names)))) if with_probs else []
+            return []
         out = image_outputs(self.model, np.stack([v.array for v in views]), batch_size=max(1, len(views)), device=self.device)
         features = out["features"].numpy().astype(np.float32, copy=False)
         head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
@@ -703,7 +702,7 @@ class Describer:
                 cell_found=view.found, unfamiliar=unfamiliar,
                 unfamiliarity=float(f"{scores[i]:.4g}") if scores is not None else None, embedding=features[i],
                 class_probabilities=class_probs[i].astype(np.float32)))
-        return (results, class_probs) if with_probs else results
+        return results
 
     def describe_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[CellDescription]:
         """Describe uint8 HxWx3 RGB pictures (any size): one description per white cell found in each (a
