@@ -18,7 +18,7 @@ from hemaclip.cache import file_sha1
 from hemaclip.text.captions import parse_caption
 
 KEYS = {"source", "label", "probability", "runner_up", "runner_up_probability", "abstain", "attributes", "sentence",
-        "neighbours", "calibrated", "box", "cell", "cell_found", "unfamiliar", "unfamiliarity"}
+        "neighbours", "calibrated", "box", "cell", "cell_found", "unfamiliar", "unfamiliarity", "unfamiliar_in_shifted_folder"}
 
 
 @pytest.fixture(scope="module")

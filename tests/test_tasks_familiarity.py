@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from hemaclip.data.paths import repo_default_data_root
-from hemaclip.tasks.familiarity import FLAG_QUANTILE, METHODS, fit_familiarity, load_familiarity
+from hemaclip.tasks.familiarity import FLAG_QUANTILE, METHODS, SHIFTED_FOLDER_QUANTILE, fit_familiarity, load_familiarity
 
 DATA = repo_default_data_root()
 
@@ -52,6 +52,25 @@ def test_folder_shift_fires_on_a_shifted_folder_and_not_on_in_lab_folders(method
     shifted = familiarity.folder_shift(familiarity.score(_clusters(rng, 60, shift=1.0)[0]))
     assert shifted.shifted and "readings may be unreliable" in shifted.message and "hemaclip review" in shifted.message
     assert familiarity.folder_shift(familiarity.score(val[:5])) is None  # too few cells for a verdict
+
+
+def test_a_shifted_folder_is_judged_by_the_stricter_bar_and_an_in_lab_folder_by_the_in_lab_threshold() -> None:
+    rng = np.random.default_rng(2)
+    train, labels = _clusters(rng, 600)
+    val, _ = _clusters(rng, 1500)
+    familiarity = fit_familiarity(train, labels, val, "sha", "synthetic")
+    bar = familiarity.shifted_threshold
+    assert bar == pytest.approx(np.quantile(familiarity.reference_scores, SHIFTED_FOLDER_QUANTILE)) and bar < familiarity.threshold
+    in_lab = familiarity.score(_clusters(rng, 80)[0])
+    verdict, flags = familiarity.folder_flags(in_lab)
+    assert not verdict.shifted and verdict.bar == familiarity.threshold
+    assert np.array_equal(flags, familiarity.flags(in_lab))  # an in-lab folder: nothing changes
+    shifted = familiarity.score(_clusters(rng, 80, shift=0.8)[0])
+    verdict, flags = familiarity.folder_flags(shifted)
+    assert verdict.shifted and verdict.bar == bar
+    between = (shifted > bar) & (shifted <= familiarity.threshold)
+    assert between.any() and flags[between].all() and not familiarity.flags(shifted)[between].any()
+    assert verdict.cleared == int((shifted <= bar).sum()) and f"only {verdict.cleared} of 80 cells" in verdict.message
 
 
 def test_knn_file_round_trips_and_a_format_1_file_still_loads_as_mahalanobis(tmp_path: Path) -> None:

@@ -182,3 +182,21 @@ def test_a_folder_unlike_the_training_data_is_flagged_and_queued_first(describer
     assert html.escape(summary["warning"]) in (tmp_path / "report.html").read_text()
     scores = [q["unfamiliarity"] for q in summary["queue"]]
     assert scores == sorted(scores, reverse=True) and all(q["unfamiliar"] for q in summary["queue"])
+    bar = store.meta()["folder_shift"]["bar"]  # the shifted folder's stricter bar decides every stored flag
+    assert bar < describer.familiarity.threshold
+    assert all(q["unfamiliar"] == (q["unfamiliarity"] > bar) for q in summary["queue"])
+
+
+def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.familiarity import fit_familiarity
+
+    rng = np.random.default_rng(0)
+    width = describer.model.config.embed_dim
+    fake = rng.normal(size=(400, width))
+    describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 300, fake[300:], "tiny-sha", "synthetic")
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    scores = sorted(c["unfamiliarity"] for c in store.cells())
+    middle = scores[len(scores) // 2]
+    store.apply_flag_bar(middle)
+    assert [c["unfamiliar"] for c in store.cells()] == [c["unfamiliarity"] > middle for c in store.cells()]
+    assert 0 < sum(c["unfamiliar"] for c in store.cells()) < len(scores)

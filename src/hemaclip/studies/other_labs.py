@@ -58,6 +58,8 @@ class LabReading:
     shift: dict[str, Any] | None
     seconds: float
     features: np.ndarray | None = None  # [N, D] embeddings (to compare unfamiliarity scores on the same reading)
+    # Flags under the bar that applies to the lab's folder as a whole (stricter when the shift warning fires).
+    unfamiliar_in_folder: np.ndarray | None = None
 
 
 def trained_datasets(checkpoint: str | None) -> set[str]:
@@ -91,15 +93,16 @@ def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
     probs = np.stack([d.class_probabilities for d in descriptions]).astype(np.float64)
     unfamiliar = None if descriptions[0].unfamiliar is None else np.array([bool(d.unfamiliar) for d in descriptions])
     scores = None if descriptions[0].unfamiliarity is None else np.array([float(d.unfamiliarity) for d in descriptions])
-    shift = None
+    shift = folder_flagged = None
     if scores is not None:
-        verdict = describer.familiarity.folder_shift(scores)
+        verdict, folder_flagged = describer.familiarity.folder_flags(scores)
         shift = verdict.to_dict() if verdict is not None else None
     return LabReading(
         truth=[r.label for r in records], groups=[str(r.group or r.path) for r in records],
         predicted=[d.label for d in descriptions], probability=np.array([d.probability for d in descriptions]),
         probs=probs, class_names=list(describer.readout.class_names), unfamiliar=unfamiliar, scores=scores,
-        shift=shift, seconds=time.perf_counter() - start, features=np.stack([d.embedding for d in descriptions]))
+        shift=shift, seconds=time.perf_counter() - start, features=np.stack([d.embedding for d in descriptions]),
+        unfamiliar_in_folder=folder_flagged)
 
 
 def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
@@ -135,6 +138,10 @@ def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int
         result["n_unflagged"] = int(keep.sum())
         result["accuracy_unflagged"] = float(correct[keep].mean()) if keep.any() else None
         result["folder_shift"] = reading.shift
+    if reading.unfamiliar_in_folder is not None:  # the flags describe's folder verdict tells the user to read
+        keep = ~reading.unfamiliar_in_folder
+        result["folder_bar"] = {"flagged_share": float(reading.unfamiliar_in_folder.mean()), "n_unflagged": int(keep.sum()),
+                                "accuracy_unflagged": float(correct[keep].mean()) if keep.any() else None}
     return result
 
 

@@ -481,6 +481,9 @@ class CellDescription:
     # How far the cell lies from the training data (None: the checkpoint has no familiarity file).
     unfamiliar: bool | None = None
     unfamiliarity: float | None = None
+    # The flag under the stricter bar that applies inside a folder the shift warning fires on
+    # (hemaclip.tasks.familiarity.SHIFTED_FOLDER_QUANTILE); the warning says when to read this one.
+    unfamiliar_in_shifted_folder: bool | None = None
     error: str | None = None
     # The model's unit image embedding (for review corrections that teach an adapter); not in to_dict.
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -673,6 +676,7 @@ class Describer:
             label = names[order[0]]
             second = names[order[1]] if len(order) > 1 else None
             unfamiliar = bool(scores[i] > self.familiarity.threshold) if scores is not None else None
+            strict = bool(scores[i] > self.familiarity.shifted_threshold) if scores is not None else None
             attributes, values, probs = {}, {}, {}
             for name, p in attr_probs.items():
                 j = int(np.argmax(p[i]))
@@ -699,7 +703,7 @@ class Describer:
                 runner_up_probability=round(float(class_probs[i, order[1]]), 4) if second else None,
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
-                cell_found=view.found, unfamiliar=unfamiliar,
+                cell_found=view.found, unfamiliar=unfamiliar, unfamiliar_in_shifted_folder=strict,
                 unfamiliarity=float(f"{scores[i]:.4g}") if scores is not None else None, embedding=features[i],
                 class_probabilities=class_probs[i].astype(np.float32)))
         return results

@@ -126,6 +126,12 @@ class ReviewStore:
             self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
 
+    def apply_flag_bar(self, bar: float) -> None:
+        """Flag every scored cell above `bar` unfamiliar (and the rest not): the folder's verdict decides the bar."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE cells SET unfamiliar = CASE WHEN unfamiliarity > ? THEN 1 ELSE 0 END "
+                             "WHERE unfamiliarity IS NOT NULL", (float(bar),))
+
     def _transaction(self) -> Any:
         store = self
 
@@ -352,6 +358,8 @@ def review_folder(
     if describer.familiarity is not None:
         scores = [c["unfamiliarity"] for c in store.cells() if c["unfamiliarity"] is not None]
         shift = describer.familiarity.folder_shift(scores)
+        # a shifted folder's cells are judged by the stricter bar (familiarity.SHIFTED_FOLDER_QUANTILE)
+        store.apply_flag_bar(shift.bar if shift is not None else describer.familiarity.threshold)
         store.set_meta(folder_shift=shift.to_dict() if shift is not None else None)
     store.set_meta(described_now=len(todo), reused=len(files) - len(todo))
     return store
