@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hemaclip.text.prompts import DATASET_CLASSES, load_prompts, naming_pattern, words_of
-from hemaclip.studies.unseen_classes import gzsl_accuracies, harmonic_mean, trained_without
+from hemaclip.studies.unseen_classes import STACKING_GRID, gzsl_accuracies, harmonic_mean, stacking_gamma, trained_without
 
 from test_text_heldout import lexicon_texts
 
@@ -37,6 +37,21 @@ def test_gzsl_accuracies_and_harmonic_mean_by_hand() -> None:
     s, u, h = gzsl_accuracies(t, p, [0, 1], [2])
     assert s == pytest.approx((0.75 + 1.0) / 2) and u == pytest.approx(0.25)
     assert h == pytest.approx(2 * 0.875 * 0.25 / (0.875 + 0.25)) and harmonic_mean(0, 0) == 0.0
+
+
+def test_stacking_gamma_spends_at_most_the_budget_on_seen_val_images_and_ignores_held_out_images() -> None:
+    names = ["a", "b", "held"]
+    # 100 seen val images, each right by a margin over "held": 0.6, 0.7, ..., 10.5 logits.
+    margins = 0.5 + np.arange(1, 101) / 10
+    logits = np.zeros((100, 3))
+    logits[:, 0] = margins
+    truth = ["a"] * 100
+    choice = stacking_gamma(logits, truth, names, ["held"])
+    # gamma g turns the images with margin < g into "held": 0.5 costs none, 0.75 costs two (2 % > the 1 % budget)
+    assert choice["gamma"] == 0.5 and choice["val_seen_accuracy_at_gamma"] == 1.0
+    # held-out-class val images take no part: adding some, read any way, changes nothing
+    more = np.vstack([logits, np.tile([5.0, 0.0, -5.0], (50, 1))])
+    assert stacking_gamma(more, truth + ["held"] * 50, names, ["held"])["gamma"] == choice["gamma"]
 
 
 def test_provenance_comes_from_the_training_config() -> None:
@@ -71,7 +86,9 @@ def test_unseen_classes_protocol_through_the_command_line(held_out_checkpoint: P
     assert g["acc_unseen"]["point"] == pytest.approx(per_class["basophil"]["recall"])
     assert metrics["description_retrieval"]["basophil"]["n_relevant"] == 6
     assert metrics["descriptions"]["basophil"]["source"].startswith("Bain")
+    assert metrics["stacking"]["gamma"] in STACKING_GRID and "h" in metrics["stacking"]["gzsl"]  # gamma from val, seen images only
     report = (folder / "basophil" / "report.md").read_text()
+    assert "stacking, gamma" in report
     assert "**zero-shot**" in report and "Precision@10 from its description" in report and "Majority F1" in report
     # A checkpoint that saw basophils is scored but labelled as such, and the summary holds both rows.
     result = run_cli(*common, "--checkpoint", str(tiny_vit_checkpoint), "--out", str(folder / "seen-basophil"))
