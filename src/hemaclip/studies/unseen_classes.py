@@ -219,7 +219,7 @@ def sections(metrics: Mapping[str, Any]) -> list[Section]:
     if metrics.get("stacking"):
         st = metrics["stacking"]
         head_rows.append([", ".join(metrics["holdout"]), f"stacking, gamma {st['gamma']:g} (val seen accuracy "
-                          f"{st['val_seen_accuracy_at_0']:.3f} -> {st['val_seen_accuracy_at_gamma']:.3f})", metrics["n_images"],
+                          f"{st['val_seen_accuracy_at_0']:.3f} to {st['val_seen_accuracy_at_gamma']:.3f})", metrics["n_images"],
                           st["gzsl"]["acc_seen"], st["gzsl"]["acc_unseen"], st["gzsl"]["h"], st["seen_f1_min"],
                           ", ".join(f"{c} {v:.3f}" for c, v in st["unseen_f1"].items() if v is not None)])
     head = Table(["Held out", "Seen/unseen calibration", "Images", "S (acc. seen)", "U (acc. unseen)", "H", "Lowest seen F1", "Unseen F1"],
