@@ -23,8 +23,8 @@ Mahalanobis); test only confirms (reports/trust lists every candidate on both).
   flagged (binomial test). The warning says what to do: readings may be unreliable; check a few cells by
   eye and correct them in `hemaclip review` (the measured route: reviewed cells adapt the reading to the
   lab); `--adapt bn` exists but lowered accuracy on every other lab measured (reports/other-labs).
-* **Per cell inside a shifted folder.** There the in-lab threshold is too lenient: other labs' cells under it
-  were still read wrong a third of the time (reports/trust). So a cell of a folder the warning fires on passes
+* **Per cell inside a shifted folder.** There the in-lab threshold is too lenient: on two of the three other
+  labs, a third of the cells under it were still read wrong (reports/trust). So a cell of a folder the warning fires on passes
   only if its score lies within the range of the `SHIFTED_FOLDER_QUANTILE` most typical in-lab validation cells
   (:attr:`Familiarity.shifted_threshold`, :meth:`Familiarity.folder_flags`); each description also carries
   that stricter flag (`unfamiliar_in_shifted_folder`), since a streamed record is written before its folder's
