@@ -79,3 +79,16 @@ def test_calibrate_with_an_unknown_unfamiliarity_score_is_one_line_and_writes_no
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: unknown unfamiliarity score 'nearest'; choose from knn, mahalanobis"]
     assert sidecar.stat().st_mtime_ns == before and not any(tmp_path.iterdir())
+
+
+def test_describe_with_an_unknown_adaptation_is_one_line_naming_the_choices(tmp_path: Path) -> None:
+    """--adapt is checked before any image is read: one error line naming bn and entropy, exit 1, nothing written."""
+    from PIL import Image
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 150, 180)).save(folder / "cell.png")
+    result = run_entry_point("describe", str(folder), "--json", "--index", "none", "--adapt", "tent", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: unknown adaptation 'tent' (choose none, bn, entropy)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
