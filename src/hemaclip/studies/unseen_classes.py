@@ -30,7 +30,7 @@ from hemaclip.metrics.statistics import bootstrap_ci
 from hemaclip.metrics.summary import classification_metrics
 from hemaclip.studies.report import Section, Table, write_report
 
-__all__ = ["PROTOCOL", "gzsl_accuracies", "harmonic_mean", "run_unseen_classes", "stacking_gamma", "trained_without", "write_summary"]
+__all__ = ["PROTOCOL", "gzsl_accuracies", "harmonic_mean", "run_unseen_classes", "stack_logits", "stacking_gamma", "trained_without", "write_summary"]
 
 PROTOCOL = "unseen-classes"
 logger = get_logger(__name__)
@@ -42,20 +42,24 @@ STACKING_GRID = tuple(round(0.25 * k, 2) for k in range(41))
 SEEN_ACCURACY_BUDGET = 0.01
 
 
+def stack_logits(logits: np.ndarray, names: Sequence[str], holdout: Sequence[str], gamma: float) -> np.ndarray:
+    """A float copy of `logits` [N, C] with `gamma` subtracted from every seen class's column (calibrated stacking)."""
+    out = np.asarray(logits, dtype=np.float64).copy()
+    out[:, [i for i, c in enumerate(names) if c not in holdout]] -= gamma
+    return out
+
+
 def stacking_gamma(logits: np.ndarray, y_true: Sequence[str], names: Sequence[str], holdout: Sequence[str]) -> dict[str, Any]:
     """The calibrated-stacking gamma from a val reading: the seen-class images only (a held-out class's images are
     dropped before anything is computed), the largest gamma keeping their accuracy within the budget."""
-    seen_cols = [i for i, c in enumerate(names) if c not in holdout]
     rows = np.array([y not in holdout for y in y_true])
     if not rows.any():
         raise HemaclipError("no seen-class image in the val split to set the stacking gamma")
-    logits = np.asarray(logits, dtype=np.float64)[rows]
+    logits = np.asarray(logits)[rows]
     truth = np.array([list(names).index(y) for y, keep in zip(y_true, rows) if keep])
 
     def seen_accuracy(gamma: float) -> float:
-        shifted = logits.copy()
-        shifted[:, seen_cols] -= gamma
-        return float(np.mean(shifted.argmax(axis=1) == truth))
+        return float(np.mean(stack_logits(logits, names, holdout, gamma).argmax(axis=1) == truth))
 
     base = seen_accuracy(0.0)
     chosen = max(g for g in STACKING_GRID if seen_accuracy(g) >= base - SEEN_ACCURACY_BUDGET)
@@ -66,10 +70,7 @@ def stacking_gamma(logits: np.ndarray, y_true: Sequence[str], names: Sequence[st
 
 def stacked(reading: Mapping[str, Any], gamma: float) -> dict[str, Any]:
     """The reading with gamma subtracted from every seen class's logits."""
-    logits = np.asarray(reading["logits"], dtype=np.float64).copy()
-    seen_cols = [i for i, c in enumerate(reading["class_names"]) if c not in reading["holdout"]]
-    logits[:, seen_cols] -= gamma
-    return {**reading, "logits": logits}
+    return {**reading, "logits": stack_logits(reading["logits"], reading["class_names"], reading["holdout"], gamma)}
 
 
 def harmonic_mean(seen: float, unseen: float) -> float:

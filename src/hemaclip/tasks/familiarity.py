@@ -171,12 +171,15 @@ class Familiarity:
         """The stricter per-cell bar inside a shifted folder (never above the in-lab threshold)."""
         return min(self.threshold, float(np.quantile(self.reference_scores, SHIFTED_FOLDER_QUANTILE)))
 
+    def bar_for(self, verdict: FolderShift | None) -> float:
+        """The per-cell threshold a folder's verdict sets: the stricter :attr:`shifted_threshold` when the folder is
+        shifted, the in-lab threshold otherwise (or with too few cells for a verdict)."""
+        return verdict.bar if verdict is not None else self.threshold
+
     def folder_flags(self, scores: Sequence[float]) -> tuple[FolderShift | None, np.ndarray]:
-        """The folder's verdict and each cell's flag under the bar that applies to the folder: the stricter
-        :attr:`shifted_threshold` when the folder is shifted, the in-lab threshold otherwise."""
+        """The folder's verdict and each cell's flag under the bar it sets (:meth:`bar_for`)."""
         verdict = self.folder_shift(scores)
-        bar = verdict.bar if verdict is not None else self.threshold
-        return verdict, np.asarray(scores, dtype=np.float64) > bar
+        return verdict, np.asarray(scores, dtype=np.float64) > self.bar_for(verdict)
 
     @property
     def expected_share(self) -> float:

@@ -359,7 +359,7 @@ def review_folder(
         scores = [c["unfamiliarity"] for c in store.cells() if c["unfamiliarity"] is not None]
         shift = describer.familiarity.folder_shift(scores)
         # a shifted folder's cells are judged by the stricter bar (familiarity.SHIFTED_FOLDER_QUANTILE)
-        store.apply_flag_bar(shift.bar if shift is not None else describer.familiarity.threshold)
+        store.apply_flag_bar(describer.familiarity.bar_for(shift))
         store.set_meta(folder_shift=shift.to_dict() if shift is not None else None)
     store.set_meta(described_now=len(todo), reused=len(files) - len(todo))
     return store
