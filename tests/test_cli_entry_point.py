@@ -92,3 +92,17 @@ def test_describe_with_an_unknown_adaptation_is_one_line_naming_the_choices(tmp_
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines() == ["error: unknown adaptation 'tent' (choose none, bn, entropy)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+
+
+def test_describe_with_an_unknown_class_is_one_line_naming_the_models_classes(tmp_path: Path) -> None:
+    """--classes names a class the shipped model does not read: one error line listing its classes, exit 1, nothing written."""
+    from PIL import Image
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 150, 180)).save(folder / "cell.png")
+    result = run_entry_point("describe", str(folder), "--json", "--index", "none", "--classes", "lymphocyte,blast", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown class(es) blast: the model reads basophil, eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]

@@ -54,7 +54,7 @@ def test_a_lab_used_in_training_is_not_scored_and_the_report_says_so(data_root, 
 
 @pytest.mark.slow
 def test_other_labs_command_scores_zheng2_with_the_shipped_model(run_cli, data_root, tmp_path) -> None:
-    result = run_cli("other-labs", "--labs", "zheng2", "--adapt", "none,entropy", "--n-boot", "50", "--out", str(tmp_path / "r"),
+    result = run_cli("other-labs", "--labs", "zheng2", "--adapt", "none,entropy,white-cells", "--n-boot", "50", "--out", str(tmp_path / "r"),
                      "--data", str(data_root))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -62,6 +62,9 @@ def test_other_labs_command_scores_zheng2_with_the_shipped_model(run_cli, data_r
     assert block["n"] == 69 and 0.0 <= block["macro_f1"]["low"] <= block["macro_f1"]["point"] <= block["macro_f1"]["high"] <= 1.0
     tent = metrics["models"]["default"]["labs"]["zheng2/entropy"]  # Tent on the lab's cells, then read
     assert tent["n"] == 69 and tent["mean_confidence"] != block["mean_confidence"]
+    white = metrics["models"]["default"]["labs"]["zheng2/white-cells"]  # the read-out restricted to the 5 classes scored
+    assert white["n"] == 69 and set(white["confusion_labels"]) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert white["accuracy"]["point"] >= block["accuracy"]["point"]  # no cell can be lost to a class outside the five
     assert (tmp_path / "r" / "figures" / "confusion_default_zheng2_none.png").stat().st_size > 1000
 
 

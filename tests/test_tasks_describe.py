@@ -12,6 +12,7 @@ import pytest
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.data.preprocess import decode_image
+from hemaclip.errors import HemaclipError
 from hemaclip.models.checkpoint import load_checkpoint
 from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
 from hemaclip.cache import file_sha1
@@ -123,3 +124,36 @@ def test_calibration_sidecar_and_neighbours(tiny, records: list, tmp_path: Path)
         assert len(s.neighbours) == len(records) and s.neighbours[0]["label"] in {r.label for r in records}
     # The image itself is in the index: it is its own nearest neighbour.
     assert Path(sharp[0].neighbours[0]["path"]).name == Path(records[0].path).name
+
+
+def test_restricted_read_out_is_the_conditional_probability_over_the_allowed_classes() -> None:
+    from hemaclip.tasks.describe import class_mask, restrict_probabilities
+
+    names = ["basophil", "erythroblast", "lymphocyte", "monocyte"]
+    probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    mask = class_mask(names, ["lymphocyte", "basophil", "monocyte", " basophil "])
+    assert mask.tolist() == [True, False, True, True]
+    out = restrict_probabilities(probs, mask)
+    assert np.allclose(out.sum(axis=1), 1.0) and np.all(out[:, 1] == 0.0)
+    assert np.allclose(out[0], [0.25, 0.0, 0.5, 0.25])  # ratios among the kept classes unchanged
+    assert names[int(np.argmax(out[0]))] == "lymphocyte"  # the excluded erythroblast no longer wins
+    assert restrict_probabilities(probs, class_mask(names, None)) is probs
+    with pytest.raises(HemaclipError, match="unknown class.*neutrophil.*the model reads basophil, erythroblast"):
+        class_mask(names, ["neutrophil"])
+    with pytest.raises(HemaclipError, match="none given"):
+        class_mask(names, [" ", ""])
+
+
+def test_describer_with_classes_reads_only_those(tiny, records: list) -> None:
+    model, _ = tiny
+    allowed = list(model.class_names)[1:3]
+    free = Describer(model, index=None)
+    kept = Describer(model, index=None, classes=allowed)
+    images = [np.asarray(decode_image(r.path)) for r in records]
+    sources = [str(r.path) for r in records]
+    plain, restricted = free.describe_arrays(images, sources), kept.describe_arrays(images, sources)
+    for a, b in zip(plain, restricted):
+        assert b.label in allowed and b.runner_up in allowed
+        p = a.class_probabilities[[list(model.class_names).index(c) for c in allowed]]
+        assert b.probability == pytest.approx(float(p.max() / p.sum()), abs=1e-4)
+        assert b.attributes == a.attributes  # the restriction changes the class read-out only

@@ -95,6 +95,10 @@ def describe(
                                        "(re-estimate the model's BatchNorm statistics on them first) or 'entropy' "
                                        "(Tent: tune BatchNorm scales so the class read-out is confident on them). "
                                        "Neither helped on the other labs measured (README, Other labs).")] = "none",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes the pictures can show, e.g. "
+                                                   "'basophil,eosinophil,lymphocyte,monocyte,neutrophil' for a white-cell-only "
+                                                   "export: the class read-out is renormalised over them (default: every class "
+                                                   "of the model).")] = None,
 ) -> None:
     """Describe blood-cell images: class with a calibrated probability and the runner-up, the 11 WBCAtt
     attributes with probabilities, a sentence stating only confident attributes, and the most similar
@@ -114,7 +118,8 @@ def describe(
     normalizer = get_normalizer(stain_norm)
     describer = Describer.from_checkpoint(checkpoint, index=_index_argument(index), data_root=data,
                                           attribute_threshold=threshold, abstain_below=abstain_below,
-                                          stain_normalizer=normalizer, progress=True, adapt=adapt)
+                                          stain_normalizer=normalizer, progress=True, adapt=adapt,
+                                          classes=classes.split(",") if classes is not None else None)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Report folder: metrics.json, report.md, report.html, figures/.")] = Path("reports/other-labs"),
         labs: Annotated[str, typer.Option(help="Comma-separated other-lab datasets.")] = "lisc,zheng1,zheng2",
         split: Annotated[str, typer.Option(help="Which part of each lab to score (val to choose recipes, test to report).")] = "test",
-        adapt: Annotated[str, typer.Option(help="Comma-separated test-time options: none, bn (AdaBN on each lab's cells first), entropy (Tent on them first), reinhard, macenko (stain normalisation).")] = "none,bn,entropy,reinhard,macenko",
+        adapt: Annotated[str, typer.Option(help="Comma-separated test-time options: none, bn (AdaBN on each lab's cells first), entropy (Tent on them first), reinhard, macenko (stain normalisation), white-cells (the read-out renormalised over the 5 white-cell classes, as describe --classes).")] = "none,bn,entropy,reinhard,macenko,white-cells",
         data: DataOption = None,
         n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95 % intervals and paired tests.")] = 2000,
     ) -> None:

@@ -506,6 +506,28 @@ def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 
+def class_mask(class_names: Sequence[str], classes: Sequence[str] | None) -> np.ndarray | None:
+    """Bool mask over the read-out's classes of those a folder can show (None: every class). Unknown names are
+    one clear error naming the model's classes."""
+    if classes is None:
+        return None
+    wanted = list(dict.fromkeys(str(c).strip() for c in classes if str(c).strip()))
+    unknown = [c for c in wanted if c not in class_names]
+    if unknown or not wanted:
+        raise HemaclipError(f"unknown class(es) {', '.join(unknown) or '(none given)'}: the model reads {', '.join(class_names)}")
+    return np.array([c in wanted for c in class_names])
+
+
+def restrict_probabilities(probs: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The class probabilities given that the cell is one of the `mask` classes: P(c | c in S), the others 0.
+    A temperature-calibrated reading stays a conditional probability, and the order among the kept classes
+    is unchanged."""
+    if mask is None:
+        return probs
+    kept = np.where(mask[None, :], np.asarray(probs, dtype=np.float64), 0.0)
+    return kept / np.clip(kept.sum(axis=1, keepdims=True), 1e-300, None)
+
+
 def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
     """Each input file as given, and image files under each directory (recursively, sorted)."""
     for item in inputs:
@@ -545,6 +567,7 @@ class Describer:
         device: str = "cpu",
         training_model: Any = None,
         adapt_method: str = "bn",
+        classes: Sequence[str] | None = None,
     ) -> None:
         if not 0.0 <= float(attribute_threshold) <= 1.0:
             raise HemaclipError(f"attribute threshold must be within [0, 1], got {attribute_threshold}")
@@ -561,6 +584,8 @@ class Describer:
         self.index = index
         self.attribute_threshold = float(attribute_threshold)
         self.abstain_below = float(abstain_below)
+        # The classes the pictures can show (e.g. a white-cell-only export): the read-out is renormalised over them.
+        self.class_mask = class_mask(self.readout.class_names, classes)
         self.stain_normalizer = stain_normalizer
         self.device = device
         self.preprocess = preprocess_for(model)
@@ -587,6 +612,7 @@ class Describer:
         progress: bool = False,
         device: str = "cpu",
         adapt: str | None = None,
+        classes: Sequence[str] | None = None,
     ) -> Describer:
         """Load `checkpoint` (None = the shipped model), its calibration and familiarity sidecars and the
         reference index.
@@ -594,7 +620,8 @@ class Describer:
         `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
         a path of a saved index, a loaded index, or None for no neighbours. `adapt`: None, "bn" to
         re-estimate BatchNorm statistics on each folder described, or "entropy" to minimise the entropy of the
-        class read-out on it (see :meth:`describe_paths`).
+        class read-out on it (see :meth:`describe_paths`). `classes`: the classes the pictures can show (None: all
+        of the model's); the class read-out is renormalised over them (:func:`restrict_probabilities`).
         """
         import copy
 
@@ -630,7 +657,7 @@ class Describer:
         return cls(model, calibration=calibration, uncalibrated_reason=reason, familiarity=familiarity, index=loaded,
                    attribute_threshold=attribute_threshold, abstain_below=abstain_below,
                    stain_normalizer=stain_normalizer, device=device, training_model=training_model,
-                   adapt_method=adapt if adapt in ADAPTERS else "bn")
+                   adapt_method=adapt if adapt in ADAPTERS else "bn", classes=classes)
 
     # -- core ------------------------------------------------------------------------------------
 
@@ -662,7 +689,8 @@ class Describer:
         head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
         head_attr = {k: v.numpy() for k, v in out["attribute_logits"].items()} if out["attribute_logits"] else None
         cal = self.calibration
-        class_probs = _softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0)
+        class_probs = restrict_probabilities(_softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0),
+                                             self.class_mask)
         attr_logits = self.readout.attribute_logits(features, head_attr)
         attr_probs = {n: _softmax(l, cal.attribute_temperatures.get(n, 1.0) if cal else 1.0) for n, l in attr_logits.items()}
         scores = self.familiarity.score(features) if self.familiarity is not None else None
