@@ -50,12 +50,25 @@ def _jpeg_bytes(path: Path) -> bytes:
 def test_health_and_page(client: TestClient) -> None:
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["describe"] and health["search"]
-    assert health["index"]["count"] == 20
+    assert health["index"]["count"] == 20 and health["classes"] is None  # every class read
     page = client.get("/")
     assert page.status_code == 200 and 'id="dropzone"' in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/api/describe", "/api/search", "/api/health", "/api/reference/{row}/image"} <= set(schema["paths"])
+
+
+def test_a_server_restricted_to_some_classes_reads_and_reports_only_those(cells, make_tiny_model) -> None:
+    model = make_tiny_model()
+    allowed = list(model.class_names)[:2]
+    app = create_app(Describer(model, index=None, classes=allowed), None, settings=ServeSettings(max_upload_bytes=LIMIT))
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as restricted:
+        assert restricted.get("/api/health").json()["classes"] == allowed
+        for record in cells[::5]:
+            response = restricted.post("/api/describe?saliency=false", content=_jpeg_bytes(record.path),
+                                       headers={"Content-Type": "image/jpeg", "X-Filename": "cell.jpg"})
+            assert response.status_code == 200, response.text
+            assert response.json()["label"] in allowed and response.json()["runner_up"] in allowed
 
 
 def test_good_upload_returns_the_description(client: TestClient, cells) -> None:

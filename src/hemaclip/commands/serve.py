@@ -21,6 +21,9 @@ def serve_command(
     data: DataOption = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.", min=0.01)] = 10.0,
     stain_norm: Annotated[str, typer.Option("--stain-norm", help="Stain normalisation of uploads: none, macenko or reinhard.")] = "none",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes the uploads can show (e.g. the five "
+                                                   "white-cell classes of a white-cell-only export): the class read-out is "
+                                                   "renormalised over them (default: every class of the model).")] = None,
     saliency: Annotated[bool, typer.Option("--saliency/--no-saliency", help="Compute a Grad-CAM overlay for each upload.")] = True,
     max_megapixels: Annotated[
         float, typer.Option(help="Largest accepted image in megapixels (12: a 4000x3000 camera field; a cell image is about 0.13).", min=0.01)
@@ -54,7 +57,8 @@ def serve_command(
     path = resolve_checkpoint(checkpoint)
     loaded_index = CellIndex.load(index) if index is not None else "default"
     logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
-    describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True)
+    describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True,
+                                          classes=classes.split(",") if classes is not None else None)
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
