@@ -81,28 +81,24 @@ def test_calibrate_with_an_unknown_unfamiliarity_score_is_one_line_and_writes_no
     assert sidecar.stat().st_mtime_ns == before and not any(tmp_path.iterdir())
 
 
-def test_describe_with_an_unknown_adaptation_is_one_line_naming_the_choices(tmp_path: Path) -> None:
-    """--adapt is checked before any image is read: one error line naming bn and entropy, exit 1, nothing written."""
+BAD_DESCRIBE_CHOICES = {
+    "unknown adaptation": (["--adapt", "tent"], "error: unknown adaptation 'tent' (choose none, bn, entropy)"),
+    "unknown class": (["--classes", "lymphocyte,blast"],
+                      "error: unknown class(es) blast: the model reads basophil, eosinophil, erythroblast, ig, lymphocyte, "
+                      "monocyte, neutrophil, platelet"),
+}
+
+
+@pytest.mark.parametrize("args, line", list(BAD_DESCRIBE_CHOICES.values()), ids=list(BAD_DESCRIBE_CHOICES))
+def test_describe_with_an_unknown_choice_is_one_line_naming_the_choices(tmp_path: Path, args: list[str], line: str) -> None:
+    """--adapt and --classes are checked before any image is read: one error line naming what can be chosen, exit 1,
+    nothing written."""
     from PIL import Image
 
     folder = tmp_path / "cells"
     folder.mkdir()
     Image.new("RGB", (40, 40), (200, 150, 180)).save(folder / "cell.png")
-    result = run_entry_point("describe", str(folder), "--json", "--index", "none", "--adapt", "tent", cwd=tmp_path)
+    result = run_entry_point("describe", str(folder), "--json", "--index", "none", *args, cwd=tmp_path)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["error: unknown adaptation 'tent' (choose none, bn, entropy)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
-
-
-def test_describe_with_an_unknown_class_is_one_line_naming_the_models_classes(tmp_path: Path) -> None:
-    """--classes names a class the shipped model does not read: one error line listing its classes, exit 1, nothing written."""
-    from PIL import Image
-
-    folder = tmp_path / "cells"
-    folder.mkdir()
-    Image.new("RGB", (40, 40), (200, 150, 180)).save(folder / "cell.png")
-    result = run_entry_point("describe", str(folder), "--json", "--index", "none", "--classes", "lymphocyte,blast", cwd=tmp_path)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown class(es) blast: the model reads basophil, eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet"]
+    assert result.stderr.strip().splitlines() == [line]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
