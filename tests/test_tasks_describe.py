@@ -138,6 +138,7 @@ def test_restricted_read_out_is_the_conditional_probability_over_the_allowed_cla
     assert np.allclose(out[0], [0.25, 0.0, 0.5, 0.25])  # ratios among the kept classes unchanged
     assert names[int(np.argmax(out[0]))] == "lymphocyte"  # the excluded erythroblast no longer wins
     assert restrict_probabilities(probs, class_mask(names, None)) is probs
+    assert class_mask(names, "lymphocyte, basophil,monocyte").tolist() == mask.tolist()  # the commands' comma-separated form
     with pytest.raises(HemaclipError, match="unknown class.*neutrophil.*the model reads basophil, erythroblast"):
         class_mask(names, ["neutrophil"])
     with pytest.raises(HemaclipError, match="none given"):

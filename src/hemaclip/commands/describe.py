@@ -119,7 +119,7 @@ def describe(
     describer = Describer.from_checkpoint(checkpoint, index=_index_argument(index), data_root=data,
                                           attribute_threshold=threshold, abstain_below=abstain_below,
                                           stain_normalizer=normalizer, progress=True, adapt=adapt,
-                                          classes=classes.split(",") if classes is not None else None)
+                                          classes=classes)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:

@@ -58,7 +58,7 @@ def serve_command(
     loaded_index = CellIndex.load(index) if index is not None else "default"
     logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
     describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True,
-                                          classes=classes.split(",") if classes is not None else None)
+                                          classes=classes)
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")

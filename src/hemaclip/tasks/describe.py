@@ -506,11 +506,13 @@ def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 
-def class_mask(class_names: Sequence[str], classes: Sequence[str] | None) -> np.ndarray | None:
-    """Bool mask over the read-out's classes of those a folder can show (None: every class). Unknown names are
-    one clear error naming the model's classes."""
+def class_mask(class_names: Sequence[str], classes: str | Sequence[str] | None) -> np.ndarray | None:
+    """Bool mask over the read-out's classes of those a folder can show (None: every class; a string is read as a
+    comma-separated list, as the commands take it). Unknown names are one clear error naming the model's classes."""
     if classes is None:
         return None
+    if isinstance(classes, str):
+        classes = classes.split(",")
     wanted = list(dict.fromkeys(str(c).strip() for c in classes if str(c).strip()))
     unknown = [c for c in wanted if c not in class_names]
     if unknown or not wanted:
@@ -567,7 +569,7 @@ class Describer:
         device: str = "cpu",
         training_model: Any = None,
         adapt_method: str = "bn",
-        classes: Sequence[str] | None = None,
+        classes: str | Sequence[str] | None = None,
     ) -> None:
         if not 0.0 <= float(attribute_threshold) <= 1.0:
             raise HemaclipError(f"attribute threshold must be within [0, 1], got {attribute_threshold}")
@@ -612,7 +614,7 @@ class Describer:
         progress: bool = False,
         device: str = "cpu",
         adapt: str | None = None,
-        classes: Sequence[str] | None = None,
+        classes: str | Sequence[str] | None = None,
     ) -> Describer:
         """Load `checkpoint` (None = the shipped model), its calibration and familiarity sidecars and the
         reference index.
