@@ -170,7 +170,7 @@ def run_other_labs(
     from hemaclip.data.datasets import load_dataset
     from hemaclip.studies import plots
     from hemaclip.studies.report import Section, Table, write_report
-    from hemaclip.tasks.describe import Describer
+    from hemaclip.tasks.describe import Describer, class_mask
 
     if not models:
         raise HemaclipError("give at least one checkpoint to score")
@@ -197,8 +197,10 @@ def run_other_labs(
 
             describer = Describer.from_checkpoint(entry.checkpoint, index=None, data_root=data_root,
                                                   adapt=adapt if adapt in MODEL_ADAPTATIONS else None,
-                                                  stain_normalizer=get_normalizer(adapt) if adapt in ("reinhard", "macenko") else None,
-                                                  classes=WHITE_CELL_CLASSES if adapt == "white-cells" else None)
+                                                  stain_normalizer=get_normalizer(adapt) if adapt in ("reinhard", "macenko") else None)
+            if adapt == "white-cells":  # those of the five the checkpoint reads (a class held out in training is not)
+                names = describer.readout.class_names
+                describer.class_mask = class_mask(names, [c for c in WHITE_CELL_CLASSES if c in names])
             for lab in labs:
                 key = f"{lab}/{adapt}"
                 if lab in trained:
