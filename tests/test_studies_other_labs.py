@@ -83,3 +83,19 @@ def test_trust_command_refuses_a_missing_holdout_checkpoint_in_one_line(assert_o
     result = run_cli("trust", "--holdout", f"basophil={tmp_path / 'none.pt'}", "--out", str(tmp_path / "r"))
     assert_one_line_error(result, "checkpoint file not found")
     assert not (tmp_path / "r").exists()
+
+
+def test_white_cells_reads_only_the_five_classes_the_checkpoint_knows(data_root, tmp_path, make_tiny_model) -> None:
+    """A checkpoint trained with basophil held out is scored on a lab that has basophils (they count as wrong, ECE
+    included), and white-cells restricts it to the four of the five it reads instead of refusing."""
+    from hemaclip.models.checkpoint import save_checkpoint
+    from hemaclip.studies.other_labs import ModelEntry
+
+    classes = ("eosinophil", "erythroblast", "lymphocyte", "monocyte", "neutrophil")
+    path = save_checkpoint(tmp_path / "no-basophil.pt", make_tiny_model(class_names=classes))
+    metrics = run_other_labs([ModelEntry("m", str(path))], tmp_path / "r", labs=("zheng2",), adaptations=("none", "white-cells"),
+                             data_root=data_root, n_resamples=20, progress=False)
+    plain, white = (metrics["models"]["m"]["labs"][f"zheng2/{a}"] for a in ("none", "white-cells"))
+    assert white["n"] == plain["n"] == 69
+    read = {label for label, row in zip(white["confusion_labels"], np.array(white["confusion_matrix"]).T) if row.sum()}
+    assert read <= {"eosinophil", "lymphocyte", "monocyte", "neutrophil"}  # never erythroblast, never an unknown basophil

@@ -124,7 +124,10 @@ def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int
     f1 = cluster_bootstrap_macro_f1(reading.truth, reading.predicted, labels, reading.groups, n_resamples, seed=seed)
     acc = cluster_bootstrap_accuracy(reading.truth, reading.predicted, labels, reading.groups, n_resamples, seed=seed)
     vocab = {c: i for i, c in enumerate(reading.class_names)}
-    bins = reliability_bins(reading.probs, np.array([vocab[y] for y in reading.truth]))
+    probs = reading.probs
+    if any(y not in vocab for y in reading.truth):  # a class the checkpoint cannot read (held out in training): always wrong
+        probs = np.hstack([probs, np.zeros((len(probs), 1))])
+    bins = reliability_bins(probs, np.array([vocab.get(y, len(vocab)) for y in reading.truth]))
     result: dict[str, Any] = {
         "n": len(t), "n_groups": len(set(reading.groups)),
         "interval_method": "cluster bootstrap over near-duplicate groups" if grouped else "stratified bootstrap over cells",
