@@ -284,7 +284,7 @@ def create_app(
             "saliency": saliency is not None and describer is not None,
             "calibrated": bool(getattr(describer, "calibrated", False)),
             # The classes the read-out is restricted to (serve --classes); null: every class of the model.
-            "classes": _allowed_classes(describer),
+            "classes": getattr(describer, "allowed_classes", None),
             "model": {"image_tower": getattr(config, "image_tower", None), "image_size": getattr(config, "image_size", None)}
             if config is not None
             else None,
@@ -398,14 +398,6 @@ def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:
     sizes = list(batcher.batches)
     return {"recent": len(sizes), "mean_size": round(sum(sizes) / len(sizes), 2) if sizes else None,
             "largest": max(sizes, default=None), "max_batch": batcher.max_batch}
-
-
-def _allowed_classes(describer: Any) -> list[str] | None:
-    """The classes a describer's read-out is restricted to, None when it reads all of them (or there is none)."""
-    mask = getattr(describer, "class_mask", None)
-    if mask is None:
-        return None
-    return [name for name, kept in zip(describer.readout.class_names, mask) if kept]
 
 
 def _filter_columns(index: Any) -> dict[str, list[str]]:

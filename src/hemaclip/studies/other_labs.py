@@ -173,7 +173,7 @@ def run_other_labs(
     from hemaclip.data.datasets import load_dataset
     from hemaclip.studies import plots
     from hemaclip.studies.report import Section, Table, write_report
-    from hemaclip.tasks.describe import Describer, class_mask
+    from hemaclip.tasks.describe import Describer
 
     if not models:
         raise HemaclipError("give at least one checkpoint to score")
@@ -202,8 +202,7 @@ def run_other_labs(
                                                   adapt=adapt if adapt in MODEL_ADAPTATIONS else None,
                                                   stain_normalizer=get_normalizer(adapt) if adapt in ("reinhard", "macenko") else None)
             if adapt == "white-cells":  # those of the five the checkpoint reads (a class held out in training is not)
-                names = describer.readout.class_names
-                describer.class_mask = class_mask(names, [c for c in WHITE_CELL_CLASSES if c in names])
+                describer.restrict_to([c for c in WHITE_CELL_CLASSES if c in describer.readout.class_names])
             for lab in labs:
                 key = f"{lab}/{adapt}"
                 if lab in trained:

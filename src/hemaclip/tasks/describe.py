@@ -586,8 +586,7 @@ class Describer:
         self.index = index
         self.attribute_threshold = float(attribute_threshold)
         self.abstain_below = float(abstain_below)
-        # The classes the pictures can show (e.g. a white-cell-only export): the read-out is renormalised over them.
-        self.class_mask = class_mask(self.readout.class_names, classes)
+        self.restrict_to(classes)
         self.stain_normalizer = stain_normalizer
         self.device = device
         self.preprocess = preprocess_for(model)
@@ -600,6 +599,18 @@ class Describer:
     @property
     def calibrated(self) -> bool:
         return self.calibration is not None
+
+    def restrict_to(self, classes: str | Sequence[str] | None) -> None:
+        """Read only `classes` (the classes the pictures can show, e.g. a white-cell-only export; None: all of the
+        model's): the class read-out is renormalised over them (:func:`restrict_probabilities`)."""
+        self.class_mask = class_mask(self.readout.class_names, classes)
+
+    @property
+    def allowed_classes(self) -> list[str] | None:
+        """The classes the read-out is restricted to, None when it reads all of them."""
+        if self.class_mask is None:
+            return None
+        return [name for name, kept in zip(self.readout.class_names, self.class_mask) if kept]
 
     @classmethod
     def from_checkpoint(
