@@ -1,5 +1,5 @@
 """Make the committed learning curve `reports/review/learning-curve/`: other-lab macro F1 after 0/20/50/100
-reviewed cells (LISC and Zheng dataset 1; reviewed cells from each lab's val part, scored on its test part).
+reviewed cells (LISC and Zheng datasets 1 and 2; reviewed cells from each lab's val part, scored on its test part).
 
     OMP_NUM_THREADS=2 python scripts/review_learning_curve.py [--checkpoint PATH] [--out DIR]
 """
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("reports/review/learning-curve"))
-    parser.add_argument("--datasets", nargs="+", default=["lisc", "zheng1"])
+    parser.add_argument("--datasets", nargs="+", default=["lisc", "zheng1", "zheng2"])
     args = parser.parse_args()
     setup_console()
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from hemaclip.metrics.calibration import (
     confidence_auroc,
     confidence_correctness_correlation,
+    ece_floor,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
@@ -140,3 +141,23 @@ def test_invalid_probs_raise() -> None:
         expected_calibration_error(np.array([[2.0, -1.0]]), np.array([0]))
     with pytest.raises(ValueError):
         expected_calibration_error(np.array([[0.5, 0.5]]), np.array([2]))
+
+
+def test_ece_floor_is_zero_for_certain_predictions_and_shrinks_with_more_cells():
+    assert ece_floor(np.eye(3)[[0, 1, 2, 1]]) == 0.0  # labels drawn from one-hot probabilities always agree
+
+    def two_class(n: int) -> np.ndarray:
+        top = np.random.default_rng(1).uniform(0.5, 1.0, size=n)
+        return np.stack([top, 1 - top], axis=1)
+
+    small, large = ece_floor(two_class(69)), ece_floor(two_class(5000))
+    assert small > 3 * large  # binned ECE is biased upwards on a small set, even for a perfectly calibrated model
+    assert 0.03 < small < 0.2 and large < 0.02
+    assert ece_floor(two_class(69), seed=3) == ece_floor(two_class(69), seed=3)  # seeded
+
+
+def test_ece_floor_matches_the_ece_of_a_model_that_is_calibrated_by_construction():
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], size=200)
+    eces = [expected_calibration_error(probs, [rng.choice(3, p=row) for row in probs]) for _ in range(100)]
+    assert ece_floor(probs, n_draws=400) == pytest.approx(float(np.mean(eces)), abs=0.01)

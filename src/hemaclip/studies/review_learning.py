@@ -10,6 +10,12 @@ Protocol (fixed before any number was seen):
   (the model also knows erythroblasts, immature granulocytes, platelets) counted as an error.
 * **Intervals**: the 95 % cluster bootstrap of the test cells (whole groups resampled) for draw 0, and the
   spread (mean ± sd, min-max) over the 5 draws, which is the reviewer-sample variation.
+* **Calibration** (before and after): top-label ECE (15 bins) of the adapter's probabilities on the test part,
+  for draw 0 and over the draws, beside its floor (:func:`hemaclip.metrics.calibration.ece_floor`: what a
+  perfectly calibrated model would show on the same cells, since binned ECE is biased upwards on a few dozen
+  cells), and reliability diagrams of the model and of the adapter after the most reviewed cells.
+* **A lab with fewer val cells than the largest size** also gets a row with every val cell reviewed (added
+  after the first curve, for Zheng 2's 31 val cells; its draws differ only in the cross-validation folds).
 * **Arms**: the adapter (:mod:`hemaclip.tasks.adapter`: the model's calibrated scores plus an L2-penalised
   linear correction on the frozen embedding, penalty by cross-validation on the reviewed cells), and, for
   comparison, a logistic regression on the embeddings alone (scikit-learn, C = 1), which forgets the model.
@@ -57,6 +63,7 @@ def learning_curve(
 ) -> dict[str, Any]:
     """The curve on one other-lab dataset (see the module docstring for the protocol)."""
     from hemaclip.data.datasets import load_dataset
+    from hemaclip.metrics.calibration import ece_floor, reliability_bins
     from hemaclip.metrics.classification import macro_f1
     from hemaclip.metrics.statistics import cluster_bootstrap_macro_f1, paired_cluster_bootstrap_macro_f1
     from hemaclip.tasks.adapter import fit_adapter
@@ -73,24 +80,35 @@ def learning_curve(
     y_test = [r.label for r in test]
     groups = [r.group or str(r.path) for r in test]
     model_pred = [classes[i] for i in np.argmax(pt, axis=1)]
+    truth_index = np.array([classes.index(y) for y in y_test])
+    kept = [n for n in sizes if n <= len(val)]
+    if len(val) < max(sizes, default=0) and len(val) not in kept:  # a small val part: also review every one of its cells
+        kept.append(len(val))
     rows = []
-    for n in sizes:
-        if n > len(val):
-            continue
+    for n in kept:
         per_draw: dict[str, list[float]] = {"adapter": [], "embedding_only": []}
+        eces: list[float] = []
         first: dict[str, Any] = {}
         for draw in range(draws if n > 0 else 1):
             pick = np.random.default_rng(draw).choice(len(val), size=n, replace=False) if n else np.array([], dtype=int)
             chosen = [y_val[i] for i in pick]
             adapter = fit_adapter(fv[pick], pv[pick], chosen, classes, seed=draw)
+            probs = adapter.probabilities(ft, pt) if n else pt
+            eces.append(reliability_bins(probs, truth_index)["ece"])
             preds = {"adapter": adapter.predict(ft, pt) if n else model_pred}
             if n:
                 preds["embedding_only"] = _embedding_only(fv[pick], chosen, ft)
             for arm, pred in preds.items():
                 per_draw[arm].append(macro_f1(y_test, pred, labels))
             if draw == 0:
-                first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen))}
-        row: dict[str, Any] = {"reviewed": int(n), "classes_seen_draw0": first["classes_seen"], "l2_draw0": first["l2"]}
+                first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen)),
+                         "reliability": reliability_bins(probs, truth_index), "ece_floor": ece_floor(probs)}
+        row: dict[str, Any] = {"reviewed": int(n), "every_val_cell": n == len(val), "classes_seen_draw0": first["classes_seen"],
+                               "l2_draw0": first["l2"],
+                               "calibration": {"ece_draw0": eces[0], "ece_floor_draw0": first["ece_floor"],
+                                               "ece_mean": float(np.mean(eces)),
+                                               "ece_sd": float(np.std(eces, ddof=1)) if len(eces) > 1 else 0.0,
+                                               "reliability_draw0": first["reliability"]}}
         for arm, scores in per_draw.items():
             if not scores:
                 continue
@@ -108,25 +126,28 @@ def learning_curve(
         "test_groups": len(set(groups)), "labels": labels, "model_classes": classes, "draws": draws,
         "protocol": "reviewed cells drawn at random from val (labels stand in for the reviewer); scored on test "
                     "(no source cell shared); macro F1 over the lab's classes; 95 % cluster bootstrap over test groups "
-                    "for draw 0, spread over draws",
+                    "for draw 0, spread over draws; top-label ECE (15 bins) of the probabilities beside the floor a "
+                    "perfectly calibrated model would show on the same test cells",
         "rows": rows,
     }
 
 
 def write_learning_curve(results: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, Any]) -> None:
-    """learning_curve.json, learning_curve.md and learning_curve.png in `out` (atomically)."""
+    """learning_curve.json, learning_curve.md, learning_curve.png and reliability diagrams (the model, and the
+    adapter after the most reviewed cells, per lab) in `out` (atomically)."""
     from hemaclip.io import atomic_write, write_json
-    from hemaclip.studies.plots import _new_figure, _save
+    from hemaclip.studies.plots import _new_figure, _save, plot_reliability
 
     out = Path(out)
     write_json(out / "learning_curve.json", {"meta": meta, "datasets": list(results)})
-    lines = ["# Corrections that teach: other-lab macro F1 after n reviewed cells", "",
+    lines = ["# Corrections that teach: other-lab macro F1 and calibration after n reviewed cells", "",
              f"Checkpoint SHA-1 {meta.get('checkpoint_sha1', '')[:12]}; {results[0]['protocol'] if results else ''}.", ""]
     for res in results:
         lines += [f"## {res['dataset']} ({', '.join(res['labs'])}): {res['val_cells']} val cells to draw from, "
                   f"{res['test_cells']} test cells in {res['test_groups']} groups", "",
                   "| reviewed cells | adapter, draw 0 [95 % CI] | adapter, 5 draws mean ± sd | adapter − model, draw 0 [95 % CI] | "
-                  "embeddings-only LR, mean ± sd |", "| --- | --- | --- | --- | --- |"]
+                  "embeddings-only LR, mean ± sd | ECE, draw 0 (floor) | ECE, mean ± sd |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in res["rows"]:
             a = row["adapter"]
             d = a.get("minus_model_draw0")
@@ -134,9 +155,18 @@ def write_learning_curve(results: Sequence[dict[str, Any]], out: str | Path, met
             p_text = "p < 0.001" if d and d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}" if d else ""
             diff = "(the model)" if not d else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({p_text})"
             other = f"{e['mean']:.3f} ± {e['sd']:.3f}" if e else ""
-            lines.append(f"| {row['reviewed']} | {a['draw0']:.3f} [{a['draw0_low']:.3f}, {a['draw0_high']:.3f}] | "
-                         f"{a['mean']:.3f} ± {a['sd']:.3f} | {diff} | {other} |")
-        lines.append("")
+            cal = row["calibration"]
+            reviewed = f"{row['reviewed']} (every val cell)" if row["every_val_cell"] and row["reviewed"] else str(row["reviewed"])
+            lines.append(f"| {reviewed} | {a['draw0']:.3f} [{a['draw0_low']:.3f}, {a['draw0_high']:.3f}] | "
+                         f"{a['mean']:.3f} ± {a['sd']:.3f} | {diff} | {other} | {cal['ece_draw0']:.3f} ({cal['ece_floor_draw0']:.3f}) | "
+                         f"{cal['ece_mean']:.3f} ± {cal['ece_sd']:.3f} |")
+        lines += ["", "ECE floor: the ECE a perfectly calibrated model would show on the same test cells (labels drawn from "
+                  "its own probabilities); a row can only be said to miss an ECE target that lies well above its floor.", ""]
+        first, last = res["rows"][0], res["rows"][-1]
+        plot_reliability(first["calibration"]["reliability_draw0"], out / f"reliability_{res['dataset']}_model.png",
+                         title=f"{res['dataset']} test: the model")
+        plot_reliability(last["calibration"]["reliability_draw0"], out / f"reliability_{res['dataset']}_reviewed_{last['reviewed']}.png",
+                         title=f"{res['dataset']} test: adapter after {last['reviewed']} reviewed cells")
     with atomic_write(out / "learning_curve.md") as handle:
         handle.write("\n".join(lines) + "\n")
     fig = _new_figure(6.0, 4.0)
