@@ -19,7 +19,8 @@ from hemaclip.cache import file_sha1
 from hemaclip.text.captions import parse_caption
 
 KEYS = {"source", "label", "probability", "runner_up", "runner_up_probability", "abstain", "attributes", "sentence",
-        "neighbours", "calibrated", "box", "cell", "cell_found", "unfamiliar", "unfamiliarity", "unfamiliar_in_shifted_folder"}
+        "neighbours", "calibrated", "box", "cell", "cell_found", "unfamiliar", "unfamiliarity", "unfamiliar_in_shifted_folder",
+        "sentence_in_shifted_folder"}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,33 @@ def test_describer_with_classes_reads_only_those(tiny, records: list) -> None:
         p = a.class_probabilities[[list(model.class_names).index(c) for c in allowed]]
         assert b.probability == pytest.approx(float(p.max() / p.sum()), abs=1e-4)
         assert b.attributes == a.attributes  # the restriction changes the class read-out only
+
+
+def test_a_cell_only_the_shifted_folder_bar_flags_gets_the_plain_warning_as_its_shifted_folder_sentence(tiny, records: list) -> None:
+    import dataclasses
+
+    from hemaclip.tasks.describe import UNFAMILIAR_WARNING
+    from hemaclip.tasks.familiarity import fit_familiarity
+
+    model, _ = tiny
+    rng = np.random.default_rng(0)
+    fake = rng.normal(size=(400, model.config.embed_dim))
+    familiarity = fit_familiarity(fake[:300], ["basophil"] * 300, fake[300:], "tiny-sha", "synthetic")
+    # In-lab bar: nothing is flagged; shifted-folder bar: everything is (every reference score lies above any cell's).
+    lenient_vs_strict = dataclasses.replace(familiarity, threshold=float("inf"), reference_scores=np.array([-1.0]))
+    describer = Describer(model, index=None, familiarity=lenient_vs_strict)
+    images = [np.asarray(decode_image(r.path)) for r in records]
+    for d in describer.describe_arrays(images, [str(r.path) for r in records]):
+        assert d.unfamiliar is False and d.unfamiliar_in_shifted_folder is True
+        assert not d.sentence.startswith(UNFAMILIAR_WARNING)
+        assert d.sentence_in_shifted_folder.startswith(UNFAMILIAR_WARNING)
+        values = {n: a["value"] for n, a in d.attributes.items()}
+        probabilities = {n: a["probability"] for n, a in d.attributes.items()}
+        assert d.sentence_in_shifted_folder == describer.sentence_for(d.label, values, probabilities, True)[0]
+        assert d.to_dict()["sentence_in_shifted_folder"] == d.sentence_in_shifted_folder
+    # Flags that agree: one sentence for both bars.
+    same = Describer(model, index=None, familiarity=dataclasses.replace(familiarity, threshold=float("inf"),
+                                                                         reference_scores=np.array([1e9])))
+    for d in same.describe_arrays(images, [str(r.path) for r in records]):
+        assert d.unfamiliar is False and d.unfamiliar_in_shifted_folder is False
+        assert d.sentence_in_shifted_folder == d.sentence

@@ -200,3 +200,28 @@ def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp
     store.apply_flag_bar(middle)
     assert [c["unfamiliar"] for c in store.cells()] == [c["unfamiliarity"] > middle for c in store.cells()]
     assert 0 < sum(c["unfamiliar"] for c in store.cells()) < len(scores)
+
+
+def test_a_re_flagged_cell_is_re_worded_and_flagging_back_restores_its_sentence(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.describe import UNFAMILIAR_WARNING
+    from hemaclip.tasks.familiarity import fit_familiarity
+    from hemaclip.tasks.review import reword_cell
+
+    rng = np.random.default_rng(0)
+    width = describer.model.config.embed_dim
+    fake = rng.normal(size=(400, width))
+    describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 300, fake[300:], "tiny-sha", "synthetic")
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    reword = lambda label, attributes, unfamiliar: reword_cell(describer, label, attributes, unfamiliar)  # noqa: E731
+    store.apply_flag_bar(float("inf"), reword=reword)  # nothing flagged: the confident sentences
+    confident = {c["id"]: (c["sentence"], c["attributes"]) for c in store.cells()}
+    assert not any(s.startswith(UNFAMILIAR_WARNING) for s, _ in confident.values())
+
+    assert store.apply_flag_bar(float("-inf"), reword=reword) == len(confident)  # every cell flagged now
+    for cell in store.cells():
+        assert cell["unfamiliar"] and cell["sentence"].startswith(UNFAMILIAR_WARNING)
+        stated = [a for a in cell["attributes"].values() if a["stated"]]
+        assert all(a["probability"] > describer.settings.unfamiliar_attribute_threshold for a in stated)
+
+    assert store.apply_flag_bar(float("inf"), reword=reword) == len(confident)
+    assert {c["id"]: (c["sentence"], c["attributes"]) for c in store.cells()} == confident

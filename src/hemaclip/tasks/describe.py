@@ -215,6 +215,23 @@ def select_statements(
     return {n: values[n] for n in ATTRIBUTE_NAMES if n in values and float(probabilities[n]) > threshold}
 
 
+def cell_sentence(
+    label: str, values: Mapping[str, str], probabilities: Mapping[str, float], unfamiliar: bool | None,
+    attribute_threshold: float, settings: DescribeSettings = DEFAULTS,
+) -> tuple[str, dict[str, str]]:
+    """The sentence a cell gets and the attribute values it states (one place for the rule): none for a class the
+    attributes do not describe; for an unfamiliar cell the plain warning plus only what clears the stricter
+    threshold; otherwise the attributes above `attribute_threshold`."""
+    if label in settings.classes_without_attributes:
+        sentence = f"No attribute is stated: the WBCAtt attributes describe white blood cells, not a {label}."
+        return (f"{UNFAMILIAR_WARNING} {sentence}" if unfamiliar else sentence), {}
+    if unfamiliar:
+        strict = settings.unfamiliar_attribute_threshold
+        said, stated = attribute_sentence(select_statements(values, probabilities, strict))
+        return UNFAMILIAR_WARNING + ("" if not stated else f" Still clear at p > {strict:g}: {said}"), stated
+    return attribute_sentence(select_statements(values, probabilities, attribute_threshold))
+
+
 def statements_for_rows(
     attribute_probs: Mapping[str, np.ndarray],
     attribute_values: Mapping[str, Sequence[str]],
@@ -484,6 +501,8 @@ class CellDescription:
     # The flag under the stricter bar that applies inside a folder the shift warning fires on
     # (hemaclip.tasks.familiarity.SHIFTED_FOLDER_QUANTILE); the warning says when to read this one.
     unfamiliar_in_shifted_folder: bool | None = None
+    # The sentence under that stricter flag (the plain warning where only the stricter bar flags the cell).
+    sentence_in_shifted_folder: str | None = None
     error: str | None = None
     # The model's unit image embedding (for review corrections that teach an adapter); not in to_dict.
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -674,6 +693,11 @@ class Describer:
 
     # -- core ------------------------------------------------------------------------------------
 
+    def sentence_for(self, label: str, values: Mapping[str, str], probabilities: Mapping[str, float],
+                     unfamiliar: bool | None) -> tuple[str, dict[str, str]]:
+        """:func:`cell_sentence` with this describer's thresholds (also how a review re-words a re-flagged cell)."""
+        return cell_sentence(label, values, probabilities, unfamiliar, self.attribute_threshold, self.settings)
+
     def views(self, image: Image.Image | np.ndarray) -> list[CellView]:
         """What the model sees of a picture: one view per white cell found (one of the whole picture when
         the model reads whole images or no cell is found), stain-normalised if asked."""
@@ -723,16 +747,8 @@ class Describer:
                 j = int(np.argmax(p[i]))
                 values[name] = self.readout.attribute_values[name][j]
                 probs[name] = float(p[i, j])
-            stated: dict[str, str] = {}
-            if label in self.settings.classes_without_attributes:
-                sentence = f"No attribute is stated: the WBCAtt attributes describe white blood cells, not a {label}."
-                if unfamiliar:
-                    sentence = f"{UNFAMILIAR_WARNING} {sentence}"
-            elif unfamiliar:
-                said, stated = attribute_sentence(select_statements(values, probs, self.settings.unfamiliar_attribute_threshold))
-                sentence = UNFAMILIAR_WARNING + ("" if not stated else f" Still clear at p > {self.settings.unfamiliar_attribute_threshold:g}: {said}")
-            else:
-                sentence, stated = attribute_sentence(select_statements(values, probs, self.attribute_threshold))
+            sentence, stated = self.sentence_for(label, values, probs, unfamiliar)
+            shifted_sentence = None if strict is None else sentence if strict == unfamiliar else self.sentence_for(label, values, probs, strict)[0]
             for name in values:
                 attributes[name] = {"value": values[name], "probability": round(probs[name], 4),
                                     "stated": stated.get(name) == values[name]}
@@ -745,6 +761,7 @@ class Describer:
                 abstain=prob < self.abstain_below, attributes=attributes, sentence=sentence,
                 neighbours=neighbours, calibrated=self.calibrated, box=list(view.box), cell=int(cells[i]),
                 cell_found=view.found, unfamiliar=unfamiliar, unfamiliar_in_shifted_folder=strict,
+                sentence_in_shifted_folder=shifted_sentence,
                 unfamiliarity=float(f"{scores[i]:.4g}") if scores is not None else None, embedding=features[i],
                 class_probabilities=class_probs[i].astype(np.float32)))
         return results

@@ -27,8 +27,9 @@ Mahalanobis); test only confirms (reports/trust lists every candidate on both).
   labs, a third of the cells under it were still read wrong (reports/trust). So a cell of a folder the warning fires on passes
   only if its score lies within the range of the `SHIFTED_FOLDER_QUANTILE` most typical in-lab validation cells
   (:attr:`Familiarity.shifted_threshold`, :meth:`Familiarity.folder_flags`); each description also carries
-  that stricter flag (`unfamiliar_in_shifted_folder`), since a streamed record is written before its folder's
-  verdict is known.
+  that stricter flag (`unfamiliar_in_shifted_folder`) and the sentence under it (`sentence_in_shifted_folder`: the
+  plain warning where only the stricter bar flags the cell), since a streamed record is written before its folder's
+  verdict is known; `hemaclip review`, which has the whole folder, re-flags and re-words its stored cells.
 
 Everything is fitted by `hemaclip calibrate` (training split for the reference embeddings, means and
 covariance, validation split for the threshold and reference scores, never test) and stored beside the
@@ -209,7 +210,7 @@ class Familiarity:
                 f"warning: these {len(scores)} images lie far from the training data as a whole (median unfamiliarity "
                 f"{effect:+.1f} in-lab IQRs, {share:.0%} of cells flagged vs {expected:.0%} in the training lab): readings "
                 f"may be unreliable; only {cleared} of {len(scores)} cells lie within the range of the "
-                f"{SHIFTED_FOLDER_QUANTILE:.0%} most typical training-lab cells (unfamiliarity <= {bar:.4g}; field unfamiliar_in_shifted_folder false), treat the rest as unverified; "
+                f"{SHIFTED_FOLDER_QUANTILE:.0%} most typical training-lab cells (unfamiliarity <= {bar:.4g}; in --json records, read unfamiliar_in_shifted_folder and sentence_in_shifted_folder), treat the rest as unverified; "
                 "check a few cells by eye and correct them with `hemaclip review` (its reviewed cells adapt the reading "
                 "to this lab); --adapt bn is available but lowered accuracy on the other labs measured"
             )

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +126,28 @@ class ReviewStore:
             self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
 
-    def apply_flag_bar(self, bar: float) -> None:
-        """Flag every scored cell above `bar` unfamiliar (and the rest not): the folder's verdict decides the bar."""
+    def apply_flag_bar(self, bar: float, reword: Callable[[str, dict[str, Any], bool], tuple[str, dict[str, Any]]] | None = None) -> int:
+        """Flag every scored cell above `bar` unfamiliar (and the rest not): the folder's verdict decides the bar.
+
+        A cell whose flag changes gets the sentence and stated attributes of its new flag from
+        ``reword(label, attributes, unfamiliar)`` (so a cell only the stricter bar flags gets the plain warning,
+        never the confident sentence written for the in-lab bar). Returns the number of cells whose flag changed."""
         with self._lock, self._transaction():
-            self._db.execute("UPDATE cells SET unfamiliar = CASE WHEN unfamiliarity > ? THEN 1 ELSE 0 END "
-                             "WHERE unfamiliarity IS NOT NULL", (float(bar),))
+            rows = self._db.execute("SELECT id, label, attributes, unfamiliar, unfamiliarity FROM cells "
+                                    "WHERE unfamiliarity IS NOT NULL").fetchall()
+            changed = 0
+            for cell_id, label, attributes, unfamiliar, score in rows:
+                flag = bool(score > float(bar))
+                if unfamiliar is not None and bool(unfamiliar) == flag:
+                    continue
+                changed += 1
+                if reword is None:
+                    self._db.execute("UPDATE cells SET unfamiliar = ? WHERE id = ?", (int(flag), cell_id))
+                    continue
+                sentence, reworded = reword(label, json.loads(attributes), flag)
+                self._db.execute("UPDATE cells SET unfamiliar = ?, sentence = ?, attributes = ? WHERE id = ?",
+                                 (int(flag), sentence, json.dumps(reworded), cell_id))
+            return changed
 
     def _transaction(self) -> Any:
         store = self
@@ -282,6 +299,15 @@ def cell_row(description: Any, image: Image.Image | None, settings: ReviewSettin
     }
 
 
+def reword_cell(describer: Any, label: str, attributes: dict[str, Any], unfamiliar: bool) -> tuple[str, dict[str, Any]]:
+    """A stored cell's sentence and attributes (``{name: {value, probability, stated}}``) for a new unfamiliarity
+    flag, by the describer's own rule (:meth:`hemaclip.tasks.describe.Describer.sentence_for`)."""
+    values = {n: a["value"] for n, a in attributes.items()}
+    probabilities = {n: float(a["probability"]) for n, a in attributes.items()}
+    sentence, stated = describer.sentence_for(label, values, probabilities, unfamiliar)
+    return sentence, {n: {**a, "stated": stated.get(n) == a["value"]} for n, a in attributes.items()}
+
+
 def _grouped_by_source(descriptions: Iterable[Any]) -> Iterator[tuple[str, list[Any]]]:
     """Consecutive descriptions of the same file, as (source, [descriptions])."""
     current: str | None = None
@@ -359,7 +385,8 @@ def review_folder(
         scores = [c["unfamiliarity"] for c in store.cells() if c["unfamiliarity"] is not None]
         shift = describer.familiarity.folder_shift(scores)
         # a shifted folder's cells are judged by the stricter bar (familiarity.SHIFTED_FOLDER_QUANTILE)
-        store.apply_flag_bar(describer.familiarity.bar_for(shift))
+        store.apply_flag_bar(describer.familiarity.bar_for(shift), reword=lambda label, attributes, unfamiliar: reword_cell(
+            describer, label, attributes, unfamiliar))
         store.set_meta(folder_shift=shift.to_dict() if shift is not None else None)
     store.set_meta(described_now=len(todo), reused=len(files) - len(todo))
     return store
