@@ -187,14 +187,17 @@ def test_a_folder_unlike_the_training_data_is_flagged_and_queued_first(describer
     assert all(q["unfamiliar"] == (q["unfamiliarity"] > bar) for q in summary["queue"])
 
 
-def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp_path: Path) -> None:
+def _review_with_synthetic_familiarity(describer, cell_folder: Path, out: Path) -> ReviewStore:
+    """A review of the slide by a describer whose familiarity was fitted on random embeddings."""
     from hemaclip.tasks.familiarity import fit_familiarity
 
-    rng = np.random.default_rng(0)
-    width = describer.model.config.embed_dim
-    fake = rng.normal(size=(400, width))
+    fake = np.random.default_rng(0).normal(size=(400, describer.model.config.embed_dim))
     describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 300, fake[300:], "tiny-sha", "synthetic")
-    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    return review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
+
+
+def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp_path: Path) -> None:
+    store = _review_with_synthetic_familiarity(describer, cell_folder, tmp_path)
     scores = sorted(c["unfamiliarity"] for c in store.cells())
     middle = scores[len(scores) // 2]
     store.apply_flag_bar(middle)
@@ -204,14 +207,9 @@ def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp
 
 def test_a_re_flagged_cell_is_re_worded_and_flagging_back_restores_its_sentence(describer, cell_folder: Path, tmp_path: Path) -> None:
     from hemaclip.tasks.describe import UNFAMILIAR_WARNING
-    from hemaclip.tasks.familiarity import fit_familiarity
     from hemaclip.tasks.review import reword_cell
 
-    rng = np.random.default_rng(0)
-    width = describer.model.config.embed_dim
-    fake = rng.normal(size=(400, width))
-    describer.familiarity = fit_familiarity(fake[:300], ["basophil"] * 300, fake[300:], "tiny-sha", "synthetic")
-    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    store = _review_with_synthetic_familiarity(describer, cell_folder, tmp_path)
     reword = lambda label, attributes, unfamiliar: reword_cell(describer, label, attributes, unfamiliar)  # noqa: E731
     store.apply_flag_bar(float("inf"), reword=reword)  # nothing flagged: the confident sentences
     confident = {c["id"]: (c["sentence"], c["attributes"]) for c in store.cells()}
