@@ -10,7 +10,7 @@ Protocol (fixed before any number was seen):
   (the model also knows erythroblasts, immature granulocytes, platelets) counted as an error.
 * **Intervals**: the 95 % cluster bootstrap of the test cells (whole groups resampled) for draw 0, and the
   spread (mean ± sd, min-max) over the 5 draws, which is the reviewer-sample variation.
-* **Calibration** (before and after): top-label ECE (15 bins) of the adapter's probabilities on the test part,
+* **Calibration** (before and after; added in a later round, on the same draws): top-label ECE (15 bins) of the adapter's probabilities on the test part,
   for draw 0 and over the draws, beside its floor (:func:`hemaclip.metrics.calibration.ece_floor`: what a
   perfectly calibrated model would show on the same cells, since binned ECE is biased upwards on a few dozen
   cells), and reliability diagrams of the model and of the adapter after the most reviewed cells.
@@ -94,7 +94,8 @@ def learning_curve(
             chosen = [y_val[i] for i in pick]
             adapter = fit_adapter(fv[pick], pv[pick], chosen, classes, seed=draw)
             probs = adapter.probabilities(ft, pt) if n else pt
-            eces.append(reliability_bins(probs, truth_index)["ece"])
+            bins = reliability_bins(probs, truth_index)
+            eces.append(bins["ece"])
             preds = {"adapter": adapter.predict(ft, pt) if n else model_pred}
             if n:
                 preds["embedding_only"] = _embedding_only(fv[pick], chosen, ft)
@@ -102,7 +103,7 @@ def learning_curve(
                 per_draw[arm].append(macro_f1(y_test, pred, labels))
             if draw == 0:
                 first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen)),
-                         "reliability": reliability_bins(probs, truth_index), "ece_floor": ece_floor(probs)}
+                         "reliability": bins, "ece_floor": ece_floor(probs)}
         row: dict[str, Any] = {"reviewed": int(n), "every_val_cell": n == len(val), "classes_seen_draw0": first["classes_seen"],
                                "l2_draw0": first["l2"],
                                "calibration": {"ece_draw0": eces[0], "ece_floor_draw0": first["ece_floor"],
