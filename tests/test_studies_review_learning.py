@@ -36,9 +36,20 @@ def test_learning_curve_on_zheng2_reports_calibration_and_reviews_every_val_cell
         assert 0 <= cal["ece_floor_draw0"] < 1 and 0 <= cal["ece_draw0"] <= 1
         assert cal["reliability_draw0"]["n"] == len(test)
 
+    # Cross-fitted over every cell of the lab: each fold is read by an adapter fitted on the other four.
+    cross = result["cross_fitted"]
+    assert cross["cells"] == n_val + len(test) and cross["folds"] == 5
+    assert all(sum(r["reviewed_per_fold"]) == (cross["folds"] - 1) * cross["cells"] for r in cross["runs"])
+    val_probs = describe_records(describer, load_dataset("zheng2", data_root=data_root).split("val"))[1]
+    every = np.vstack([val_probs, probs])
+    every_truth = np.array([list(describer.readout.class_names).index(r.label)
+                            for r in [*load_dataset("zheng2", data_root=data_root).split("val"), *test]])
+    assert cross["model_ece"] == pytest.approx(reliability_bins(every, every_truth)["ece"], abs=1e-6)
+    assert 0 <= cross["ece"]["mean"] <= 1 and 0 < cross["accuracy"]["mean"] <= 1
+
     write_learning_curve([result], tmp_path / "curve", {"checkpoint_sha1": "0" * 40})
     table = (tmp_path / "curve" / "learning_curve.md").read_text()
-    assert f"| {n_val} (every val cell) |" in table and "ECE, draw 0 (floor)" in table
+    assert f"| {n_val} (every val cell) |" in table and "ECE, draw 0 (floor)" in table and "Cross-fitted over all 100 cells" in table
     assert (tmp_path / "curve" / "reliability_zheng2_model.png").stat().st_size > 0
     assert (tmp_path / "curve" / f"reliability_zheng2_reviewed_{n_val}.png").stat().st_size > 0
     saved = json.loads((tmp_path / "curve" / "learning_curve.json").read_text())
