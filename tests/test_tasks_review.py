@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import shutil
 import sqlite3
@@ -197,10 +198,12 @@ def _review_with_synthetic_familiarity(describer, cell_folder: Path, out: Path) 
 
 
 def test_the_folder_bar_sets_every_stored_flag(describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.tasks.review import reword_cell
+
     store = _review_with_synthetic_familiarity(describer, cell_folder, tmp_path)
     scores = sorted(c["unfamiliarity"] for c in store.cells())
     middle = scores[len(scores) // 2]
-    store.apply_flag_bar(middle)
+    store.apply_flag_bar(middle, reword=functools.partial(reword_cell, describer))
     assert [c["unfamiliar"] for c in store.cells()] == [c["unfamiliarity"] > middle for c in store.cells()]
     assert 0 < sum(c["unfamiliar"] for c in store.cells()) < len(scores)
 
@@ -210,7 +213,7 @@ def test_a_re_flagged_cell_is_re_worded_and_flagging_back_restores_its_sentence(
     from hemaclip.tasks.review import reword_cell
 
     store = _review_with_synthetic_familiarity(describer, cell_folder, tmp_path)
-    reword = lambda label, attributes, unfamiliar: reword_cell(describer, label, attributes, unfamiliar)  # noqa: E731
+    reword = functools.partial(reword_cell, describer)
     store.apply_flag_bar(float("inf"), reword=reword)  # nothing flagged: the confident sentences
     confident = {c["id"]: (c["sentence"], c["attributes"]) for c in store.cells()}
     assert not any(s.startswith(UNFAMILIAR_WARNING) for s, _ in confident.values())

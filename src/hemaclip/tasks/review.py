@@ -21,6 +21,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -126,12 +127,13 @@ class ReviewStore:
             self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
 
-    def apply_flag_bar(self, bar: float, reword: Callable[[str, dict[str, Any], bool], tuple[str, dict[str, Any]]] | None = None) -> int:
+    def apply_flag_bar(self, bar: float, reword: Callable[[str, dict[str, Any], bool], tuple[str, dict[str, Any]]]) -> int:
         """Flag every scored cell above `bar` unfamiliar (and the rest not): the folder's verdict decides the bar.
 
         A cell whose flag changes gets the sentence and stated attributes of its new flag from
-        ``reword(label, attributes, unfamiliar)`` (so a cell only the stricter bar flags gets the plain warning,
-        never the confident sentence written for the in-lab bar). Returns the number of cells whose flag changed."""
+        ``reword(label, attributes, unfamiliar)`` (e.g. :func:`reword_cell` bound to the describer), so a flag and its
+        sentence never disagree: a cell only the stricter bar flags gets the plain warning, never the confident
+        sentence written for the in-lab bar. Returns the number of cells whose flag changed."""
         with self._lock, self._transaction():
             rows = self._db.execute("SELECT id, label, attributes, unfamiliar, unfamiliarity FROM cells "
                                     "WHERE unfamiliarity IS NOT NULL").fetchall()
@@ -141,9 +143,6 @@ class ReviewStore:
                 if unfamiliar is not None and bool(unfamiliar) == flag:
                     continue
                 changed += 1
-                if reword is None:
-                    self._db.execute("UPDATE cells SET unfamiliar = ? WHERE id = ?", (int(flag), cell_id))
-                    continue
                 sentence, reworded = reword(label, json.loads(attributes), flag)
                 self._db.execute("UPDATE cells SET unfamiliar = ?, sentence = ?, attributes = ? WHERE id = ?",
                                  (int(flag), sentence, json.dumps(reworded), cell_id))
@@ -385,8 +384,7 @@ def review_folder(
         scores = [c["unfamiliarity"] for c in store.cells() if c["unfamiliarity"] is not None]
         shift = describer.familiarity.folder_shift(scores)
         # a shifted folder's cells are judged by the stricter bar (familiarity.SHIFTED_FOLDER_QUANTILE)
-        store.apply_flag_bar(describer.familiarity.bar_for(shift), reword=lambda label, attributes, unfamiliar: reword_cell(
-            describer, label, attributes, unfamiliar))
+        store.apply_flag_bar(describer.familiarity.bar_for(shift), reword=functools.partial(reword_cell, describer))
         store.set_meta(folder_shift=shift.to_dict() if shift is not None else None)
     store.set_meta(described_now=len(todo), reused=len(files) - len(todo))
     return store
