@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -28,29 +27,20 @@ from machine import machine_info  # noqa: E402
 from hemaclip.cache import file_sha1  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
-from hemaclip.metrics.calibration import ece_floor, expected_calibration_error  # noqa: E402
+from hemaclip.metrics.calibration import ece_floor, expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from hemaclip.models.default import resolve_checkpoint  # noqa: E402
 from hemaclip.studies.other_labs import OTHER_LABS, read_lab  # noqa: E402
 from hemaclip.tasks.describe import Describer  # noqa: E402
 
-LOG_TAU_BOUNDS = (-2.0, 3.0)  # tau from 0.14 to 20
-
-
-def tempered(probs: np.ndarray, tau: float) -> np.ndarray:
-    logits = np.log(np.clip(probs, 1e-12, 1.0)) / tau
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
-
-
-def mean_nll(parts: list[tuple[np.ndarray, np.ndarray]], tau: float) -> float:
-    losses = [-np.log(np.clip(tempered(p, tau)[np.arange(len(y)), y], 1e-12, 1.0)) for p, y in parts]
-    return float(np.concatenate(losses).mean())
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities as logits: a temperature tau on them gives p ** (1 / tau), renormalised."""
+    return np.log(np.clip(probs, 1e-12, 1.0))
 
 
 def fit_tau(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """The tau of minimum NLL over all cells of `parts` ((probabilities, label index) per lab), pooled."""
-    return float(np.exp(minimize_scalar(lambda t: mean_nll(parts, float(np.exp(t))), bounds=LOG_TAU_BOUNDS, method="bounded").x))
+    """The tau of minimum NLL over all cells of `parts` ((probabilities, label index) per lab), pooled
+    (:func:`hemaclip.metrics.calibration.fit_temperature`, the fit `hemaclip calibrate` uses)."""
+    return fit_temperature(np.vstack([log_probs(p) for p, _ in parts]), np.concatenate([y for _, y in parts]))
 
 
 def main() -> None:
@@ -77,8 +67,8 @@ def main() -> None:
         rows[lab] = {
             "fitted_on": [f"{other} val" for other in others], "tau": tau, "n_test": int(len(y)),
             "ece_test_tau_1": float(expected_calibration_error(probs, y)),
-            "ece_test_fitted_tau": float(expected_calibration_error(tempered(probs, tau), y)),
-            "ece_floor_test_fitted_tau": ece_floor(tempered(probs, tau)),
+            "ece_test_fitted_tau": float(expected_calibration_error(softmax(log_probs(probs), tau), y)),
+            "ece_floor_test_fitted_tau": ece_floor(softmax(log_probs(probs), tau)),
             "oracle_tau_val": fit_tau([readings[(lab, "val")]]), "oracle_tau_test": fit_tau([readings[(lab, "test")]]),
         }
         print(f"{lab}: tau {tau:.2f} from {' + '.join(others)} val; test ECE {rows[lab]['ece_test_tau_1']:.3f} -> "
