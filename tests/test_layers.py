@@ -1,8 +1,10 @@
 """The house: no module imports a layer above its own (every import, also those inside functions).
 
 Layers, lowest first (docs/architecture.md): leaf utilities (errors, io, cache, log) -> metrics ->
-data -> text -> models -> train -> tasks -> studies -> commands, cli and serve. A module may import
-its own layer and the layers below. metrics/ is numpy with scikit-learn and scipy only: no torch and
+data -> text -> models -> train -> tasks -> studies -> commands, cli, serve and the Python API. A module
+may import its own layer and the layers below; the one exception is the package's `__init__`, which
+re-exports the API lazily (on first attribute access), so `import hemaclip` stays a leaf.
+metrics/ is numpy with scikit-learn and scipy only: no torch and
 no hemaclip module but the errors.
 """
 
@@ -23,8 +25,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("hemaclip.train",),
     ("hemaclip.tasks",),
     ("hemaclip.studies",),
-    ("hemaclip.commands", "hemaclip.cli", "hemaclip.serve"),
+    ("hemaclip.commands", "hemaclip.cli", "hemaclip.serve", "hemaclip.api"),
 ]
+# (importer, imported) pairs allowed upward: the package re-exports the API lazily (module __getattr__).
+LAZY_FACADE = {("hemaclip", "hemaclip.api")}
 
 
 def layer_of(module: str) -> int:
@@ -81,7 +85,7 @@ def test_no_module_imports_a_higher_layer() -> None:
         own = layer_of(module_name(path))
         for line, target in imports_of(path):
             if target == "hemaclip" or target.startswith("hemaclip."):
-                if layer_of(target) > own:
+                if layer_of(target) > own and (module_name(path), target) not in LAZY_FACADE:
                     violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
     assert not violations, "imports of a higher layer:\n" + "\n".join(violations)
 
@@ -102,3 +106,16 @@ def test_the_walker_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = PACKAGE / "data" / "preprocess.py"
     targets = {t for _, t in imports_of(source)}
     assert "hemaclip.data.transforms" in targets  # imported inside Preprocess.eval_transform
+
+
+def test_the_package_imports_its_api_only_lazily() -> None:
+    """`import hemaclip` loads neither the API nor torch: the facade's upward import runs on first use only."""
+    import subprocess
+    import sys
+
+    code = "import sys, hemaclip; print(sorted(m for m in ('hemaclip.api', 'torch', 'hemaclip.tasks') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert all("api" not in ast.dump(n) for n in top_level), "hemaclip/__init__.py imports the API at module level"

@@ -40,6 +40,7 @@ __all__ = [
     "PREPROCESS_NUMBERS",
     "Preprocess",
     "check_preprocess",
+    "as_rgb",
     "decode_image",
     "is_image_file",
     "preprocess_for",
@@ -96,6 +97,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An in-memory PIL image as :func:`decode_image` reads it from a file (EXIF orientation applied, 8-bit
+    RGB, transparency on white): a picture handed over as an object must read as its file does."""
+    return _to_rgb(ImageOps.exif_transpose(image))
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -140,7 +147,7 @@ def decode_image(
                         f"{label}: image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
                         f"more than the limit of {max_pixels / 1e6:g} megapixels", "too_large")
                 opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
+                image = as_rgb(opened)
                 image.load()
     except ImageDecodeError:
         raise
