@@ -213,7 +213,7 @@ def test_review_off_loopback_needs_a_token_and_every_request_carries_it(review_d
 
     from hemaclip.serve.review import create_review_app
 
-    client = TestClient(create_review_app(review_dir, token="s3cret-token-0123456789"))
+    client = TestClient(create_review_app(review_dir, token="s3cret-token-0123456789"), base_url="http://127.0.0.1")
     assert client.get("/api/review").status_code == 401
     assert client.get("/api/review", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/review", headers={"Authorization": "Bearer s3cret-token-0123456789"}).status_code == 200

@@ -68,6 +68,7 @@ def test_review_writes_differential_with_wilson_intervals_and_resumes(describer,
     again = review_folder(describer, "tiny-sha", [cell_folder], out, progress=False)
     assert again.meta()["described_now"] == 0 and again.meta()["reused"] == 12
     assert [c["id"] for c in again.cells()] == [c["id"] for c in cells]
+    again.close()
     # Another model may not write into the same review.
     with pytest.raises(HemaclipError, match="another model"):
         review_folder(describer, "other-sha", [cell_folder], out, progress=False)
@@ -139,6 +140,7 @@ def test_corrections_teach_an_adapter_that_reads_the_next_folder(describer, cell
     cells = second.cells(with_embeddings=True)
     expected = adapter.predict(np.stack([c["embedding"] for c in cells]), np.stack([c["class_probabilities"] for c in cells]))
     assert [c["label"] for c in cells] == expected
+    second.close()
     with pytest.raises(HemaclipError, match="with adapter a1"):
         review_folder(describer, "tiny-sha", [cell_folder], tmp_path / "second", progress=False)
 

@@ -50,10 +50,16 @@ def review(
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     store = review_folder(describer, model_sha1, folder, out, settings=ReviewSettings(batch_size=batch_size),
                           adapter=adapter, adapter_id=adapter_id)
-    if adapter is not None:
-        adapter.save(out / ADAPTER_FILE)
-    summary = write_review_reports(store, out)
-    store.close()
+    try:
+        if adapter is not None:
+            adapter.save(out / ADAPTER_FILE)
+        summary = write_review_reports(store, out)
+    finally:
+        store.close()
+    changes = summary["changes"] or {}
+    if changes.get("changed") or changes.get("removed"):
+        console.print(f"since the last run: {changes['changed']} file(s) changed, {changes['removed']} removed; their "
+                      f"{changes['cells']} earlier cell(s) are no longer counted (corrections of unchanged files are kept)")
     for item in summary["errors"]:
         logger.warning("warning: %s", item["error"])
     if summary["warning"]:
@@ -94,8 +100,10 @@ def review_export(
     from hemaclip.tasks.review import REVIEW_STORE, ReviewStore, export_reviewed
 
     store = ReviewStore(review_dir / REVIEW_STORE)
-    counts = export_reviewed(store, to)
-    store.close()
+    try:
+        counts = export_reviewed(store, to)
+    finally:
+        store.close()
     console.print(f"{sum(counts.values())} reviewed cells written to {to} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
 
 

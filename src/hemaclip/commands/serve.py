@@ -10,6 +10,10 @@ import typer
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 
+# Connections the server holds per upload slot (--max-connections): idle keep-alive connections and
+# requests for the page, /api/health and search get room beside the uploads.
+CONNECTIONS_PER_UPLOAD = 4
+
 
 def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind. The default serves this machine only; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
@@ -31,12 +35,16 @@ def serve_command(
     allow_host: Annotated[
         Optional[list[str]], typer.Option("--allow-host", help="Another name this server is reached by (Host header); repeatable.")
     ] = None,
-    max_connections: Annotated[int, typer.Option(help="Connections served at once; more get 503 (bounds upload memory).", min=1)] = 64,
+    max_connections: Annotated[int, typer.Option(help="Uploads in progress at once; more get 503 (bounds upload memory). "
+                                                 "The server keeps room for more connections than this, so the page and "
+                                                 "/api/health answer while uploads wait.", min=1)] = 64,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds an upload's body may take to arrive "
+                                                "(408 after): slow clients cannot hold upload slots.", min=0.1, max=3600)] = 30.0,
     review: Annotated[Optional[Path], typer.Option("--review", help="Serve the review page of a folder written by `hemaclip review` "
                                                    "(keyboard corrections saved in its review.sqlite); no model is loaded.")] = None,
     token: Annotated[Optional[str], typer.Option("--token", envvar="HEMACLIP_TOKEN", help="Every request must carry it "
                                                  "(Authorization: Bearer TOKEN, or ?token=TOKEN in the page's address); "
-                                                 "required by --review off loopback.", show_default=False)] = None,
+                                                 "required when --host is not loopback.", show_default=False)] = None,
 ) -> None:
     """Serve the hemaclip page (upload a cell image, search by description) and its JSON API (/docs).
 
@@ -44,12 +52,16 @@ def serve_command(
     """
     import uvicorn
 
+    from hemaclip.serve.security import allowed_hosts_for, check_exposure
+
+    check_exposure(host, token)  # before loading anything: off loopback, a token is required
+    hosts = allowed_hosts_for(host, tuple(allow_host or ()))
     if review is not None:
-        _serve_review(review, host, port, token)
+        _serve_review(review, host, port, token, hosts)
         return
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.serve.app import ServeSettings, allowed_hosts_for, create_app
+    from hemaclip.serve.app import ServeSettings, create_app
     from hemaclip.tasks.describe import Describer
     from hemaclip.cache import file_sha1
     from hemaclip.tasks.index import CellIndex
@@ -64,26 +76,21 @@ def serve_command(
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")
     pixels = int(max_megapixels * 1e6)
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), saliency=saliency, max_upload_pixels=pixels,
-                             allowed_hosts=allowed_hosts_for(host, tuple(allow_host or ())))
-    app = create_app(describer, search_index, settings=settings)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("note: serving on %s: anyone who can reach this machine can use the page", host)
+                             allowed_hosts=hosts, max_uploads=max_connections, body_timeout_s=body_timeout)
+    app = create_app(describer, search_index, settings=settings, token=token)
     logger.info("answering requests for host names: %s", ", ".join(settings.allowed_hosts))
-    console.print(f"hemaclip at http://{host}:{port}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections)
+    address = f"http://{host}:{port}/" + ("?token=..." if token else "")
+    console.print(f"hemaclip at {address}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=CONNECTIONS_PER_UPLOAD * max_connections)
 
 
-def _serve_review(folder: Path, host: str, port: int, token: str | None) -> None:
-    """The review page: loopback unless a token guards it."""
+def _serve_review(folder: Path, host: str, port: int, token: str | None, hosts: tuple[str, ...]) -> None:
+    """The review page (no model): the same Host and token guard as the describe server."""
     import uvicorn
 
-    from hemaclip.serve.review import LOOPBACK_HOSTS, create_review_app
+    from hemaclip.serve.review import create_review_app
 
-    if host not in LOOPBACK_HOSTS and not token:
-        raise HemaclipError(f"--host {host} exposes the review to the network: give --token (every request must then carry it)")
-    if token is not None and len(token) < 16:
-        raise HemaclipError("--token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
-    app = create_review_app(folder, token=token)
+    app = create_review_app(folder, token=token, allowed_hosts=hosts)
     address = f"http://{host}:{port}/" + ("?token=..." if token else "")
     console.print(f"hemaclip review of {folder} at {address}  (stop with Ctrl+C; every correction is saved as it is made)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -12,16 +12,19 @@ Why it is built this way:
 * Decoding runs in a few worker threads of its own, which also cut the picture into the model's small
   views and drop it, within a budget of pixels being decoded at once (one full-size picture), and describe requests
   are answered in micro-batches by one model call (:mod:`hemaclip.serve.workers`).
-* Only requests whose Host header names this server are answered (Starlette's TrustedHostMiddleware,
-  ``allowed_hosts``: the loopback names by default), so a web page cannot reach a loopback server
-  through DNS rebinding. No CORS headers are sent: browsers let only pages of this server's own origin
-  read its answers.
+* Only requests whose Host header names this server are answered (``allowed_hosts``: the loopback names
+  by default), so a web page cannot reach a loopback server through DNS rebinding; with a token, only
+  requests that carry it (:mod:`hemaclip.serve.security`). No CORS headers are sent: browsers let only
+  pages of this server's own origin read its answers.
+* Uploads in progress are bounded by upload slots, not by the server's connection limit, and a body must
+  arrive within ``body_timeout_s``: slow clients cannot starve ``/api/health`` or the page.
 * Reference images are served by index row only (`/api/reference/{row}/image`): the path comes from
   the index's own table, so no request can name a file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass
 from importlib import resources
@@ -30,13 +33,15 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 from PIL import Image
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from hemaclip import __version__
 from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
-from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError
+from hemaclip.log import get_logger
+from hemaclip.serve.security import LOOPBACK_HOSTS, allowed_hosts_for, guard
+from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError, UploadSlots
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param"]
 
@@ -45,9 +50,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 RAW_TYPES = ("image/", "application/octet-stream")
 FORM_TYPE = "multipart/form-data"
 DISCLAIMER = "Research software: these readings are not a diagnosis."
+logger = get_logger(__name__)
 
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # 12 megapixels: a 4000x3000 camera field (the full frame of a 12-MP microscope or phone camera) passes,
 # 640x480 to 5-MP microscope cameras pass easily, and a cell image is about 0.13 (PBC: 360x363). Decoded,
 # 12 MP is 36 MB of RGB (up to about 200 MB while PIL converts an RGBA PNG); 64 MP, the old limit, was
@@ -63,7 +67,9 @@ class ServeSettings:
     `decode_workers`: uploads decoded at once (each in a worker thread), within a budget of
     `max_upload_pixels` pixels being decoded at once;
     `batch_size` / `batch_wait_ms`: micro-batching of describe requests; `allowed_hosts`: Host header
-    names answered (others get 400), "*" for any.
+    names answered (others get 400), "*" for any; `max_uploads`: describe requests in progress at once
+    (more get 503 before their body is read: bounds upload memory, while /api/health and the page keep
+    answering); `body_timeout_s`: time for an upload's whole body to arrive (408 after).
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -75,6 +81,8 @@ class ServeSettings:
     batch_size: int = 32
     batch_wait_ms: float = 5.0
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    max_uploads: int = 64
+    body_timeout_s: float = 30.0
 
 
 # HTTP status of each way an upload can fail to decode (hemaclip.data.preprocess.ImageDecodeError.kind).
@@ -141,8 +149,10 @@ def parse_where_param(items: list[str] | None) -> dict[str, str]:
     return where
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+async def _read_limited(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes, and with 408 when it
+    has not all arrived within `timeout_s` seconds (a slow or stalled client would hold its connection, and an
+    upload slot, for as long as it likes). A client that goes away mid-upload is logged in one line."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -152,11 +162,19 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             raise UploadError(400, "invalid Content-Length header") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise UploadError(413, f"upload is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise UploadError(413, f"upload is larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise UploadError(408, f"the upload did not arrive within {timeout_s:g} s ({size} bytes received)") from None
+    except ClientDisconnect:
+        client = request.client.host if request.client else "a client"
+        logger.warning("%s went away mid-upload (%d bytes received)", client, size)
+        raise UploadError(400, "client disconnected mid-upload") from None  # the answer goes nowhere
     return b"".join(chunks)
 
 
@@ -167,7 +185,8 @@ async def _upload_bytes(request: Request, settings: ServeSettings) -> tuple[byte
         shown = content_type or "none"
         raise UploadError(415, f"content type '{shown}' is not accepted: send the image bytes as image/* or a multipart form field 'file'")
     # A form carries a little overhead beyond the file itself.
-    body = await _read_limited(request, settings.max_upload_bytes + (64 * 1024 if content_type == FORM_TYPE else 0))
+    body = await _read_limited(request, settings.max_upload_bytes + (64 * 1024 if content_type == FORM_TYPE else 0),
+                              settings.body_timeout_s)
     if content_type != FORM_TYPE:
         from urllib.parse import unquote
 
@@ -224,11 +243,13 @@ def create_app(
     model: Any = None,
     settings: ServeSettings = ServeSettings(),
     title: str = "hemaclip",
+    token: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `describer` (hemaclip.tasks.describe.Describer) answers /api/describe; `index`
     (CellIndex) answers /api/search and, if given, is also where the describer finds neighbours;
     `model` embeds text queries (default: the describer's model). Any of them may be None: the
-    endpoints that need it answer 503 with a message."""
+    endpoints that need it answer 503 with a message. With `token`, every request must carry it
+    (:func:`hemaclip.serve.security.guard`)."""
     if index is None and describer is not None:
         index = getattr(describer, "index", None)
     elif index is not None and describer is not None:
@@ -242,6 +263,7 @@ def create_app(
     decoder = DecodePool(settings.decode_workers)
     budget = PixelBudget(settings.max_upload_pixels)  # one full-size picture decoding at a time
     row_for_path = index.row_for_path if index is not None else None
+    uploads = UploadSlots(settings.max_uploads)
     batcher = None
     if describer is not None:
         batcher = DescribeBatcher(describer, lock=model_lock, saliency=saliency, max_batch=settings.batch_size,
@@ -256,8 +278,8 @@ def create_app(
         ),
     )
     app.state.describe_batcher = batcher  # its batch sizes, for tests and the load benchmark
-    # Only requests for this server's own names: a page cannot reach it through DNS rebinding.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts), www_redirect=False)
+    # Only requests for this server's own names (no DNS rebinding) and, with a token, carrying it.
+    guard(app, settings.allowed_hosts, token)
     static = resources.files("hemaclip.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
@@ -321,10 +343,11 @@ def create_app(
     async def describe(request: Request, saliency_map: bool = Query(True, alias="saliency")) -> JSONResponse:
         if describer is None:
             raise HTTPException(503, "this server was started without a model to describe cells")
-        data, name = await _upload_bytes(request, settings)
-        async with batcher.on_the_way():
-            views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels, budget))
-        del data
+        with uploads.take():
+            data, name = await _upload_bytes(request, settings)
+            async with batcher.on_the_way():
+                views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels, budget))
+            del data
         result = await batcher.describe(views, name, size, saliency_map)
         for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
             reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), row_for_path)
@@ -364,31 +387,6 @@ def create_app(
         return FileResponse(path, media_type=media.get(path.suffix.lower(), "image/jpeg"), headers={"Cache-Control": "max-age=3600"})
 
     return app
-
-
-def allowed_hosts_for(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The Host header names a server bound to `host` answers to: the loopback names, `host` itself and
-    `extra`; bound to every interface (0.0.0.0 or ::), also this machine's name and its addresses. An
-    IPv6 address is written in brackets, as it appears in a Host header."""
-    import ipaddress
-    import socket
-
-    def as_header(name: str) -> str:
-        name = name.strip().strip("[]").lower()
-        try:
-            return f"[{name}]" if ipaddress.ip_address(name).version == 6 else name
-        except ValueError:
-            return name
-
-    names = [*LOOPBACK_HOSTS, host, *extra]
-    if host in ("0.0.0.0", "::", ""):
-        machine = socket.gethostname()
-        names += [machine, socket.getfqdn()]
-        try:
-            names += [info[4][0] for info in socket.getaddrinfo(machine, None)]
-        except OSError:
-            pass
-    return tuple(dict.fromkeys(as_header(n) for n in names if n and n not in ("0.0.0.0", "::")))
 
 
 def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:

@@ -7,29 +7,32 @@ Why it is built this way:
 * Cells are addressed by id only; thumbnails come from the store, never from a path a client names.
 * Every correction is committed to the store (its own SQLite transaction) before the answer is sent, so
   what the page has shown as saved survives a crash of the server; the answer carries the new counts.
-* With a token (required off loopback), every request must carry it: ``Authorization: Bearer TOKEN``
-  or ``?token=TOKEN`` (for the page itself and its images); compared in constant time.
+* The same guard as the describe server (:mod:`hemaclip.serve.security`): requests must name this server
+  in their Host header (DNS rebinding) and, with a token (required off loopback), carry it.
 """
 
 from __future__ import annotations
 
-import secrets
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hemaclip import __version__
 from hemaclip.errors import HemaclipError
+from hemaclip.serve.security import LOOPBACK_HOSTS, guard
 from hemaclip.tasks.review import REVIEW_STORE, ReviewStore, review_summary
 
-__all__ = ["LOOPBACK_HOSTS", "create_review_app", "require_token"]
+__all__ = ["create_review_app"]
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# SQLite's INTEGER range: a larger id can name no cell (and used to overflow into a 500).
+MAX_CELL_ID = 2**63 - 1
+CellId = Annotated[int, PathParam(ge=0, le=MAX_CELL_ID, description="a cell's id in the review store")]
 
 
 class CorrectionIn(BaseModel):
@@ -38,21 +41,6 @@ class CorrectionIn(BaseModel):
     field: str = Field(..., max_length=64, description="'class' or a WBCAtt attribute name")
     value: str = Field(..., max_length=64)
     reviewer: str = Field(..., max_length=80, description="who made it (shown in the store, never overwritten)")
-
-
-def require_token(app: FastAPI, token: str) -> None:
-    """Refuse (401) every request that does not carry `token` as a Bearer header or a `token` query parameter."""
-    expected = token.encode()
-
-    @app.middleware("http")
-    async def _check(request: Request, call_next: Any) -> Response:
-        given = request.query_params.get("token", "")
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        if not secrets.compare_digest(given.encode(), expected):
-            return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
-        return await call_next(request)
 
 
 def _light(summary: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,8 +67,10 @@ def _counts(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in keep}
 
 
-def create_review_app(review_dir: str | Path, *, token: str | None = None, title: str = "hemaclip review") -> FastAPI:
-    """The review page and its API over ``<review_dir>/review.sqlite``."""
+def create_review_app(review_dir: str | Path, *, token: str | None = None, title: str = "hemaclip review",
+                      allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> FastAPI:
+    """The review page and its API over ``<review_dir>/review.sqlite``: answers only requests whose Host
+    header is one of `allowed_hosts` (DNS rebinding) and, with `token`, that carry it."""
     store = ReviewStore(Path(review_dir) / REVIEW_STORE)
     if not store.meta().get("classes"):
         raise HemaclipError(f"{review_dir}: the review store holds no described cells yet")
@@ -88,8 +78,7 @@ def create_review_app(review_dir: str | Path, *, token: str | None = None, title
                   description="Review a folder of cells: counts with intervals, a queue, keyboard corrections kept in SQLite.")
     static = resources.files("hemaclip.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    if token:
-        require_token(app, token)
+    guard(app, allowed_hosts, token)
 
     @app.exception_handler(HemaclipError)
     async def _user_error(_: Request, exc: HemaclipError) -> JSONResponse:
@@ -109,14 +98,14 @@ def create_review_app(review_dir: str | Path, *, token: str | None = None, title
         return _light(review_summary(store, cells=cells), cells)
 
     @app.get("/api/review/cells/{cell_id}/image", summary="Thumbnail of one cell (by id only)")
-    def image(cell_id: int) -> Response:
+    def image(cell_id: CellId) -> Response:
         data = store.thumbnail(cell_id)
         if data is None:
             raise HTTPException(404, f"no image for cell {cell_id}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/review/cells/{cell_id}/corrections", summary="Correct or accept one field of one cell")
-    def correct(cell_id: int, body: CorrectionIn) -> dict[str, Any]:
+    def correct(cell_id: CellId, body: CorrectionIn) -> dict[str, Any]:
         if not store.has_cell(cell_id):
             raise HTTPException(404, f"no cell {cell_id} in this review")
         made = store.correct(cell_id, body.field, body.value, body.reviewer)

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from hemaclip.errors import HemaclipError
 
-__all__ = ["DecodePool", "DescribeBatcher", "PixelBudget", "UploadError"]
+__all__ = ["DecodePool", "DescribeBatcher", "PixelBudget", "UploadError", "UploadSlots"]
 
 IDLE_EXIT_S = 2.0  # the batch thread ends after this long without work and starts again on the next request
 T = TypeVar("T")
@@ -47,6 +47,30 @@ class UploadError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class UploadSlots:
+    """At most `slots` uploads in progress (reading, decoding, waiting for the model); one more is refused
+    at once (503) before its body is read. Used on the event loop only, so a plain counter is enough.
+
+    Why not the server's connection limit: that counts every connection, so uploads held open by slow
+    clients also refused /api/health and the page (63 slow uploads made every request answer 503)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise HemaclipError(f"upload slots must be >= 1, got {slots}")
+        self.slots = int(slots)
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.in_use >= self.slots:
+            raise UploadError(503, f"the server is busy with {self.in_use} uploads; try again shortly")
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
 
 
 class DecodePool:

@@ -21,6 +21,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import html
 import io
@@ -75,13 +76,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     source TEXT NOT NULL, file_sha1 TEXT NOT NULL, model_sha1 TEXT NOT NULL, n_cells INTEGER NOT NULL, error TEXT,
-    PRIMARY KEY (source, file_sha1, model_sha1));
+    retired TEXT, PRIMARY KEY (source, file_sha1, model_sha1));
 CREATE TABLE IF NOT EXISTS cells (
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, cell INTEGER NOT NULL, file_sha1 TEXT NOT NULL,
     model_sha1 TEXT NOT NULL, label TEXT NOT NULL, probability REAL NOT NULL, runner_up TEXT,
     abstain INTEGER NOT NULL, unfamiliar INTEGER, unfamiliarity REAL, attributes TEXT NOT NULL,
     sentence TEXT NOT NULL, box TEXT, cell_found INTEGER NOT NULL, embedding BLOB, class_probabilities BLOB, thumbnail BLOB,
-    UNIQUE (source, file_sha1, model_sha1, cell));
+    retired TEXT, UNIQUE (source, file_sha1, model_sha1, cell));
 CREATE TABLE IF NOT EXISTS corrections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cell_id INTEGER NOT NULL REFERENCES cells(id), field TEXT NOT NULL,
     old TEXT NOT NULL, new TEXT NOT NULL, time TEXT NOT NULL, reviewer TEXT NOT NULL, model_sha1 TEXT NOT NULL);
@@ -92,38 +93,107 @@ CREATE TRIGGER IF NOT EXISTS corrections_no_delete BEFORE DELETE ON corrections
 """
 
 
+TABLES = ("meta", "files", "cells", "corrections")
+# Columns added after the first stores were written: (table, column, declaration), added on open.
+ADDED_COLUMNS = (("files", "retired", "TEXT"), ("cells", "retired", "TEXT"))
+LOCK_FILE = "review.lock"
+MAX_CELL_ID = 2**63 - 1  # SQLite's INTEGER range
+
+
+def check_review_store(path: Path) -> None:
+    """Refuse (one line naming the file) a file that is not an intact review store: empty, not SQLite,
+    damaged pages (``PRAGMA quick_check``) or missing tables. Reads only: the file is left as it was."""
+    if path.is_dir():
+        raise HemaclipError(f"{path}: a folder, not a review store")
+    if path.stat().st_size == 0:
+        raise HemaclipError(f"{path}: an empty file, not a review store (left as it is; move it away to start a new review)")
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as err:
+        raise HemaclipError(f"{path}: not a review store or damaged ({err}); left as it is") from None
+    if problems != ["ok"]:
+        raise HemaclipError(f"{path}: the review store is damaged ({problems[0]}); left as it is: restore it from a backup")
+    missing = [t for t in TABLES if t not in tables]
+    if missing:
+        raise HemaclipError(f"{path}: not a review store (no {', '.join(missing)} table); left as it is")
+
+
 class ReviewStore:
     """The SQLite file of one review: described cells, their thumbnails and embeddings, and corrections.
 
-    Thread-safe (one connection behind a lock), so the web server's worker threads can share it.
+    Thread-safe (one connection behind a lock), so the web server's worker threads can share it. An
+    existing file is checked before anything is written to it (:func:`check_review_store`); only a new
+    one is created. A `writer` (``hemaclip review``) holds ``review.lock`` beside the store until
+    :meth:`close`, so a second writer is refused; the review server (corrections only) needs no lock.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = False) -> None:
+    def __init__(self, path: str | Path, *, create: bool = False, writer: bool = False) -> None:
+        from filelock import FileLock, Timeout
+
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        exists = self.path.exists()
+        if not create and not exists:
             raise HemaclipError(f"{self.path}: no review store here (run `hemaclip review FOLDER --out DIR` first)")
+        if exists:
+            check_review_store(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_lock = None
+        if writer:
+            lock = FileLock(self.path.with_name(LOCK_FILE), blocking=False)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise HemaclipError(f"{self.path.parent}: another `hemaclip review` is writing this review "
+                                    f"({LOCK_FILE} is held); let it finish, then run again") from None
+            self._writer_lock = lock
         self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            if not exists:
+                self._db.executescript(_SCHEMA)
+            with self._transaction():
+                for table, column, kind in ADDED_COLUMNS:
+                    if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as err:
+            self._release()
             raise HemaclipError(f"{self.path}: not a review store ({err})") from None
+
+    def _release(self) -> None:
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """The connection's lock; a database error (a page damaged after the store was opened) becomes
+        one line naming the file."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as err:
+                raise HemaclipError(f"{self.path}: the review store cannot be read or written ({err})") from None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release()
 
     # -- meta ---------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, Any]:
-        with self._lock:
+        with self._guarded():
             return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, **values: Any) -> None:
-        with self._lock, self._transaction():
+        with self._guarded(), self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
 
@@ -134,9 +204,9 @@ class ReviewStore:
         ``reword(label, attributes, unfamiliar)`` (e.g. :func:`reword_cell` bound to the describer), so a flag and its
         sentence never disagree: a cell only the stricter bar flags gets the plain warning, never the confident
         sentence written for the in-lab bar. Returns the number of cells whose flag changed."""
-        with self._lock, self._transaction():
+        with self._guarded(), self._transaction():
             rows = self._db.execute("SELECT id, label, attributes, unfamiliar, unfamiliarity FROM cells "
-                                    "WHERE unfamiliarity IS NOT NULL").fetchall()
+                                    "WHERE unfamiliarity IS NOT NULL AND retired IS NULL").fetchall()
             changed = 0
             for cell_id, label, attributes, unfamiliar, score in rows:
                 flag = bool(score > float(bar))
@@ -163,32 +233,63 @@ class ReviewStore:
     # -- cells ---------------------------------------------------------------------------------------
 
     def done_files(self, model_sha1: str) -> set[tuple[str, str]]:
-        """(source, file SHA-1) of the files already described by this model."""
-        with self._lock:
-            return {(s, h) for s, h in self._db.execute("SELECT source, file_sha1 FROM files WHERE model_sha1 = ?", (model_sha1,))}
+        """(source, file SHA-1) of the files already described by this model (and still counted)."""
+        with self._guarded():
+            return {(s, h) for s, h in self._db.execute("SELECT source, file_sha1 FROM files WHERE model_sha1 = ? AND retired IS NULL",
+                                                        (model_sha1,))}
+
+    def retire_missing(self, present: dict[str, str], model_sha1: str) -> dict[str, int]:
+        """Stop counting the cells of files that changed (another SHA-1 now) or are gone from `present`
+        (source -> SHA-1 of what is in the folder now). Their rows and corrections stay in the store (a
+        file changed back is counted again, with the same cell ids and corrections). Returns the numbers of
+        files changed and removed and of cells no longer counted."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out = {"changed": 0, "removed": 0, "cells": 0}
+        with self._guarded(), self._transaction():
+            rows = self._db.execute("SELECT source, file_sha1 FROM files WHERE model_sha1 = ? AND retired IS NULL", (model_sha1,)).fetchall()
+            for source, file_sha1 in rows:
+                if present.get(source) == file_sha1:
+                    continue
+                why = "changed" if source in present else "removed"
+                out[why] += 1
+                key = (source, file_sha1, model_sha1)
+                self._db.execute("UPDATE files SET retired = ? WHERE source = ? AND file_sha1 = ? AND model_sha1 = ?", (f"{why} {stamp}", *key))
+                out["cells"] += self._db.execute("UPDATE cells SET retired = ? WHERE source = ? AND file_sha1 = ? AND model_sha1 = ?",
+                                                 (f"{why} {stamp}", *key)).rowcount
+        return out
 
     def add_file(self, source: str, file_sha1: str, model_sha1: str, cells: Sequence[dict[str, Any]], error: str | None = None) -> None:
         """Record one described file and its cells (rows of :func:`cell_row`) in one transaction."""
         self.add_files([(source, file_sha1, model_sha1, cells, error)])
 
     def add_files(self, items: Sequence[tuple[str, str, str, Sequence[dict[str, Any]], str | None]]) -> None:
-        """Record a batch of described files and their cells in one transaction."""
+        """Record a batch of described files and their cells in one transaction.
+
+        An upsert keyed on the cell's identity (source, file SHA-1, model SHA-1, cell number): a cell
+        described again (a second run, a file changed back) keeps its id, so no correction is orphaned
+        (``INSERT OR REPLACE`` deleted the row and inserted one with a new id)."""
+        key = ("source", "file_sha1", "model_sha1", "cell")
         columns = ("source", "cell", "file_sha1", "model_sha1", "label", "probability", "runner_up", "abstain", "unfamiliar",
                    "unfamiliarity", "attributes", "sentence", "box", "cell_found", "embedding", "class_probabilities", "thumbnail")
-        sql = f"INSERT OR REPLACE INTO cells({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        with self._lock, self._transaction():
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+        sql = (f"INSERT INTO cells({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+               f"ON CONFLICT({', '.join(key)}) DO UPDATE SET {updates}, retired = NULL")
+        with self._guarded(), self._transaction():
             for source, file_sha1, model_sha1, cells, error in items:
                 for row in cells:
                     self._db.execute(sql, tuple({**row, "source": source, "file_sha1": file_sha1, "model_sha1": model_sha1}[c] for c in columns))
-                self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", (source, file_sha1, model_sha1, len(cells), error))
+                self._db.execute("INSERT INTO files(source, file_sha1, model_sha1, n_cells, error) VALUES (?, ?, ?, ?, ?) "
+                                 "ON CONFLICT(source, file_sha1, model_sha1) DO UPDATE SET n_cells = excluded.n_cells, "
+                                 "error = excluded.error, retired = NULL", (source, file_sha1, model_sha1, len(cells), error))
 
     def cells(self, with_embeddings: bool = False) -> list[dict[str, Any]]:
-        """Every cell with the model's reading and its current values (latest correction wins)."""
+        """Every counted cell (not of a changed or removed file) with the model's reading and its current
+        values (latest correction wins)."""
         extra = ", embedding, class_probabilities" if with_embeddings else ""
-        with self._lock:
+        with self._guarded():
             rows = self._db.execute(
                 "SELECT id, source, cell, file_sha1, label, probability, runner_up, abstain, unfamiliar, unfamiliarity, "
-                f"attributes, sentence, box, cell_found{extra} FROM cells ORDER BY id").fetchall()
+                f"attributes, sentence, box, cell_found{extra} FROM cells WHERE retired IS NULL ORDER BY id").fetchall()
             latest = self._latest_corrections()
         out = []
         for row in rows:
@@ -209,17 +310,22 @@ class ReviewStore:
         return out
 
     def has_cell(self, cell_id: int) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM cells WHERE id = ?", (int(cell_id),)).fetchone() is not None
+        """Whether `cell_id` is a counted cell of this review."""
+        if not 0 <= int(cell_id) <= MAX_CELL_ID:
+            return False
+        with self._guarded():
+            return self._db.execute("SELECT 1 FROM cells WHERE id = ? AND retired IS NULL", (int(cell_id),)).fetchone() is not None
 
     def thumbnail(self, cell_id: int) -> bytes | None:
-        with self._lock:
+        if not 0 <= int(cell_id) <= MAX_CELL_ID:
+            return None
+        with self._guarded():
             row = self._db.execute("SELECT thumbnail FROM cells WHERE id = ?", (int(cell_id),)).fetchone()
         return None if row is None else row[0]
 
     def errors(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._db.execute("SELECT source, error FROM files WHERE error IS NOT NULL ORDER BY source"))
+        with self._guarded():
+            return list(self._db.execute("SELECT source, error FROM files WHERE error IS NOT NULL AND retired IS NULL ORDER BY source"))
 
     # -- corrections ---------------------------------------------------------------------------------
 
@@ -248,10 +354,15 @@ class ReviewStore:
         if not reviewer:
             raise HemaclipError("a reviewer name is required for every correction")
         model_sha1 = str(self.meta().get("model_sha1", ""))
-        with self._lock, self._transaction():
-            row = self._db.execute("SELECT label, attributes FROM cells WHERE id = ?", (int(cell_id),)).fetchone()
+        if not 0 <= int(cell_id) <= MAX_CELL_ID:
+            raise HemaclipError(f"no cell {cell_id} in this review")
+        with self._guarded(), self._transaction():
+            row = self._db.execute("SELECT label, attributes, retired FROM cells WHERE id = ?", (int(cell_id),)).fetchone()
             if row is None:
                 raise HemaclipError(f"no cell {cell_id} in this review")
+            if row[2] is not None:
+                raise HemaclipError(f"cell {cell_id} is no longer counted: its file {row[2].split()[0]} since it was described "
+                                    "(reload the review)")
             last = self._db.execute("SELECT new FROM corrections WHERE cell_id = ? AND field = ? ORDER BY id DESC LIMIT 1",
                                     (int(cell_id), name)).fetchone()
             model_value = row[0] if name == CLASS_FIELD else json.loads(row[1]).get(name, {}).get("value", "")
@@ -264,7 +375,7 @@ class ReviewStore:
                 "reviewer": reviewer, "model_sha1": model_sha1}
 
     def corrections(self) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._guarded():
             rows = self._db.execute("SELECT id, cell_id, field, old, new, time, reviewer, model_sha1 FROM corrections ORDER BY id").fetchall()
         return [dict(zip(("id", "cell_id", "field", "old", "new", "time", "reviewer", "model_sha1"), r)) for r in rows]
 
@@ -333,16 +444,30 @@ def review_folder(
     adapter_id: str | None = None,
 ) -> ReviewStore:
     """Describe every image under `inputs` into ``<out>/review.sqlite`` (files already described by this
-    model are skipped), committing a batch of files at a time. Returns the open store.
+    model are skipped), committing a batch of files at a time. Returns the open store, which holds the
+    review's writer lock until it is closed (a second writer is refused meanwhile).
+
+    The review counts what is under `inputs` now: cells of files changed or removed since an earlier run
+    stop being counted (meta ``changes``: files changed, removed, cells no longer counted); corrections of
+    unchanged files are kept, and every correction stays in the store.
 
     With `adapter` (:class:`hemaclip.tasks.adapter.CorrectionAdapter`, identified by `adapter_id`), each
     cell's class is read through it; a review folder keeps one model and one adapter throughout."""
+    out = Path(out)
+    store = ReviewStore(out / REVIEW_STORE, create=True, writer=True)
+    try:
+        return _review_into(store, describer, model_sha1, inputs, out, settings, progress, adapter, adapter_id)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _review_into(store: ReviewStore, describer: Any, model_sha1: str, inputs: Sequence[str | Path], out: Path,
+                 settings: ReviewSettings, progress: bool, adapter: Any, adapter_id: str | None) -> ReviewStore:
     from hemaclip.cache import file_sha1
     from hemaclip.data.preprocess import decode_image
     from hemaclip.tasks.describe import iter_image_paths
 
-    out = Path(out)
-    store = ReviewStore(out / REVIEW_STORE, create=True)
     meta = store.meta()
     if meta.get("model_sha1") not in (None, model_sha1):
         raise HemaclipError(f"{out} holds a review made with another model (SHA-1 {str(meta['model_sha1'])[:10]}); "
@@ -360,8 +485,9 @@ def review_folder(
     files = list(iter_image_paths(inputs))
     if not files:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in inputs)}")
-    done = store.done_files(model_sha1)
     hashes = {str(p): file_sha1(p) if p.is_file() else "" for p in files}
+    changes = store.retire_missing(hashes, model_sha1)
+    done = store.done_files(model_sha1)
     todo = [p for p in files if (str(p), hashes[str(p)]) not in done]
     pending: list[tuple[str, str, str, list[dict[str, Any]], str | None]] = []
     described = describer.describe_paths(todo, batch_size=settings.batch_size, progress=progress)
@@ -386,7 +512,7 @@ def review_folder(
         # a shifted folder's cells are judged by the stricter bar (familiarity.SHIFTED_FOLDER_QUANTILE)
         store.apply_flag_bar(describer.familiarity.bar_for(shift), reword=functools.partial(reword_cell, describer))
         store.set_meta(folder_shift=shift.to_dict() if shift is not None else None)
-    store.set_meta(described_now=len(todo), reused=len(files) - len(todo))
+    store.set_meta(described_now=len(todo), reused=len(files) - len(todo), changes=changes)
     return store
 
 
@@ -460,6 +586,8 @@ def review_summary(store: ReviewStore, settings: ReviewSettings = DEFAULTS, cell
         "queue": queue,
         "attributes_per_class": attributes,
         "errors": [{"source": s, "error": e} for s, e in store.errors()],
+        # since the previous run: files changed, removed, and their cells no longer counted
+        "changes": meta.get("changes"),
         "classes": meta.get("classes", []),
         "attribute_values": meta.get("attribute_values", {}),
     }

@@ -27,7 +27,7 @@ function cellCard(hit) {
   card.className = "cell";
   if (hit.image_url) {
     const img = document.createElement("img");
-    img.src = hit.image_url;
+    img.src = withToken(hit.image_url);
     img.alt = hit.label || "reference cell";
     img.loading = "lazy";
     card.appendChild(img);
@@ -116,7 +116,7 @@ async function describe(file) {
   $("preview").src = URL.createObjectURL(file);
   show($("describe-busy"), true);
   try {
-    const response = await fetch("/api/describe", {
+    const response = await fetch(withToken("/api/describe"), {
       method: "POST",
       headers: { "Content-Type": file.type || "application/octet-stream", "X-Filename": encodeURIComponent(file.name || "upload") },
       body: file,
@@ -145,7 +145,7 @@ async function search(event) {
   if (where) params.append("where", where);
   $("search-summary").textContent = "searching…";
   try {
-    const response = await fetch(`/api/search?${params}`);
+    const response = await fetch(withToken(`/api/search?${params}`));
     if (!response.ok) throw new Error(await errorMessage(response));
     const body = await response.json();
     $("search-results").replaceChildren(...body.hits.map(cellCard));
@@ -160,7 +160,7 @@ async function search(event) {
 
 async function health() {
   try {
-    const response = await fetch("/api/health");
+    const response = await fetch(withToken("/api/health"));
     const h = await response.json();
     const parts = [];
     if (h.model) parts.push(`model: ${h.model.image_tower} at ${h.model.image_size} px`);

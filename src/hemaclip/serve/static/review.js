@@ -2,10 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const TOKEN = new URLSearchParams(location.search).get("token");
 const state = { data: null, cell: 0, field: 0, busy: false };
 
-function withToken(url) { return TOKEN ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : url; }
 function headers(extra) { return TOKEN ? { ...extra, Authorization: `Bearer ${TOKEN}` } : extra; }
 function show(el, visible) { el.hidden = !visible; }
 function el(tag, content, cls) { const e = document.createElement(tag); if (content != null) e.textContent = content; if (cls) e.className = cls; return e; }
