@@ -1,6 +1,7 @@
-"""The prompt file's held-out wording never reaches training: no held-out prompt is a training sentence, and no
-held-out word or frame occurs in any training sentence (the sentence bank the default recipe builds for WBCAtt
-train, every dataset's training prompts and sentences, and the caption lexicon)."""
+"""The prompt file's held-out wording never reaches training: no held-out prompt is a training sentence, no held-out
+frame occurs in any training sentence, and no held-out word shares a word-piece stem with a training word as the
+shipped model's tokenizer splits them (`hemaclip.text.wordpieces.stem_clash`; training text = the sentence bank the
+default recipe builds for WBCAtt train, every dataset's training prompts and sentences, and the caption lexicon)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 
 from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.data.datasets import load_dataset
+from hemaclip.models.config import get_model_config
+from hemaclip.models.text import resolve_text_source
 from hemaclip.text import captions
 from hemaclip.text.prompts import DATASET_CLASSES, PLACEHOLDER, PromptSet, load_prompts, words_of
 from hemaclip.train.config import load_train_config
+from hemaclip.text.wordpieces import Tokenize, piece_words, stem_clash, stem_clashes
 from hemaclip.train.texts import build_text_bank
 
 # The generator's tables (what captions are made of); the parser's extra words are not training text.
@@ -31,6 +35,15 @@ def lexicon_texts() -> list[str]:
         for item in table.values() if isinstance(table, dict) else [table]:
             texts += [item] if isinstance(item, str) else list(item)
     return texts
+
+
+@pytest.fixture(scope="module")
+def tokenize() -> Tokenize:
+    """The word-piece tokenizer of the text tower the shipped recipe trains (all-MiniLM-L6-v2)."""
+    from transformers import AutoTokenizer
+
+    tower = get_model_config(load_train_config("default").model).text_tower
+    return AutoTokenizer.from_pretrained(resolve_text_source(tower), local_files_only=True).tokenize
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +95,46 @@ def test_no_heldout_prompt_is_a_training_sentence(prompts: PromptSet, training_b
     assert not set(held) & training
 
 
-def test_no_heldout_word_or_frame_occurs_in_any_training_sentence(prompts: PromptSet, training_bank: list[str]) -> None:
-    held_words = prompts.heldout_words()
-    assert {"leucocyte", "sizeable", "polymorph", "oil-immersion", "foamy"} <= held_words  # the check sees real words
-    assert not held_words & prompts.heldout.shared_words
-    training_words: set[str] = set()
-    for text in [*training_bank, *prompts.training_texts(), *lexicon_texts()]:
-        training_words.update(words_of(text))
-    assert {"large", "neutrophil", "microscopic", "vacuoles"} <= training_words
-    assert sorted(held_words & training_words) == []
-    # Frames: the text of each held-out frame around "{}" occurs in no training sentence either.
+def training_texts(prompts: PromptSet, training_bank: list[str]) -> list[str]:
+    return [*training_bank, *prompts.training_texts(), *lexicon_texts()]
+
+
+def test_stem_rule_catches_spelling_variants_and_derivatives(tokenize: Tokenize) -> None:
+    """The rule at the tokenizer level: each kind of relative is caught, unrelated words sharing an ending are not."""
+    word = lambda w: piece_words(w, tokenize)[0]  # noqa: E731
+    assert word("basophile") == ("bas", "op", "hil", "e")  # the training name plus one piece
+    assert stem_clash(word("basophile"), word("basophil")) == "suffix"
+    assert stem_clash(word("baso"), word("basophil")) == "suffix"
+    assert stem_clash(word("eosinophile"), word("eosinophil")) == "suffix"
+    assert stem_clash(word("monocytoid"), word("mononuclear")) == "stem"
+    assert stem_clash(word("mono"), word("monocyte")) == "stem"
+    assert stem_clash(word("leucocyte"), word("leukocyte")) == "variant"
+    assert stem_clash(word("acidophil"), word("basophil")) is None  # a shared ending is not a stem
+    assert stem_clash(word("cleft"), word("clotting")) is None
+    assert piece_words("mast-cell-like", tokenize) == [("mast",), ("cell",), ("like",)]
+
+
+def test_stem_check_would_catch_basophile(prompts: PromptSet, tokenize: Tokenize) -> None:
+    """Put the old spelling variant back among the held-out synonyms: the check this file runs reports it."""
+    held = prompts.heldout
+    planted = dataclasses.replace(held, synonyms={**held.synonyms, "basophil": ("basophile", *held.synonyms["basophil"])})
+    found = stem_clashes(planted.texts(), prompts.training_texts(), tokenize, planted.shared_words)
+    assert ("basophil", "suffix") in found["basophile"]
+    assert "basophile" not in stem_clashes(held.texts(), prompts.training_texts(), tokenize, held.shared_words)
+
+
+def test_no_heldout_word_shares_a_word_piece_stem_with_training_text(prompts: PromptSet, training_bank: list[str],
+                                                                     tokenize: Tokenize) -> None:
+    held_words = {"".join(w) for t in prompts.heldout.texts() for w in piece_words(t, tokenize)}
+    assert {"sizeable", "immunocyte", "acidophil", "foamy", "pmn"} <= held_words  # the check sees real words
+    training = training_texts(prompts, training_bank)
+    training_words = {"".join(w) for t in training for w in piece_words(t, tokenize)}
+    assert {"large", "neutrophil", "basophil", "leukocyte", "vacuoles"} <= training_words
+    assert stem_clashes(prompts.heldout.texts(), training, tokenize, prompts.heldout.shared_words) == {}
+
+
+def test_no_heldout_frame_occurs_in_any_training_sentence(prompts: PromptSet, training_bank: list[str]) -> None:
+    assert not prompts.heldout_words() & prompts.heldout.shared_words
     training_text = "\n".join(t.lower() for t in [*training_bank, *prompts.training_texts()])
     frames = [*prompts.heldout.attribute_frames, *(f for fs in prompts.heldout.templates.values() for f in fs)]
     for frame in frames:

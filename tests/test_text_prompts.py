@@ -80,8 +80,8 @@ def test_attribute_prompts_cover_every_value_and_say_it(prompts: PromptSet) -> N
 def test_wordings_train_by_default_and_heldout_on_request(prompts: PromptSet) -> None:
     trained, held = prompts.class_prompts("wbcatt"), prompts.class_prompts("wbcatt", "heldout")
     assert trained == prompts.class_prompts("wbcatt", "train") and "an image of a basophil." in trained["basophil"]
-    assert "oil-immersion view of one basophile." in held["basophil"]
-    assert "here we have a sizeable leucocyte at 1000x magnification." in prompts.attribute_prompts("heldout")["cell_size"]["big"]
+    assert "oil-immersion view of one mast-cell-like cell." in held["basophil"]
+    assert "here we have a sizeable cell at 1000x magnification." in prompts.attribute_prompts("heldout")["cell_size"]["big"]
     with pytest.raises(DataError, match="no heldout wording for dataset 'all'"):
         prompts.class_prompts("all", "heldout")
     with pytest.raises(DataError, match="unknown wording 'test'"):
