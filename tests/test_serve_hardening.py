@@ -33,10 +33,15 @@ def cells(data_root: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def app(cells, tmp_path_factory: pytest.TempPathFactory, make_tiny_model):
+def describer(cells, tmp_path_factory: pytest.TempPathFactory, make_tiny_model) -> Describer:
     model = make_tiny_model()
     index = CellIndex.build(model, cells, tmp_path_factory.mktemp("serve") / "ref.index", checkpoint_id="tiny", progress=False)
-    return create_app(Describer(model, index=index), index, settings=ServeSettings(saliency=False))
+    return Describer(model, index=index)
+
+
+@pytest.fixture(scope="module")
+def app(describer):
+    return create_app(describer, describer.index, settings=ServeSettings(saliency=False))
 
 
 def pixel_bomb(side: int = 7999) -> bytes:
@@ -201,3 +206,109 @@ def test_pixel_budget_lets_one_full_size_decode_run_at_a_time() -> None:
     for thread in threads:
         thread.join(10)
     assert peak[0] <= 100 and budget.in_use == 0  # a claim over the budget waits for all of it
+
+
+# -- issue 28: the token, slow uploads, disconnects (a real uvicorn server on 127.0.0.1) ------------------------
+
+TOKEN = "t0ken-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BODY_TIMEOUT_S = 2.0
+UPLOAD_SLOTS = 16
+
+
+def test_a_token_is_enforced_on_the_describe_server(describer) -> None:
+    guarded = create_app(describer, describer.index, settings=ServeSettings(saliency=False), token=TOKEN)
+    with TestClient(guarded, base_url="http://127.0.0.1") as client:
+        assert client.get("/api/health").status_code == 401
+        assert client.get("/api/health", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        assert client.get("/api/search", params={"q": "a cell", "token": "wrong"}).status_code == 401
+        assert client.post("/api/describe", content=b"x", headers={"Content-Type": "image/png"}).status_code == 401
+        assert client.get("/").status_code == 401
+        assert client.get("/api/health", headers=AUTH).json()["status"] == "ok"
+        assert client.get("/api/search", params={"q": "a cell", "token": TOKEN}).status_code == 200
+        assert client.get("/static/app.js").status_code == 200  # the page's own script: no data, no token
+        assert client.get("/api/health", headers={**AUTH, "Host": "evil.example"}).status_code == 400
+
+
+@pytest.fixture()
+def loopback(describer):
+    """The describe server with a token, few upload slots and a short body time-out, on a free 127.0.0.1 port
+    (uvicorn in a thread, configured as `hemaclip serve` configures it); yields (url, app). Stopped after."""
+    import socket
+
+    import uvicorn
+
+    from hemaclip.serve.app import server_config
+
+    settings = ServeSettings(saliency=False, max_uploads=UPLOAD_SLOTS, body_timeout_s=BODY_TIMEOUT_S)
+    guarded = create_app(describer, describer.index, settings=settings, token=TOKEN)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(server_config(guarded, "127.0.0.1", port, settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", port
+    server.should_exit = True
+    thread.join(15)
+
+
+def _slow_upload(port: int, declared: int = 100_000):
+    """A socket that sent the headers of a `declared`-byte upload and 10 bytes of it, then nothing."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT_S + 20)
+    sock.sendall((f"POST /api/describe HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: image/png\r\nContent-Length: {declared}\r\n\r\n").encode() + b"\x89PNG\r\n\x1a\n\0\0")
+    return sock
+
+
+def test_slow_uploads_time_out_and_health_answers_throughout(loopback, cells) -> None:
+    url, port = loopback
+    slow = [_slow_upload(port) for _ in range(20)]  # more than the upload slots
+    try:
+        started, waits = time.monotonic(), []
+        with httpx.Client(base_url=url, headers=AUTH, timeout=5) as client:
+            while time.monotonic() - started < BODY_TIMEOUT_S + 1:
+                t = time.monotonic()
+                assert client.get("/api/health").status_code == 200
+                waits.append(time.monotonic() - t)
+                time.sleep(0.2)
+        assert max(waits) < 2.0, waits
+        statuses = []
+        for sock in slow:  # every slow upload is answered: 503 beyond the slots at once, 408 after the time-out
+            statuses.append(int(sock.recv(4096).split(b" ", 2)[1]))
+        assert sorted(set(statuses)) == [408, 503] and statuses.count(408) == UPLOAD_SLOTS, statuses
+    finally:
+        for sock in slow:
+            sock.close()
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:  # the slots are free again
+        upload = client.post("/api/describe?saliency=false", content=Path(cells[0].path).read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert upload.status_code == 200 and upload.json()["label"]
+
+
+def test_a_client_gone_mid_upload_is_one_line_not_a_traceback(loopback, caplog: pytest.LogCaptureFixture) -> None:
+    url, port = loopback
+    caplog.set_level("INFO")
+    for _ in range(3):
+        _slow_upload(port).close()
+    deadline = time.monotonic() + 10
+    while sum("mid-upload" in r.getMessage() for r in caplog.records) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = [r for r in caplog.records if "mid-upload" in r.getMessage()]
+    assert len(gone) == 3 and all("\n" not in r.getMessage() for r in gone)
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage() or "Exception in ASGI" in r.getMessage()]
+    assert httpx.get(f"{url}/api/health", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_serve_off_loopback_without_a_token_is_refused_before_loading(run_cli, assert_one_line_error, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run_cli("serve", "--host", "0.0.0.0", "--port", "8765", "--checkpoint", str(tmp_path / "none.pt"), timeout=120)
+    assert_one_line_error(result, "give --token")
+    short = run_cli("serve", "--host", "0.0.0.0", "--token", "short", "--port", "8765", timeout=120)
+    assert_one_line_error(short, "at least 16 characters")
+    assert time.monotonic() - started < 120

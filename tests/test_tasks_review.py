@@ -228,3 +228,139 @@ def test_a_re_flagged_cell_is_re_worded_and_flagging_back_restores_its_sentence(
 
     assert store.apply_flag_bar(float("inf"), reword=reword) == len(confident)
     assert {c["id"]: (c["sentence"], c["attributes"]) for c in store.cells()} == confident
+
+
+# -- issue 28: stable ids, one writer, damaged stores, changed and removed files -------------------------------
+
+
+def test_a_cell_described_again_keeps_its_id_and_its_corrections(describer, cell_folder: Path, tmp_path: Path) -> None:
+    store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    cells = store.cells()
+    made = store.correct(cells[0]["id"], "class", "monocyte", "Ann")
+    with store._guarded():  # what a second writer describing the same file stores: the same cell's row again
+        row = dict(zip(("cell", "label", "probability", "runner_up", "abstain", "unfamiliar", "unfamiliarity", "attributes", "sentence",
+                        "box", "cell_found", "embedding", "class_probabilities", "thumbnail"),
+                       store._db.execute("SELECT cell, label, probability, runner_up, abstain, unfamiliar, unfamiliarity, attributes, "
+                                         "sentence, box, cell_found, embedding, class_probabilities, thumbnail FROM cells WHERE id = ?",
+                                         (cells[0]["id"],)).fetchone()))
+    store.add_file(cells[0]["source"], cells[0]["file_sha1"], "tiny-sha", [row])
+    after = store.cells()
+    assert [c["id"] for c in after] == [c["id"] for c in cells]
+    assert after[0]["current"]["class"] == "monocyte" and made["cell_id"] == after[0]["id"]
+    store.close()
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_review(describer, cell_folder: Path, tmp_path: Path) -> None:
+    first = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    with pytest.raises(HemaclipError, match="another `hemaclip review` is writing"):
+        review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
+    reader = ReviewStore(tmp_path / REVIEW_STORE)  # the review server (corrections only) needs no lock
+    reader.correct(first.cells()[0]["id"], "class", "monocyte", "Ann")
+    reader.close()
+    first.close()
+    review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False).close()
+
+
+def _damaged_stores(describer, cell_folder: Path, root: Path) -> dict[str, Path]:
+    """A review folder per kind of damage: a page of the cells table overwritten, the tables dropped, a 0-byte file."""
+    stores = {}
+    for kind in ("corrupt page", "missing tables", "empty file"):
+        out = root / kind.replace(" ", "-")
+        review_folder(describer, "tiny-sha", [cell_folder], out, progress=False).close()
+        path = out / REVIEW_STORE
+        if kind == "corrupt page":
+            db = sqlite3.connect(path)
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            root_page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'cells'").fetchone()[0]
+            db.close()
+            with path.open("r+b") as handle:
+                handle.seek((root_page - 1) * page_size)
+                handle.write(b"\x0d\xff" * (page_size // 2))
+        elif kind == "missing tables":
+            db = sqlite3.connect(path)
+            db.executescript("DROP TABLE corrections; DROP TABLE cells; DROP TABLE files; DROP TABLE meta; VACUUM;")
+            db.close()
+        else:
+            path.write_bytes(b"")
+        for leftover in out.iterdir():
+            if leftover.name != REVIEW_STORE:
+                leftover.unlink()
+        stores[kind] = path
+    return stores
+
+
+@pytest.fixture(scope="module")
+def damaged(make_tiny_model, cell_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _damaged_stores(Describer(make_tiny_model()), cell_folder, tmp_path_factory.mktemp("damaged"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_damaged_store_is_refused_and_left_as_it_is(damaged: dict[str, Path], describer, cell_folder: Path, tmp_path: Path) -> None:
+    from hemaclip.serve.review import create_review_app
+    from hemaclip.tasks.review import export_reviewed
+
+    for kind, path in damaged.items():
+        before = _snapshot(path.parent)
+        for opener in (lambda: ReviewStore(path), lambda: ReviewStore(path, create=True, writer=True),
+                       lambda: review_folder(describer, "tiny-sha", [cell_folder], path.parent, progress=False),
+                       lambda: export_reviewed(ReviewStore(path), tmp_path / "export"), lambda: create_review_app(path.parent)):
+            with pytest.raises(HemaclipError, match=str(path)):
+                opener()
+        assert _snapshot(path.parent) == before, kind
+        assert not (tmp_path / "export").exists()
+
+
+def test_a_damaged_store_through_the_entry_point(damaged: dict[str, Path], run_cli, assert_one_line_error, cell_folder: Path,
+                                                 tiny_checkpoint: Path, tmp_path: Path) -> None:
+    path = damaged["corrupt page"]
+    before = _snapshot(path.parent)
+    for args in (("review", str(cell_folder), "--out", str(path.parent), "--checkpoint", str(tiny_checkpoint)),
+                 ("review-export", str(path.parent), "--to", str(tmp_path / "export")),
+                 ("serve", "--review", str(path.parent), "--port", "8766")):
+        result = run_cli(*args, timeout=300)
+        assert_one_line_error(result, str(path))
+        assert "damaged" in result.stderr
+    assert _snapshot(path.parent) == before and not (tmp_path / "export").exists()
+
+
+def test_changed_and_removed_files_stop_being_counted_and_unchanged_corrections_stay(describer, cell_folder: Path, tmp_path: Path) -> None:
+    slide = tmp_path / "slide"
+    shutil.copytree(cell_folder, slide)
+    names = sorted(p.name for p in slide.iterdir())
+    store = review_folder(describer, "tiny-sha", [slide], tmp_path / "review", progress=False)
+    by_name = {Path(c["source"]).name: c for c in store.cells()}
+    assert len(by_name) == len(names) == len(store.cells())  # one cell per crop
+    kept, edited, removed = names[0], names[1], names[2]
+    store.correct(by_name[kept]["id"], "class", "monocyte", "Ann")
+    store.correct(by_name[edited]["id"], "class", "monocyte", "Ann")
+    store.close()
+
+    from PIL import Image
+
+    with Image.open(slide / edited) as image:
+        image.rotate(90).save(slide / edited, format="JPEG")
+    (slide / removed).unlink()
+    again = review_folder(describer, "tiny-sha", [slide], tmp_path / "review", progress=False)
+    now = again.cells()
+    assert len(now) == len(names) - 1 and {Path(c["source"]).name for c in now} == set(names) - {removed}
+    assert again.meta()["changes"] == {"changed": 1, "removed": 1, "cells": 2} and again.meta()["described_now"] == 1
+    current = {Path(c["source"]).name: c for c in now}
+    assert current[kept]["id"] == by_name[kept]["id"] and current[kept]["current"]["class"] == "monocyte"
+    assert current[edited]["id"] != by_name[edited]["id"] and not current[edited]["reviewed"]
+    assert len(again.corrections()) == 2  # nothing is deleted: the old cell's correction stays in the store
+    summary = write_review_reports(again, tmp_path / "review")
+    assert summary["cells"] == len(names) - 1 and summary["changes"]["removed"] == 1
+    assert summary["white_cells"] + sum(summary["outside_differential"].values()) == len(names) - 1
+    with pytest.raises(HemaclipError, match="no longer counted"):
+        again.correct(by_name[edited]["id"], "class", "basophil", "Ann")
+    again.close()

@@ -33,11 +33,13 @@ def review(
     from hemaclip.cache import file_sha1
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.describe import Describer, iter_image_paths
-    from hemaclip.tasks.review import review_folder, write_review_reports
+    from hemaclip.tasks.review import REVIEW_STORE, check_review_store, review_folder, write_review_reports
 
     for item in folder:  # before loading the model: a mistyped path is one line, not a run
         if not item.exists():
             raise HemaclipError(f"{item}: no such file or folder")
+    if (out / REVIEW_STORE).exists():  # a damaged store is refused before the model loads, and left as it is
+        check_review_store(out / REVIEW_STORE)
     if next(iter_image_paths(folder), None) is None:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in folder)}")
     path = resolve_checkpoint(checkpoint)

@@ -10,10 +10,6 @@ import typer
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 
-# Connections the server holds per upload slot (--max-connections): idle keep-alive connections and
-# requests for the page, /api/health and search get room beside the uploads.
-CONNECTIONS_PER_UPLOAD = 4
-
 
 def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind. The default serves this machine only; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
@@ -50,8 +46,6 @@ def serve_command(
 
     Example: hemaclip serve --port 8000   then open http://127.0.0.1:8000
     """
-    import uvicorn
-
     from hemaclip.serve.security import allowed_hosts_for, check_exposure
 
     check_exposure(host, token)  # before loading anything: off loopback, a token is required
@@ -61,7 +55,7 @@ def serve_command(
         return
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.serve.app import ServeSettings, create_app
+    from hemaclip.serve.app import ServeSettings, create_app, server_config
     from hemaclip.tasks.describe import Describer
     from hemaclip.cache import file_sha1
     from hemaclip.tasks.index import CellIndex
@@ -81,7 +75,7 @@ def serve_command(
     logger.info("answering requests for host names: %s", ", ".join(settings.allowed_hosts))
     address = f"http://{host}:{port}/" + ("?token=..." if token else "")
     console.print(f"hemaclip at {address}  (API docs: http://{host}:{port}/docs; stop with Ctrl+C)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=CONNECTIONS_PER_UPLOAD * max_connections)
+    uvicorn.Server(server_config(app, host, port, settings)).run()
 
 
 def _serve_review(folder: Path, host: str, port: int, token: str | None, hosts: tuple[str, ...]) -> None:

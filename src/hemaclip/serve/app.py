@@ -43,7 +43,8 @@ from hemaclip.log import get_logger
 from hemaclip.serve.security import LOOPBACK_HOSTS, allowed_hosts_for, guard
 from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError, UploadSlots
 
-__all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param",
+           "server_config"]
 
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 # Raw image bodies may say so, or be generic bytes; forms (curl -F) are read the same way.
@@ -84,6 +85,9 @@ class ServeSettings:
     max_uploads: int = 64
     body_timeout_s: float = 30.0
 
+
+# Connections the server holds per upload slot: requests that are not uploads keep room beside them.
+CONNECTIONS_PER_UPLOAD = 4
 
 # HTTP status of each way an upload can fail to decode (hemaclip.data.preprocess.ImageDecodeError.kind).
 DECODE_STATUS = {"empty": 415, "not_image": 415, "format": 415, "too_large": 413, "corrupt": 422, "too_small": 422}
@@ -387,6 +391,15 @@ def create_app(
         return FileResponse(path, media_type=media.get(path.suffix.lower(), "image/jpeg"), headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def server_config(app: FastAPI, host: str, port: int, settings: ServeSettings) -> Any:
+    """The uvicorn configuration `hemaclip serve` runs `app` with. Uploads are bounded by the app's upload
+    slots (``settings.max_uploads``); the connection limit, a last resort, leaves room beside them
+    (CONNECTIONS_PER_UPLOAD per slot) for keep-alive connections, the page, /api/health and search."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", limit_concurrency=CONNECTIONS_PER_UPLOAD * settings.max_uploads)
 
 
 def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:

@@ -45,6 +45,7 @@ __all__ = [
     "REVIEW_STORE",
     "ReviewSettings",
     "ReviewStore",
+    "check_review_store",
     "export_reviewed",
     "queue_order",
     "review_folder",
