@@ -17,7 +17,7 @@ import hemaclip
 
 PACKAGE = Path(hemaclip.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
-    ("hemaclip", "hemaclip.errors", "hemaclip.io", "hemaclip.cache", "hemaclip.log"),
+    ("hemaclip", "hemaclip.errors", "hemaclip.io", "hemaclip.cache", "hemaclip.log", "hemaclip.constants"),
     ("hemaclip.metrics",),
     ("hemaclip.data",),
     ("hemaclip.text",),

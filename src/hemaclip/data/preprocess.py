@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hemaclip.constants import IMAGENET_MEAN, IMAGENET_STD
 from hemaclip.errors import DataError, HemaclipError
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
 MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 8
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The options of a model config's `preprocess` field and their allowed values; the first is the default.
 PREPROCESS_OPTIONS: dict[str, tuple[str, ...]] = {

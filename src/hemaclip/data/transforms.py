@@ -16,11 +16,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
+from hemaclip.constants import IMAGENET_MEAN, IMAGENET_STD
 from hemaclip.data.stain import hed_jitter
 from hemaclip.io import Rule, at_least, between, check_values
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 384
 
 

