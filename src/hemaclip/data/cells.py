@@ -95,13 +95,6 @@ def load_model(path: str | Path | None = None) -> TinyUNet:
     return _MODEL_CACHE[path]
 
 
-def save_model(model: TinyUNet, path: str | Path, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
-    """Save as fp16 state dict (~1 MB) with the widths needed to rebuild it."""
-    sd = {k: v.detach().half() for k, v in model.state_dict().items()}
-    sd["_widths"] = torch.tensor(list(widths))
-    torch.save(sd, path)
-
-
 # ----------------------------------------------------------------------------- inference
 @torch.no_grad()
 def segment_probs(image: np.ndarray, scale: float, model: TinyUNet | None = None, tta: bool = False) -> np.ndarray:
@@ -157,12 +150,6 @@ class Cell(_CellGeometry):
     touches_border: bool = False  # cut by the image edge or by black padding
     area: int = 0
     nucleus_mask: np.ndarray | None = field(default=None, repr=False)  # box-sized bool
-
-    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
-        m = np.zeros(shape[:2], bool)
-        x0, y0, x1, y1 = self.box
-        m[y0:y1, x0:x1] = self.mask
-        return m
 
 
 def padding_bands(image: np.ndarray, dark: int = 25) -> np.ndarray:
