@@ -220,3 +220,28 @@ def test_review_off_loopback_needs_a_token_and_every_request_carries_it(review_d
     assert client.get("/?token=s3cret-token-0123456789").status_code == 200
     assert client.get("/api/review/cells/1/image?token=s3cret-token-0123456789").headers["content-type"] == "image/jpeg"
     assert client.get("/api/review/cells/..%2F..%2Fetc%2Fpasswd/image?token=s3cret-token-0123456789").status_code in (404, 422)
+
+
+def test_review_server_checks_the_host_and_refuses_out_of_range_cell_ids(review_dir: Path) -> None:
+    """Through the installed entry point on 127.0.0.1: a rebinding page's Host gets 400 and stores nothing; a
+    cell id beyond SQLite's integer range gets a 4xx JSON answer, not a 500."""
+    port = _free_port()
+    proc = _start(review_dir, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        before = len(httpx.get(f"{url}/api/review/corrections", timeout=TIMEOUT).json())
+        cell = httpx.get(f"{url}/api/review", timeout=TIMEOUT).json()["queue"][0]["id"]
+        body = {"field": "class", "value": "monocyte", "reviewer": "Mallory"}
+        rebound = httpx.post(f"{url}/api/review/cells/{cell}/corrections", json=body, headers={"Host": "attacker.example"}, timeout=TIMEOUT)
+        assert rebound.status_code == 400
+        assert httpx.get(f"{url}/api/review", headers={"Host": f"attacker.example:{port}"}, timeout=TIMEOUT).status_code == 400
+        for huge in (2**63, 10**30, -1):
+            for answer in (httpx.post(f"{url}/api/review/cells/{huge}/corrections", json=body, timeout=TIMEOUT),
+                           httpx.get(f"{url}/api/review/cells/{huge}/image", timeout=TIMEOUT)):
+                assert 400 <= answer.status_code < 500, (huge, answer.status_code, answer.text)
+                assert "detail" in answer.json()
+        assert len(httpx.get(f"{url}/api/review/corrections", timeout=TIMEOUT).json()) == before
+    finally:
+        _stop(proc)
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err, err

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import html
+import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +366,50 @@ def test_changed_and_removed_files_stop_being_counted_and_unchanged_corrections_
     with pytest.raises(HemaclipError, match="no longer counted"):
         again.correct(by_name[edited]["id"], "class", "basophil", "Ann")
     again.close()
+
+
+@pytest.mark.slow
+def test_two_review_processes_while_corrections_are_posted_lose_none(run_cli, tiny_checkpoint: Path, cell_folder: Path, tmp_path: Path) -> None:
+    """Two `hemaclip review` runs on one --out (new files to describe) while a reviewer posts corrections to the
+    review server: every acknowledged correction still names a counted cell and decides its current class."""
+    import subprocess
+    import sys
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from hemaclip.cache import file_sha1
+    from hemaclip.serve.review import create_review_app
+
+    slide, out = tmp_path / "slide", tmp_path / "review"
+    shutil.copytree(cell_folder, slide)
+    first = review_folder(Describer.from_checkpoint(tiny_checkpoint, index=None), file_sha1(tiny_checkpoint), [slide], out, progress=False)
+    first.close()
+    for path in sorted(cell_folder.iterdir()):  # new files for both runs to describe
+        for copy in range(3):
+            shutil.copy(path, slide / f"copy{copy}-{path.name}")
+    command = [sys.executable, "-m", "hemaclip.cli", "review", str(slide), "--out", str(out), "--checkpoint", str(tiny_checkpoint)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for _ in range(2)]
+    acknowledged: list[tuple[int, str]] = []
+    client = TestClient(create_review_app(out), base_url="http://127.0.0.1")
+    classes = client.get("/api/review").json()["classes"]
+    deadline = time.monotonic() + 600
+    while any(run.poll() is None for run in runs) and time.monotonic() < deadline:
+        for n, cell in enumerate(client.get("/api/review").json()["queue"][-8:]):  # the newest cells too
+            value = classes[(len(acknowledged) + n) % len(classes)]
+            answer = client.post(f"/api/review/cells/{cell['id']}/corrections", json={"field": "class", "value": value, "reviewer": "Ann"})
+            if answer.status_code == 200:
+                acknowledged.append((cell["id"], value))
+    results = [(run.wait(timeout=60), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results)[0] == 0, results
+    for code, err in results:
+        assert code == 0 or "another `hemaclip review` is writing" in err, err
+    store = ReviewStore(out / REVIEW_STORE)
+    current = {c["id"]: c["current"]["class"] for c in store.cells()}
+    latest = dict(acknowledged)
+    assert acknowledged and all(cell_id in current for cell_id in latest)  # none orphaned
+    assert all(current[cell_id] == value for cell_id, value in latest.items())
+    assert len(store.corrections()) == len(acknowledged)
+    assert len(current) == len(list(slide.iterdir()))
+    store.close()
