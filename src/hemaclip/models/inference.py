@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from tqdm import tqdm
 from hemaclip.data.preprocess import preprocess_for
 from hemaclip.errors import HemaclipError
 from hemaclip.models.modes import eval_mode
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -152,7 +155,7 @@ TEXT_CHUNK = 1024  # pooled text features projected per step
 
 
 @torch.no_grad()
-def embed_texts(model: Any, texts: Sequence[str], text_cache: Any = None) -> np.ndarray:
+def embed_texts(model: DualEncoder, texts: Sequence[str], text_cache: Any = None) -> np.ndarray:
     """L2-normalised text embeddings [T, D] float32: the one text-embedding helper (search queries,
     retrieval prompts and captions).
 

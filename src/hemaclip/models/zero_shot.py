@@ -7,7 +7,7 @@ A class is represented by the normalised mean of the normalised embeddings of al
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ import torch
 from hemaclip.errors import DataError
 from hemaclip.models.modes import eval_mode
 from hemaclip.models.text_cache import PooledTextCache
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 _CHUNK = 8192
 
@@ -43,7 +46,7 @@ def build_zero_shot_classifier(
 
 
 def class_embeddings(
-    model: Any, prompts: Mapping[str, Sequence[str]], text_cache: PooledTextCache | None = None
+    model: DualEncoder, prompts: Mapping[str, Sequence[str]], text_cache: PooledTextCache | None = None
 ) -> np.ndarray:
     """Normalised prompt-ensemble embeddings [C, D] float32, one per key of `prompts`, in its order."""
     weights = build_zero_shot_classifier(model, prompts, text_cache if text_cache is not None else PooledTextCache(model.text))
@@ -59,7 +62,7 @@ def check_same_width(features: np.ndarray, text_embeddings: np.ndarray) -> None:
         )
 
 
-def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def scores_against(model: DualEncoder, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """logit_scale x cosine of normalised `features` [N, D] against normalised `weights` [C, D].
 
     The one zero-shot scoring of hemaclip: training-time validation, `evaluate`, `describe` and
@@ -76,7 +79,7 @@ def scores_against(model: Any, features: np.ndarray, weights: np.ndarray) -> np.
 
 
 def zero_shot_scores(
-    model: Any,
+    model: DualEncoder,
     features: np.ndarray,
     prompts: Mapping[str, Sequence[str]],
     text_cache: PooledTextCache | None = None,

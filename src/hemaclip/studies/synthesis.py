@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from hemaclip.errors import HemaclipError
 from hemaclip.io import display_path
 from hemaclip.log import logged_run
 from hemaclip.metrics.generative import PR_K, fid, kid, nearest_real, precision_recall
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = ["evaluate_synthesis", "utility_arms"]
 
@@ -181,7 +184,7 @@ def _plot_pairs(out: Path, generated: np.ndarray, real: np.ndarray, distances: n
 # ------------------------------------------------------------------------------------------------
 
 
-def _embed(model: Any, images: np.ndarray, progress: bool) -> np.ndarray:
+def _embed(model: DualEncoder, images: np.ndarray, progress: bool) -> np.ndarray:
     from hemaclip.models.inference import image_outputs
 
     return image_outputs(model, np.asarray(images), batch_size=128, progress=progress)["features"].numpy().astype(np.float64)
@@ -383,7 +386,7 @@ COMPARISONS = (("real+gan", "real"), ("real+gan", "oversample"), ("real+gan", "c
 
 def _utility(
     utility_checkpoint: Path, dataset: str, classes: list[str], train_recs: list[CellRecord], train_f: np.ndarray, y_train: np.ndarray,
-    test_f: np.ndarray, y_test: np.ndarray, model: Any, seeds: int, out: Path, show: bool, data_root: Path | None,
+    test_f: np.ndarray, y_test: np.ndarray, model: DualEncoder, seeds: int, out: Path, show: bool, data_root: Path | None,
 ) -> tuple[dict[str, Any], list[Any]]:
     from hemaclip.studies.report import Section, Table
     from hemaclip.metrics.classification import class_f1

@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import DataError
 from hemaclip.io import atomic_write
 from hemaclip.models.inference import image_outputs
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = [
     "FEATURE_CACHE_VERSION",
@@ -246,7 +249,7 @@ def _from_records(
 
 
 def extract_features(
-    model: Any,
+    model: DualEncoder,
     records: Sequence[CellRecord],
     checkpoint_id: str,
     batch_size: int = 128,

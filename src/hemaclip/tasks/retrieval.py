@@ -20,7 +20,7 @@ as ``relevant[:, :k].sum(1) / n_relevant``. ``k=None`` keeps the whole ranking (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import FeatureSet
 from hemaclip.tasks.zero_shot import _text_cache, annotated_attributes, check_same_width, class_embeddings
 from hemaclip.text.prompts import PromptSet
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = [
     "image_to_image",
@@ -96,7 +99,7 @@ def _label_counts(labels: Sequence[str]) -> dict[str, int]:
 
 
 def text_to_image_by_class(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
@@ -128,7 +131,7 @@ def text_to_image_by_class(
 
 
 def text_to_image_by_attribute(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     attributes: Sequence[str] | None = None,
@@ -162,7 +165,7 @@ def text_to_image_by_attribute(
 
 
 def image_to_text_by_class(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
@@ -219,7 +222,7 @@ def image_to_image(fs: FeatureSet, k: int | None = 20, labels: Sequence[str] | N
 
 
 def paired_image_text(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     captions: Sequence[str],
     k: int | None = None,

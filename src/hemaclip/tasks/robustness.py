@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from hemaclip.tasks.features import l2_normalize
 from hemaclip.tasks.probes import logistic_probe
 from hemaclip.tasks.zero_shot import class_embeddings
 from hemaclip.text.prompts import PromptSet
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 CLEAN = ("clean", 0)
 logger = get_logger(__name__)
@@ -84,7 +87,7 @@ def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str
 class _ModelScorer:
     """Scores one batch of uint8 images with a hemaclip model: zero-shot and head, classes and attributes."""
 
-    def __init__(self, model: Any, prompt_set: PromptSet, dataset: str, classes: Sequence[str], batch_size: int) -> None:
+    def __init__(self, model: DualEncoder, prompt_set: PromptSet, dataset: str, classes: Sequence[str], batch_size: int) -> None:
         self.model, self.batch_size = model, batch_size
         cache = PooledTextCache(model.text)
         all_prompts = prompt_set.class_prompts(dataset)
@@ -230,7 +233,7 @@ def corruption_errors(
 
 
 def run_robustness(
-    model: Any,
+    model: DualEncoder,
     records: Sequence[CellRecord],
     images: np.ndarray,
     prompt_set: PromptSet,

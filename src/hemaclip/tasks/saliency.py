@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from hemaclip.data.attributes import ATTRIBUTES
 from hemaclip.errors import HemaclipError
 from hemaclip.models.modes import eval_mode
 
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
+
 __all__ = ["overlay_png", "saliency_map"]
 
 Prompts = Mapping[str, Sequence[str]]
@@ -36,7 +39,7 @@ OVERLAY_ALPHA = 0.45
 OVERLAY_COLORMAP = "jet"
 
 
-def _input_tensor(model: Any, image: np.ndarray) -> torch.Tensor:
+def _input_tensor(model: DualEncoder, image: np.ndarray) -> torch.Tensor:
     from hemaclip.data.preprocess import preprocess_for
 
     array = np.asarray(image)
@@ -45,7 +48,7 @@ def _input_tensor(model: Any, image: np.ndarray) -> torch.Tensor:
     return preprocess_for(model).batch([array])
 
 
-def _target_score(model: Any, raw: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
+def _target_score(model: DualEncoder, raw: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     """Scalar logit of the chosen class / attribute value for the single image of `raw` [1, D]."""
     from hemaclip.models.text_cache import PooledTextCache
     from hemaclip.models.zero_shot import build_zero_shot_classifier
@@ -90,7 +93,7 @@ def _normalise(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return out.clamp(0, 1).numpy().astype(np.float32)
 
 
-def _grad_cam(model: Any, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
+def _grad_cam(model: DualEncoder, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     trunk = model.visual.trunk
     maps: list[torch.Tensor] = []
 
@@ -115,7 +118,7 @@ def _grad_cam(model: Any, x: torch.Tensor, target: str, value: str | None, class
     return F.relu((weights * fmap).sum(dim=1))[0]
 
 
-def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
+def _attention_rollout(model: DualEncoder, x: torch.Tensor, target: str, value: str | None, class_prompts: Prompts | None = None) -> torch.Tensor:
     trunk = model.visual.trunk
     attentions: list[torch.Tensor] = []
     blocks = list(trunk.blocks)
@@ -150,7 +153,7 @@ def _attention_rollout(model: Any, x: torch.Tensor, target: str, value: str | No
 
 
 def saliency_map(
-    model: Any, image: np.ndarray, target: str = "class", value: str | None = None, class_prompts: Prompts | None = None
+    model: DualEncoder, image: np.ndarray, target: str = "class", value: str | None = None, class_prompts: Prompts | None = None
 ) -> np.ndarray:
     """Saliency of `target` ("class" or an attribute name; `value` None = the predicted one) for one
     uint8 HxWx3 image, as float32 [H, W] in [0, 1] at the image's own size. `class_prompts` (class ->

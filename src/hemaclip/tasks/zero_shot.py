@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.models.zero_shot import check_same_width, class_embeddings, scores_against, zero_shot_scores
 from hemaclip.tasks.features import FeatureSet
 from hemaclip.text.prompts import PromptSet
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = [
     "annotated_attributes",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 
-def _text_cache(model: Any, text_cache: PooledTextCache | None) -> PooledTextCache:
+def _text_cache(model: DualEncoder, text_cache: PooledTextCache | None) -> PooledTextCache:
     return text_cache if text_cache is not None else PooledTextCache(model.text)
 
 
@@ -53,7 +56,7 @@ def annotated_attributes(
 
 
 def zero_shot_classes(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
@@ -92,7 +95,7 @@ def zero_shot_classes(
 
 
 def generalised_zero_shot(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
@@ -124,7 +127,7 @@ def generalised_zero_shot(
 
 
 def zero_shot_attributes(
-    model: Any,
+    model: DualEncoder,
     fs: FeatureSet,
     prompt_set: PromptSet,
     attributes: Sequence[str] | None = None,
