@@ -239,12 +239,11 @@ def test_a_cell_described_again_keeps_its_id_and_its_corrections(describer, cell
     store = review_folder(describer, "tiny-sha", [cell_folder], tmp_path, progress=False)
     cells = store.cells()
     made = store.correct(cells[0]["id"], "class", "monocyte", "Ann")
-    with store._guarded():  # what a second writer describing the same file stores: the same cell's row again
-        row = dict(zip(("cell", "label", "probability", "runner_up", "abstain", "unfamiliar", "unfamiliarity", "attributes", "sentence",
-                        "box", "cell_found", "embedding", "class_probabilities", "thumbnail"),
-                       store._db.execute("SELECT cell, label, probability, runner_up, abstain, unfamiliar, unfamiliarity, attributes, "
-                                         "sentence, box, cell_found, embedding, class_probabilities, thumbnail FROM cells WHERE id = ?",
-                                         (cells[0]["id"],)).fetchone()))
+    columns = ("cell", "label", "probability", "runner_up", "abstain", "unfamiliar", "unfamiliarity", "attributes", "sentence",
+               "box", "cell_found", "embedding", "class_probabilities", "thumbnail")
+    db = sqlite3.connect(tmp_path / REVIEW_STORE)  # what a second writer describing the same file stores: the same row again
+    row = dict(zip(columns, db.execute(f"SELECT {', '.join(columns)} FROM cells WHERE id = ?", (cells[0]["id"],)).fetchone()))
+    db.close()
     store.add_file(cells[0]["source"], cells[0]["file_sha1"], "tiny-sha", [row])
     after = store.cells()
     assert [c["id"] for c in after] == [c["id"] for c in cells]
