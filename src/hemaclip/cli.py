@@ -16,7 +16,10 @@ from hemaclip import __version__
 from hemaclip.commands import register_all
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger, parse_set_options
 from hemaclip.errors import HemaclipError
+from hemaclip.io import check_output_dir
 from hemaclip.log import setup_console
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 
 app = typer.Typer(
     name="hemaclip",
@@ -180,12 +183,12 @@ def train_command(
     Several processes (DDP): torchrun --nproc_per_node 2 -m hemaclip.cli train --config default --out runs/ddp
     Resume after a stop or kill: hemaclip train --out runs/mine --resume
     """
-    from hemaclip.train.config import TrainConfig, load_train_config
+    from hemaclip.train.config import TrainConfig, load_train_config, saved_train_config
 
     overrides = parse_set_options(set_)
+    check_output_dir(out)
     if resume and (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())["train"]
-        train_config = TrainConfig.from_dict({**saved, **overrides}, source=str(out / "config.json"))
+        train_config = TrainConfig.from_dict({**saved_train_config(out / "config.json"), **overrides}, source=str(out / "config.json"))
     else:
         train_config = load_train_config(config, overrides)  # every value checked before anything is written
     from hemaclip.train.trainer import train
@@ -226,6 +229,7 @@ def export_command(
 
     if not onnx:
         raise HemaclipError("nothing to export: ONNX is the only export format (drop --no-onnx)")
+    check_output_dir(out)
     model, _ = load_checkpoint(resolve_checkpoint(checkpoint))
     written = export_onnx(model, out)
     for name, path in written.items():
@@ -324,6 +328,7 @@ def evaluate_command(
     from hemaclip.data.stain import get_normalizer
     from hemaclip.studies.evaluate import run_evaluation
 
+    check_output_dir(out)
     if protocol not in ("standard", "unseen-classes"):
         raise HemaclipError(f"--protocol {protocol}: choose standard or unseen-classes")
     if holdout and protocol != "unseen-classes":
@@ -378,6 +383,7 @@ def compare_command(
     """
     from hemaclip.studies.compare import run_compare
 
+    check_output_dir(out)
     run_compare(a, b, dataset, split, out, data_root=data, n_boot=n_boot, seed=seed, progress=sys.stderr.isatty())
     console.print(f"comparison: {out / 'compare.json'}, {out / 'report.html'}")
 
@@ -413,10 +419,13 @@ def usage_error_lines(exc: Exception) -> list[str]:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1; usage errors (unknown
-    command or option, missing or bad value) the usage line, a help hint and one error line, exit 2."""
+    command or option, missing or bad value) the usage line, a help hint and one error line, exit 2; a
+    command's own exit status (e.g. 2 for an incomplete `lvlm run`) is kept; Ctrl+C one line, exit 130."""
     setup_console()
     try:
-        app(standalone_mode=False)
+        # In this mode typer returns exit codes instead of raising them: a command's typer.Exit(2) and
+        # Ctrl+C (KeyboardInterrupt, turned into 130) come back here as the return value.
+        code = app(standalone_mode=False)
     except HemaclipError as exc:
         logger.error("error: %s", " ".join(str(exc).split("\n")))
         sys.exit(1)
@@ -424,13 +433,19 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         logger.error("aborted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except usage_error_types() as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click shows it
             exc.show()
             sys.exit(exc.exit_code)
         sys.stderr.write("\n".join(usage_error_lines(exc)) + "\n")
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # raised outside a command (e.g. while the app is set up)
+        code = INTERRUPTED
+    if code == INTERRUPTED:
+        logger.error("interrupted (Ctrl+C): the run stopped before it finished")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

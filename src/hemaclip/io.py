@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import types
 import typing
@@ -240,3 +241,48 @@ def write_json(path: str | Path, payload: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(payload, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be one: `path` (or a folder above it) is an
+    existing file. One-line `HemaclipError` naming `option` and the file; nothing is created."""
+    from hemaclip.errors import HemaclipError
+
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            break
+        if candidate.exists() or candidate.is_symlink():
+            what = "is" if candidate == path else f"lies under {candidate}, which is"
+            raise HemaclipError(f"{option} {path}: {what} a file, not a folder; choose a folder")
+    return path
+
+
+def prepare_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """:func:`check_output_dir`, then create the folder (and its parents): the one way commands make
+    the folder they write into, so a file in the way is one line, never a FileExistsError traceback."""
+    path = check_output_dir(path, option)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def path_to_text(path: str | Path) -> str:
+    """A file path as text any UTF-8 store (SQLite, JSON) accepts. Names that are valid UTF-8 are
+    unchanged; bytes that are not (held by Python as surrogate escapes) are written as ``\\xNN``, so a
+    lab's file named in another encoding is stored, shown and found again (:func:`text_to_path`)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def text_to_path(text: str) -> Path:
+    """The file a :func:`path_to_text` text names: the text itself when such a file exists (or it holds no
+    escape), else the text with its ``\\xNN`` escapes turned back into the original bytes."""
+    path = Path(text)
+    if "\\x" not in text or path.exists():
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    return Path(os.fsdecode(raw))

@@ -126,12 +126,44 @@ def run_header(kind: str, command: str | None = None) -> list[str]:
     ]
 
 
+def _existing_entries(folder: Path) -> set[str] | None:
+    """Names in `folder` now (None when it does not exist): what a refused run must leave in place."""
+    try:
+        return {entry.name for entry in folder.iterdir()}
+    except FileNotFoundError:
+        return None
+
+
+def _remove_new_entries(folder: Path, before: set[str] | None) -> None:
+    """Undo what a refused run created in `folder`: the entries not in `before`, and the folder itself if
+    it did not exist (run.log, config.json, splits/ of a run that never started)."""
+    import shutil
+
+    if before is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.name not in before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def run_log(folder: str | Path, kind: str, command: str | None = None) -> Iterator[Path]:
+def run_log(folder: str | Path, kind: str, command: str | None = None, keep_if: str | None = None) -> Iterator[Path]:
     """Log this run into ``folder/run.log`` (appended): a header (:func:`run_header`), then every hemaclip
-    log message until the block ends. `kind` names the run ("train", "evaluate", "synth train", ...)."""
+    log message until the block ends. `kind` names the run ("train", "evaluate", "synth train", ...).
+
+    A run refused with a `HemaclipError` (bad data, options, files) leaves the folder as it found it: what
+    the run created there is removed, unless `keep_if` names a file the run wrote (e.g. a training
+    checkpoint: work a fixed input can resume from). Interruptions and crashes keep everything."""
+    from hemaclip.errors import HemaclipError
+    from hemaclip.io import prepare_output_dir
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    before = _existing_entries(folder)
+    prepare_output_dir(folder, "output folder")
     path = folder / RUN_LOG
     with path.open("a", encoding="utf-8") as handle:
         handle.write("\n".join(run_header(kind, command)) + "\n")
@@ -149,6 +181,11 @@ def run_log(folder: str | Path, kind: str, command: str | None = None) -> Iterat
         # Into the run log only: the console gets the CLI's one-line error.
         first = str(exc).splitlines()[0] if str(exc) else ""
         handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run ended with %s: %s", (type(exc).__name__, first), None))
+        refused = isinstance(exc, HemaclipError) and not (keep_if is not None and (folder / keep_if).exists())
+        if refused:
+            logger.removeHandler(handler)
+            handler.close()
+            _remove_new_entries(folder, before)
         raise
     finally:
         logger.removeHandler(handler)

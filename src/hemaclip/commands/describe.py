@@ -12,6 +12,7 @@ from rich.table import Table
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
+from hemaclip.io import check_output_dir, prepare_output_dir
 from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration, fit_familiarity_for
 from hemaclip.tasks.familiarity import DEFAULT_METHOD, check_method, familiarity_path
 
@@ -113,6 +114,8 @@ def describe(
     if next(iter_image_paths(images), None) is None:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in images)}")
     target = _saliency_target(saliency_target)
+    if saliency is not None:
+        check_output_dir(saliency, "--saliency")
     from hemaclip.data.stain import get_normalizer
 
     normalizer = get_normalizer(stain_norm)
@@ -123,7 +126,7 @@ def describe(
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:
-        saliency.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(saliency, "--saliency")
     failed = seen = 0
     used: set[str] = set()
     buffer: list = []

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
+from hemaclip.io import check_output_dir
 
 index_app = typer.Typer(help="Build and inspect searchable indexes of cell images (FAISS + SQLite metadata).", no_args_is_help=True)
 
@@ -62,6 +63,7 @@ def index_build(
 
     if kind not in INDEX_KINDS:
         raise HemaclipError(f"--kind must be one of {', '.join(INDEX_KINDS)}, not '{kind}'")
+    check_output_dir(out)
     if dataset is None and data is None:
         raise HemaclipError("say what to index: --data DIR (a folder of images) or --dataset NAME")
     if dataset is None or dataset == "folder":

@@ -3,12 +3,25 @@ and :mod:`hemaclip.studies.lvlm`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console
+from hemaclip.io import check_output_dir
+from hemaclip.tasks.lvlm import MAX_RESPONSE_BYTES
+
+
+MIB = 1024 * 1024
+
+
+def _positive_finite(value: float) -> float:
+    """Refuse NaN, infinity and values <= 0 while the command line is parsed (a usage error, exit 2)."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, not {value}")
+    return value
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +45,11 @@ def register(app: typer.Typer) -> None:
         sample: Annotated[Optional[Path], typer.Option(
             help="Use this saved sample.csv (e.g. another run's) instead of drawing one.")] = None,
         concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 4,
-        timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 120.0,
+        timeout: Annotated[float, typer.Option(callback=_positive_finite,
+                                               help="Seconds a whole request may take (connect to last byte) before it is retried.")] = 120.0,
+        max_response_mb: Annotated[float, typer.Option(callback=_positive_finite,
+                                                       help="Largest answer body accepted, in MiB; a larger one is abandoned.")]
+        = MAX_RESPONSE_BYTES / MIB,
         max_retries: Annotated[int, typer.Option(help="Retries per request (timeouts, connection errors, 429, 5xx).")] = 5,
         max_requests: Annotated[Optional[int], typer.Option(
             help="Request budget of this invocation, retries included; the run stops sending when it is spent.")] = None,
@@ -49,11 +66,13 @@ def register(app: typer.Typer) -> None:
         from hemaclip.tasks.lvlm.protocols import PROTOCOLS
         from hemaclip.tasks.lvlm.runner import run_lvlm
 
+        check_output_dir(out)
         chosen = list(protocol or ["zero-shot"])
         if "all" in chosen:
             chosen = list(PROTOCOLS)
         settings = ClientSettings(concurrency=concurrency, timeout_s=timeout, max_retries=max_retries, max_requests=max_requests,
-                                  max_tokens=max_tokens, temperature=temperature)
+                                  max_tokens=max_tokens, temperature=temperature,
+                                  max_response_bytes=max(1, int(max_response_mb * MIB)))
         summaries = run_lvlm(out, endpoint, model, chosen, api_key_env=api_key_env, settings=settings, per_class=per_class,
                              seed=seed, data_root=data, sample_csv=sample)
         for s in summaries.values():
@@ -79,6 +98,7 @@ def register(app: typer.Typer) -> None:
         """
         from hemaclip.studies.lvlm import write_lvlm_report
 
+        check_output_dir(out)
         paths = write_lvlm_report(runs, out, checkpoint=checkpoint, data_root=data, n_boot=n_boot, hemaclip=hemaclip_rows)
         for kind, path in paths.items():
             console.print(f"{kind}: {path}")

@@ -9,6 +9,7 @@ import typer
 
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
+from hemaclip.io import check_output_dir
 from hemaclip.tasks.adapter import ADAPTER_FILE
 from hemaclip.tasks.review import DEFAULTS, ReviewSettings
 
@@ -35,6 +36,7 @@ def review(
     from hemaclip.tasks.describe import Describer, iter_image_paths
     from hemaclip.tasks.review import REVIEW_STORE, check_review_store, review_folder, write_review_reports
 
+    check_output_dir(out)
     for item in folder:  # before loading the model: a mistyped path is one line, not a run
         if not item.exists():
             raise HemaclipError(f"{item}: no such file or folder")

@@ -25,10 +25,13 @@ from hemaclip.data.attributes import (
     validate_attributes,
 )
 from hemaclip.data.dedupe import DuplicateReport, deduplicate
-from hemaclip.data.preprocess import is_image_file
+from hemaclip.data.preprocess import SKIPPED_NAMES_SHOWN, is_image_file, skipped_files_message
 from hemaclip.data.paths import resolve_data_root
 from hemaclip.data.splits import SPLIT_NAMES, SplitFractions, saved_or_new_split, stratified_split
 from hemaclip.errors import DataError
+from hemaclip.log import get_logger
+
+logger = get_logger(__name__)
 
 PBC_DIR = "PBC_dataset_normal_DIB"
 WBCATT_DIR = "wbcatt"
@@ -340,14 +343,19 @@ def load_folder(options: LoadOptions) -> CellDataset:
     root = _require_dir(root, "image")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     labels: dict[Path, str] = {}
-    for class_dir in class_dirs:
+    skipped: list[Path] = []
+    for class_dir in class_dirs:  # a symlinked class folder is a folder too (is_dir follows links)
         for path in _list_images(class_dir):
             labels[path] = class_dir.name
+        skipped += sorted(p for p in class_dir.iterdir() if p.is_file() and not is_image_file(p))
+    if skipped:
+        logger.warning("%s", skipped_files_message(skipped))
     if not labels:
         raise DataError(f"{root}: no images found (expected ROOT/<class>/<image>.jpg)")
     csv_path = options.attributes_csv or (root / "attributes.csv" if (root / "attributes.csv").is_file() else None)
     attributes: dict[Path, dict[str, str]] = {}
     splits: dict[Path, str] = {}
+    csv_line: dict[Path, int] = {}
     if csv_path is not None:
         rows = read_csv_rows(csv_path, ATTRIBUTE_NAMES)
         by_name: dict[str, Path] = {p.name: p for p in labels}
@@ -362,13 +370,23 @@ def load_folder(options: LoadOptions) -> CellDataset:
                 path = by_name.get(name, root / name)
             if path not in labels:
                 raise DataError(f"{source}: image {path.name!r} is not in any class folder of {root}")
+            if path in csv_line:  # two rows for one image: which attributes and split hold would be a guess
+                raise DataError(f"{source}: image {path.name!r} has a row already (line {csv_line[path]}); "
+                                "keep one row per image")
+            csv_line[path] = line
             attributes[path] = validate_attributes(row, source)
             if row.get("split"):
                 if row["split"] not in SPLIT_NAMES:
                     raise DataError(f"{source}: unknown split {row['split']!r}")
                 splits[path] = row["split"]
     kept, report = deduplicate(labels, labels)
-    if splits and all(p in splits for p in kept):
+    if splits:  # a split column says where each image goes: all of them, or it is a mistake
+        missing = [p for p in kept if p not in splits]
+        if missing:
+            where = [f"line {csv_line[p]}" if p in csv_line else f"{p.name} (no row)" for p in missing[:SKIPPED_NAMES_SHOWN]]
+            raise DataError(f"{csv_path}: the 'split' column is filled for {len(kept) - len(missing)} of {len(kept)} images; "
+                            f"{len(missing)} have none ({', '.join(where)}{' ...' if len(missing) > len(where) else ''}); "
+                            "fill it for every image or leave it empty for a seeded split")
         assignment = {p: splits[p] for p in kept}
     else:
         keys = {p: str(p.relative_to(root)) for p in kept}

@@ -44,6 +44,7 @@ __all__ = [
     "as_rgb",
     "decode_image",
     "is_image_file",
+    "skipped_files_message",
     "preprocess_for",
 ]
 
@@ -79,6 +80,18 @@ class ImageDecodeError(DataError):
 def is_image_file(path: Path) -> bool:
     """True for file names with a common raster-image suffix (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+SKIPPED_NAMES_SHOWN = 3  # names quoted in the one-line note on skipped files
+
+
+def skipped_files_message(skipped: Sequence[Path]) -> str:
+    """One line on the files a folder walk left out because their names carry no image suffix (GIFs,
+    names without a suffix, notes): how many, and the first few names."""
+    names = ", ".join(Path(p).name for p in skipped[:SKIPPED_NAMES_SHOWN])
+    more = f" and {len(skipped) - SKIPPED_NAMES_SHOWN} more" if len(skipped) > SKIPPED_NAMES_SHOWN else ""
+    return (f"note: skipped {len(skipped)} file(s) without an image suffix ({', '.join(IMAGE_SUFFIXES)}): "
+            f"{names}{more}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -32,8 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
-from hemaclip.data.preprocess import CellView, decode_image, is_image_file, preprocess_for
+from hemaclip.data.preprocess import CellView, decode_image, is_image_file, preprocess_for, skipped_files_message
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
+from hemaclip.log import get_logger
 from hemaclip.tasks.familiarity import DEFAULT_METHOD
 from hemaclip.text.captions import (
     CHROMATIN_WORDS,
@@ -80,6 +81,8 @@ UNFAMILIAR_WARNING = (
     "Unfamiliar image: it lies outside what the model was trained on (another lab, stain or camera, or a cell "
     "type it does not know), so this reading may be wrong; check it by eye."
 )
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -550,18 +553,33 @@ def restrict_probabilities(probs: np.ndarray, mask: np.ndarray | None) -> np.nda
 
 
 def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
-    """Each input file as given, and image files under each directory (recursively, sorted)."""
+    """Each input file as given, and image files under each directory (recursively, sorted).
+
+    Symlinked folders are followed (a lab's export is often a tree of links), each real folder once, so a
+    link loop ends. Files without an image suffix (GIFs, names without one, notes) are skipped, and once
+    the walk is complete one warning says how many and names a few: nothing is left out without a word."""
+    skipped: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            seen: set[str] = set()
+            for root, dirs, files in os.walk(path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:  # a link back to a folder already walked
+                    dirs.clear()
+                    continue
+                seen.add(real)
                 dirs.sort()
                 for name in sorted(files):
                     candidate = Path(root) / name
                     if is_image_file(candidate):
                         yield candidate
+                    else:
+                        skipped.append(candidate)
         else:
             yield path  # missing or unreadable files become error records
+    if skipped:
+        logger.warning("%s", skipped_files_message(skipped))
 
 
 class Describer:

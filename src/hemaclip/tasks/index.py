@@ -44,7 +44,7 @@ from hemaclip.cache import cache_dir
 from hemaclip.data.preprocess import preprocess_for
 from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
-from hemaclip.io import atomic_write
+from hemaclip.io import atomic_write, path_to_text, text_to_path
 from hemaclip.log import get_logger
 
 __all__ = [
@@ -114,7 +114,8 @@ def _shard_key(checkpoint_id: str, stain: str, image_size: int, paths: Sequence[
     digest = hashlib.sha1(f"index-shard-v{INDEX_FORMAT}|{checkpoint_id}|{stain}|{image_size}\n".encode())
     for path in paths:
         stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not valid UTF-8 hashes to its own bytes (no crash).
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -135,6 +136,15 @@ def _read_shard(path: Path, key: str, rows: int, dim: int) -> np.ndarray | None:
         logger.warning("%s: damaged shard (%s); embedding its %d images again", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, rows)
         return None
     return features
+
+
+def _first_non_finite_row(embeddings: np.ndarray, rows_per_block: int = 65_536) -> int | None:
+    """The first row holding NaN or infinity, read a block at a time (the file is memory-mapped), or None."""
+    for start in range(0, len(embeddings), rows_per_block):
+        finite = np.isfinite(np.asarray(embeddings[start : start + rows_per_block])).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
 
 
 def _choose_kind(kind: str, n: int) -> str:
@@ -209,7 +219,7 @@ def _write_sqlite(path: Path, records: Sequence[CellRecord], meta: Mapping[str, 
                 (
                     (
                         row,
-                        str(r.path),
+                        path_to_text(r.path),  # a name that is not UTF-8 is stored with \xNN escapes
                         r.label,
                         r.split,
                         r.fine_label,
@@ -392,6 +402,10 @@ class CellIndex:
         try:
             con = sqlite3.connect(f"file:{path / _META_FILE}?mode=ro", uri=True)
             try:
+                # A damaged page shows up here, as one line naming the file, not later in a query.
+                problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise ValueError(f"damaged database: {problems[0]}")
                 meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
                 columns = {row[1] for row in con.execute("PRAGMA table_info(cells)")}
                 missing = [c for c in ("row", "path", *FILTER_COLUMNS) if c not in columns]
@@ -421,6 +435,10 @@ class CellIndex:
             raise DataError(f"{path}: index files cannot be read ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
         if embeddings.ndim != 2 or embeddings.shape != (meta.get("count"), meta.get("embed_dim")) or faiss_index.ntotal != len(embeddings):
             raise DataError(f"{path}: index files disagree with each other (rebuild with 'hemaclip index build')")
+        bad = _first_non_finite_row(embeddings)
+        if bad is not None:
+            raise DataError(f"{path / _EMBEDDINGS_FILE}: row {bad} holds NaN or infinite values (the file is damaged); "
+                            "rebuild the index with 'hemaclip index build'")
         if meta.get("kind") == "ivf":
             faiss_index.nprobe = int(meta.get("nprobe", 1))
         elif meta.get("kind") == "hnsw":
@@ -498,11 +516,11 @@ class CellIndex:
                 self._rows_by_path = {}
                 for path_, row in self._con.execute("SELECT path, row FROM cells ORDER BY row DESC"):
                     self._rows_by_path[str(path_)] = int(row)  # descending: the first row of a path wins
-            return self._rows_by_path.get(str(path))
+            return self._rows_by_path.get(path_to_text(path))
 
     def image_path(self, row: int) -> Path:
         """The image file of a row, exactly as listed in the index (the server serves nothing else)."""
-        return Path(self.record(row)["path"])
+        return text_to_path(self.record(row)["path"])
 
     def column_values(self, column: str) -> set[str]:
         """Distinct non-empty values of a filter column."""
@@ -545,6 +563,8 @@ class CellIndex:
             raise HemaclipError(f"query has {queries.shape[1]} dimensions but the index at {self.path} holds {self.dim}-d vectors")
         if k < 1:
             raise HemaclipError("k must be at least 1")
+        if not np.isfinite(queries).all():  # a NaN score is no ranking (and no valid JSON)
+            raise HemaclipError("the query's embedding holds NaN or infinite values: the model's weights are damaged")
         if where:
             subset = self.matching_rows(where)
             kk = min(k, len(subset))

@@ -40,6 +40,7 @@ from PIL import Image
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.errors import HemaclipError
+from hemaclip.io import path_to_text, text_to_path
 
 __all__ = [
     "REVIEW_STORE",
@@ -486,21 +487,23 @@ def _review_into(store: ReviewStore, describer: Any, model_sha1: str, inputs: Se
     files = list(iter_image_paths(inputs))
     if not files:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in inputs)}")
-    hashes = {str(p): file_sha1(p) if p.is_file() else "" for p in files}
+    # Sources are stored as path_to_text: a name that is not valid UTF-8 gets \xNN escapes (SQLite takes UTF-8 only).
+    hashes = {path_to_text(p): file_sha1(p) if p.is_file() else "" for p in files}
     changes = store.retire_missing(hashes, model_sha1)
     done = store.done_files(model_sha1)
-    todo = [p for p in files if (str(p), hashes[str(p)]) not in done]
+    todo = [p for p in files if (path_to_text(p), hashes[path_to_text(p)]) not in done]
     pending: list[tuple[str, str, str, list[dict[str, Any]], str | None]] = []
     described = describer.describe_paths(todo, batch_size=settings.batch_size, progress=progress)
     if adapter is not None:
         from hemaclip.tasks.adapter import adapt_description
 
         described = (adapt_description(adapter, d, describer.abstain_below) for d in described)
-    for source, group in _grouped_by_source(described):
+    for name, group in _grouped_by_source(described):
+        source = path_to_text(name)
         if group[0].error is not None:
             pending.append((source, hashes.get(source, ""), model_sha1, [], group[0].error))
         else:
-            image = decode_image(Path(source))
+            image = decode_image(Path(name))
             pending.append((source, hashes[source], model_sha1, [cell_row(d, image, settings) for d in group], None))
         if len(pending) >= settings.batch_size:
             store.add_files(pending)
@@ -739,7 +742,7 @@ def export_reviewed(store: ReviewStore, dest: str | Path, settings: ReviewSettin
         rows = []
         for c in cells:
             label = c["current"][CLASS_FIELD]
-            image = decode_image(Path(c["source"]))
+            image = decode_image(text_to_path(c["source"]))
             crop = image.crop(tuple(c["box"])) if c["box"] and c["cell_found"] else image
             (tmp / label).mkdir(exist_ok=True)
             crop.save(tmp / label / f"cell-{c['id']}.png")

@@ -192,3 +192,14 @@ def load_train_config(name_or_path: str | Path, overrides: dict[str, Any] | None
     """Read a training config by packaged name (e.g. 'default') or path; apply `overrides` on top."""
     path, payload = read_config(name_or_path, "train", "training config")
     return TrainConfig.from_dict(apply_overrides(payload, overrides), source=str(path))
+
+
+def saved_train_config(path: str | Path) -> dict[str, Any]:
+    """The training options a run folder's config.json holds (what `train --resume` continues with); a
+    damaged or foreign file is a one-line error naming it, never a JSONDecodeError traceback."""
+    path, payload = read_config(path, "train", "run config")
+    saved = payload.get("train")
+    if not isinstance(saved, dict):
+        raise HemaclipError(f"{path}: not a hemaclip run config (no 'train' block of options); "
+                            "restore it or start a new run in another --out")
+    return saved

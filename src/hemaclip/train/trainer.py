@@ -255,7 +255,7 @@ def train(
     info = init_distributed(config.device)
     try:
         # One run log per run folder (run.log), written by the main process only.
-        logged = run_log(out_dir, "train") if info.is_main else contextlib.nullcontext()
+        logged = run_log(out_dir, "train", keep_if="last.pt") if info.is_main else contextlib.nullcontext()
         with logged:
             return _train(config, RunPaths(Path(out_dir)), resume, data_root, info, progress, stop_after_steps)
     finally:

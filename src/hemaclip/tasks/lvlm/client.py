@@ -9,7 +9,12 @@ request budget and the "no request sent twice" guarantee harder to state.
 What it guarantees:
 
 * **Bounded concurrency**: at most `concurrency` requests in flight.
-* **Timeouts** per request; a timed-out request is retried.
+* **Timeouts** per request: `timeout_s` bounds the whole request (connect, send, every byte of the answer),
+  not each read, so a server dripping a byte at a time cannot hold a worker; a timed-out request is retried.
+* **A size limit** on each answer (`max_response_bytes`): the body is streamed and the request abandoned
+  past it, so a runaway answer never fills memory or the cache.
+* **An answer is a body with `choices`**: an HTTP 200 without them (or not JSON) is a failed attempt,
+  retried and never cached.
 * **Retries with exponential back-off** on timeouts, connection errors, 429 and 5xx; a ``Retry-After``
   header (seconds or an HTTP date) is honoured, and after a 429 every worker waits until then, not just
   the one that was told.
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -36,6 +43,7 @@ import httpx
 
 from hemaclip.errors import HemaclipError
 from hemaclip.log import get_logger
+from hemaclip.tasks.lvlm import MAX_RESPONSE_BYTES
 
 __all__ = ["BudgetExhausted", "ChatClient", "ChatResult", "ClientSettings", "EndpointError", "RequestFailed",
            "chat_url", "redact_url"]
@@ -58,12 +66,15 @@ class ClientSettings:
     max_requests: int | None = None
     max_tokens: int = 1024
     temperature: float = 0.0
+    max_response_bytes: int = MAX_RESPONSE_BYTES
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise HemaclipError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.timeout_s <= 0:
-            raise HemaclipError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise HemaclipError(f"timeout must be a finite number of seconds > 0, got {self.timeout_s}")
+        if self.max_response_bytes < 1:
+            raise HemaclipError(f"max response size must be >= 1 byte, got {self.max_response_bytes}")
         if self.max_retries < 0:
             raise HemaclipError(f"max retries must be >= 0, got {self.max_retries}")
         if self.max_requests is not None and self.max_requests < 0:
@@ -82,6 +93,23 @@ class RequestFailed(Exception):
 
 class BudgetExhausted(Exception):
     """The request budget is spent: nothing more is sent."""
+
+
+class _TooLarge(Exception):
+    """An answer's body passed `max_response_bytes` (the request is abandoned)."""
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What came back for one attempt: status, headers and the body's bytes (read within the limits)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -181,6 +209,22 @@ class ChatClient:
         delay = min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** (attempt - 1))
         return delay * (1.0 + 0.1 * random.random())  # a little jitter so workers do not retry in lockstep
 
+    async def _post(self, payload: Mapping[str, Any]) -> _Reply:
+        """One POST, the body streamed and abandoned past `max_response_bytes`."""
+        assert self._http is not None
+        cap = self.settings.max_response_bytes
+        async with self._http.stream("POST", self.url, json=payload) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise _TooLarge(int(declared))
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise _TooLarge(size)
+                chunks.append(chunk)
+            return _Reply(response.status_code, response.headers, b"".join(chunks))
+
     async def _wait_pause(self) -> None:
         wait = self._pause_until - time.monotonic()
         if wait > 0:
@@ -200,20 +244,26 @@ class ChatClient:
                 self._take_budget()
                 wait: float | None = None
                 try:
-                    response = await self._http.post(self.url, json=payload)
-                except httpx.TimeoutException:
+                    # The deadline covers the whole request, not each read of it.
+                    response = await asyncio.wait_for(self._post(payload), timeout=self.settings.timeout_s)
+                except (TimeoutError, httpx.TimeoutException):
                     last = f"timed out after {self.settings.timeout_s:g} s"
+                except _TooLarge as err:
+                    raise RequestFailed(f"answer larger than {self.settings.max_response_bytes} bytes "
+                                        f"({err.args[0]} bytes or more); abandoned") from None
                 except httpx.TransportError as err:
                     last = f"connection failed ({type(err).__name__})"
                 else:
-                    status = response.status_code
+                    status = response.status
                     if status == 200:
                         try:
-                            body = response.json()
+                            body = json.loads(response.body)
                         except ValueError:
                             last = "HTTP 200 with a body that is not JSON"
                         else:
-                            return ChatResult(_content(body), body, attempt, time.monotonic() - start)
+                            if isinstance(body, dict) and isinstance(body.get("choices"), list) and body["choices"]:
+                                return ChatResult(_content(body), body, attempt, time.monotonic() - start)
+                            last = "HTTP 200 without 'choices' (not an answer)"
                     else:
                         detail = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
                         last = f"HTTP {status}" + (f": {detail}" if detail else "")
