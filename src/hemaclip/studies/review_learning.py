@@ -4,7 +4,10 @@ Protocol (fixed before any number was seen):
 
 * **Reviewed cells** are drawn at random (as a reviewer meets them on slides, not class-balanced) from the
   other lab's **val** part only: 0, 20, 50 and 100 cells, 5 draws per size (seeds 0-4); their dataset labels
-  stand in for the reviewer's corrections. Sizes larger than the val part are left out.
+  stand in for the reviewer's corrections. A cell is a **source cell**: where a lab holds several near-duplicate
+  crops of one cell (LISC: 4-6), N reviewed cells are N source-cell groups with all their crops (issue 27; before,
+  N counted crops), and the adapter's cross-validation folds by those groups. Sizes larger than the val part's
+  number of source cells are left out.
 * **Scored** on that lab's **test** part, which shares no source cell with val (LISC: near-duplicate crops of
   one cell are grouped and whole groups split). Macro F1 over the lab's classes, a prediction outside them
   (the model also knows erythroblasts, immature granulocytes, platelets) counted as an error.
@@ -82,16 +85,17 @@ def _cross_fitted(features: np.ndarray, probs: np.ndarray, truth: Sequence[str],
         for fold in np.array_split(order, folds):
             held = np.array([i for g in fold for i in members[unique[g]]], dtype=int)
             learn = np.setdiff1d(np.arange(len(truth)), held)
-            adapter = fit_adapter(features[learn], probs[learn], [truth[i] for i in learn], classes, seed=repeat)
+            adapter = fit_adapter(features[learn], probs[learn], [truth[i] for i in learn], classes, seed=repeat,
+                                  groups=[groups[i] for i in learn])
             out[held] = adapter.probabilities(features[held], probs[held])
-            reviewed.append(len(learn))
+            reviewed.append(len(unique) - len(fold))
         predicted = [classes[i] for i in out.argmax(axis=1)]
         runs.append({"ece": reliability_bins(out, truth_index)["ece"], "ece_floor": ece_floor(out),
                      "accuracy": float(np.mean(out.argmax(axis=1) == truth_index)), "macro_f1": macro_f1(list(truth), predicted, labels),
                      "reviewed_per_fold": reviewed})
     summary = {key: {"mean": float(np.mean([r[key] for r in runs])), "sd": float(np.std([r[key] for r in runs], ddof=1)) if repeats > 1 else 0.0}
                for key in ("ece", "ece_floor", "accuracy", "macro_f1")}
-    return {"cells": len(truth), "folds": folds, "repeats": repeats, "reviewed_mean": float(np.mean([n for r in runs for n in r["reviewed_per_fold"]])),
+    return {"cells": len(unique), "crops": len(truth), "folds": folds, "repeats": repeats, "reviewed_mean": float(np.mean([n for r in runs for n in r["reviewed_per_fold"]])),
             "model_ece": reliability_bins(probs, truth_index)["ece"], "model_ece_floor": ece_floor(probs), **summary, "runs": runs}
 
 
@@ -117,20 +121,24 @@ def learning_curve(
     y_val = [r.label for r in val]
     y_test = [r.label for r in test]
     groups = [r.group or str(r.path) for r in test]
+    val_groups = [r.group or str(r.path) for r in val]
+    val_units = list(dict.fromkeys(val_groups))  # source cells of val, in order of appearance
+    val_members = {g: [i for i, h in enumerate(val_groups) if h == g] for g in val_units}
     model_pred = [classes[i] for i in np.argmax(pt, axis=1)]
     truth_index = np.array([classes.index(y) for y in y_test])
-    kept = [n for n in sizes if n <= len(val)]
-    if len(val) < max(sizes, default=0) and len(val) not in kept:  # a small val part: also review every one of its cells
-        kept.append(len(val))
+    kept = [n for n in sizes if n <= len(val_units)]
+    if len(val_units) < max(sizes, default=0) and len(val_units) not in kept:  # a small val part: review every source cell
+        kept.append(len(val_units))
     rows = []
     for n in kept:
         per_draw: dict[str, list[float]] = {"adapter": [], "embedding_only": []}
         eces: list[float] = []
         first: dict[str, Any] = {}
         for draw in range(draws if n > 0 else 1):
-            pick = np.random.default_rng(draw).choice(len(val), size=n, replace=False) if n else np.array([], dtype=int)
+            units = np.random.default_rng(draw).choice(len(val_units), size=n, replace=False) if n else []
+            pick = np.array(sorted(i for u in units for i in val_members[val_units[u]]), dtype=int)
             chosen = [y_val[i] for i in pick]
-            adapter = fit_adapter(fv[pick], pv[pick], chosen, classes, seed=draw)
+            adapter = fit_adapter(fv[pick], pv[pick], chosen, classes, seed=draw, groups=[val_groups[i] for i in pick])
             probs = adapter.probabilities(ft, pt) if n else pt
             bins = reliability_bins(probs, truth_index)
             eces.append(bins["ece"])
@@ -140,9 +148,11 @@ def learning_curve(
             for arm, pred in preds.items():
                 per_draw[arm].append(macro_f1(y_test, pred, labels))
             if draw == 0:
-                first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen)),
+                first = {"preds": preds, "l2": adapter.l2, "classes_seen": sorted(set(chosen)), "crops": len(pick),
+                         "paths": [str(val[i].path) for i in pick],
                          "reliability": bins, "ece_floor": ece_floor(probs)}
-        row: dict[str, Any] = {"reviewed": int(n), "every_val_cell": n == len(val), "classes_seen_draw0": first["classes_seen"],
+        row: dict[str, Any] = {"reviewed": int(n), "reviewed_crops_draw0": first["crops"], "every_val_cell": n == len(val_units),
+                               "classes_seen_draw0": first["classes_seen"], "reviewed_paths_draw0": first["paths"],
                                "l2_draw0": first["l2"],
                                "calibration": {"ece_draw0": eces[0], "ece_floor_draw0": first["ece_floor"],
                                                "ece_mean": float(np.mean(eces)),
@@ -161,9 +171,10 @@ def learning_curve(
                 row[arm]["minus_model_draw0"] = {k: diff[k] for k in ("difference", "low", "high", "p_value") if k in diff}
         rows.append(row)
     return {
-        "dataset": dataset, "labs": sorted({str(r.lab) for r in test}), "val_cells": len(val), "test_cells": len(test),
+        "dataset": dataset, "labs": sorted({str(r.lab) for r in test}), "val_cells": len(val_units), "val_crops": len(val),
+        "test_cells": len(set(groups)), "test_crops": len(test), "scored_paths": [str(r.path) for r in test],
         "test_groups": len(set(groups)), "labels": labels, "model_classes": classes, "draws": draws,
-        "protocol": "reviewed cells drawn at random from val (labels stand in for the reviewer); scored on test "
+        "protocol": "reviewed source cells (all their crops) drawn at random from val (labels stand in for the reviewer); scored on test "
                     "(no source cell shared); macro F1 over the lab's classes; 95 % cluster bootstrap over test groups "
                     "for draw 0, spread over draws; top-label ECE (15 bins) of the probabilities beside the floor a "
                     "perfectly calibrated model would show on the same test cells",
@@ -184,8 +195,8 @@ def write_learning_curve(results: Sequence[dict[str, Any]], out: str | Path, met
     lines = ["# Corrections that teach: other-lab macro F1 and calibration after n reviewed cells", "",
              f"Checkpoint SHA-1 {meta.get('checkpoint_sha1', '')[:12]}; {results[0]['protocol'] if results else ''}.", ""]
     for res in results:
-        lines += [f"## {res['dataset']} ({', '.join(res['labs'])}): {res['val_cells']} val cells to draw from, "
-                  f"{res['test_cells']} test cells in {res['test_groups']} groups", "",
+        lines += [f"## {res['dataset']} ({', '.join(res['labs'])}): {res['val_cells']} val source cells ({res['val_crops']} crops) "
+                  f"to draw from, {res['test_cells']} test source cells ({res['test_crops']} crops)", "",
                   "| reviewed cells | adapter, draw 0 [95 % CI] | adapter, 5 draws mean ± sd | adapter − model, draw 0 [95 % CI] | "
                   "embeddings-only LR, mean ± sd | ECE, draw 0 (floor) | ECE, mean ± sd |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
