@@ -5,8 +5,11 @@ In a folder that lies far from the training lab as a whole, the per-cell thresho
 such a folder a cell could instead be read without a flag only when it is at least as typical as a given quantile
 of the in-lab validation cells. This script scores the grid of quantiles on the other labs' **val** parts and
 chooses the largest one (fewest flags) whose unflagged val cells, pooled over the labs, are read right at least
-`TARGET` of the time (no unflagged cell counts as meeting it: nothing is read, nothing is wrong). The same rule is
-also applied leaving each lab out of the choice (does the choice depend on one lab?). The **test** parts then
+`TARGET` of the time. A quantile that leaves no val cell unflagged cannot be judged: it is skipped, never counted
+as meeting the target (issue 27: before, zero unflagged cells "met" it, so leaving a lab out could not fail);
+when no quantile is both judged and met, the bar cannot be chosen (null). The pooled number of unflagged val
+cells behind the choice is written beside it. The same rule is also applied leaving each lab out of the choice
+(does the choice depend on one lab?). The **test** parts then
 report what the chosen bar gives. Reading as `hemaclip describe` reads (shipped model, calibrated read-out, 5
 white-cell classes; any other class wrong). In-lab folders are not affected: the warning does not fire on them
 (reports/trust), so their cells keep the in-lab bar.
@@ -45,13 +48,14 @@ def _pooled(rows: list[dict], quantile: float) -> tuple[int, int]:
     return cells, right
 
 
-def choose(rows: list[dict]) -> float:
-    """The largest quantile whose pooled unflagged cells are right at least TARGET of the time."""
+def choose(rows: list[dict]) -> float | None:
+    """The largest quantile whose pooled unflagged cells (at least one) are right at least TARGET of the time;
+    None when no quantile is judged and met."""
     for q in QUANTILES:
         cells, right = _pooled(rows, q)
-        if cells == 0 or right / cells >= TARGET:
+        if cells > 0 and right / cells >= TARGET:
             return q
-    return QUANTILES[-1]
+    return None
 
 
 def main() -> None:
@@ -78,11 +82,13 @@ def main() -> None:
     val_rows = [table[f"{lab}/val"] for lab in OTHER_LABS]
     chosen = choose(val_rows)
     leave_one_out = {lab: choose([r for r in val_rows if r["lab"] != lab]) for lab in OTHER_LABS}
-    test = {lab: table[f"{lab}/test"]["by_quantile"][str(chosen)] for lab in OTHER_LABS}
+    test = {lab: table[f"{lab}/test"]["by_quantile"][str(chosen)] for lab in OTHER_LABS} if chosen is not None else None
+    behind = _pooled(val_rows, chosen)[0] if chosen is not None else 0
     write_json(args.out, {
         "what": "per-cell bar inside a shifted folder: in-lab (PBC val) quantile chosen on other labs' val parts, test reported",
         "date": str(date.today()), "target_accuracy_unflagged": TARGET, "quantiles": list(QUANTILES),
-        "bars": bars, "chosen_quantile": chosen, "chosen_leaving_out": leave_one_out, "test_at_chosen": test,
+        "bars": bars, "chosen_quantile": chosen, "val_cells_unflagged_at_chosen": behind,
+        "chosen_leaving_out": leave_one_out, "test_at_chosen": test,
         "table": table, "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
     })
     print("chosen", chosen, "leaving one lab out", leave_one_out, "test", test)
