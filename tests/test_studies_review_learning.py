@@ -4,12 +4,12 @@ after (ECE beside the floor a perfectly calibrated model would show) and a row w
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hemaclip.metrics.calibration import ece_floor, reliability_bins
+from test_data_other_labs import _small_lisc_root
 
 REVIEWED = 3  # source cells drawn in the small LISC test
 
@@ -43,16 +43,6 @@ def _recording_fit(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], lis
     return calls
 
 
-def _small_lisc(data_root: Path, tmp_path: Path, per_class: int) -> Path:
-    """A data root holding the first `per_class` LISC crops of each class (links; grouping all 1,292 takes minutes)."""
-    root = tmp_path / "data"
-    for cls in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"):
-        (root / "lisc" / cls).mkdir(parents=True)
-        for path in sorted((data_root / "lisc" / cls).glob("*.jpg"))[:per_class]:
-            (root / "lisc" / cls / path.name).symlink_to(path)
-    return root
-
-
 def test_lisc_reviewed_cells_are_val_source_cells_with_all_their_crops(data_root, tmp_path, monkeypatch) -> None:
     """LISC holds several near-duplicate crops per source cell: "N reviewed cells" draws N val source cells (all
     their crops), never a test cell, and n of the scored part counts source cells."""
@@ -65,7 +55,7 @@ def test_lisc_reviewed_cells_are_val_source_cells_with_all_their_crops(data_root
     _fake_readings(monkeypatch, classes)
     calls = _recording_fit(monkeypatch)
     describer = SimpleNamespace(readout=SimpleNamespace(class_names=classes))
-    root = _small_lisc(data_root, tmp_path, per_class=24)
+    root = _small_lisc_root(tmp_path, per_class=24)  # grouping all 1,292 LISC crops takes minutes
     ds = load_dataset("lisc", data_root=root)
     val, test = ds.split("val"), ds.split("test")
     group_of = {str(r.path): r.group or str(r.path) for r in [*val, *test]}
