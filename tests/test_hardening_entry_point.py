@@ -89,8 +89,10 @@ def test_ctrl_c_during_describe_exits_130_with_one_line(tiny_checkpoint: Path, t
     assert len(interrupted) == 1 and stderr.strip().splitlines()[-1] == interrupted[0], stderr
 
 
-# A tiny OpenAI-compatible server on 127.0.0.1 that misbehaves in one chosen way.
-MODES = ("always500", "rate_limit", "malformed", "no_choices", "drip", "huge")
+# A tiny OpenAI-compatible server on 127.0.0.1 that misbehaves in one chosen way; how each case is run: through
+# the console script, or through the same `hemaclip.cli.main` in this process (no interpreter start-up).
+MODES = {"always500": "entry point", "rate_limit": "in process", "malformed": "in process", "no_choices": "in process",
+         "drip": "entry point", "huge": "in process"}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -166,15 +168,21 @@ def one_cell_sample(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_incomplete_lvlm_run_exits_2(mode: str, bad_server: _Server, one_cell_sample: Path, data_root: Path, tmp_path: Path) -> None:
+def test_incomplete_lvlm_run_exits_2(mode: str, bad_server: _Server, one_cell_sample: Path, data_root: Path, tmp_path: Path,
+                                     main_in_process) -> None:
     bad_server.mode = mode  # type: ignore[attr-defined]
+    args = ("lvlm", "run", "--endpoint", f"http://127.0.0.1:{bad_server.server_address[1]}/v1", "--model", "m",
+            "--out", str(tmp_path / "run"), "--sample", str(one_cell_sample), "--data", str(data_root),
+            "--max-retries", "0", "--timeout", "1.5", "--max-response-mb", "1")
     start = time.monotonic()
-    result = hemaclip("lvlm", "run", "--endpoint", f"http://127.0.0.1:{bad_server.server_address[1]}/v1", "--model", "m",
-                      "--out", str(tmp_path / "run"), "--sample", str(one_cell_sample), "--data", str(data_root),
-                      "--max-retries", "0", "--timeout", "1.5", "--max-response-mb", "1", cwd=tmp_path)
+    if MODES[mode] == "entry point":
+        result = hemaclip(*args, cwd=tmp_path)
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        code, stdout, stderr = main_in_process(*args)
     elapsed = time.monotonic() - start
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "incomplete" in result.stdout
+    assert code == 2, (code, stdout, stderr)
+    assert "Traceback" not in stderr and "incomplete" in stdout
     answers = [json.loads(line) for line in (tmp_path / "run" / "answers" / "zero-shot.jsonl").read_text().splitlines()]
     assert [a["status"] for a in answers] == ["failed"]
     expected = {"always500": "HTTP 500", "rate_limit": "HTTP 429", "malformed": "not JSON", "no_choices": "without 'choices'",
@@ -207,12 +215,16 @@ def test_no_choices_is_not_cached_and_budget_spent_exits_2(bad_server: _Server, 
     assert spent.returncode == 2 and "1 not sent" in spent.stdout, (spent.stdout, spent.stderr)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
-def test_timeout_must_be_finite_and_positive(value: str, tmp_path: Path) -> None:
-    result = hemaclip("lvlm", "run", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(tmp_path / "run"),
-                      "--timeout", value, cwd=tmp_path)
+def test_timeout_must_be_finite_and_positive(tmp_path: Path, main_in_process) -> None:
+    args = ("lvlm", "run", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(tmp_path / "run"), "--timeout")
+    result = hemaclip(*args, "nan", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result)[-1].startswith("Error: Invalid value for '--timeout'"), result.stderr
+    for value in ("inf", "-inf", "0", "-1"):
+        code, _, stderr = main_in_process(*args, value)
+        assert code == 2 and stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '--timeout'"), (value, stderr)
+    code, _, stderr = main_in_process(*args[:-1], "--max-response-mb", "nan")
+    assert code == 2 and "'--max-response-mb'" in stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -228,7 +240,8 @@ def test_usage_and_user_errors_keep_their_codes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ #
 
 
-def test_a_file_where_a_folder_is_expected_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_file_where_a_folder_is_expected_is_one_line(tiny_checkpoint: Path, tmp_path: Path, main_in_process) -> None:
+    """Two through the console script, all seven through `hemaclip.cli.main` in this process."""
     image = write_pngs(tmp_path / "cells", 1)[0]
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder\n")
@@ -242,25 +255,29 @@ def test_a_file_where_a_folder_is_expected_is_one_line(tiny_checkpoint: Path, tm
         "lvlm run --out": ("lvlm", "run", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(blocker)),
         "train --out": ("train", "--config", "tiny", "--out", str(blocker)),
     }
+    for name in ("describe --saliency", "lvlm run --out"):
+        assert_one_line(hemaclip(*cases[name], cwd=tmp_path), "not a folder")
     for name, args in cases.items():
-        result = hemaclip(*args, cwd=tmp_path)
-        assert result.returncode == 1, (name, result.stderr)
-        assert "Traceback" not in result.stderr, (name, result.stderr)
-        assert error_lines(result)[-1].startswith("error: ") and "not a folder" in error_lines(result)[-1], (name, result.stderr)
+        code, _, stderr = main_in_process(*args)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 1 and "Traceback" not in stderr, (name, stderr)
+        assert lines[-1].startswith("error: ") and "not a folder" in lines[-1] and str(blocker) in lines[-1], (name, stderr)
     assert blocker.read_text() == "a file, not a folder\n"
 
 
-def test_resume_with_damaged_config_is_one_line(tmp_path: Path) -> None:
+def test_resume_with_damaged_config_is_one_line(tmp_path: Path, main_in_process) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"train": {"epochs": 2,')  # cut short
     (run / "last.pt").write_bytes(b"")
     assert_one_line(hemaclip("train", "--out", str(run), "--resume", cwd=tmp_path), "config.json")
     (run / "config.json").write_text('["not", "a", "run", "config"]')
-    assert_one_line(hemaclip("train", "--out", str(run), "--resume", cwd=tmp_path), "config.json")
+    code, _, stderr = main_in_process("train", "--out", str(run), "--resume")
+    assert code == 1 and len(stderr.strip().splitlines()) == 1 and "config.json" in stderr, stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "last.pt"]
 
 
+@pytest.mark.slow  # 16-19 s here: two real runs through the console script
 def test_refused_training_leaves_nothing_behind(tmp_path: Path) -> None:
     """A folder training refused after its split was drawn (too few images for a batch) leaves no run.log,
     config.json or splits/; a refused --resume leaves no folder."""
@@ -296,6 +313,7 @@ def latin1_folder(tmp_path: Path) -> Path:
     return tmp_path / "cells"
 
 
+@pytest.mark.slow  # 16-19 s here: two real runs through the console script
 def test_review_takes_a_file_name_that_is_not_utf8(tiny_checkpoint: Path, latin1_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "review"
     first = hemaclip("review", str(latin1_folder), "--checkpoint", str(tiny_checkpoint), "--out", str(out), cwd=tmp_path)
@@ -357,13 +375,21 @@ def _copy_index(src: Path, dest: Path) -> Path:
 
 
 def test_corrupt_page_in_index_metadata_is_one_line(small_index: Path, tmp_path: Path) -> None:
+    """The page of the label index overwritten: opening and counting rows still work, `index info` (which groups
+    by label) used to die with a DatabaseError traceback."""
+    import sqlite3
+
     index = _copy_index(small_index, tmp_path / "damaged.index")
     meta = index / "meta.sqlite"
-    page = 4096
-    assert meta.stat().st_size >= 4 * page
-    with meta.open("r+b") as handle:  # a page of the cells table overwritten (the header page intact)
-        handle.seek(2 * page)
-        handle.write(b"\xa5" * page)
+    con = sqlite3.connect(meta)
+    try:
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'by_label'").fetchone()
+    finally:
+        con.close()
+    with meta.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xa5" * page_size)
     assert_one_line(hemaclip("index", "info", str(index), cwd=tmp_path), "meta.sqlite")
 
 
@@ -456,10 +482,16 @@ def linked_tree(tmp_path: Path) -> Path:
 
 
 def test_walk_follows_symlinked_folders_and_says_what_it_skipped(linked_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     from hemaclip.tasks.describe import iter_image_paths
 
-    with caplog.at_level("WARNING"):
+    package = logging.getLogger("hemaclip")  # the CLI's setup stops propagation to the root logger caplog watches
+    package.addHandler(caplog.handler)
+    try:
         found = list(iter_image_paths([linked_tree]))
+    finally:
+        package.removeHandler(caplog.handler)
     assert sorted(p.name for p in found) == ["cell0000.png", "cell0001.png", "linked0000.png", "linked0001.png", "linked0002.png"]
     notes = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(notes) == 1 and "skipped 2 file(s)" in notes[0] and "anim.gif" in notes[0] and "noext" in notes[0], notes
