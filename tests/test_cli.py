@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,13 +13,36 @@ import pytest
 from hemaclip.models.default import default_checkpoint_path
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["data", "summary"], ["captions"], ["export"], ["demo"]])
-def test_every_command_has_help_with_an_example(command: list[str], run_cli) -> None:
-    result = run_cli(*command, "--help")
+ENTRY_POINT = Path(sys.executable).with_name("hemaclip")  # the installed console script, as a user runs it
+
+
+def _help(*command: str) -> list[str]:
+    """`hemaclip COMMAND --help` through the installed entry point, wide enough that no line wraps."""
+    result = subprocess.run([str(ENTRY_POINT), *command, "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 0, result.stderr
-    assert "Usage" in result.stdout
-    if command:
-        assert "Example" in result.stdout or "hemaclip" in result.stdout
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "summary"], ["captions"], ["export"], ["demo"]])
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    """Besides the usage line, the help shows the command run with at least one option (an example to copy)."""
+    lines = _help(*command)
+    words = " ".join(command)
+    assert any(line.strip().startswith(f"Usage: hemaclip {words} [OPTIONS]") for line in lines), "\n".join(lines)
+    example = re.compile(rf"\bhemaclip(?:\.cli)? {re.escape(words)} --?\w")
+    assert any(example.search(line) for line in lines if "Usage:" not in line), "\n".join(lines)
+
+
+def test_top_level_help_lists_every_command() -> None:
+    from hemaclip.cli import app
+
+    lines = _help()
+    assert any(line.strip().startswith("Usage: hemaclip [OPTIONS] COMMAND") for line in lines), "\n".join(lines)
+    names = [c.name for c in app.registered_commands if c.hidden is not True] + \
+            [g.name for g in app.registered_groups if g.hidden is not True]
+    listed = {line.strip("│ ").split(" ")[0] for line in lines if line.startswith("│ ")}
+    assert len(names) > 10 and set(names) <= listed, sorted(set(names) - listed)
 
 
 def test_the_default_model_is_shipped_and_small() -> None:
