@@ -95,7 +95,7 @@ def describe(
     adapt: Annotated[str, typer.Option("--adapt", help="Test-time adaptation to the images given: 'none', 'bn' "
                                        "(re-estimate the model's BatchNorm statistics on them first) or 'entropy' "
                                        "(Tent: tune BatchNorm scales so the class read-out is confident on them). "
-                                       "Neither helped on the other labs measured (README, Other labs).")] = "none",
+                                       "Neither helped on the other labs measured (docs/research-log.md, Other labs).")] = "none",
     classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes the pictures can show, e.g. "
                                                    "'basophil,eosinophil,lymphocyte,monocyte,neutrophil' for a white-cell-only "
                                                    "export: the class read-out is renormalised over them (default: every class "

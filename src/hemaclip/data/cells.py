@@ -9,7 +9,7 @@ same code. `crop_cell` then centres each cell in a square of a fixed multiple of
 with the smear's background colour (not black, not reflected: both invent structure).
 
 The segmenter was trained on the Zheng 2018 expert masks (nucleus/cytoplasm, no class labels) with
-strong colour, scale and blur augmentation; its cross-validated localisation is in the README.
+strong colour, scale and blur augmentation; its cross-validated localisation is in docs/research-log.md (Other labs).
 """
 from __future__ import annotations
 

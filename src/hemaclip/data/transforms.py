@@ -4,7 +4,7 @@ Cells have no canonical orientation, so flips and 90-degree rotations are free a
 defaults keep colour jitter small because colour *is* a labelled attribute (granule and cytoplasm
 colour); the other-lab levers (stain and colour shifts, grey, gamma, blur, JPEG, lower resolution,
 zoom) are off by default and switched on by a training config's `augmentation` block, each measured
-in the other-labs study (README, "Other labs").
+in the other-labs study (docs/research-log.md, "Other labs").
 """
 
 from __future__ import annotations

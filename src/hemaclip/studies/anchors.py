@@ -1,6 +1,6 @@
 """Published figures hemaclip is read beside: each with its paper, table, split and metric, and where hemaclip's
-protocol differs. All are quoted from the papers, none reproduced here. One list for the README table and the
-report section, so the two cannot drift apart."""
+protocol differs. All are quoted from the papers, none reproduced here. One list for the table in
+docs/evaluation-protocol.md and the report section, so the two cannot drift apart."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class DescribeSettings:
-    """Defaults of `hemaclip describe`; chosen on the WBCAtt val split (see the README), never on test."""
+    """Defaults of `hemaclip describe`; chosen on the WBCAtt val split (see docs/research-log.md), never on test."""
 
     # An attribute is stated when its calibrated probability exceeds this.
     attribute_threshold: float = 0.7
