@@ -15,22 +15,19 @@ Writes bench/results/cell_finding.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.cells import find_cells, primary_cell, segmenter_id  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.other_labs import load_mask  # noqa: E402
-from hemaclip.data.preprocess import decode_image  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.data.cells import find_cells, primary_cell, segmenter_id
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.other_labs import load_mask
+from hemaclip.data.preprocess import decode_image
+from hemaclip.io import write_json
 
 # 5-fold cross-validation by image of the same U-Net recipe (development run of 2026-12-01, scratch scripts
 # train_segmenter.py / eval_segmenter.py; not in the repository): share of images with box IoU >= 0.8.

@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.preprocess import decode_image  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.preprocess import decode_image
+from hemaclip.io import write_json
 
 
 def peak_rss_mib() -> float:

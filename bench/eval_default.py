@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.io import display_path, write_json  # noqa: E402
-from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
-from hemaclip.models.default import default_checkpoint_path  # noqa: E402
-from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
-from hemaclip.text.prompts import load_prompts  # noqa: E402
-from hemaclip.train.validate import validate  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.image_cache import decoded_images
+from hemaclip.io import display_path, write_json
+from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.default import default_checkpoint_path
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.text.prompts import load_prompts
+from hemaclip.train.validate import validate
 
 
 def main() -> None:

@@ -9,18 +9,15 @@ Writes bench/results/eval_time.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.studies.evaluate import run_evaluation  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.studies.evaluate import run_evaluation
+from hemaclip.io import write_json
 
 
 def timed(**kwargs) -> tuple[float, dict]:

@@ -25,16 +25,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-import hemaclip.train.trainer as trainer  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading  # noqa: E402
-from hemaclip.tasks.describe import Describer  # noqa: E402
-from hemaclip.train.config import load_train_config  # noqa: E402
+import hemaclip.train.trainer as trainer
+from hemaclip.data.datasets import load_dataset
+from hemaclip.io import write_json
+from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading
+from hemaclip.tasks.describe import Describer
+from hemaclip.train.config import load_train_config
 
 BENCH = Path(__file__).resolve().parent
 CONFIG = BENCH / "configs" / "finetune_pbc.json"

@@ -30,17 +30,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.cells import background_colour  # noqa: E402
-from hemaclip.data.corruptions import corrupt_batch  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.preprocess import CellView, decode_image  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.studies.other_labs import OTHER_LABS, LabReading, score_reading  # noqa: E402
-from hemaclip.tasks.describe import Describer  # noqa: E402
+from hemaclip.data.cells import background_colour
+from hemaclip.data.corruptions import corrupt_batch
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.preprocess import CellView, decode_image
+from hemaclip.io import write_json
+from hemaclip.studies.other_labs import OTHER_LABS, LabReading, score_reading
+from hemaclip.tasks.describe import Describer
 
 FACTORS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.12, 1.25, 1.4)
 CHOICE_GRID = tuple(f for f in FACTORS if f <= 1.25)

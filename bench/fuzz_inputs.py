@@ -1,7 +1,7 @@
 """Fuzz hemaclip's input handling with many more cases than the test suite runs, and count outcomes.
 
-  python bench/fuzz_inputs.py                 # -> bench/results/fuzz_inputs.json
-  python bench/fuzz_inputs.py --scale 0.1     # a quick pass
+  python -m bench.fuzz_inputs                 # -> bench/results/fuzz_inputs.json
+  python -m bench.fuzz_inputs --scale 0.1     # a quick pass
 
 Each case is a file handed to `decode_image` (random bytes behind real magic numbers, truncated and
 bit-flipped real cell images, odd modes, EXIF orientations, decompression-bomb headers) or an
@@ -28,16 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.preprocess import decode_image  # noqa: E402
-from hemaclip.data.paths import resolve_data_root  # noqa: E402
-from hemaclip.errors import DataError  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.preprocess import decode_image
+from hemaclip.data.paths import resolve_data_root
+from hemaclip.errors import DataError
+from hemaclip.io import write_json
 
 MAGIC = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBP"]
 JPEG_MAGIC = b"\xff\xd8"
@@ -217,7 +215,7 @@ def main() -> None:
     payload = {
         "what": "bad-input fuzzing of image decoding and attribute-CSV parsing (outcome counts)",
         "date": str(date.today()),
-        "command": f"python bench/fuzz_inputs.py --scale {args.scale} --seed {args.seed}",
+        "command": f"python -m bench.fuzz_inputs --scale {args.scale} --seed {args.seed}",
         "outcomes": {k: dict(v) for k, v in sorted(tally.counts.items())},
         "totals": dict(totals),
         "problem_examples": dict(tally.examples),

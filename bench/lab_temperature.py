@@ -14,15 +14,12 @@ Writes bench/results/lab_temperature.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import machine_info  # noqa: E402
+from bench.machine import machine_info
 
 from hemaclip.cache import file_sha1  # noqa: E402
 from hemaclip.data.datasets import load_dataset  # noqa: E402
@@ -78,7 +75,7 @@ def main() -> None:
         "checkpoint": path.name, "checkpoint_sha1": file_sha1(path), "labs": rows,
         "target": "ECE <= 0.10 on every other lab (issue 14)",
         "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
-        "command": "python bench/lab_temperature.py",
+        "command": "python -m bench.lab_temperature",
     })
 
 

@@ -1,6 +1,6 @@
 """Record how a model was trained (command, wall time, machine, per-epoch validation) as bench JSON.
 
-Usage: python bench/record_training.py runs/default --command "hemaclip train --config default --out runs/default" \
+Usage: python -m bench.record_training runs/default --command "hemaclip train --config default --out runs/default" \
            --wall-seconds 2700 --note "..."
 """
 
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.io import write_json
 
 
 def main() -> None:

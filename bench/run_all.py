@@ -1,8 +1,10 @@
 """Run the whole benchmark suite: every bench/*.py, one after another, each in its own process.
 
-    python bench/run_all.py                  # everything, on the CPU  (= `make bench`)
-    python bench/run_all.py --device cuda    # where a GPU is lent: scripts that take --device use it
-    python bench/run_all.py --only describe_speed,search_speed
+From the repository root (bench is a package; each script runs as `python -m bench.NAME`):
+
+    python -m bench.run_all                  # everything, on the CPU  (= `make bench`)
+    python -m bench.run_all --device cuda    # where a GPU is lent: scripts that take --device use it
+    python -m bench.run_all --only describe_speed,search_speed
 
 Each script writes its own JSON (bench/results/<script>.json) with its figures beside a baseline measured
 in the same process, so ratios, not absolute times, carry meaning on a noisy machine. This runner also
@@ -24,12 +26,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from bench.machine import machine_info
+from hemaclip.io import atomic_write, display_path, write_json
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from machine import machine_info  # noqa: E402
-
-from hemaclip.io import atomic_write, display_path, write_json  # noqa: E402
+REPO = BENCH_DIR.parent
 
 # Files in bench/ that are not benchmarks, and why.
 NOT_BENCHMARKS = {
@@ -47,17 +48,25 @@ def discover() -> list[Path]:
     return sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("_"))
 
 
+def target(script: Path) -> list[str]:
+    """How Python runs `script`: a bench script as its module (`-m bench.NAME`, from the repository root, so
+    it imports `bench.machine` like any package), any other file by its path."""
+    return ["-m", f"bench.{script.stem}"] if script.resolve().parent == BENCH_DIR else [str(script)]
+
+
 def _accepts(script: Path, flag: str) -> bool:
     """Whether the script's --help lists `flag` (benchmarks are argparse scripts)."""
     try:
-        text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
+        text = subprocess.run([sys.executable, *target(script), "--help"], capture_output=True, text=True, timeout=120,
+                              cwd=REPO).stdout
     except subprocess.TimeoutExpired:
         return False
     return flag in text
 
 
-# Runs a benchmark script as __main__ and, at exit, writes the process's own peak resident memory (VmHWM,
-# which a new program image starts afresh, unlike the rusage high-water mark a fork inherits from us).
+# Runs a benchmark (`-m MODULE ARGS` or `PATH ARGS`) as __main__ and, at exit, writes the process's own peak
+# resident memory (VmHWM, which a new program image starts afresh, unlike the rusage high-water mark a fork
+# inherits from us). `python -c` puts the working folder (the repository root) first on the import path.
 _CHILD = """
 import atexit, os, runpy, sys
 def _peak():
@@ -65,16 +74,19 @@ def _peak():
         if line.startswith('VmHWM:'):
             open(os.environ['HEMACLIP_BENCH_PEAK'], 'w').write(line.split()[1])
 atexit.register(_peak)
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-runpy.run_path(sys.argv[0], run_name='__main__')
+if sys.argv[1] == '-m':
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
 def run_one(script: Path, device: str, results_dir: Path, timeout: float, log_dir: Path) -> dict[str, Any]:
     """Run one benchmark in a child process; return its status, timings, peak memory and JSON output."""
     out = results_dir / f"{script.stem}.json"
-    command = [str(script)]
+    command = target(script)
     if _accepts(script, "--out"):
         command += ["--out", str(out)]
     if device != "cpu" and _accepts(script, "--device"):
@@ -90,7 +102,7 @@ def run_one(script: Path, device: str, results_dir: Path, timeout: float, log_di
             [sys.executable, "-c", _CHILD, *command],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            cwd=BENCH_DIR.parent,
+            cwd=REPO,
             env={**os.environ, "HEMACLIP_BENCH_PEAK": str(peak_file)},
         )
         try:
@@ -190,7 +202,7 @@ def main() -> int:
 
     machine = machine_info()
     suite: dict[str, Any] = {
-        "what": "hemaclip benchmark suite (bench/run_all.py)",
+        "what": "hemaclip benchmark suite (python -m bench.run_all)",
         "date": date.today().isoformat(),
         "device": args.device,
         "machine": machine,

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.tasks.index import IndexSettings, build_faiss  # noqa: E402
+from hemaclip.io import write_json
+from hemaclip.tasks.index import IndexSettings, build_faiss
 
 RECALL_TARGET = 0.95
 

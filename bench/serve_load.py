@@ -35,12 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.io import write_json
 
 RSS_LIMIT_MIB = 2048
 TARGET_RATIO = 0.70

@@ -15,28 +15,25 @@ Writes bench/results/shift_temperature.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.cache import file_sha1  # noqa: E402
-from hemaclip.data.corruptions import corrupt  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.preprocess import decode_image, preprocess_for  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.metrics.calibration import expected_calibration_error, negative_log_likelihood, softmax  # noqa: E402
-from hemaclip.models.checkpoint import load_for_inference  # noqa: E402
-from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.models.inference import image_outputs  # noqa: E402
-from hemaclip.tasks.describe import Readout, load_calibration  # noqa: E402
-from hemaclip.tasks.familiarity import load_familiarity  # noqa: E402
-from hemaclip.tasks.features import extract_features  # noqa: E402
+from hemaclip.cache import file_sha1
+from hemaclip.data.corruptions import corrupt
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.preprocess import decode_image, preprocess_for
+from hemaclip.io import write_json
+from hemaclip.metrics.calibration import expected_calibration_error, negative_log_likelihood, softmax
+from hemaclip.models.checkpoint import load_for_inference
+from hemaclip.models.default import resolve_checkpoint
+from hemaclip.models.inference import image_outputs
+from hemaclip.tasks.describe import Readout, load_calibration
+from hemaclip.tasks.familiarity import load_familiarity
+from hemaclip.tasks.features import extract_features
 
 CORRUPTIONS = ("stain_shift", "brightness", "contrast", "defocus_blur", "jpeg", "resolution_drop")
 SEVERITIES = (2, 4, 5)

@@ -27,15 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab  # noqa: E402
-from hemaclip.tasks.describe import Describer  # noqa: E402
-from hemaclip.tasks.familiarity import FLAG_QUANTILE  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.io import write_json
+from hemaclip.studies.other_labs import OTHER_LABS, read_lab
+from hemaclip.tasks.describe import Describer
+from hemaclip.tasks.familiarity import FLAG_QUANTILE
 
 QUANTILES = (FLAG_QUANTILE, 0.9, 0.75, 0.5, 0.25)
 TARGET = 0.90  # issue 14: accuracy on the cells not flagged

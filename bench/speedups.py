@@ -16,7 +16,6 @@ Writes bench/results/speedups.json (or --out).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from datetime import date
@@ -27,21 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.attributes import ATTRIBUTES  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.data.preprocess import decode_image  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
-from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.models.inference import image_outputs  # noqa: E402
-from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
-from hemaclip.models.zero_shot import build_zero_shot_classifier  # noqa: E402
-from hemaclip.text.prompts import load_prompts  # noqa: E402
+from hemaclip.data.attributes import ATTRIBUTES
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.preprocess import decode_image
+from hemaclip.io import write_json
+from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.default import resolve_checkpoint
+from hemaclip.models.inference import image_outputs
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.models.zero_shot import build_zero_shot_classifier
+from hemaclip.text.prompts import load_prompts
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:

@@ -1,8 +1,8 @@
 """Stain studies: does stain normalisation help on stain-shifted / other-lab images, and does HED stain
 jitter at training time make a model more robust to stain shift?
 
-  python bench/stain_studies.py normalisation          # -> bench/results/stain_normalisation.json
-  python bench/stain_studies.py augmentation --runs runs/stainaug-j0.0 runs/stainaug-j0.2
+  python -m bench.stain_studies normalisation          # -> bench/results/stain_normalisation.json
+  python -m bench.stain_studies augmentation --runs runs/stainaug-j0.0 runs/stainaug-j0.2
                                                         # -> bench/results/stain_augmentation.json
 
 Both files carry a `report_section` that `hemaclip robustness --study FILE` renders into its report.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from datetime import date
@@ -22,22 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer, normalize_batch  # noqa: E402
-from hemaclip.io import display_path, write_json  # noqa: E402
-from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
-from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.models.inference import image_outputs  # noqa: E402
-from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
-from hemaclip.tasks.probes import sample_per_class  # noqa: E402
-from hemaclip.tasks.robustness import RobustnessConfig, run_robustness  # noqa: E402
-from hemaclip.tasks.zero_shot import class_embeddings  # noqa: E402
-from hemaclip.text.prompts import load_prompts  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.stain import NORMALIZER_NAMES, get_normalizer, normalize_batch
+from hemaclip.io import display_path, write_json
+from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.default import resolve_checkpoint
+from hemaclip.models.inference import image_outputs
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.tasks.probes import sample_per_class
+from hemaclip.tasks.robustness import RobustnessConfig, run_robustness
+from hemaclip.tasks.zero_shot import class_embeddings
+from hemaclip.text.prompts import load_prompts
 
 RESULTS = Path(__file__).parent / "results"
 PER_CLASS = 60
@@ -102,7 +99,7 @@ def normalisation(checkpoint: Path | None, out: Path) -> None:
     payload = {
         "what": "stain normalisation (none / Macenko / Reinhard, shipped PBC reference) before the default model",
         "date": str(date.today()),
-        "command": "python bench/stain_studies.py normalisation",
+        "command": "python -m bench.stain_studies normalisation",
         "checkpoint": display_path(path),
         "wbcatt_test_subset": {"per_class": PER_CLASS, "seed": SEED, "n_images": len(records),
                                "corruption": "stain_shift severities 4 and 5 (hemaclip.data.corruptions)", "scores": shifted},
@@ -165,7 +162,7 @@ def augmentation(runs: list[Path], out: Path) -> None:
         "date": str(date.today()),
         "command": ("hemaclip train --config default --out runs/stainaug-jJ --set epochs=2 --set max_train_images=3000 "
                     "--set max_val_images=500 --set warmup_steps=30 --set stain_jitter=J (J = 0.0, 0.2); "
-                    "python bench/stain_studies.py augmentation --runs runs/stainaug-j0.0 runs/stainaug-j0.2"),
+                    "python -m bench.stain_studies augmentation --runs runs/stainaug-j0.0 runs/stainaug-j0.2"),
         "test_subset": {"per_class": PER_CLASS, "seed": SEED},
         "arms": arms,
         "machine": machine_info(),

@@ -27,20 +27,17 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.data.image_cache import decoded_images  # noqa: E402
-from hemaclip.data.preprocess import Preprocess  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.models.adapt import EntropySettings, adapt_entropy  # noqa: E402
-from hemaclip.models.inference import prepare_for_inference  # noqa: E402
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading  # noqa: E402
-from hemaclip.tasks.describe import Describer  # noqa: E402
+from hemaclip.data.datasets import load_dataset
+from hemaclip.data.image_cache import decoded_images
+from hemaclip.data.preprocess import Preprocess
+from hemaclip.io import write_json
+from hemaclip.models.adapt import EntropySettings, adapt_entropy
+from hemaclip.models.inference import prepare_for_inference
+from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading
+from hemaclip.tasks.describe import Describer
 
 FRAMES = ("2.0", "2.4", "2.8")
 ENTROPY_ARMS = {"entropy-source": EntropySettings(statistics="source"), "entropy-batch": EntropySettings(statistics="batch")}

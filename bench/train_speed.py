@@ -8,7 +8,6 @@ extra work costs, whatever the machine's absolute speed. Writes bench/results/tr
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -16,13 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.models import create_model, list_models  # noqa: E402
-from hemaclip.models.losses import aux_supervised_loss, build_loss  # noqa: E402
+from hemaclip.io import write_json
+from hemaclip.models import create_model, list_models
+from hemaclip.models.losses import aux_supervised_loss, build_loss
 
 
 def _timed(step, warmup: int, repeats: int) -> float:

@@ -26,23 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.cache import file_sha1  # noqa: E402
-from hemaclip.data.attributes import ATTRIBUTES  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.errors import HemaclipError  # noqa: E402
-from hemaclip.io import display_path, write_json  # noqa: E402
-from hemaclip.metrics.baselines import trivial_baselines  # noqa: E402
-from hemaclip.metrics.classification import macro_f1  # noqa: E402
-from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
-from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
-from hemaclip.tasks.features import extract_features  # noqa: E402
-from hemaclip.tasks.zero_shot import zero_shot_attributes, zero_shot_classes  # noqa: E402
-from hemaclip.text.prompts import DATASET_CLASSES, PromptSet, load_prompts  # noqa: E402
+from hemaclip.cache import file_sha1
+from hemaclip.data.attributes import ATTRIBUTES
+from hemaclip.data.datasets import load_dataset
+from hemaclip.errors import HemaclipError
+from hemaclip.io import display_path, write_json
+from hemaclip.metrics.baselines import trivial_baselines
+from hemaclip.metrics.classification import macro_f1
+from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.default import resolve_checkpoint
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.tasks.features import extract_features
+from hemaclip.tasks.zero_shot import zero_shot_attributes, zero_shot_classes
+from hemaclip.text.prompts import DATASET_CLASSES, PromptSet, load_prompts
 
 DATASET = "wbcatt"
 SPLIT = "test"

@@ -23,20 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.machine import machine_info
 
-from machine import machine_info  # noqa: E402
-
-from hemaclip.cache import file_sha1  # noqa: E402
-from hemaclip.data.datasets import load_dataset  # noqa: E402
-from hemaclip.io import write_json  # noqa: E402
-from hemaclip.metrics.classification import macro_f1  # noqa: E402
-from hemaclip.models.checkpoint import load_checkpoint  # noqa: E402
-from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.models.text_cache import PooledTextCache  # noqa: E402
-from hemaclip.tasks.features import extract_features  # noqa: E402
-from hemaclip.text.captions import caption_variants  # noqa: E402
-from hemaclip.text.prompts import load_prompts  # noqa: E402
+from hemaclip.cache import file_sha1
+from hemaclip.data.datasets import load_dataset
+from hemaclip.io import write_json
+from hemaclip.metrics.classification import macro_f1
+from hemaclip.models.checkpoint import load_checkpoint
+from hemaclip.models.default import resolve_checkpoint
+from hemaclip.models.text_cache import PooledTextCache
+from hemaclip.tasks.features import extract_features
+from hemaclip.text.captions import caption_variants
+from hemaclip.text.prompts import load_prompts
 
 KS = (None, 256, 128, 64, 32, 16)
 CAPTION_CELLS = 1500

@@ -82,8 +82,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "wheel_size.json")
     parser.add_argument("--wheel-dir", type=Path, default=None, help="keep the wheel here (default: a temporary folder)")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import machine_info  # imports torch: only when run, not when a test imports the builder
+    from bench.machine import machine_info  # imports torch: only when run, not when a test imports the builder
 
     with tempfile.TemporaryDirectory(prefix="hemaclip-wheel-") as tmp:
         started = time.perf_counter()

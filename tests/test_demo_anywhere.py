@@ -29,10 +29,9 @@ from hemaclip.data.embedded import ATTRIBUTION_NAME, MANIFEST_NAME, embedded_sam
 from hemaclip.errors import DataError
 from hemaclip.studies.demo import demo_cells, demo_data_root
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import wheel_size
 
-import wheel_size  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 ENTRY_POINT = Path(sys.executable).parent / "hemaclip"
 PER_CLASS = 3
