@@ -39,6 +39,7 @@ NOT_BENCHMARKS = {
     "record_training": "records a finished training run (needs its run folder); see bench/results/default_training.json",
     "stain_studies": "a study that trains models with and without stain jitter (tens of minutes); run on its own",
     "fuzz_inputs": "bad-input fuzzing (outcome counts, not speed or quality); run on its own",
+    "repo_size": "a fresh clone's size at two commits (needs --before); run on its own",
 }
 # Words that mark the figures worth lifting into the summary.
 KEY_FIGURE = re.compile(r"ratio|speedup|per_s|recall|p50|p99|seconds|peak|mib|f1", re.IGNORECASE)

@@ -52,3 +52,25 @@ def test_no_generated_html_report_is_committed_or_addable() -> None:
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q", "reports/some-run/report.html"], cwd=REPO)
     assert ignored.returncode == 0, "reports/**/*.html is not in .gitignore"
     assert repository_files("reports/*/metrics.json"), "the reports' metrics.json stay committed"
+
+
+def test_clone_size_counts_what_a_clone_of_each_commit_holds(tmp_path: Path) -> None:
+    """bench/repo_size.py on a two-commit repository: a committed 5,000-byte HTML report, then removed. The working
+    tree loses exactly its bytes; the second clone's .git still holds its blob (history keeps it)."""
+    from bench.repo_size import clone_size
+
+    repo = tmp_path / "repo"
+    (repo / "reports" / "r").mkdir(parents=True)
+    (repo / "reports" / "r" / "metrics.json").write_text("{}\n")
+    (repo / "reports" / "r" / "report.html").write_bytes(bytes(range(256)) * 19 + bytes(136))  # 5,000 bytes
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "with html"], cwd=repo, check=True)
+    subprocess.run([*git, "rm", "-q", "--cached", "reports/r/report.html"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "without html"], cwd=repo, check=True)
+    before, after = clone_size(repo, "HEAD~1"), clone_size(repo, "HEAD")
+    assert (before["committed_html_reports"], after["committed_html_reports"]) == (1, 0)
+    assert (before["working_tree_files"], after["working_tree_files"]) == (2, 1)
+    assert before["working_tree_bytes"] - after["working_tree_bytes"] == 5000
+    assert after["git_dir_bytes"] > before["git_dir_bytes"] - 1000  # the blob stays in the history (its index is a line shorter)
