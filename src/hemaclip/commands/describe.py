@@ -100,6 +100,10 @@ def describe(
                                                    "'basophil,eosinophil,lymphocyte,monocyte,neutrophil' for a white-cell-only "
                                                    "export: the class read-out is renormalised over them (default: every class "
                                                    "of the model).")] = None,
+    lab: Annotated[Optional[str], typer.Option("--lab", help="Read classes through this lab's fitted read-out and flag cells "
+                                               "by its familiarity bar (`hemaclip lab add/fit`).", show_default=False)] = None,
+    labs: Annotated[Optional[Path], typer.Option("--labs", help="Folder of lab profiles (default: $HEMACLIP_LABS, else "
+                                                 "~/.local/share/hemaclip/labs).", show_default=False)] = None,
 ) -> None:
     """Describe blood-cell images: class with a calibrated probability and the runner-up, the 11 WBCAtt
     attributes with probabilities, a sentence stating only confident attributes, and the most similar
@@ -111,6 +115,12 @@ def describe(
     """
     from hemaclip.tasks.describe import Describer, iter_image_paths
 
+    profile = None
+    if lab is not None:  # before the model loads: an unknown or foreign profile is one line
+        from hemaclip.tasks.lab import open_for_model
+
+        profile = open_for_model(lab, labs, checkpoint)
+        profile.head()
     if next(iter_image_paths(images), None) is None:
         raise HemaclipError(f"no image files found in {', '.join(str(p) for p in images)}")
     target = _saliency_target(saliency_target)
@@ -123,7 +133,11 @@ def describe(
                                           attribute_threshold=threshold, abstain_below=abstain_below,
                                           stain_normalizer=normalizer, progress=True, adapt=adapt,
                                           classes=classes)
-    if not describer.calibrated:
+    if profile is not None:
+        from hemaclip.tasks.lab import lab_reader
+
+        describer.use_lab(lab_reader(profile, describer), profile.name)
+    if not describer.calibrated and profile is None:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     if saliency is not None:
         prepare_output_dir(saliency, "--saliency")
@@ -150,7 +164,9 @@ def describe(
                 buffer = []
     if buffer:
         console.print(_table(buffer, describer.calibrated))
-    if describer.familiarity is None:
+    if profile is not None:
+        logger.info("classes read by lab '%s' (its read-out, temperature and familiarity bar fitted on its labelled cells)", profile.name)
+    elif describer.familiarity is None:
         logger.warning("note: no familiarity file beside the checkpoint, so no cell is flagged as unfamiliar (run hemaclip calibrate)")
     else:
         shift = describer.familiarity.folder_shift(scores)

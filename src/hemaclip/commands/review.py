@@ -23,6 +23,9 @@ def review(
     learn_from: Annotated[Optional[Path], typer.Option("--learn-from", help="A review folder whose corrections teach the "
                                                        "class read-out (an adapter on the frozen embeddings, saved as "
                                                        "OUT/adapter.npz) before this folder is read.", show_default=False)] = None,
+    lab: Annotated[Optional[str], typer.Option("--lab", help="Read classes through this lab's fitted read-out (`hemaclip lab "
+                                               "add/fit`); a review folder keeps one lab throughout.", show_default=False)] = None,
+    labs: Annotated[Optional[Path], typer.Option("--labs", help="Folder of lab profiles.", show_default=False)] = None,
 ) -> None:
     """Review a folder of cells at once: the differential count with 95 % Wilson intervals, the cells sorted for
     review (unfamiliar first, then lowest confidence), galleries per class and the attributes per class, in a
@@ -47,9 +50,22 @@ def review(
     path = resolve_checkpoint(checkpoint)
     model_sha1 = file_sha1(path)
     adapter = adapter_id = None
+    profile = None
+    if lab is not None and learn_from is not None:
+        raise HemaclipError("--lab and --learn-from are two read-outs; choose one")
+    if lab is not None:
+        from hemaclip.tasks.lab import open_for_model
+
+        profile = open_for_model(lab, labs, checkpoint)
+        adapter_id = f"lab:{profile.name}@{file_sha1(profile.root / 'head.npz')}" if (profile.root / "head.npz").is_file() else None
+        profile.head()
     if learn_from is not None:
         adapter, adapter_id = _adapter_from(learn_from, model_sha1)
     describer = Describer.from_checkpoint(path, index=None, data_root=data)
+    if profile is not None:
+        from hemaclip.tasks.lab import lab_reader
+
+        describer.use_lab(lab_reader(profile, describer), profile.name)
     if not describer.calibrated:
         logger.warning("warning: probabilities are uncalibrated (T = 1): %s", describer.uncalibrated_reason)
     store = review_folder(describer, model_sha1, folder, out, settings=ReviewSettings(batch_size=batch_size),

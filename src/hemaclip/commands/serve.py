@@ -41,6 +41,9 @@ def serve_command(
     token: Annotated[Optional[str], typer.Option("--token", envvar="HEMACLIP_TOKEN", help="Every request must carry it "
                                                  "(Authorization: Bearer TOKEN, or ?token=TOKEN in the page's address); "
                                                  "required when --host is not loopback.", show_default=False)] = None,
+    lab: Annotated[Optional[str], typer.Option("--lab", help="Read uploads through this lab's fitted read-out (profiles with "
+                                               "the 'model' tower only; `hemaclip lab add/fit`).", show_default=False)] = None,
+    labs: Annotated[Optional[Path], typer.Option("--labs", help="Folder of lab profiles.", show_default=False)] = None,
 ) -> None:
     """Serve the hemaclip page (upload a cell image, search by description) and its JSON API (/docs).
 
@@ -61,10 +64,22 @@ def serve_command(
     from hemaclip.tasks.index import CellIndex
 
     path = resolve_checkpoint(checkpoint)
+    profile = None
+    if lab is not None:
+        from hemaclip.tasks.lab import open_for_model
+
+        profile = open_for_model(lab, labs, checkpoint)
+        profile.head()
+        if list(profile.meta["towers"]) != ["model"]:
+            raise HemaclipError(f"lab '{lab}' reads DINOv2 features from files; the server reads uploads with 'model'-tower profiles only")
     loaded_index = CellIndex.load(index) if index is not None else "default"
     logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
     describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True,
                                           classes=classes)
+    if profile is not None:
+        from hemaclip.tasks.lab import lab_reader
+
+        describer.use_lab(lab_reader(profile, describer), profile.name)
     search_index = describer.index
     if search_index is not None and search_index.checkpoint_id != file_sha1(path):
         raise HemaclipError(f"{index}: built by another checkpoint than {path}; pass the matching --checkpoint or rebuild the index")

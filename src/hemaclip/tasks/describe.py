@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -632,6 +632,8 @@ class Describer:
         self.training_model = training_model
         self.adapt_method = adapt_method  # a key of hemaclip.models.adapt.ADAPTERS
         self.adapted_on: int | None = None
+        self.lab_reader: Callable[[list[CellDescription]], list[CellDescription]] | None = None  # use_lab
+        self.lab_name: str | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -641,6 +643,15 @@ class Describer:
         """Read only `classes` (the classes the pictures can show, e.g. a white-cell-only export; None: all of the
         model's): the class read-out is renormalised over them (:func:`restrict_probabilities`)."""
         self.class_mask = class_mask(self.readout.class_names, classes)
+
+    def use_lab(self, reader: Callable[[list[CellDescription]], list[CellDescription]] | None, name: str | None = None) -> None:
+        """Read every class through a lab's read-out (:func:`hemaclip.tasks.lab.lab_reader`; None: the model's own)."""
+        self.lab_reader = reader
+        self.lab_name = name if reader is not None else None
+
+    def read_with_lab(self, descriptions: list[CellDescription]) -> list[CellDescription]:
+        reader = getattr(self, "lab_reader", None)
+        return reader(descriptions) if reader is not None else descriptions
 
     @property
     def allowed_classes(self) -> list[str] | None:
@@ -795,7 +806,7 @@ class Describer:
                 views.append(view)
                 names.append(str(source))
                 cells.append(k)
-        return self.describe_views(views, names, cells)
+        return self.read_with_lab(self.describe_views(views, names, cells))
 
     def describe_pictures(self, pictures: Sequence[Sequence[CellView]], sources: Sequence[str]) -> list[list[CellDescription]]:
         """Pictures already cut into views (:meth:`views`) described in one model call, one list per
@@ -804,7 +815,7 @@ class Describer:
         if len(pictures) != len(sources):
             raise HemaclipError(f"{len(pictures)} pictures but {len(sources)} sources")
         flat = [(view, str(source), k) for views, source in zip(pictures, sources) for k, view in enumerate(views)]
-        described = iter(self.describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]))
+        described = iter(self.read_with_lab(self.describe_views([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])))
         return [[next(described) for _ in views] for views in pictures]
 
     def _load(self, path: Path) -> list[CellView] | str:
@@ -878,7 +889,7 @@ class Describer:
                                 views.append(view)
                                 names.append(str(p))
                                 cells.append(k)
-                    described = iter(self.describe_views(views, names, cells))
+                    described = iter(self.read_with_lab(self.describe_views(views, names, cells)))
                     for p, item in zip(batch, loaded):
                         if isinstance(item, str):
                             yield CellDescription(source=str(p), error=item)
