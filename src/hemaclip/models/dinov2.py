@@ -125,7 +125,7 @@ def onnx_to_timm_state(initializers: Mapping[str, np.ndarray], matmul_bias: Mapp
             state[dst + "ls2.gamma"] = named.pop(src + "layer_scale2.lambda1")
         except KeyError as err:
             raise CheckpointError(f"DINOv2 graph lacks tensor {prefix}{err.args[0]}") from None
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()}
+    return {k: torch.tensor(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
 
 
 def convert_onnx_backbone(onnx_bytes: bytes, prefix: str) -> dict[str, Tensor]:

@@ -116,8 +116,8 @@ def _score(truth: np.ndarray, pred: Sequence[str], probs: np.ndarray, classes: S
     acc = cluster_bootstrap_accuracy(truth, pred, labels, groups, n_resamples=n_resamples)
     index = {c: i for i, c in enumerate(classes)}
     truth_index = np.array([index.get(t, -1) for t in truth])
-    return {"macro_f1": f1_present["estimate"], "macro_f1_ci": [f1_present["low"], f1_present["high"]],
-            "macro_f1_all_classes": f1_all["estimate"], "accuracy": acc["estimate"], "accuracy_ci": [acc["low"], acc["high"]],
+    return {"macro_f1": f1_present["point"], "macro_f1_ci": [f1_present["low"], f1_present["high"]],
+            "macro_f1_all_classes": f1_all["point"], "accuracy": acc["point"], "accuracy_ci": [acc["low"], acc["high"]],
             "ece": reliability_bins(probs, truth_index)["ece"], "ece_floor": ece_floor(probs),
             "classes_scored": present, "test_cells": int(len(truth)), "test_source_cells": int(len(set(groups)))}
 
