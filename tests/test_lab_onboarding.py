@@ -336,3 +336,16 @@ def test_a_profile_of_another_format_is_refused_in_one_line(tmp_path: Path) -> N
         LabProfile.open("old", tmp_path)
     with pytest.raises(HemaclipError, match="use letters"):
         LabProfile.open("../x", tmp_path)
+
+
+def test_labels_from_a_review_csv_keep_only_reviewed_cells(tmp_path: Path) -> None:
+    from hemaclip.tasks.lab import read_label_csv
+
+    csv_file = tmp_path / "cells.csv"
+    csv_file.write_text("id,source,cell,file_sha1,model_label,probability,label,reviewed\n"
+                        "1,a.png,0,x,neutrophil,0.9,monocyte,1\n2,b.png,0,y,neutrophil,0.8,neutrophil,0\n")
+    rows = read_label_csv(csv_file)
+    assert [(r["source"], r["label"]) for r in rows] == [("a.png", "monocyte")]
+    csv_file.write_text("source,cell,label\na.png,x,monocyte\n")
+    with pytest.raises(HemaclipError, match="line 2"):
+        read_label_csv(csv_file)

@@ -114,8 +114,10 @@ def _score(truth: np.ndarray, pred: Sequence[str], probs: np.ndarray, classes: S
     f1_present = cluster_bootstrap_macro_f1(truth[keep], pred[keep], present, groups[keep], n_resamples=n_resamples)
     f1_all = cluster_bootstrap_macro_f1(truth, pred, labels, groups, n_resamples=n_resamples)
     acc = cluster_bootstrap_accuracy(truth, pred, labels, groups, n_resamples=n_resamples)
+    # a true class the read-out does not hold (not labelled in this draw) is an extra column of probability 0: always wrong
     index = {c: i for i, c in enumerate(classes)}
-    truth_index = np.array([index.get(t, -1) for t in truth])
+    truth_index = np.array([index.get(t, len(classes)) for t in truth])
+    probs = np.concatenate([probs, np.zeros((len(probs), 1))], axis=1)
     return {"macro_f1": f1_present["point"], "macro_f1_ci": [f1_present["low"], f1_present["high"]],
             "macro_f1_all_classes": f1_all["point"], "accuracy": acc["point"], "accuracy_ci": [acc["low"], acc["high"]],
             "ece": reliability_bins(probs, truth_index)["ece"], "ece_floor": ece_floor(probs),

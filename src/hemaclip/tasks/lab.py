@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hemaclip.errors import HemaclipError
-from hemaclip.io import atomic_write, path_to_text
+from hemaclip.io import atomic_write, path_to_text, text_to_path
 
 if TYPE_CHECKING:
     from hemaclip.tasks.describe import CellDescription, Describer
@@ -265,19 +265,24 @@ def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, l
     return LabProfile(root, meta)
 
 
+def _cell_key(source: str, cell: Any) -> tuple[str, int]:
+    """A cell's identity across a profile and a review of the same files, however the folder was written."""
+    return os.path.realpath(text_to_path(str(source))), int(cell)
+
+
 def fit_lab(profile: LabProfile, *, seed: int = 0) -> tuple[LabHead, dict[str, Any]]:
     """Fit the profile's read-out on its labelled cells and save it; returns the head and a summary."""
     from hemaclip.tasks.onboarding import fit_lab_head
 
     cells = profile.cells()
-    index = {(str(s), int(c)): i for i, (s, c) in enumerate(zip(cells["source"], cells["cell"]))}
+    index = {_cell_key(s, c): i for i, (s, c) in enumerate(zip(cells["source"], cells["cell"]))}
     rows = profile.labels()
     if not rows:
         raise HemaclipError(f"lab '{profile.name}' has no labelled cells (label the cells of {profile.root / TO_LABEL} in "
                             f"`hemaclip serve --review`, or add the lab with --labels-from-folders)")
     picked, labels = [], []
     for row in rows:
-        key = (row["source"], int(row["cell"]))
+        key = _cell_key(row["source"], row["cell"])
         if key not in index:
             raise HemaclipError(f"{profile.root / LABELS}: {row['source']} (cell {row['cell']}) is not a cell of this lab")
         picked.append(index[key])
@@ -352,6 +357,8 @@ def open_for_model(name: str, labs: str | Path | None, checkpoint: str | Path | 
 def read_label_csv(path: Path) -> list[dict[str, str]]:
     """Labels a person gave (columns source, cell, label), e.g. exported from a review."""
     rows = _read_csv(Path(path), ("source", "cell", "label"))
+    if rows and "reviewed" in rows[0]:  # a review's cells.csv: the cells a person reviewed
+        rows = [r for r in rows if str(r["reviewed"]).strip() in ("1", "True", "true")]
     if not rows:
         raise HemaclipError(f"{path}: no labels")
     for line, row in enumerate(rows, start=2):
@@ -388,10 +395,10 @@ def lab_learning_curve(profile: LabProfile) -> list[dict[str, Any]]:
     from hemaclip.tasks.onboarding import fit_lab_head
 
     cells = profile.cells()
-    index = {(str(s), int(c)): i for i, (s, c) in enumerate(zip(cells["source"], cells["cell"]))}
-    rows = profile.labels()
-    picked = np.array([index[(r["source"], int(r["cell"]))] for r in rows if (r["source"], int(r["cell"])) in index], dtype=int)
-    labels = np.array([r["label"] for r in rows if (r["source"], int(r["cell"])) in index])
+    index = {_cell_key(s, c): i for i, (s, c) in enumerate(zip(cells["source"], cells["cell"]))}
+    rows = [r for r in profile.labels() if _cell_key(r["source"], r["cell"]) in index]
+    picked = np.array([index[_cell_key(r["source"], r["cell"])] for r in rows], dtype=int)
+    labels = np.array([r["label"] for r in rows])
     groups = np.array([str(g) for g in cells["group"][picked]])
     unique = np.array(sorted(set(groups)))
     curve = []
