@@ -27,8 +27,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("reports/other-labs/onboarding"))
     parser.add_argument("--datasets", nargs="+", default=["lisc", "zheng1", "zheng2"])
+    parser.add_argument("--from-json", action="store_true", help="Re-write the report from OUT/onboarding.json (no recomputation).")
     args = parser.parse_args()
     setup_console()
+    if args.from_json:
+        import json
+
+        payload = json.loads((args.out / "onboarding.json").read_text())
+        write_onboarding(list(payload["labs"].values()), args.out, payload["meta"])
+        return
     start = time.perf_counter()
     path = resolve_checkpoint(args.checkpoint)
     sha1 = file_sha1(path)

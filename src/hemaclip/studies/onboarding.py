@@ -221,6 +221,20 @@ def onboarding_curve(describer: Any, dataset: str, data_root: str | Path | None 
             "val_choice_macro_f1": choice}
 
 
+def headline(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The rows a summary quotes, by name: ``{lab: {"<protocol>/<recipe>/<selection>/n<N>" or "n0/<recipe>": {...}}}``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in results:
+        rows = out.setdefault(r["dataset"], {})
+        for row in r["rows"]:
+            key = (f"n0/{'classes' if 'classes' in row['recipe'] else 'as-is'}" if row["n"] == 0
+                   else f"{'valtest' if row['protocol'] == 'val->test' else 'rest'}/{row['recipe']}/{row['selection']}/n{row['n']}")
+            rows[key] = {k: round(float(row[k]), 4) for k in ("macro_f1", "accuracy", "ece") if k in row}
+            if "macro_f1_sd" in row:
+                rows[key]["macro_f1_sd"] = round(float(row["macro_f1_sd"]), 4)
+    return out
+
+
 def write_onboarding(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     """onboarding.json, onboarding.md and learning_curve.png under `out`."""
     import json
@@ -230,7 +244,7 @@ def write_onboarding(results: list[dict[str, Any]], out: Path, meta: dict[str, A
     choice = {recipe: float(np.nanmean([r["val_choice_macro_f1"][recipe] for r in results])) for recipe in RECIPES}
     recommended = max(choice, key=lambda k: choice[k])
     payload = {"meta": meta, "protocol": __doc__, "val_choice_mean_macro_f1": choice, "recommended_recipe": recommended,
-               "labs": {r["dataset"]: r for r in results}}
+               "headline": headline(results), "labs": {r["dataset"]: r for r in results}}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "onboarding.json") as handle:
         json.dump(payload, handle, indent=1, default=float)
