@@ -17,6 +17,12 @@ lab_app = typer.Typer(help="Onboard a new lab: its cells, which to label first, 
 
 LabsOption = Annotated[Optional[Path], typer.Option("--labs", help="Folder of lab profiles (default: $HEMACLIP_LABS, else "
                                                     "~/.local/share/hemaclip/labs).", show_default=False)]
+LabName = Annotated[str, typer.Argument(help="The lab's name (as given to `hemaclip lab add`).")]
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md, report.json and learning_curve.png "
+                                                   "(default: the profile's report/ folder).", show_default=False)]
+LabelsOption = Annotated[Optional[Path], typer.Option("--labels", help="A CSV of labels (columns source, cell, label; a review's "
+                                                      "cells.csv gives its reviewed cells); replaces the profile's labels.",
+                                                      show_default=False)]
 
 
 @lab_app.command("add")
@@ -63,9 +69,8 @@ def lab_add(
 
 @lab_app.command("fit")
 def lab_fit(
-    name: Annotated[str, typer.Argument(help="The lab's name.")],
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="A CSV of labels to use (columns source, cell, label), "
-                                                   "e.g. exported from a review; replaces the profile's labels.", show_default=False)] = None,
+    name: LabName,
+    labels: LabelsOption = None,
     labs: LabsOption = None,
     checkpoint: CheckpointOption = None,
 ) -> None:
@@ -89,9 +94,8 @@ def lab_fit(
 
 @lab_app.command("report")
 def lab_report(
-    name: Annotated[str, typer.Argument(help="The lab's name.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md, report.json and learning_curve.png "
-                                                "(default: the profile's report/ folder).", show_default=False)] = None,
+    name: LabName,
+    out: OutOption = None,
     labs: LabsOption = None,
     checkpoint: CheckpointOption = None,
 ) -> None:
