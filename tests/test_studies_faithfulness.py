@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
+from hemaclip.data.datasets import WBCATT_CSV, WBCATT_DIR
+from hemaclip.errors import DataError
 from hemaclip.studies.faithfulness import (
+    all_statements,
     annotator_agreement,
+    equal_coverage,
+    reannotation_pairs,
     statement_agreement,
     textbook_attributes,
     textbook_test,
@@ -90,3 +96,44 @@ def test_human_ceiling_from_the_real_reannotations(data_root: Path) -> None:
     assert 0.90 < result["mean_macro_f1"] < 0.99  # WBCAtt reports 0.947
     assert 0.90 < result["statement_agreement"]["point"] < 1.0
     assert set(result["per_attribute_macro_f1"]) == set(ATTRIBUTE_NAMES)
+
+
+def test_all_statements_state_every_attribute_as_its_most_probable_value() -> None:
+    values = {"cell_size": ["big", "small"], "cell_shape": ["round", "irregular"]}
+    probs = {"cell_size": np.array([[0.51, 0.49], [0.2, 0.8]]), "cell_shape": np.array([[0.1, 0.9], [0.5, 0.5]])}
+    assert all_statements(probs, values) == [{"cell_size": "big", "cell_shape": "irregular"},
+                                             {"cell_size": "small", "cell_shape": "round"}]
+
+
+def test_equal_coverage_scores_model_and_annotator_on_the_same_images_and_attributes() -> None:
+    wrong_size = {**FULL, "cell_size": "small"}
+    published = {"b": FULL, "c": FULL, "d": FULL}
+    second = {"b": wrong_size, "c": FULL, "d": wrong_size}
+    # "a" is not re-annotated and "d" not evaluated: both must be left out; on "c" the model says 2 things only.
+    model = {"a": wrong_size, "b": FULL, "c": {"cell_size": "small", "cell_shape": "round"}}
+    result = equal_coverage(model, published, second, n_boot=100, seed=0)
+    assert result["images"] == ["b", "c"] and result["n_images"] == 2
+    assert result["n_statements"] == 11 + 2  # only attributes both stated
+    assert result["model"]["agreement"]["point"] == pytest.approx(12 / 13)
+    assert result["annotators"]["agreement"]["point"] == pytest.approx(12 / 13)  # b: 10 of 11, c: 2 of 2
+    assert result["model"]["coverage"] == result["annotators"]["coverage"] == pytest.approx(13 / 22)
+    with pytest.raises(DataError):
+        equal_coverage({"a": FULL}, published, second)
+
+
+def test_equal_coverage_on_the_real_test_split_covers_exactly_the_annotators_images(data_root: Path) -> None:
+    published, second, missing, _ = reannotation_pairs(data_root)
+    test_csv = data_root / WBCATT_DIR / WBCATT_CSV.format(split="test")
+    test_names = {row["img_name"] for row in csv.DictReader(test_csv.open())}
+    shared = sorted(test_names & set(second))
+    # A "model" that says what the second annotator said must score exactly the annotator's figure on those images,
+    # and one that repeats the published labels must score 1: same images, same attributes, same truth.
+    as_annotator = equal_coverage({n: second[n] for n in test_names if n in second}, published, second, n_boot=100)
+    assert as_annotator["images"] == shared and len(shared) > 0 and missing == 0
+    assert as_annotator["model"]["agreement"] == as_annotator["annotators"]["agreement"]
+    assert as_annotator["model"]["coverage"] == as_annotator["annotators"]["coverage"] == 1.0
+    expected = statement_agreement([second[n] for n in shared], [published[n] for n in shared], n_boot=100)
+    assert as_annotator["annotators"]["agreement"] == expected["agreement"]
+    as_published = equal_coverage({n: published[n] for n in test_names if n in second}, published, second, n_boot=100)
+    assert as_published["model"]["agreement"]["point"] == 1.0
+    assert as_published["annotators"]["agreement"]["point"] < 1.0
