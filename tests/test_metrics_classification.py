@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from hemaclip.metrics.classification import (
     attribute_table,
+    classes_with_at_least,
     classification_report_dict,
     format_attribute_table,
     macro_f1,
@@ -130,3 +131,10 @@ def test_attribute_table_layout_and_markdown() -> None:
     assert "CI" not in format_attribute_table(attribute_table(rows[2:]))
     with pytest.raises(ValueError):
         attribute_table([{"name": "x", "macro_f1": 0.5}])
+
+
+def test_classes_with_at_least_n_items_keeps_label_order_and_drops_small_and_absent_classes() -> None:
+    truth = ["monocyte"] * 5 + ["neutrophil"] * 7 + ["eosinophil"] * 4
+    assert classes_with_at_least(truth, LABELS, 5) == ["neutrophil", "monocyte"]
+    assert classes_with_at_least(truth, LABELS, 4) == ["neutrophil", "monocyte", "eosinophil"]
+    assert classes_with_at_least(truth, LABELS, 8) == []

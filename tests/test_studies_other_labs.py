@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hemaclip.metrics.classification import macro_f1
-from hemaclip.studies.other_labs import WHITE_CELL_CLASSES, LabReading, run_other_labs, score_reading
+from hemaclip.studies.other_labs import MIN_CLASS_CELLS, WHITE_CELL_CLASSES, LabReading, _sections, run_other_labs, score_reading
+from hemaclip.studies.report import Section, Table
 from test_data_other_labs import _small_lisc_root
 
 VOCAB = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -39,6 +40,31 @@ def test_a_prediction_outside_the_five_white_cell_classes_counts_as_wrong_and_gr
     # unflagged cells: 0,1 (right), 4 (right), 6,7 (right), 8 (right) -> 6/6
     assert result["n_unflagged"] == 6 and result["accuracy_unflagged"] == pytest.approx(1.0)
     assert result["ece"] == pytest.approx(abs((1 - 0.02 * 7) - 0.7))
+
+
+def test_per_class_f1_carries_its_n_and_the_macro_f1_leaves_out_classes_under_five_cells() -> None:
+    # One basophil, read wrong: its F1 of 0 is a whole term of the full macro F1.
+    truth = ["basophil"] + ["lymphocyte"] * 6 + ["neutrophil"] * 5 + ["monocyte"] * 2
+    predicted = ["neutrophil"] + ["lymphocyte"] * 5 + ["monocyte"] + ["neutrophil"] * 5 + ["monocyte"] * 2
+    result = score_reading(_reading(truth, predicted, [str(i) for i in range(len(truth))]), n_resamples=50)
+    assert result["per_class_n"] == {"basophil": 1, "lymphocyte": 6, "monocyte": 2, "neutrophil": 5}
+    assert set(result["per_class_n"]) == set(result["per_class_f1"])
+    big = result["macro_f1_min_cells"]
+    assert MIN_CLASS_CELLS == 5 and big["classes"] == ["lymphocyte", "neutrophil"]
+    assert big["left_out"] == ["basophil", "monocyte"]
+    assert big["point"] == pytest.approx((2 * 5 / 11 + 2 * 5 / 11) / 2)  # lymphocyte 5/6 recalled; neutrophil 5 of 6 said
+    assert big["point"] > result["macro_f1"]["point"]
+    # The report writer shows both figures, the classes left out, and n beside every per-class F1.
+    metrics = {"split": "test", "scoring": "s", "n_resamples": 50, "paired_vs_baseline": {},
+               "models": {"m": {"labs": {"zheng1/none": result}}}}
+    sections = _sections(metrics, [], Table, Section)
+    per_lab, per_class = sections[0].tables[0], sections[1].tables[0]
+    row = dict(zip(per_lab.columns, per_lab.rows[0]))
+    assert row[f"macro F1, classes ≥ {MIN_CLASS_CELLS}"] == big["point"] and row["left out"] == "basophil, monocyte"
+    cells = per_class.rows[0][3:]
+    assert cells[per_class.columns[3:].index("basophil F1")] == 0.0 and cells[per_class.columns[3:].index("basophil F1") + 1] == 1
+    assert cells[-2:] == [result["per_class_f1"]["neutrophil"], 5]
+    assert [c for c in per_class.columns if c == "n"] == ["n"] * len(WHITE_CELL_CLASSES)
 
 
 @pytest.mark.slow  # 12 s on the loaded 2-core box: three checkpoint loads, one lab read, the report with its figure

@@ -19,6 +19,7 @@ Labels are either names (any hashable) with ``labels`` the sequence of names, or
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "balanced_accuracy",
     "check_label_pair",
     "class_f1",
+    "classes_with_at_least",
     "classification_report_dict",
     "encode_labels",
     "f1_per_class",
@@ -162,6 +164,16 @@ def class_f1(y_true: Any, y_pred: Any, label: Any) -> float:
     tp = float(np.sum((t == label) & (p == label)))
     denom = float(np.sum(t == label) + np.sum(p == label))
     return 2 * tp / denom if denom else 0.0
+
+
+def classes_with_at_least(y_true: Sequence[Any], labels: Sequence[Any], min_count: int) -> list[Any]:
+    """The labels (in `labels` order) with at least `min_count` true items.
+
+    A class with one or two items moves a macro F1 by a whole term on a single call, so small-class
+    figures are reported beside a mean over the classes this returns.
+    """
+    support = Counter(y_true)
+    return [label for label in labels if support[label] >= min_count]
 
 
 def accuracy(t: np.ndarray, p: np.ndarray) -> float:

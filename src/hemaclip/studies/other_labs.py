@@ -35,6 +35,9 @@ ADAPTATIONS = ("none", "bn", "entropy", "reinhard", "macenko", "white-cells")
 MODEL_ADAPTATIONS = ("bn", "entropy")  # the ones that change the model on the lab's own cells
 N_RESAMPLES = 2000
 CHUNK = 256  # cells per model call when reading a lab
+# Below this many cells of a class in a lab's part, its F1 rests on a handful of calls: the macro F1 is also
+# reported over the classes with at least this many cells, naming the ones left out.
+MIN_CLASS_CELLS = 5
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
 def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """Macro F1 / accuracy with intervals, per class, confusion, ECE, selective accuracy of one reading."""
     from hemaclip.metrics.calibration import reliability_bins
-    from hemaclip.metrics.classification import classification_report_dict
+    from hemaclip.metrics.classification import classes_with_at_least, classification_report_dict
     from hemaclip.metrics.statistics import cluster_bootstrap_accuracy, cluster_bootstrap_macro_f1
 
     labels = list(WHITE_CELL_CLASSES)
@@ -128,12 +131,19 @@ def score_reading(reading: LabReading, n_resamples: int = N_RESAMPLES, seed: int
     if any(y not in vocab for y in reading.truth):  # a class the checkpoint cannot read (held out in training): always wrong
         probs = np.hstack([probs, np.zeros((len(probs), 1))])
     bins = reliability_bins(probs, np.array([vocab.get(y, len(vocab)) for y in reading.truth]))
+    present = [c for c in labels if c in set(reading.truth)]
+    kept = classes_with_at_least(reading.truth, present, MIN_CLASS_CELLS)
     result: dict[str, Any] = {
         "n": len(t), "n_groups": len(set(reading.groups)),
         "interval_method": "cluster bootstrap over near-duplicate groups" if grouped else "stratified bootstrap over cells",
         "macro_f1": f1, "accuracy": acc, "mean_confidence": float(reading.probability.mean()),
         "ece": bins["ece"], "reliability": bins,
-        "per_class_f1": {c: report["per_class"][c]["f1"] for c in labels if c in set(reading.truth)},
+        "per_class_f1": {c: report["per_class"][c]["f1"] for c in present},
+        "per_class_n": {c: int(report["per_class"][c]["support"]) for c in present},
+        "macro_f1_min_cells": {"min_cells": MIN_CLASS_CELLS, "classes": kept,
+                               "left_out": [c for c in present if c not in kept],
+                               # the per-class F1 above (all cells scored), averaged over the classes kept
+                               "point": float(np.mean([report["per_class"][c]["f1"] for c in kept])) if kept else None},
         "confusion_labels": shown, "confusion_matrix": report["confusion_matrix"],
         "seconds": round(reading.seconds, 1),
     }
@@ -237,13 +247,16 @@ def _sections(metrics: dict[str, Any], figures: list[tuple[Path, str]], Table: A
         for key, r in block["labs"].items():
             lab, adapt = key.split("/")
             if "not_scored" in r:
-                rows.append([name, lab, adapt, "not scored: lab used in training", None, None, None, None, None, None])
+                rows.append([name, lab, adapt, "not scored: lab used in training", None, None, None, None, None, None, None, None])
                 continue
             f1 = r["macro_f1"]
-            rows.append([name, lab, adapt, r["n"], (f1["point"], f1["low"], f1["high"]),
+            big = r["macro_f1_min_cells"]
+            rows.append([name, lab, adapt, r["n"], (f1["point"], f1["low"], f1["high"]), big["point"],
+                         ", ".join(big["left_out"]) or "none",
                          (r["accuracy"]["point"], r["accuracy"]["low"], r["accuracy"]["high"]), r["mean_confidence"], r["ece"],
                          r.get("flagged_share"), r.get("accuracy_unflagged")])
-            per_class.append([name, lab, adapt] + [r["per_class_f1"].get(c) for c in WHITE_CELL_CLASSES])
+            per_class.append([name, lab, adapt] + [v for c in WHITE_CELL_CLASSES
+                                                   for v in (r["per_class_f1"].get(c), r["per_class_n"].get(c, 0))])
     paired = [[k, v["metric_a"], v["metric_b"], (v["difference"], v["low"], v["high"]), v["p_value"]]
               for k, v in metrics["paired_vs_baseline"].items()] if metrics["paired_vs_baseline"] else []
     text = (f"Split: {metrics['split']} part of each lab. {metrics['scoring']}. Intervals: 95 % percentile bootstrap "
@@ -253,9 +266,15 @@ def _sections(metrics: dict[str, Any], figures: list[tuple[Path, str]], Table: A
             "cell's stain to the PBC reference first (`--stain-norm`); `white-cells` renormalises the class read-out over the five "
             "white-cell classes, as a user who knows the folder holds only white cells can ask (`describe --classes`). `flagged` is the share of cells the "
             "familiarity score calls unfamiliar; `acc unflagged` the accuracy on the rest.")
-    sections = [Section("Per lab", text, [Table(["model", "lab", "adaptation", "cells", "macro F1", "accuracy", "mean confidence",
-                                                  "ECE", "flagged", "acc unflagged"], rows)])]
-    sections.append(Section("Per-class F1", "", [Table(["model", "lab", "adaptation", *WHITE_CELL_CLASSES], per_class)]))
+    text += (f" `macro F1, classes ≥ {MIN_CLASS_CELLS}` averages the per-class F1 over the classes with at least "
+             f"{MIN_CLASS_CELLS} cells in that part (the classes left out are named): a class with one or two cells moves "
+             "the full macro F1 by a whole term on a single call.")
+    sections = [Section("Per lab", text, [Table(["model", "lab", "adaptation", "cells", "macro F1",
+                                                  f"macro F1, classes ≥ {MIN_CLASS_CELLS}", "left out", "accuracy",
+                                                  "mean confidence", "ECE", "flagged", "acc unflagged"], rows)])]
+    sections.append(Section("Per-class F1", "F1 of each class with its number of cells (n) in that part.",
+                            [Table(["model", "lab", "adaptation", *[h for c in WHITE_CELL_CLASSES for h in (f"{c} F1", "n")]],
+                                   per_class)]))
     if paired:
         sections.append(Section("Paired tests against the baseline",
                                 f"Macro F1 of each model minus the first model ({next(iter(metrics['models']))}) on the same cells.",
