@@ -56,6 +56,8 @@ def serve_command(
     if review is not None:
         _serve_review(review, host, port, token, hosts)
         return
+    import uvicorn
+
     from hemaclip.data.stain import get_normalizer
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.serve.app import ServeSettings, create_app, server_config

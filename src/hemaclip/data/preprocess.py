@@ -288,11 +288,11 @@ class Preprocess:
         """What the model sees of a picture: one :class:`CellView` per white cell found (``locate=cell``;
         several for a field, sorted by position), or one view of the whole image (``locate=whole``, or no
         cell found, then with ``found=False``)."""
-        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        height, width = rgb.shape[:2]
+        width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
         whole = CellView(self._whole(image, size), (0, 0, width, height), found=not self.locates_cells)
-        if not self.locates_cells:
+        if not self.locates_cells:  # no full-size array: a 12-megapixel field would copy 36 MB for its shape
             return [whole]
+        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
         from hemaclip.data.cells import crop_cell, locate_cells
 
         cells, primary = locate_cells(rgb)

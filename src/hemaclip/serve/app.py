@@ -41,7 +41,17 @@ from hemaclip.data.preprocess import ImageDecodeError, decode_image
 from hemaclip.errors import HemaclipError
 from hemaclip.log import get_logger
 from hemaclip.serve.security import LOOPBACK_HOSTS, allowed_hosts_for, guard
-from hemaclip.serve.workers import DecodePool, DescribeBatcher, PixelBudget, UploadError, UploadSlots
+from hemaclip.serve.workers import (
+    DEFAULT_BATCH_WAIT_S,
+    LARGE_UPLOAD_BYTES,
+    LARGE_UPLOAD_PIXELS,
+    DecodePool,
+    DescribeBatcher,
+    PixelBudget,
+    UploadError,
+    UploadSlots,
+    release_memory,
+)
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param",
            "server_config"]
@@ -67,7 +77,8 @@ class ServeSettings:
     `max_upload_pixels`: largest image accepted (413 beyond, from the header, before decoding);
     `decode_workers`: uploads decoded at once (each in a worker thread), within a budget of
     `max_upload_pixels` pixels being decoded at once;
-    `batch_size` / `batch_wait_ms`: micro-batching of describe requests; `allowed_hosts`: Host header
+    `batch_size` / `batch_wait_ms`: micro-batching of describe requests (the wait lasts only while uploads
+    are decoding); `allowed_hosts`: Host header
     names answered (others get 400), "*" for any; `max_uploads`: describe requests in progress at once
     (more get 503 before their body is read: bounds upload memory, while /api/health and the page keep
     answering); `body_timeout_s`: time for an upload's whole body to arrive (408 after).
@@ -80,7 +91,7 @@ class ServeSettings:
     max_upload_pixels: int = MAX_UPLOAD_PIXELS
     decode_workers: int = 2
     batch_size: int = 32
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 1000 * DEFAULT_BATCH_WAIT_S
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     max_uploads: int = 64
     body_timeout_s: float = 30.0
@@ -117,13 +128,20 @@ def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int, budget:
     """Decode an upload and cut it into the views the model reads (in a decode worker), within the pixel
     budget; returns the views and the picture's [width, height]. The full picture is dropped here, so
     only the small views wait for the model."""
-    with budget.claim(_header_pixels(data, max_pixels)):
-        image = decode_upload(data, name, max_pixels)
+    pixels = _header_pixels(data, max_pixels)
+    with budget.claim(pixels):
         try:
-            views = describer.views(image)
-        except (HemaclipError, OSError, ValueError) as exc:
-            raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
-        return views, [int(image.width), int(image.height)]
+            image = decode_upload(data, name, max_pixels)
+            size = [int(image.width), int(image.height)]
+            try:
+                views = describer.views(image)
+            except (HemaclipError, OSError, ValueError) as exc:
+                raise UploadError(422, f"{name}: cannot be read as a cell picture ({str(exc).splitlines()[0][:200]})") from None
+            del image
+            return views, size
+        finally:  # inside the budget: the next large decode starts once this one's memory is back
+            if pixels >= LARGE_UPLOAD_PIXELS or len(data) >= LARGE_UPLOAD_BYTES:
+                release_memory()
 
 
 def _header_pixels(data: bytes, max_pixels: int) -> int:
@@ -349,10 +367,15 @@ def create_app(
             raise HTTPException(503, "this server was started without a model to describe cells")
         with uploads.take():
             data, name = await _upload_bytes(request, settings)
+
+            def cut_and_queue() -> Any:  # in the decode thread: the batch gets the views as soon as they are cut
+                views, size = _cut_upload(describer, data, name, settings.max_upload_pixels, budget)
+                return batcher.submit(views, name, size, saliency_map)
+
             async with batcher.on_the_way():
-                views, size = await decoder.run(lambda: _cut_upload(describer, data, name, settings.max_upload_pixels, budget))
+                answer = await decoder.run(cut_and_queue)
             del data
-        result = await batcher.describe(views, name, size, saliency_map)
+        result = await asyncio.wrap_future(answer)
         for reading in [result, *result.get("cells", [])]:  # every cell's neighbours get browser-ready links
             reading["neighbours"] = _with_image_urls(list(reading.get("neighbours") or []), row_for_path)
         result["disclaimer"] = DISCLAIMER
