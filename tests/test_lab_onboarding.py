@@ -349,3 +349,52 @@ def test_labels_from_a_review_csv_keep_only_reviewed_cells(tmp_path: Path) -> No
     csv_file.write_text("source,cell,label\na.png,x,monocyte\n")
     with pytest.raises(HemaclipError, match="line 2"):
         read_label_csv(csv_file)
+
+
+def test_the_python_api_reads_through_a_lab_like_describe_lab(tiny_checkpoint: Path, labelled_lab: Path, tmp_path: Path) -> None:
+    import hemaclip
+    from hemaclip.tasks.lab import add_lab, fit_lab, lab_reader
+
+    describer = _describer(tiny_checkpoint)
+    from hemaclip.cache import file_sha1
+
+    profile = add_lab(describer, file_sha1(tiny_checkpoint), "api", labelled_lab, labs=tmp_path, budget=12, labels_from_folders=True)
+    fit_lab(profile)
+    files = sorted(str(p) for p in (labelled_lab / "neutrophil").glob("*.png"))[:4]
+    model = hemaclip.load(tiny_checkpoint, lab="api", labs=tmp_path)
+    read = model.describe(files)
+    describer.use_lab(lab_reader(profile, describer), "api")
+    expected = [d for d in describer.describe_paths([Path(f) for f in files])]
+    assert [r.label for r in read] == [d.label for d in expected]
+    assert np.allclose([r.probability for r in read], [d.probability for d in expected], atol=1e-4)
+    assert {r.label for r in read} <= set(COLOURS)
+    with pytest.raises(HemaclipError, match="no lab 'nobody'"):
+        hemaclip.load(tiny_checkpoint, lab="nobody", labs=tmp_path)
+
+
+def test_fine_tuning_a_lab_reads_its_cells_again_and_the_lab_then_reads_with_its_own_model(
+        tiny_checkpoint: Path, labelled_lab: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hemaclip
+    import hemaclip.tasks.lab as lab
+    from hemaclip.cache import file_sha1
+    from hemaclip.train.finetune import FineTuneSettings
+
+    reference = ([np.full((48, 48, 3), 60 * k, np.uint8) for k in range(4)], [0, 1, 2, 3])
+    monkeypatch.setattr(lab, "reference_cells", lambda describer, data_root, **kw: reference)  # PBC cells in real use
+    describer = _describer(tiny_checkpoint)
+    profile = lab.add_lab(describer, file_sha1(tiny_checkpoint), "ft", labelled_lab, labs=tmp_path, budget=12, labels_from_folders=True)
+    before = profile.cells()["features"].copy()
+    info = lab.fine_tune_lab(profile, tiny_checkpoint, settings=FineTuneSettings(steps=2))
+    assert info["steps"] == 2 and info["labelled_cells"] == 12 and info["reference_cells"] == 4
+    reopened = lab.LabProfile.open("ft", tmp_path, model_sha1=file_sha1(tiny_checkpoint))
+    assert reopened.fine_tuned and reopened.model_file == tmp_path / "ft" / "model.pt"
+    after = reopened.cells()["features"]
+    assert after.shape == before.shape and not np.allclose(after, before)  # every cell read again by the tuned tower
+    lab.fit_lab(reopened)
+    model = hemaclip.load(tiny_checkpoint, lab="ft", labs=tmp_path)
+    cells = reopened.cells()
+    first = str(cells["source"][0])
+    embedded = model.embed_images([first])[0]
+    assert np.allclose(embedded, cells["features"][0], atol=1e-4)  # the lab reads with its own model
+    lab.clear_fine_tune(reopened)
+    assert not reopened.fine_tuned and np.allclose(reopened.cells()["features"], before)

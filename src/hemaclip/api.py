@@ -415,13 +415,16 @@ def load(
     stain_norm: str = "none",
     device: str = "cpu",
     batch_size: int = DEFAULTS.batch_size,
+    lab: str | None = None,
+    labs: str | os.PathLike[str] | None = None,
 ) -> Model:
     """Load a model to read cells with: None (the shipped, calibrated model), a checkpoint file, or the name of a
     bundled model config (untrained weights, uncalibrated; see ``hemaclip models``).
 
     `reference_index`: neighbours for `describe` ("default" embeds the WBCAtt train split once into the
     cache, minutes the first time; or an index folder); None (default) lists none. The other options are
-    those of ``hemaclip describe`` (thresholds, ``--stain-norm``).
+    those of ``hemaclip describe`` (thresholds, ``--stain-norm``). `lab`: read classes through that lab's fitted
+    read-out (``hemaclip lab add`` / ``lab fit``; profiles in `labs`, else $HEMACLIP_LABS), as ``describe --lab``.
 
     Example::
 
@@ -441,13 +444,25 @@ def load(
     if model is None or Path(model).is_file():
         path = resolve_checkpoint(model)
         index = "default" if reference_index == "default" else (Path(reference_index) if reference_index is not None else None)
-        describer = Describer.from_checkpoint(path, index=index, data_root=data_root, **options)
+        profile = None
+        if lab is not None:
+            from hemaclip.tasks.lab import LabProfile
+
+            profile = LabProfile.open(lab, labs, model_sha1=file_sha1(path))
+        describer = Describer.from_checkpoint(profile.model_file if profile and profile.model_file else path, index=index,
+                                              data_root=data_root, **options)
+        if profile is not None:
+            from hemaclip.tasks.lab import lab_reader
+
+            describer.use_lab(lab_reader(profile, describer), lab)
         return Model(describer, name=str(model or path.name), checkpoint_sha1=file_sha1(path), batch_size=batch_size)
     name = str(model)
     if name not in list_models():
         raise CheckpointError(f"{name}: no such checkpoint file, and not a bundled model config ({', '.join(list_models())})")
     if reference_index is not None:
         raise HemaclipError("an untrained model from a config has no reference index; load a checkpoint for neighbours")
+    if lab is not None:
+        raise HemaclipError("a lab profile belongs to a trained checkpoint; load that checkpoint with lab=")
     from hemaclip.models.factory import create_model
     from hemaclip.models.inference import prepare_for_inference
 

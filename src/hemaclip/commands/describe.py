@@ -129,7 +129,9 @@ def describe(
     from hemaclip.data.stain import get_normalizer
 
     normalizer = get_normalizer(stain_norm)
-    describer = Describer.from_checkpoint(checkpoint, index=_index_argument(index), data_root=data,
+    from hemaclip.tasks.lab import checkpoint_for
+
+    describer = Describer.from_checkpoint(checkpoint_for(profile, checkpoint), index=_index_argument(index), data_root=data,
                                           attribute_threshold=threshold, abstain_below=abstain_below,
                                           stain_normalizer=normalizer, progress=True, adapt=adapt,
                                           classes=classes)

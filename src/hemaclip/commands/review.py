@@ -61,7 +61,9 @@ def review(
         profile.head()
     if learn_from is not None:
         adapter, adapter_id = _adapter_from(learn_from, model_sha1)
-    describer = Describer.from_checkpoint(path, index=None, data_root=data)
+    from hemaclip.tasks.lab import checkpoint_for
+
+    describer = Describer.from_checkpoint(checkpoint_for(profile, path), index=None, data_root=data)
     if profile is not None:
         from hemaclip.tasks.lab import lab_reader
 

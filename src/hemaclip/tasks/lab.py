@@ -39,6 +39,8 @@ __all__ = ["LAB_FORMAT", "TOWERS", "LabProfile", "add_lab", "fit_lab", "labs_dir
 
 LAB_FORMAT = 1
 PROFILE, CELLS, TO_LABEL, LABELS, HEAD = "profile.json", "cells.npz", "to_label.csv", "labels.csv", "head.npz"
+TUNED_MODEL, TUNED_CELLS = "model.pt", "tuned_cells.npz"  # after `lab fit --fine-tune`
+REFERENCE_PER_CLASS = 40  # training-lab (PBC train) cells per class mixed into each fine-tune
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -128,12 +130,23 @@ class LabProfile:
                                 f"{model_sha1[:10]}); add the lab again with this model")
         return cls(root, meta)
 
+    @property
+    def fine_tuned(self) -> bool:
+        return bool(self.meta.get("fine_tuned")) and (self.root / TUNED_MODEL).is_file()
+
+    @property
+    def model_file(self) -> Path | None:
+        """The lab's own fine-tuned model (None: the lab reads with the base model)."""
+        return self.root / TUNED_MODEL if self.fine_tuned else None
+
     def cells(self) -> dict[str, np.ndarray]:
+        """Every cell of the profile, with features of the lab's model (the fine-tuned one after --fine-tune)."""
+        path = self.root / (TUNED_CELLS if self.fine_tuned else CELLS)
         try:
-            with np.load(self.root / CELLS) as data:
+            with np.load(path) as data:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError, KeyError) as err:
-            raise HemaclipError(f"{self.root / CELLS}: cannot be read ({err})") from None
+            raise HemaclipError(f"{path}: cannot be read ({err})") from None
 
     def chosen(self) -> list[dict[str, str]]:
         return _read_csv(self.root / TO_LABEL, ("rank", "source", "cell", "group"))
@@ -248,7 +261,7 @@ def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, l
         if unknown:
             raise HemaclipError(f"class folder(s) {sorted(unknown)} are not classes of the model ({', '.join(model_classes)})")
     root.mkdir(parents=True, exist_ok=True)
-    for stale in (HEAD, LABELS):
+    for stale in (HEAD, LABELS, TUNED_MODEL, TUNED_CELLS):
         (root / stale).unlink(missing_ok=True)
     with atomic_write(root / CELLS, "wb") as handle:
         np.savez(handle, source=np.array([path_to_text(s) for s in sources]), cell=np.array([d.cell for d in described]),
@@ -344,6 +357,11 @@ def lab_reader(profile: LabProfile, describer: Describer) -> Callable[[list[Cell
         return read_with_lab(head, towers, descriptions, describer, describer.abstain_below)
 
     return read
+
+
+def checkpoint_for(profile: LabProfile | None, checkpoint: str | Path | None) -> str | Path | None:
+    """The checkpoint a lab reads with: its own fine-tuned model if it has one, else `checkpoint`."""
+    return profile.model_file if profile is not None and profile.model_file is not None else checkpoint
 
 
 def open_for_model(name: str, labs: str | Path | None, checkpoint: str | Path | None) -> LabProfile:
@@ -468,3 +486,94 @@ def _plot_curve(curve: list[dict[str, Any]], path: Path, name: str) -> None:
     with atomic_write(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
+
+
+def _cell_arrays(describer: Describer, sources: Sequence[str], cells: Sequence[int]) -> list[np.ndarray]:
+    """The uint8 arrays the model sees of the given cells (decoded again from their files)."""
+    from hemaclip.data.preprocess import decode_image
+
+    return [describer.views(decode_image(text_to_path(str(s))))[int(c)].array for s, c in zip(sources, cells)]
+
+
+def reference_cells(describer: Describer, data_root: str | Path | None, per_class: int = REFERENCE_PER_CLASS,
+                    seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """Training-lab cells mixed into a lab fine-tune: `per_class` PBC training cells of each of the model's classes."""
+    from hemaclip.data.datasets import load_dataset
+
+    classes = list(describer.readout.class_names)
+    pbc = load_dataset("pbc", data_root=data_root)
+    rng = np.random.default_rng(seed)
+    arrays, targets = [], []
+    for cls in classes:
+        members = [r for r in pbc.split("train") if r.label == cls]
+        for i in rng.choice(len(members), min(per_class, len(members)), replace=False) if members else []:
+            arrays.append(describer.preprocess.load(members[i].path))
+            targets.append(classes.index(cls))
+    if not arrays:
+        raise HemaclipError("no training-lab reference cells found for the model's classes")
+    return arrays, targets
+
+
+def fine_tune_lab(profile: LabProfile, checkpoint: str | Path | None, *, data_root: str | Path | None = None,
+                  settings: Any = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """`lab fit --fine-tune`: train the model's image tower and class head on the lab's labelled cells mixed with PBC
+    training cells (:func:`hemaclip.train.finetune.fine_tune_image_tower`), save it in the profile, and read every
+    cell of the profile again with it (the read-out is then fitted on the fine-tuned features)."""
+    from hemaclip.models.checkpoint import load_checkpoint, save_checkpoint
+    from hemaclip.models.default import resolve_checkpoint
+    from hemaclip.models.inference import prepare_for_inference
+    from hemaclip.tasks.describe import Describer
+    from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
+
+    settings = settings or FineTuneSettings()
+    if list(profile.meta["towers"]) != ["model"]:
+        raise HemaclipError(f"lab '{profile.name}': --fine-tune adapts the model's own tower; add the lab with --towers model")
+    with np.load(profile.root / CELLS) as data:
+        base_cells = {k: data[k] for k in data.files}
+    rows = profile.labels()
+    if not rows:
+        raise HemaclipError(f"lab '{profile.name}' has no labelled cells to fine-tune on")
+    path = resolve_checkpoint(checkpoint)
+    raw, _meta = load_checkpoint(path)
+    base = Describer.from_checkpoint(path, index=None)
+    classes = list(base.readout.class_names)
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise HemaclipError(f"labels {unknown} are not classes of the model")
+    lab_arrays = _cell_arrays(base, [r["source"] for r in rows], [r["cell"] for r in rows])
+    ref_arrays, ref_targets = reference_cells(base, data_root, seed=seed)
+    start = time.perf_counter()
+    tuned = fine_tune_image_tower(raw, lab_arrays, [classes.index(r["label"]) for r in rows], ref_arrays, ref_targets,
+                                  settings, seed=seed)
+    seconds = time.perf_counter() - start
+    save_checkpoint(profile.root / TUNED_MODEL, tuned, extra={"lab": profile.name, "base_model_sha1": profile.meta["model_sha1"]})
+    reader = Describer(prepare_for_inference(tuned), uncalibrated_reason=f"fine-tuned for lab '{profile.name}'")
+    sources = [text_to_path(str(s)) for s in base_cells["source"]]
+    by_source: dict[str, list[Any]] = {}
+    for d in reader.describe_paths(sources, progress=progress):
+        by_source.setdefault(d.source, []).append(d)
+    described = []
+    for source, cell in zip(base_cells["source"], base_cells["cell"]):
+        found = [d for d in by_source.get(str(text_to_path(str(source))), []) if d.cell == int(cell) and d.error is None]
+        if not found:
+            raise HemaclipError(f"{source} (cell {cell}) could not be read again; was the lab's folder changed?")
+        described.append(found[0])
+    with atomic_write(profile.root / TUNED_CELLS, "wb") as handle:
+        np.savez(handle, **{k: base_cells[k] for k in ("source", "cell", "group", "model_classes")},
+                 features=np.stack([d.embedding for d in described]).astype(np.float32),
+                 probabilities=np.stack([d.class_probabilities for d in described]).astype(np.float32))
+    profile.meta.update({"fine_tuned": True, "fine_tune": {"steps": settings.steps, "seconds": round(seconds, 1),
+                                                           "labelled_cells": len(rows), "reference_cells": len(ref_arrays)}})
+    with atomic_write(profile.root / PROFILE) as handle:
+        json.dump(profile.meta, handle, indent=2)
+    return profile.meta["fine_tune"]
+
+
+def clear_fine_tune(profile: LabProfile) -> None:
+    """Back to the base model: the profile forgets its fine-tuned model and features."""
+    profile.meta.pop("fine_tune", None)
+    profile.meta["fine_tuned"] = False
+    with atomic_write(profile.root / PROFILE) as handle:
+        json.dump(profile.meta, handle, indent=2)
+    for name in (TUNED_MODEL, TUNED_CELLS):
+        (profile.root / name).unlink(missing_ok=True)
