@@ -76,6 +76,9 @@ def serve_command(
             raise HemaclipError(f"lab '{lab}' reads DINOv2 features from files; the server reads uploads with 'model'-tower profiles only")
     loaded_index = CellIndex.load(index) if index is not None else "default"
     logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
+    from hemaclip.tasks.lab import checkpoint_for
+
+    path = Path(checkpoint_for(profile, path))  # a fine-tuned lab reads (and indexes) with its own model
     describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True,
                                           classes=classes)
     if profile is not None:
