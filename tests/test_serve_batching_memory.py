@@ -15,32 +15,13 @@ from PIL import Image
 from hemaclip.data.preprocess import Preprocess
 from hemaclip.serve import app as serve_app
 from hemaclip.serve.workers import DescribeBatcher, PixelBudget, release_memory
+from test_serve_hardening import _Picky
 
 VIEW = np.zeros((8, 8, 3), np.uint8)
 
 
-class _Recorder:
-    """A describer that records the names of each batch it is given."""
-
-    model = None
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def describe_pictures(self, pictures, names):
-        self.calls.append(list(names))
-
-        class Reading:
-            error = None
-            cell = 0
-
-            def __init__(self, name: str) -> None:
-                self.name = name
-
-            def to_dict(self) -> dict:
-                return {"source": self.name}
-
-        return [[Reading(n)] for n in names]
+# The recording fake describer of the hardening tests (it records each batch's names; no name here is "bad").
+_Recorder = _Picky
 
 
 def _run(batcher: DescribeBatcher, plan: list[tuple[str, float, bool]]) -> dict[str, float]:
