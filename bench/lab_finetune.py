@@ -8,7 +8,9 @@ selection chooses 50 source cells, the read-out is scored on every other source 
 * **fine-tuned**: `lab fit --fine-tune`'s training (:func:`hemaclip.train.finetune.fine_tune_image_tower`: the
   model's whole image tower and class head, `--steps` steps, AdamW lr 1e-4, weight decay 0.05, the training
   augmentation plus blur and JPEG, each batch half the lab's 50 labelled cells and half PBC training cells, 40 per
-  class), then the same `lab fit` read-out on the fine-tuned embedding and class head.
+  class), then the same `lab fit` read-out on the fine-tuned embedding and class head;
+* **fine-tuned + DINOv2**: the same read-out on the fine-tuned embedding beside the frozen DINOv2 ViT-S/14 features
+  (`lab add --towers model,dinov2` then `lab fit --fine-tune`).
 
 Features of the frozen arm and the selection come from the study's cache (run scripts/onboarding_curve.py first).
 Writes bench/results/lab_finetune.json.   python -m bench.lab_finetune [--steps 150]
@@ -86,13 +88,18 @@ def main() -> None:
                           "towers": np.array(["model"]), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
             pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), everything, pick, rest)
             fine = study._score(truth, pred, probs, head_classes, groups, 200)
+            dino = data["features"][:, data["model_dim"]:]  # frozen DINOv2 block of the study's cache
+            both = {**tuned_data, "features": np.concatenate([tuned_data["features"], dino], axis=1)}
+            pred, probs, head_classes, _s = study._fit_and_read(both, np.arange(both["features"].shape[1]), everything, pick, rest)
+            fine_dino = study._score(truth, pred, probs, head_classes, groups, 200)
             row = {"draw": draw, "frozen": {k: frozen[k] for k in ("macro_f1", "accuracy", "ece")},
-                   "fine_tuned": {k: fine[k] for k in ("macro_f1", "accuracy", "ece")}, "fine_tune_seconds": round(tune_s, 1),
+                   "fine_tuned": {k: fine[k] for k in ("macro_f1", "accuracy", "ece")},
+                   "fine_tuned_dinov2": {k: fine_dino[k] for k in ("macro_f1", "accuracy", "ece")}, "fine_tune_seconds": round(tune_s, 1),
                    "scored_cells": int(len(rest)), "scored_source_cells": int(len(set(groups)))}
             rows.append(row)
             print(dataset, row, flush=True)
         result["labs"][dataset] = {"draws": rows, **{f"{arm}_{k}": float(np.mean([r[arm][k] for r in rows]))
-                                                      for arm in ("frozen", "fine_tuned") for k in ("macro_f1", "accuracy", "ece")}}
+                                                      for arm in ("frozen", "fine_tuned", "fine_tuned_dinov2") for k in ("macro_f1", "accuracy", "ece")}}
         write_json(args.out, result)
     print(f"written to {args.out}")
 

@@ -398,3 +398,26 @@ def test_fine_tuning_a_lab_reads_its_cells_again_and_the_lab_then_reads_with_its
     assert np.allclose(embedded, cells["features"][0], atol=1e-4)  # the lab reads with its own model
     lab.clear_fine_tune(reopened)
     assert not reopened.fine_tuned and np.allclose(reopened.cells()["features"], before)
+
+
+def test_fine_tuning_keeps_a_frozen_second_tower_as_read(tiny_checkpoint: Path, labelled_lab: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import hemaclip.tasks.lab as lab
+    from hemaclip.cache import file_sha1
+    from hemaclip.train.finetune import FineTuneSettings
+
+    def fake_dinov2(descriptions, describer):  # a frozen second tower: a fixed vector per file
+        return np.stack([np.frombuffer(hashlib.sha256(d.source.encode()).digest(), np.uint8)[:6].astype(np.float32)
+                         for d in descriptions])
+
+    monkeypatch.setitem(lab.TOWERS, "dinov2", fake_dinov2)
+    monkeypatch.setattr(lab, "reference_cells", lambda describer, data_root, **kw: ([np.zeros((48, 48, 3), np.uint8)] * 2, [0, 1]))
+    describer = _describer(tiny_checkpoint)
+    profile = lab.add_lab(describer, file_sha1(tiny_checkpoint), "two", labelled_lab, labs=tmp_path, budget=9,
+                          towers=("model", "dinov2"), labels_from_folders=True)
+    before = profile.cells()["features"].copy()
+    lab.fine_tune_lab(profile, tiny_checkpoint, settings=FineTuneSettings(steps=1))
+    after = lab.LabProfile.open("two", tmp_path).cells()["features"]
+    assert after.shape == before.shape
+    assert np.array_equal(after[:, -6:], before[:, -6:])  # the frozen tower's block is kept as read
+    assert not np.allclose(after[:, :-6], before[:, :-6])  # the model's block is read again by the tuned tower

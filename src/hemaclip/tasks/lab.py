@@ -526,8 +526,9 @@ def fine_tune_lab(profile: LabProfile, checkpoint: str | Path | None, *, data_ro
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     settings = settings or FineTuneSettings()
-    if list(profile.meta["towers"]) != ["model"]:
-        raise HemaclipError(f"lab '{profile.name}': --fine-tune adapts the model's own tower; add the lab with --towers model")
+    towers = list(profile.meta["towers"])
+    if towers[0] != "model":
+        raise HemaclipError(f"lab '{profile.name}': --fine-tune adapts the model's own tower, which must come first in --towers")
     with np.load(profile.root / CELLS) as data:
         base_cells = {k: data[k] for k in data.files}
     rows = profile.labels()
@@ -558,9 +559,11 @@ def fine_tune_lab(profile: LabProfile, checkpoint: str | Path | None, *, data_ro
         if not found:
             raise HemaclipError(f"{source} (cell {cell}) could not be read again; was the lab's folder changed?")
         described.append(found[0])
+    tuned_features = np.stack([d.embedding for d in described]).astype(np.float32)
+    frozen_rest = base_cells["features"][:, tuned_features.shape[1]:]  # other towers (DINOv2) are frozen: kept as read
     with atomic_write(profile.root / TUNED_CELLS, "wb") as handle:
         np.savez(handle, **{k: base_cells[k] for k in ("source", "cell", "group", "model_classes")},
-                 features=np.stack([d.embedding for d in described]).astype(np.float32),
+                 features=np.concatenate([tuned_features, frozen_rest], axis=1),
                  probabilities=np.stack([d.class_probabilities for d in described]).astype(np.float32))
     profile.meta.update({"fine_tuned": True, "fine_tune": {"steps": settings.steps, "seconds": round(seconds, 1),
                                                            "labelled_cells": len(rows), "reference_cells": len(ref_arrays)}})
