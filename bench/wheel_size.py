@@ -3,8 +3,9 @@
 The working tree's files that git knows or would add (tracked plus untracked-but-not-ignored, as a clone
 would hold them, so reports/, bench/ and tests/ are there to be left out) are copied into a temporary
 folder and built there with `pip wheel --no-deps --no-build-isolation` (setuptools from this environment;
-no network, and nothing written into the shared tree). Records the wheel's size, its largest files, the
-embedded demo sample's size, and any entry under a folder a wheel must not carry (FORBIDDEN).
+no network, and nothing written into the shared tree). Records the wheel's size, its largest files, any
+entry under a folder a wheel must not carry (FORBIDDEN), and any image file (the package carries no data: cells
+are read from the data folder, never shipped).
 
 Writes bench/results/wheel_size.json (or --out); --wheel-dir keeps the wheel for a later install.
 """
@@ -26,7 +27,8 @@ from hemaclip.io import write_json
 REPO = Path(__file__).resolve().parents[1]
 # Top-level folders of the repository that must never be installed with the package.
 FORBIDDEN = ("reports/", "bench/", "tests/", "scripts/", "docs/", "runs/", "demo-output/")
-SAMPLE_PREFIX = "hemaclip/assets/demo_cells/"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+PAGE_ASSETS = "hemaclip/serve/static/"  # the web page's own files (icons), not data
 LARGEST = 8
 
 
@@ -60,19 +62,17 @@ def build_wheel(repo: Path, wheel_dir: Path) -> Path:
 
 
 def wheel_contents(wheel: Path) -> dict:
-    """What the wheel holds: entries, sizes, the embedded sample, and anything under FORBIDDEN."""
+    """What the wheel holds: entries, sizes, anything under FORBIDDEN, and image files outside the page's assets."""
     with zipfile.ZipFile(wheel) as archive:
         infos = archive.infolist()
     names = [i.filename for i in infos]
     largest = sorted(infos, key=lambda i: i.file_size, reverse=True)[:LARGEST]
-    sample = [i for i in infos if i.filename.startswith(SAMPLE_PREFIX)]
     return {
         "files": len(infos),
         "unpacked_bytes": sum(i.file_size for i in infos),
         "top_level": sorted({n.split("/", 1)[0] for n in names}),
         "largest_files": [{"name": i.filename, "bytes": i.file_size, "compressed_bytes": i.compress_size} for i in largest],
-        "demo_sample": {"files": len(sample), "jpegs": sum(i.filename.endswith(".jpg") for i in sample),
-                        "bytes": sum(i.file_size for i in sample)},
+        "image_files": [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(PAGE_ASSETS)],
         "forbidden_entries": [n for n in names if n.startswith(FORBIDDEN) or any(f"/{f}" in n for f in ("tests/", "reports/", "bench/"))],
     }
 
@@ -98,7 +98,7 @@ def main() -> None:
             **wheel_contents(wheel),
         }
     write_json(args.out, result)
-    print(f"{result['wheel']}: {result['wheel_mib']} MiB ({result['files']} files; demo sample {result['demo_sample']['bytes'] / 1024:.0f} KiB); "
+    print(f"{result['wheel']}: {result['wheel_mib']} MiB ({result['files']} files; image files: {len(result['image_files'])}); "
           f"forbidden entries: {len(result['forbidden_entries'])}; built in {result['build_seconds']} s -> {args.out}")
 
 

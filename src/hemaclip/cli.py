@@ -244,10 +244,8 @@ def export_command(
 def demo_command(
     data: DataOption = None,
     checkpoint: CheckpointOption = None,
-    n: Annotated[int, typer.Option("-n", help="WBCAtt test cells per class to describe (not used with the embedded sample).", min=1)] = 2,
-    index_size: Annotated[
-        int, typer.Option(help="WBCAtt test cells in the demo search index (not used with the embedded sample).", min=10)
-    ] = 300,
+    n: Annotated[int, typer.Option("-n", help="WBCAtt test cells per class to describe.", min=1)] = 2,
+    index_size: Annotated[int, typer.Option(help="WBCAtt test cells in the demo search index.", min=10)] = 300,
     out: Annotated[Path, typer.Option(help="Folder for the HTML/Markdown report and its figures.")] = Path("demo-output"),
     reference: Annotated[
         bool,
@@ -259,33 +257,30 @@ def demo_command(
 ) -> None:
     """The main job on the shipped model: data summary, describe real WBCAtt test cells (class, attributes,
     sentence, saliency, nearest reference cells), build a small search index, search it by description,
-    and write everything to an HTML report. With no data folder (no --data, no $HEMACLIP_DATA, no
-    ../shared/data) it runs on the 24 PBC test cells shipped inside hemaclip.
+    and write everything to an HTML report.
 
     Example: hemaclip demo --out demo-output   (then open demo-output/report.html)
     """
     import time
 
-    from hemaclip.studies.demo import EMBEDDED_NOTE, demo_cells, demo_describe, demo_search, demo_write_report
+    from hemaclip.studies.demo import demo_data_lines, demo_describe, demo_search, demo_write_report
 
     started = time.perf_counter()
     console.rule("1. data")
-    cells = demo_cells(data, n, index_size)
-    for line in cells.data_lines:
+    data_lines = demo_data_lines(data)
+    for line in data_lines:
         console.print(line, highlight=False)
-    console.rule(f"2. describe real {cells.source} cells with the shipped model")
-    described = demo_describe(cells, checkpoint, out, reference=reference)
+    console.rule("2. describe real WBCAtt test cells with the shipped model")
+    described = demo_describe(data, checkpoint, n, out, reference=reference)
     console.print(described["table"])
     for line in described["sentences"]:
         console.print(f"  {line}", highlight=False)
     console.rule("3. search cells by description")
-    searched = demo_search(cells, described["describer"], described["checkpoint"], out)
+    searched = demo_search(data, described["describer"], described["checkpoint"], index_size, out)
     for line in searched["lines"]:
         console.print(line, highlight=False)
-    paths = demo_write_report(out, cells, described, searched, time.perf_counter() - started)
+    paths = demo_write_report(out, data_lines, described, searched, time.perf_counter() - started)
     console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['metrics'].name}); took {time.perf_counter() - started:.0f} s")
-    if cells.embedded:
-        console.print(EMBEDDED_NOTE.format(n=len(cells.describe)), highlight=False)
     console.print("Research software: these readings are not a diagnosis.")
 
 

@@ -1,25 +1,21 @@
 """The demo study behind `hemaclip demo` (the command prints its four steps).
 
-Everything here runs the real library on real cells: the Describer with the shipped model (its reference
+Everything here runs the real library on real data: the Describer with the shipped model (its reference
 index is the WBCAtt train split, built once into the cache), a CellIndex over a few hundred WBCAtt test
 cells (cached and resumable), text search, and a report written with `hemaclip.studies.report`.
-Where no data folder exists (no --data, no $HEMACLIP_DATA, no default folder), it runs on the PBC test
-cells embedded in the package (`hemaclip.data.embedded`) instead, without the reference index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
-from hemaclip.errors import DataError, HemaclipError
+from hemaclip.errors import HemaclipError
 
 # Demo queries: each names attribute values, so a hit can be checked against the WBCAtt annotation.
 QUERIES: tuple[tuple[str, dict[str, str], dict[str, str] | None], ...] = (
@@ -28,63 +24,6 @@ QUERIES: tuple[tuple[str, dict[str, str], dict[str, str] | None], ...] = (
     ("cell with coarse purple granules", {"granule_colour": "purple", "granule_type": "coarse"}, {"cell_size": "big"}),
 )
 K = 8
-# Cells per row of the described-cells figure (a wider sample wraps onto further rows).
-FIGURE_COLUMNS = 12
-EMBEDDED_NOTE = (
-    "used the embedded sample ({n} PBC test cells shipped inside hemaclip), not a data folder; "
-    "point it at real data with --data DIR (or set HEMACLIP_DATA)"
-)
-
-
-@dataclass
-class DemoCells:
-    """What the demo shows: the cells it describes and indexes, what they are, and the data lines.
-    `data_root` is None for the embedded sample (then there is no reference index to show neighbours from)."""
-
-    describe: list[Any]
-    index: list[Any]
-    source: str
-    data_lines: list[str]
-    data_root: Path | None
-
-    @property
-    def embedded(self) -> bool:
-        return self.data_root is None
-
-
-def demo_data_root(data: Path | None) -> tuple[Path | None, str]:
-    """The data root and '', or None and why none was found. An explicit --data that does not exist
-    stays an error (a typo should not silently turn into the embedded sample)."""
-    from hemaclip.data.paths import resolve_data_root
-
-    if data is not None:
-        return resolve_data_root(data), ""
-    try:
-        return resolve_data_root(None), ""
-    except DataError as exc:
-        return None, str(exc)
-
-
-def demo_cells(data: Path | None, n: int, index_size: int) -> DemoCells:
-    """`n` WBCAtt test cells per class to describe and `index_size` (an even spread) to index; or, with no
-    data folder, the embedded sample for both."""
-    from hemaclip.data.datasets import load_dataset
-    from hemaclip.data.embedded import ATTRIBUTION, embedded_sample_dir, load_embedded_sample
-
-    root, why = demo_data_root(data)
-    if root is None:
-        records = load_embedded_sample()
-        counts = ", ".join(f"{label} {count}" for label, count in sorted(Counter(r.label for r in records).items()))
-        lines = [
-            f"no data folder found: {why}",
-            f"using the embedded sample: {len(records)} PBC test cells shipped inside hemaclip ({counts}), {embedded_sample_dir()}",
-            ATTRIBUTION,
-        ]
-        return DemoCells(records, records, "embedded PBC test", lines, None)
-    test = load_dataset("wbcatt", data_root=root).split("test")
-    chosen = [r for label in sorted({r.label for r in test}) for r in [x for x in test if x.label == label][:n]]
-    step = max(1, len(test) // index_size)
-    return DemoCells(chosen, test[::step][:index_size], "WBCAtt test", demo_data_lines(root), root)
 
 
 def demo_data_lines(data: Path | None) -> list[str]:
@@ -116,61 +55,53 @@ def _png(path: Path, figure: Any) -> Path:
     return path
 
 
-def demo_describe(cells: DemoCells, checkpoint: Path | None, out: Path, reference: bool = True) -> dict[str, Any]:
-    """Describe `cells.describe`; saliency overlays of each go into one figure. `reference=False` (or the
-    embedded sample, which has no WBCAtt train split beside it) skips the reference index (no neighbours).
-    Attribute counts cover the cells WBCAtt annotates (PBC's erythroblasts, IGs and platelets have none)."""
+def demo_describe(data: Path | None, checkpoint: Path | None, n: int, out: Path, reference: bool = True) -> dict[str, Any]:
+    """Describe `n` WBCAtt test cells per class; saliency overlays of each go into one figure.
+    `reference=False` skips the reference index (no neighbours), for a quick run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from hemaclip.data.datasets import load_dataset
     from hemaclip.data.preprocess import decode_image
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.saliency import overlay_png, saliency_map
 
     path = resolve_checkpoint(checkpoint)
-    reference = reference and not cells.embedded
-    describer = Describer.from_checkpoint(path, index="default" if reference else None, data_root=cells.data_root, progress=True)
-    chosen = cells.describe
+    describer = Describer.from_checkpoint(path, index="default" if reference else None, data_root=data, progress=True)
+    test = load_dataset("wbcatt", data_root=data).split("test")
+    chosen = [r for label in sorted({r.label for r in test}) for r in [x for x in test if x.label == label][:n]]
     descriptions = list(describer.describe_paths([r.path for r in chosen], progress=False))
-    table = Table(title=f"{len(chosen)} {cells.source} cells described by {path.name}")
+    table = Table(title=f"{len(chosen)} WBCAtt test cells described by {path.name}")
     for column in ("image", "true class", "predicted (p)", "abstains", "attributes right", "stated / right"):
         table.add_column(column)
-    rows, sentences, right_total, stated_total, stated_right, annotated_values = [], [], 0, 0, 0, 0
+    rows, sentences, right_total, stated_total, stated_right = [], [], 0, 0, 0
     out.mkdir(parents=True, exist_ok=True)
-    columns = min(len(chosen), FIGURE_COLUMNS)
-    blocks = -(-len(chosen) // columns)
-    figure, axes = plt.subplots(2 * blocks, columns, figsize=(1.6 * columns, 3.6 * blocks), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    figure, axes = plt.subplots(2, len(chosen), figsize=(1.6 * len(chosen), 3.6), squeeze=False)
     for i, (record, d) in enumerate(zip(chosen, descriptions)):
         if d.error:
             raise HemaclipError(d.error)
+        right = sum(d.attributes[a]["value"] == record.attributes[a] for a in d.attributes)
         stated = [a for a, v in d.attributes.items() if v["stated"]]
-        if record.attributes is not None:
-            right = sum(d.attributes[a]["value"] == record.attributes[a] for a in d.attributes)
-            s_right = sum(d.attributes[a]["value"] == record.attributes[a] for a in stated)
-            right_total += right
-            stated_total += len(stated)
-            stated_right += s_right
-            annotated_values += len(d.attributes)
-            right_text, stated_text = f"{right}/{len(d.attributes)}", f"{s_right}/{len(stated)}"
-        else:
-            right_text, stated_text = "not annotated", f"?/{len(stated)}"
-        name = Path(record.path).name
-        table.add_row(name, record.label, f"{d.label} ({d.probability:.2f})", "yes" if d.abstain else "no", right_text, stated_text)
-        rows.append([name, record.label, d.label, d.probability, d.abstain, right_text, stated_text, d.sentence])
-        sentences.append(f"{name} ({record.label}): {d.sentence}")
+        s_right = sum(d.attributes[a]["value"] == record.attributes[a] for a in stated)
+        right_total += right
+        stated_total += len(stated)
+        stated_right += s_right
+        predicted = f"{d.label} ({d.probability:.2f})"
+        table.add_row(Path(record.path).name, record.label, predicted, "yes" if d.abstain else "no", f"{right}/{len(d.attributes)}", f"{s_right}/{len(stated)}")
+        rows.append([Path(record.path).name, record.label, d.label, d.probability, d.abstain, f"{right}/{len(d.attributes)}", f"{s_right}/{len(stated)}", d.sentence])
+        sentences.append(f"{Path(record.path).name} ({record.label}): {d.sentence}")
         prepared = describer.prepare(decode_image(record.path))
         overlay = np.asarray(Image.open(io.BytesIO(overlay_png(prepared, saliency_map(describer.model, prepared)))))
-        top, bottom = axes[2 * (i // columns), i % columns], axes[2 * (i // columns) + 1, i % columns]
-        top.imshow(prepared)
-        top.set_title(f"{record.label}\n→ {d.label}", fontsize=7)
-        bottom.imshow(overlay)
-    figure.suptitle(f"{cells.source} cells (top) and Grad-CAM of the predicted class (bottom)", fontsize=9)
+        axes[0, i].imshow(prepared)
+        axes[0, i].set_title(f"{record.label}\n→ {d.label}", fontsize=7)
+        axes[1, i].imshow(overlay)
+        for ax in axes[:, i]:
+            ax.set_axis_off()
+    figure.suptitle("WBCAtt test cells (top) and Grad-CAM of the predicted class (bottom)", fontsize=9)
     saliency_png = _png(out / "described-cells.png", figure)
     return {
         "describer": describer,
@@ -180,13 +111,10 @@ def demo_describe(cells: DemoCells, checkpoint: Path | None, out: Path, referenc
         "sentences": sentences,
         "figure": saliency_png,
         "metrics": {
-            "source": cells.source,
-            "embedded_sample": cells.embedded,
             "cells": len(chosen),
             "class_correct": int(sum(r.label == d.label for r, d in zip(chosen, descriptions))),
-            "cells_with_attributes": sum(r.attributes is not None for r in chosen),
             "attribute_values_correct": right_total,
-            "attribute_values": annotated_values,
+            "attribute_values": sum(len(d.attributes) for d in descriptions),
             "stated_values": stated_total,
             "stated_values_correct": stated_right,
             "calibrated": bool(describer.calibrated),
@@ -195,26 +123,29 @@ def demo_describe(cells: DemoCells, checkpoint: Path | None, out: Path, referenc
     }
 
 
-def demo_search(cells: DemoCells, describer: Any, checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Index `cells.index` (cached) and search it by text."""
+def demo_search(data: Path | None, describer: Any, checkpoint: Path, index_size: int, out: Path) -> dict[str, Any]:
+    """Index `index_size` WBCAtt test cells (an even spread over the split; cached) and search by text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from hemaclip.data.datasets import load_dataset
     from hemaclip.cache import cache_dir, file_sha1
     from hemaclip.models.inference import embed_texts
     from hemaclip.tasks.index import CellIndex
 
-    records = cells.index
+    test = load_dataset("wbcatt", data_root=data).split("test")
+    step = max(1, len(test) // index_size)
+    records = test[::step][:index_size]
     checkpoint_id = file_sha1(checkpoint)
     key = hashlib.sha1(f"{checkpoint_id}|{records[0].path}|{len(records)}".encode()).hexdigest()[:12]
     index = CellIndex.build(
         describer.model, records, cache_dir() / "index" / f"demo-test-{key}", checkpoint_id=checkpoint_id,
-        shard_size=100, progress=True, source=f"{cells.source} cells (demo sample)", checkpoint_path=checkpoint,
+        shard_size=100, progress=True, source="WBCAtt test split (demo sample)", checkpoint_path=checkpoint,
     )
-    lines = [f"index: {len(index)} {cells.source} cells, {index.dim}-d {index.kind} ({index.build_counts.get('reused', 0)} of {index.build_counts.get('shards', 0)} shards reused from the cache)"]
+    lines = [f"index: {len(index)} WBCAtt test cells, {index.dim}-d {index.kind} ({index.build_counts.get('reused', 0)} of {index.build_counts.get('shards', 0)} shards reused from the cache)"]
     results = []
     figure, axes = plt.subplots(len(QUERIES), K, figsize=(1.5 * K, 1.9 * len(QUERIES)), squeeze=False)
     for qi, (query, check, where) in enumerate(QUERIES):
@@ -238,24 +169,20 @@ def demo_search(cells: DemoCells, describer: Any, checkpoint: Path, out: Path) -
     return {"lines": lines, "results": results, "figure": grid, "index": {"size": len(index), "kind": index.kind, "path": str(index.path)}}
 
 
-def demo_write_report(out: Path, cells: DemoCells, described: dict[str, Any], searched: dict[str, Any], seconds: float) -> dict[str, Path]:
-    """The demo's Markdown + HTML report and metrics.json; each described cell's true class stands beside its reading."""
+def demo_write_report(out: Path, data_lines: list[str], described: dict[str, Any], searched: dict[str, Any], seconds: float) -> dict[str, Path]:
+    """The demo's Markdown + HTML report and metrics.json."""
     from hemaclip.studies.report import Section, Table as ReportTable, write_report
 
     m = described["metrics"]
     describe_text = (
-        f"{m['cells']} {cells.source} cells (never used for training or choices) described by the shipped model. "
-        f"Class right: {m['class_correct']}/{m['cells']}. "
-        + (f"Of the {m['cells_with_attributes']} cells WBCAtt annotates: " if m["cells_with_attributes"] < m["cells"] else "")
-        + f"Attribute values right: {m['attribute_values_correct']}/{m['attribute_values']}; "
+        f"{m['cells']} WBCAtt test cells (never used for training or choices) described by the shipped model. "
+        f"Class right: {m['class_correct']}/{m['cells']}. Attribute values right: {m['attribute_values_correct']}/{m['attribute_values']}; "
         f"of the values the sentence states (confident ones only): {m['stated_values_correct']}/{m['stated_values']}. "
         f"Probabilities are {'calibrated (temperature fitted on validation images)' if m['calibrated'] else 'not calibrated'}. "
     ) + (
         (
             f"Neighbours come from a reference index of {m['reference_index_size']} WBCAtt train cells. "
             if m["reference_index_size"]
-            else "No reference index: it is the WBCAtt train split, which needs a data folder (--data DIR). "
-            if cells.embedded
             else "No reference index was used (--no-reference). "
         )
         + "A handful of cells is an illustration, not an evaluation: see `hemaclip evaluate` for that."
@@ -266,7 +193,7 @@ def demo_write_report(out: Path, cells: DemoCells, described: dict[str, Any], se
         for i, r in enumerate(searched["results"])
     ]
     sections = [
-        Section("Data", "\n\n".join(cells.data_lines)),
+        Section("Data", "\n\n".join(data_lines)),
         Section(
             "Describing cells",
             describe_text,
@@ -275,7 +202,7 @@ def demo_write_report(out: Path, cells: DemoCells, described: dict[str, Any], se
         ),
         Section(
             "Search by description",
-            f"A {searched['index']['kind']} index of {searched['index']['size']} {cells.source} cells, searched with text. "
+            f"A {searched['index']['kind']} index of {searched['index']['size']} WBCAtt test cells, searched with text. "
             "'hits annotated' counts top hits whose WBCAtt annotation has the values the query names; "
             "'base rate' is the share of such cells in the index (what a random pick would get).",
             tables=[ReportTable(["#", "query", "checked values", "hits annotated", "base rate"], search_rows, digits=2)],
