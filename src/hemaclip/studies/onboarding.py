@@ -182,7 +182,7 @@ def _summarise(n: int, recipe: str, selection: str, protocol: str, per_draw: lis
 
 def _val_choice(data: dict[str, Any], recipe: str, splits: int = DRAWS) -> float:
     """Mean macro F1 of a recipe with CHOICE_SIZE cells labelled from one half of the val part, scored on the other."""
-    from sklearn.metrics import f1_score
+    from hemaclip.metrics.classification import macro_f1
 
     val = np.flatnonzero(data["split"] == "val")
     groups = np.array(sorted(set(data["group"][val])))
@@ -197,7 +197,7 @@ def _val_choice(data: dict[str, Any], recipe: str, splits: int = DRAWS) -> float
         if len(set(data["label"][pick])) < 2:
             continue
         pred, _probs, _classes, _s = _fit_and_read(data, cols, val, pick, b)
-        scores.append(f1_score(data["label"][b], pred, labels=sorted(set(data["label"][b])), average="macro", zero_division=0))
+        scores.append(macro_f1(list(data["label"][b]), list(pred), sorted(set(data["label"][b]))))
     return float(np.mean(scores)) if scores else float("nan")
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hemaclip.data.datasets import read_csv_rows
 from hemaclip.errors import HemaclipError
 from hemaclip.io import atomic_write, path_to_text, text_to_path
 
@@ -149,11 +150,11 @@ class LabProfile:
             raise HemaclipError(f"{path}: cannot be read ({err})") from None
 
     def chosen(self) -> list[dict[str, str]]:
-        return _read_csv(self.root / TO_LABEL, ("rank", "source", "cell", "group"))
+        return read_csv_rows(self.root / TO_LABEL, ("rank", "source", "cell", "group"))
 
     def labels(self) -> list[dict[str, str]]:
         path = self.root / LABELS
-        return _read_csv(path, ("source", "cell", "label", "origin")) if path.is_file() else []
+        return read_csv_rows(path, ("source", "cell", "label", "origin")) if path.is_file() else []
 
     def head(self) -> LabHead:
         from hemaclip.tasks.onboarding import LabHead
@@ -171,17 +172,6 @@ class LabProfile:
 
     def write_labels(self, rows: Iterable[dict[str, str]]) -> None:
         _write_csv(self.root / LABELS, ("source", "cell", "label", "origin"), rows)
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise HemaclipError(f"{path}: cannot be read ({err})") from None
-    if rows and not set(columns) <= set(rows[0]):
-        raise HemaclipError(f"{path}: needs columns {', '.join(columns)}")
-    return rows
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
@@ -374,7 +364,7 @@ def open_for_model(name: str, labs: str | Path | None, checkpoint: str | Path | 
 
 def read_label_csv(path: Path) -> list[dict[str, str]]:
     """Labels a person gave (columns source, cell, label), e.g. exported from a review."""
-    rows = _read_csv(Path(path), ("source", "cell", "label"))
+    rows = read_csv_rows(Path(path), ("source", "cell", "label"))
     if rows and "reviewed" in rows[0]:  # a review's cells.csv: the cells a person reviewed
         rows = [r for r in rows if str(r["reviewed"]).strip() in ("1", "True", "true")]
     if not rows:
@@ -408,7 +398,7 @@ REPORT_REPEATS = 5
 def lab_learning_curve(profile: LabProfile) -> list[dict[str, Any]]:
     """Accuracy and macro F1 of read-outs fitted on n of the lab's labelled source cells, scored on its other
     labelled source cells (5 random draws per n; the lab's own estimate of what more labels would buy)."""
-    from sklearn.metrics import f1_score
+    from hemaclip.metrics.classification import macro_f1
 
     from hemaclip.tasks.onboarding import fit_lab_head
 
@@ -432,7 +422,7 @@ def lab_learning_curve(profile: LabProfile) -> list[dict[str, Any]]:
                                 list(groups[learn]), [str(c) for c in cells["model_classes"]], cells["features"], seed=draw)
             pred = np.array(head.predict(cells["features"][picked[~learn]], cells["probabilities"][picked[~learn]]))
             accuracy.append(float(np.mean(pred == labels[~learn])))
-            f1.append(float(f1_score(labels[~learn], pred, labels=sorted(set(labels[~learn])), average="macro", zero_division=0)))
+            f1.append(macro_f1(list(labels[~learn]), list(pred), sorted(set(labels[~learn]))))
         if accuracy:
             curve.append({"n": n, "accuracy": float(np.mean(accuracy)), "macro_f1": float(np.mean(f1)), "draws": len(accuracy),
                           "scored_on": "the lab's other labelled source cells"})
