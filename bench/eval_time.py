@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.machine import machine_info
 
-from hemaclip.studies.evaluate import run_evaluation
+from hemaclip_research.evaluate import run_evaluation
 from hemaclip.io import write_json
 
 

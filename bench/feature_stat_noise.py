@@ -30,7 +30,7 @@ from bench.machine import machine_info
 import hemaclip.train.trainer as trainer
 from hemaclip.data.datasets import load_dataset
 from hemaclip.io import write_json
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading
+from hemaclip_research.other_labs import OTHER_LABS, read_lab, score_reading
 from hemaclip.tasks.describe import Describer
 from hemaclip.train.config import load_train_config
 

@@ -14,7 +14,7 @@ averaging over transformed views. Neither reaches the other-lab targets; both ar
   shift and brightness at severities 1 and 2, :mod:`hemaclip.data.corruptions`). Test-time augmentation is known
   to soften over-confidence under shift; the question is whether it brings ECE to 0.10 (issue 14).
 
-Scored as `hemaclip other-labs` scores a reading (:func:`hemaclip.studies.other_labs.score_reading`: 5 white-cell
+Scored as `hemaclip other-labs` scores a reading (:func:`hemaclip_research.other_labs.score_reading`: 5 white-cell
 classes, any other reading wrong; LISC intervals resample whole near-duplicate groups). PBC val (a seeded sample)
 is the in-lab check. Writes bench/results/folder_zoom.json.
 """
@@ -37,7 +37,7 @@ from hemaclip.data.corruptions import corrupt_batch
 from hemaclip.data.datasets import load_dataset
 from hemaclip.data.preprocess import CellView, decode_image
 from hemaclip.io import write_json
-from hemaclip.studies.other_labs import OTHER_LABS, LabReading, score_reading
+from hemaclip_research.other_labs import OTHER_LABS, LabReading, score_reading
 from hemaclip.tasks.describe import Describer
 
 FACTORS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.12, 1.25, 1.4)

@@ -1,7 +1,7 @@
 """Does fine-tuning the image tower on a lab's labelled cells beat the read-out on frozen features? (issue 26)
 
 The published recipe (Chossegros et al. 2024) fine-tunes the whole network on the target lab's few cells. Here, on
-the rest-of-the-lab protocol of `hemaclip.studies.onboarding` (the lab's val+test cells are the pool, `lab add`'s own
+the rest-of-the-lab protocol of `hemaclip_research.onboarding` (the lab's val+test cells are the pool, `lab add`'s own
 selection chooses 50 source cells, the read-out is scored on every other source cell), for draws 0-2:
 
 * **frozen**: the shipped recipe (`lab fit`, towers ``model``) on the model's frozen embedding;
@@ -48,7 +48,7 @@ def main() -> None:
     from hemaclip.models.checkpoint import load_checkpoint
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.inference import image_outputs
-    from hemaclip.studies import onboarding as study
+    from hemaclip_research import onboarding as study
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import reference_cells
     from hemaclip.tasks.onboarding import Standardiser

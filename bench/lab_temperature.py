@@ -26,7 +26,7 @@ from hemaclip.data.datasets import load_dataset  # noqa: E402
 from hemaclip.io import write_json  # noqa: E402
 from hemaclip.metrics.calibration import ece_floor, expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from hemaclip.models.default import resolve_checkpoint  # noqa: E402
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab  # noqa: E402
+from hemaclip_research.other_labs import OTHER_LABS, read_lab  # noqa: E402
 from hemaclip.tasks.describe import Describer  # noqa: E402
 
 def log_probs(probs: np.ndarray) -> np.ndarray:

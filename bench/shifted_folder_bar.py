@@ -31,7 +31,7 @@ from bench.machine import machine_info
 
 from hemaclip.data.datasets import load_dataset
 from hemaclip.io import write_json
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab
+from hemaclip_research.other_labs import OTHER_LABS, read_lab
 from hemaclip.tasks.describe import Describer
 from hemaclip.tasks.familiarity import FLAG_QUANTILE
 

@@ -36,7 +36,7 @@ from hemaclip.data.preprocess import Preprocess
 from hemaclip.io import write_json
 from hemaclip.models.adapt import EntropySettings, adapt_entropy
 from hemaclip.models.inference import prepare_for_inference
-from hemaclip.studies.other_labs import OTHER_LABS, read_lab, score_reading
+from hemaclip_research.other_labs import OTHER_LABS, read_lab, score_reading
 from hemaclip.tasks.describe import Describer
 
 FRAMES = ("2.0", "2.4", "2.8")

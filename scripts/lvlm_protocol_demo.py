@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from hemaclip.log import setup_console
-from hemaclip.studies.lvlm import textbook_from_train, write_lvlm_report
+from hemaclip_research.lvlm import textbook_from_train, write_lvlm_report
 from hemaclip.tasks.lvlm.client import ClientSettings
 from hemaclip.tasks.lvlm.protocols import FEATURES, PROTOCOLS
 from hemaclip.tasks.lvlm.runner import SAMPLE_CSV, draw_sample, run_lvlm, write_cells

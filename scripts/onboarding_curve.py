@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python scripts/onboarding_curve.py [--checkpoint PATH] [--out DIR] [--datasets lisc zheng1 zheng2]
 
 Features of every val/test cell (model embedding and frozen DINOv2 ViT-S/14) are computed once with the code
-`hemaclip lab add` uses and cached under the hemaclip cache; the protocol is in hemaclip.studies.onboarding.
+`hemaclip lab add` uses and cached under the hemaclip cache; the protocol is in hemaclip_research.onboarding.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from hemaclip.cache import cache_dir, file_sha1
 from hemaclip.log import setup_console
 from hemaclip.models.default import resolve_checkpoint
-from hemaclip.studies.onboarding import onboarding_curve, write_onboarding
+from hemaclip_research.onboarding import onboarding_curve, write_onboarding
 from hemaclip.tasks.describe import Describer
 
 

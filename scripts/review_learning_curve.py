@@ -14,7 +14,7 @@ from pathlib import Path
 from hemaclip.cache import file_sha1
 from hemaclip.log import setup_console
 from hemaclip.models.default import resolve_checkpoint
-from hemaclip.studies.review_learning import learning_curve, write_learning_curve
+from hemaclip_research.review_learning import learning_curve, write_learning_curve
 from hemaclip.tasks.describe import Describer
 
 

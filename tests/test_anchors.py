@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hemaclip.studies.anchors import ANCHORS
+from hemaclip_research.anchors import ANCHORS
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "evaluation-protocol.md"
 

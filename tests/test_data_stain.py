@@ -161,7 +161,7 @@ def test_evaluate_refuses_an_unknown_stain_norm() -> None:
 
 def test_evaluation_passes_the_normaliser_to_feature_extraction(data_root: Path, tmp_path: Path, tiny_vit_checkpoint: Path) -> None:
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies.evaluate import load_model_features, run_evaluation
+    from hemaclip_research.evaluate import load_model_features, run_evaluation
 
     checkpoint = tiny_vit_checkpoint
     records = {"eval": load_dataset("wbcatt", data_root=data_root).split("test")[:4]}

@@ -45,7 +45,10 @@ def test_wheel_carries_no_data_reports_bench_or_tests(wheel: Path, record_proper
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     tops = {name.split("/", 1)[0] for name in names}
-    assert tops == {"hemaclip", wheel.name.split("-py")[0] + ".dist-info"}, tops
+    # the runtime package and, beside it, the research package (studies, report writers) that `hemaclip evaluate`,
+    # `other-labs`, ... run: one distribution, two top-level packages, as open_clip ships open_clip_train
+    assert tops == {"hemaclip", "hemaclip_research", wheel.name.split("-py")[0] + ".dist-info"}, tops
+    assert "hemaclip_research/evaluate/__init__.py" in names and not any(n.startswith("hemaclip/studies/") for n in names)
     contents = wheel_size.wheel_contents(wheel)
     assert contents["forbidden_entries"] == []
     assert contents["image_files"] == []  # no cell images: data is read from the data folder, never shipped

@@ -12,7 +12,7 @@ import pytest
 
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import DataError
-from hemaclip.studies.evaluate import MIN_IMAGES_PER_CLASS, check_classes, run_evaluation
+from hemaclip_research.evaluate import MIN_IMAGES_PER_CLASS, check_classes, run_evaluation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -295,7 +295,7 @@ def test_attribute_csv_mutations(tmp_path_factory: pytest.TempPathFactory, kind:
 @FUZZ
 @given(kind=st.sampled_from(["ok", "bom", "header", "three_columns", "empty", "tsv", "null_target", "unknown_target", "binary"]))
 def test_class_map_csv_mutations(tmp_path_factory: pytest.TempPathFactory, kind: str) -> None:
-    from hemaclip.studies.evaluate import load_class_map, resolve_class_map
+    from hemaclip_research.evaluate import load_class_map, resolve_class_map
 
     folder = tmp_path_factory.mktemp("map")
     path = folder / ("map.tsv" if kind == "tsv" else "map.csv")

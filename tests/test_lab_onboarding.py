@@ -105,7 +105,7 @@ def test_standardiser_uses_only_the_pool_it_was_given() -> None:
 def test_the_curve_fits_on_val_cells_only_and_never_reads_test_cells(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read-out of the val->test rows is fitted on val cells (labelled ones and the standardisation pool) and
     scored on test cells only; no test source cell is ever labelled."""
-    import hemaclip.studies.onboarding as study
+    import hemaclip_research.onboarding as study
     import hemaclip.tasks.onboarding as onboarding
 
     x, probs, y = _two_lab_data(n=100)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES, PBC_CLASSES
-from hemaclip.studies.lvlm import (
+from hemaclip_research.lvlm import (
     UNPARSEABLE,
     Scored,
     classification_block,

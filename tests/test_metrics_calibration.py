@@ -22,7 +22,7 @@ from hemaclip.metrics.calibration import (
     selective_accuracy,
     softmax,
 )
-from hemaclip.studies.plots import plot_reliability
+from hemaclip_research.plots import plot_reliability
 
 
 def calibrated_probs(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

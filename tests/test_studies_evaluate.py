@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from hemaclip.errors import DataError, HemaclipError
-from hemaclip.studies.compare import parse_system, run_compare
-from hemaclip.studies.evaluate import load_class_map, resolve_class_map, run_evaluation
+from hemaclip_research.compare import parse_system, run_compare
+from hemaclip_research.evaluate import load_class_map, resolve_class_map, run_evaluation
 
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 PER_CLASS = 5
@@ -111,7 +111,7 @@ def test_baselines_beside_every_class_and_attribute_row_and_rows_below_them_mark
 def test_anchors_table_cites_every_figure_and_sets_this_runs_numbers_beside(evaluation):
     """Every anchor has paper, table, split, metric and protocol difference; on WBCAtt test hemaclip's numbers of this
     run (trained and unseen wording) stand beside them; the report states how many images it scored."""
-    from hemaclip.studies.anchors import ANCHORS
+    from hemaclip_research.anchors import ANCHORS
 
     out, metrics = evaluation
     report = (out / "report.md").read_text()
@@ -170,9 +170,9 @@ def test_temperature_does_not_depend_on_test_labels_or_images(make_tiny_model, t
     import numpy as np
 
     from hemaclip.models.text_cache import PooledTextCache
-    from hemaclip.studies.evaluate.calibration import calibration_part
-    from hemaclip.studies.evaluate.classes import ZeroShotReading
-    from hemaclip.studies.evaluate.inputs import EvalInputs, Figures
+    from hemaclip_research.evaluate.calibration import calibration_part
+    from hemaclip_research.evaluate.classes import ZeroShotReading
+    from hemaclip_research.evaluate.inputs import EvalInputs, Figures
     from hemaclip.tasks.features import FeatureSet
     from hemaclip.tasks.zero_shot import zero_shot_classes
     from hemaclip.text.prompts import load_prompts
@@ -371,7 +371,7 @@ def test_validation_equals_evaluate_where_the_old_conventions_differed(checkpoin
     from hemaclip.data.preprocess import preprocess_for
     from hemaclip.models.checkpoint import load_checkpoint
     from hemaclip.models.text_cache import PooledTextCache
-    from hemaclip.studies.evaluate import cap_per_class
+    from hemaclip_research.evaluate import cap_per_class
     from hemaclip.text.prompts import load_prompts
     from hemaclip.train.validate import validate
 

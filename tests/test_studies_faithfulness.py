@@ -11,7 +11,7 @@ import pytest
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.data.datasets import WBCATT_CSV, WBCATT_DIR
 from hemaclip.errors import DataError
-from hemaclip.studies.faithfulness import (
+from hemaclip_research.faithfulness import (
     all_statements,
     annotator_agreement,
     equal_coverage,

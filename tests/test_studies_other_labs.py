@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from hemaclip.metrics.classification import macro_f1
-from hemaclip.studies.other_labs import MIN_CLASS_CELLS, WHITE_CELL_CLASSES, LabReading, _sections, run_other_labs, score_reading
-from hemaclip.studies.report import Section, Table
+from hemaclip_research.other_labs import MIN_CLASS_CELLS, WHITE_CELL_CLASSES, LabReading, _sections, run_other_labs, score_reading
+from hemaclip_research.report import Section, Table
 from test_data_other_labs import _small_lisc_root
 
 VOCAB = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -72,7 +72,7 @@ def test_a_lab_used_in_training_is_not_scored_and_the_report_says_so(data_root, 
     """A checkpoint whose saved training config (as the trainer writes it) added LISC's train part is not scored on
     LISC, while a lab it never saw (Zheng 2) is: the check reads the checkpoint, nothing is stubbed."""
     from hemaclip.models.checkpoint import save_checkpoint
-    from hemaclip.studies.other_labs import ModelEntry
+    from hemaclip_research.other_labs import ModelEntry
     from hemaclip.train.config import TrainConfig
 
     root = _small_lisc_root(tmp_path)  # LISC's first crops (finding near-duplicates in all of LISC takes a minute)
@@ -126,7 +126,7 @@ def test_white_cells_reads_only_the_five_classes_the_checkpoint_knows(data_root,
     """A checkpoint trained with basophil held out is scored on a lab that has basophils (they count as wrong, ECE
     included), and white-cells restricts it to the four of the five it reads instead of refusing."""
     from hemaclip.models.checkpoint import save_checkpoint
-    from hemaclip.studies.other_labs import ModelEntry
+    from hemaclip_research.other_labs import ModelEntry
 
     classes = ("eosinophil", "erythroblast", "lymphocyte", "monocyte", "neutrophil")
     path = save_checkpoint(tmp_path / "no-basophil.pt", make_tiny_model(class_names=classes))

@@ -1,4 +1,4 @@
-"""Tests for hemaclip.studies.plots (PNG figures) and hemaclip.studies.report (metrics.json / md / html)."""
+"""Tests for hemaclip_research.plots (PNG figures) and hemaclip_research.report (metrics.json / md / html)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import hemaclip
-from hemaclip.studies import plots
-from hemaclip.studies.report import FOOTER, Section, Table, fmt_ci, fmt_value, write_report
+from hemaclip_research import plots
+from hemaclip_research.report import FOOTER, Section, Table, fmt_ci, fmt_value, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]

@@ -18,7 +18,7 @@ def _fake_readings(monkeypatch: pytest.MonkeyPatch, classes: list[str]) -> None:
     """Embeddings and model probabilities without a model: a fixed random vector per image path."""
     import zlib
 
-    from hemaclip.studies import review_learning
+    from hemaclip_research import review_learning
 
     def fake(_describer, records, batch_size: int = 64):
         rng = [np.random.default_rng(zlib.crc32(str(r.path).encode())) for r in records]
@@ -49,7 +49,7 @@ def test_lisc_reviewed_cells_are_val_source_cells_with_all_their_crops(data_root
     from types import SimpleNamespace
 
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies.review_learning import learning_curve
+    from hemaclip_research.review_learning import learning_curve
 
     classes = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
     _fake_readings(monkeypatch, classes)
@@ -79,7 +79,7 @@ def test_lisc_reviewed_cells_are_val_source_cells_with_all_their_crops(data_root
 @pytest.mark.slow
 def test_learning_curve_on_zheng2_reports_calibration_and_reviews_every_val_cell(data_root, tmp_path, one_torch_thread) -> None:
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies.review_learning import describe_records, learning_curve, write_learning_curve
+    from hemaclip_research.review_learning import describe_records, learning_curve, write_learning_curve
     from hemaclip.tasks.describe import Describer
 
     describer = Describer.from_checkpoint(None, index=None, data_root=data_root)

@@ -11,7 +11,7 @@ import torch
 
 from hemaclip.errors import CheckpointError, HemaclipError
 from hemaclip.metrics.generative import fid, kid, nearest_real, precision_recall
-from hemaclip.studies.synthesis import utility_arms
+from hemaclip_research.synthesis import utility_arms
 from hemaclip.models.gan import (
     DiffAugmentConfig,
     Discriminator,

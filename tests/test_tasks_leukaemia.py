@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hemaclip.studies import leukaemia as leukaemia_study
-from hemaclip.studies.leukaemia import compare_twins, run_study, score
+from hemaclip_research import leukaemia as leukaemia_study
+from hemaclip_research.leukaemia import compare_twins, run_study, score
 from hemaclip.data.attributes import ALL_CLASSES
 from hemaclip.data.datasets import load_dataset
 from hemaclip.errors import HemaclipError
@@ -168,7 +168,7 @@ def test_init_checkpoint_cannot_take_model_overrides(tmp_path: Path, tinyinit: P
 
 
 def test_arm_variants_change_only_what_they_say() -> None:
-    from hemaclip.studies.leukaemia_colour import study_arms
+    from hemaclip_research.leukaemia_colour import study_arms
 
     arms = study_arms("default")
     assert [a.name for a in arms.values()] == ["default-ce", "default-ce-grey", "default-text-grey", "default-ce-clusters"]
@@ -187,8 +187,8 @@ def test_arm_variants_change_only_what_they_say() -> None:
 def test_colour_study_trains_grey_and_cluster_twins_and_writes_the_report(
     data_root: Path, tmp_path: Path, tinyinit: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hemaclip.studies import leukaemia_colour
-    from hemaclip.studies.leukaemia_colour import run_colour_study
+    from hemaclip_research import leukaemia_colour
+    from hemaclip_research.leukaemia_colour import run_colour_study
 
     monkeypatch.setattr(leukaemia_study, "N_RESAMPLES", 200)
     monkeypatch.setattr(leukaemia_colour, "N_RESAMPLES", 200)

@@ -80,7 +80,7 @@ def test_run_robustness_on_real_cells(data_root: Path, tiny_model: torch.nn.Modu
 
 
 def test_robustness_command_writes_report(data_root: Path, tiny_model: torch.nn.Module, tmp_path: Path) -> None:
-    from hemaclip.studies.robustness import run_robustness_report
+    from hemaclip_research.robustness import run_robustness_report
 
     checkpoint = save_checkpoint(tmp_path / "tiny.pt", tiny_model)
     study = tmp_path / "study.json"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hemaclip.text.prompts import DATASET_CLASSES, load_prompts, naming_pattern, words_of
-from hemaclip.studies.unseen_classes import STACKING_GRID, gzsl_accuracies, harmonic_mean, stacking_gamma, trained_without
+from hemaclip_research.unseen_classes import STACKING_GRID, gzsl_accuracies, harmonic_mean, stacking_gamma, trained_without
 
 from test_text_heldout import lexicon_texts
 

@@ -263,7 +263,7 @@ def demo_command(
     """
     import time
 
-    from hemaclip.studies.demo import demo_data_lines, demo_describe, demo_search, demo_write_report
+    from hemaclip_research.demo import demo_data_lines, demo_describe, demo_search, demo_write_report
 
     started = time.perf_counter()
     console.rule("1. data")
@@ -321,7 +321,7 @@ def evaluate_command(
     --out reports/unseen-classes/basophil
     """
     from hemaclip.data.stain import get_normalizer
-    from hemaclip.studies.evaluate import run_evaluation
+    from hemaclip_research.evaluate import run_evaluation
 
     check_output_dir(out)
     if protocol not in ("standard", "unseen-classes"):
@@ -329,7 +329,7 @@ def evaluate_command(
     if holdout and protocol != "unseen-classes":
         raise HemaclipError("--holdout is for --protocol unseen-classes")
     if protocol == "unseen-classes":
-        from hemaclip.studies.unseen_classes import run_unseen_classes
+        from hemaclip_research.unseen_classes import run_unseen_classes
 
         metrics = run_unseen_classes(checkpoint, dataset, split, holdout or [], out, data_root=data, n_boot=n_boot, seed=seed,
                                      progress=sys.stderr.isatty(), max_per_class=max_per_class)
@@ -376,7 +376,7 @@ def compare_command(
 
     Example: hemaclip compare runs/a/best.pt runs/b/best.pt --dataset wbcatt --split test
     """
-    from hemaclip.studies.compare import run_compare
+    from hemaclip_research.compare import run_compare
 
     check_output_dir(out)
     run_compare(a, b, dataset, split, out, data_root=data, n_boot=n_boot, seed=seed, progress=sys.stderr.isatty())

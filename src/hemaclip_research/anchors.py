@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hemaclip.studies.report import Section, Table
+from hemaclip_research.report import Section, Table
 
 __all__ = ["ANCHORS", "Anchor", "anchors_section", "hemaclip_rows"]
 

@@ -39,7 +39,7 @@ from hemaclip.io import write_json
 from hemaclip.log import get_logger, logged_run, progress_level
 from hemaclip.metrics.classification import encode_labels, macro_f1_codes
 from hemaclip.metrics.statistics import paired_bootstrap_macro_f1, paired_bootstrap_test
-from hemaclip.studies.evaluate import (
+from hemaclip_research.evaluate import (
     argmax_labels,
     cap_feature_set,
     check_split,
@@ -49,7 +49,7 @@ from hemaclip.studies.evaluate import (
     resolve_class_map,
     split_records,
 )
-from hemaclip.studies.report import Section, Table, write_report
+from hemaclip_research.report import Section, Table, write_report
 
 __all__ = ["parse_system", "run_compare"]
 
@@ -141,7 +141,7 @@ def _paired_attribute_mean(
 
 def _score_checkpoint(system: System, records: Mapping[str, Sequence[Any]], cache: dict[str, Any], batch_size: int,
                       device: str, progress: bool) -> _Scored:
-    from hemaclip.studies.evaluate import load_model_features
+    from hemaclip_research.evaluate import load_model_features
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.cache import file_sha1
 

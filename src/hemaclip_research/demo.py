@@ -2,7 +2,7 @@
 
 Everything here runs the real library on real data: the Describer with the shipped model (its reference
 index is the WBCAtt train split, built once into the cache), a CellIndex over a few hundred WBCAtt test
-cells (cached and resumable), text search, and a report written with `hemaclip.studies.report`.
+cells (cached and resumable), text search, and a report written with `hemaclip_research.report`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def demo_search(data: Path | None, describer: Any, checkpoint: Path, index_size:
 
 def demo_write_report(out: Path, data_lines: list[str], described: dict[str, Any], searched: dict[str, Any], seconds: float) -> dict[str, Path]:
     """The demo's Markdown + HTML report and metrics.json."""
-    from hemaclip.studies.report import Section, Table as ReportTable, write_report
+    from hemaclip_research.report import Section, Table as ReportTable, write_report
 
     m = described["metrics"]
     describe_text = (

@@ -148,8 +148,8 @@ def write_leukaemia_report(
     training: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html and metrics.json with confusion matrices, F1 bars and training curves."""
-    from hemaclip.studies.plots import plot_confusion
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research.plots import plot_confusion
+    from hemaclip_research.report import Section, Table, write_report
     from hemaclip.tasks.leukaemia import SPLITS
 
     out.mkdir(parents=True, exist_ok=True)

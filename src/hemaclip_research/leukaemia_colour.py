@@ -23,7 +23,7 @@ import numpy as np
 
 from hemaclip.errors import HemaclipError
 from hemaclip.log import get_logger, logged_run
-from hemaclip.studies.leukaemia import N_RESAMPLES, _machine, paired_comparison, score
+from hemaclip_research.leukaemia import N_RESAMPLES, _machine, paired_comparison, score
 from hemaclip.tasks.leukaemia import CLUSTER_K, SHIPPED, Arm
 
 logger = get_logger(__name__)
@@ -263,8 +263,8 @@ def _reference_rows(reference: Mapping[str, Any] | None) -> list[list[Any]]:
 
 def write_colour_report(out: Path, study: Mapping[str, Any], context: Mapping[str, Any], arms: Mapping[str, Arm], command: str) -> dict[str, Path]:
     """report.md, report.html and metrics.json of the colour study, with confusion matrices and Grad-CAM."""
-    from hemaclip.studies.plots import plot_confusion
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research.plots import plot_confusion
+    from hemaclip_research.report import Section, Table, write_report
 
     classes = context["classes"]
     pi, cl = study["per_image"], study["clusters"]

@@ -14,7 +14,7 @@ For every protocol and every system (each LVLM run; hemaclip on the run's own sa
 * **Faithfulness**: each justification (explain protocol) and each hemaclip sentence is read into WBCAtt
   attribute statements by the one statement parser (:func:`hemaclip.text.captions.parse_caption`); parse
   coverage; agreement with the cell's WBCAtt annotation; agreement with the predicted class's textbook
-  values; and the textbook test on wrong answers (:mod:`hemaclip.studies.faithfulness`, the same test
+  values; and the textbook test on wrong answers (:mod:`hemaclip_research.faithfulness`, the same test
   the `evaluate` report runs on describe's sentences).
 * **Parser validation**: hemaclip's own sentences must be read back exactly; hand-written paraphrases
   (``configs/lvlm/paraphrases.yaml``) give the parser's precision and recall on text it was not written for.
@@ -39,8 +39,8 @@ from hemaclip.errors import DataError, HemaclipError
 from hemaclip.log import get_logger, run_log
 from hemaclip.metrics.calibration import confidence_auroc, confidence_correctness_correlation
 from hemaclip.metrics.summary import classification_metrics, fold_scores
-from hemaclip.studies import faithfulness as fa
-from hemaclip.studies.report import Section, Table, write_report
+from hemaclip_research import faithfulness as fa
+from hemaclip_research.report import Section, Table, write_report
 from hemaclip.tasks.lvlm.protocols import FEATURES, LABEL_NAMES, PROTOCOLS, SCRIPTED_FINGERPRINT, parse_answer
 from hemaclip.tasks.lvlm.runner import RUN_JSON, SAMPLE_CSV, Cell, read_answers, read_cells
 from hemaclip.tasks.probes import GPT4O_FEW_SHOT_WEIGHTED_F1, GPT4O_ZERO_SHOT_WEIGHTED_F1
@@ -331,7 +331,7 @@ def write_lvlm_report(
     hemaclip: bool = True,
 ) -> dict[str, Path]:
     """Score every run folder (every protocol it has answers for) beside hemaclip and write the report."""
-    from hemaclip.studies import plots
+    from hemaclip_research import plots
 
     folders = [Path(r) for r in runs]
     if not folders:

@@ -181,8 +181,8 @@ def run_other_labs(
     """Score every model on every lab it did not train on; write metrics.json, report.md/html and
     confusion/reliability figures into `out`. The first model is the baseline of the paired tests."""
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies import plots
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research import plots
+    from hemaclip_research.report import Section, Table, write_report
     from hemaclip.tasks.describe import Describer
 
     if not models:

@@ -188,7 +188,7 @@ def write_learning_curve(results: Sequence[dict[str, Any]], out: str | Path, met
     """learning_curve.json, learning_curve.md, learning_curve.png and reliability diagrams (the model, and the
     adapter after the most reviewed cells, per lab) in `out` (atomically)."""
     from hemaclip.io import atomic_write, write_json
-    from hemaclip.studies.plots import _new_figure, _save, plot_reliability
+    from hemaclip_research.plots import _new_figure, _save, plot_reliability
 
     out = Path(out)
     write_json(out / "learning_curve.json", {"meta": meta, "datasets": list(results)})

@@ -63,7 +63,7 @@ def _example_grid(image: np.ndarray, corruptions: list[str], severities: list[in
 
 def _study_sections(paths: list[Path]) -> tuple[list[Any], dict[str, Any]]:
     """Report sections from result JSONs that carry a `report_section` (title, text, columns, rows)."""
-    from hemaclip.studies.report import Section, Table
+    from hemaclip_research.report import Section, Table
 
     sections, raw = [], {}
     for path in paths:
@@ -121,8 +121,8 @@ def run_robustness_report(
     from hemaclip.data.image_cache import decoded_images
     from hemaclip.data.preprocess import preprocess_for
     from hemaclip.data.stain import get_normalizer
-    from hemaclip.studies import plots
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research import plots
+    from hemaclip_research.report import Section, Table, write_report
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.factory import create_model

@@ -146,7 +146,7 @@ def utility_arms(
 
 
 def _plot_distance_histograms(out: Path, series: Mapping[str, np.ndarray], title: str) -> Path:
-    from hemaclip.studies.plots import _new_figure, _save
+    from hemaclip_research.plots import _new_figure, _save
 
     fig = _new_figure(6.5, 3.6)
     ax = fig.add_subplot(1, 1, 1)
@@ -162,7 +162,7 @@ def _plot_distance_histograms(out: Path, series: Mapping[str, np.ndarray], title
 
 
 def _plot_pairs(out: Path, generated: np.ndarray, real: np.ndarray, distances: np.ndarray, labels: Sequence[str]) -> Path:
-    from hemaclip.studies.plots import _new_figure, _save
+    from hemaclip_research.plots import _new_figure, _save
 
     n = len(generated)
     fig = _new_figure(1.3 * n, 3.0)
@@ -239,7 +239,7 @@ def evaluate_synthesis(
 ) -> dict[str, Path]:
     """Run all three axes and write ``report.md``, ``report.html``, ``metrics.json`` and figures to `out`."""
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research.report import Section, Table, write_report
     from hemaclip.models.checkpoint import load_for_inference
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.gan import load_generator
@@ -388,7 +388,7 @@ def _utility(
     utility_checkpoint: Path, dataset: str, classes: list[str], train_recs: list[CellRecord], train_f: np.ndarray, y_train: np.ndarray,
     test_f: np.ndarray, y_test: np.ndarray, model: DualEncoder, seeds: int, out: Path, show: bool, data_root: Path | None,
 ) -> tuple[dict[str, Any], list[Any]]:
-    from hemaclip.studies.report import Section, Table
+    from hemaclip_research.report import Section, Table
     from hemaclip.metrics.classification import class_f1
     from hemaclip.metrics.statistics import bootstrap_macro_f1, paired_bootstrap_macro_f1
     from hemaclip.models.gan import load_generator

@@ -1,6 +1,6 @@
 """Know what it does not know: the report behind ``hemaclip trust`` (``reports/trust/``).
 
-Everything is read as ``hemaclip describe`` reads it (:func:`hemaclip.studies.other_labs.read_lab`): the
+Everything is read as ``hemaclip describe`` reads it (:func:`hemaclip_research.other_labs.read_lab`): the
 model's preprocessing, its calibrated class read-out and its unfamiliarity score (threshold fitted on PBC
 val by ``hemaclip calibrate``, never on anything scored here). Parts:
 
@@ -68,9 +68,9 @@ def run_trust_report(
     """Write ``reports/trust``-style metrics.json, report.md/html and figures for `checkpoint`; `holdouts` maps a
     held-out class name to a checkpoint trained without it (each needs its own familiarity sidecar)."""
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.studies import plots
-    from hemaclip.studies.other_labs import MODEL_ADAPTATIONS, read_lab, score_reading
-    from hemaclip.studies.report import Section, Table, write_report
+    from hemaclip_research import plots
+    from hemaclip_research.other_labs import MODEL_ADAPTATIONS, read_lab, score_reading
+    from hemaclip_research.report import Section, Table, write_report
 
     start = time.perf_counter()
     out = Path(out)

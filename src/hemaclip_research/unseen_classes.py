@@ -28,7 +28,7 @@ from hemaclip.metrics.baselines import trivial_baselines
 from hemaclip.metrics.retrieval import retrieval_metrics
 from hemaclip.metrics.statistics import bootstrap_ci
 from hemaclip.metrics.summary import classification_metrics
-from hemaclip.studies.report import Section, Table, write_report
+from hemaclip_research.report import Section, Table, write_report
 
 __all__ = ["PROTOCOL", "gzsl_accuracies", "harmonic_mean", "run_unseen_classes", "stack_logits", "stacking_gamma", "trained_without", "write_summary"]
 
@@ -118,7 +118,7 @@ def run_unseen_classes(
     from hemaclip.data.datasets import load_dataset
     from hemaclip.models.checkpoint import load_checkpoint
     from hemaclip.models.text_cache import PooledTextCache
-    from hemaclip.studies.evaluate.inputs import load_model_features, split_records
+    from hemaclip_research.evaluate.inputs import load_model_features, split_records
     from hemaclip.tasks.zero_shot import generalised_zero_shot
     from hemaclip.text.prompts import load_prompts
 
@@ -201,7 +201,7 @@ def score_reading(reading: Mapping[str, Any], prompts: Any, train_labels: Sequen
 
 def sections(metrics: Mapping[str, Any]) -> list[Section]:
     """The report: the protocol and provenance, S/U/H, per-class F1 with baselines, retrieval, the descriptions."""
-    from hemaclip.studies.evaluate.classes import per_class_table
+    from hemaclip_research.evaluate.classes import per_class_table
 
     g = metrics["gzsl"]
     status = "zero-shot" if metrics["zero_shot"] else "NOT ZERO-SHOT"

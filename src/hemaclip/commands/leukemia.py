@@ -1,4 +1,4 @@
-"""`hemaclip leukemia run`: parses the options and runs :func:`hemaclip.studies.leukaemia.run_study`."""
+"""`hemaclip leukemia run`: parses the options and runs :func:`hemaclip_research.leukaemia.run_study`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from hemaclip.commands.common import DataOption, console, parse_set_options
-from hemaclip.studies.leukaemia import DEFAULT_INITS, run_study
 
 
 def _overrides(set_: Optional[list[str]], epochs: Optional[int], max_train_images: Optional[int]) -> dict:
@@ -49,6 +48,8 @@ def register(app: typer.Typer) -> None:
         """
         overrides = _overrides(set_, epochs, max_train_images)
         command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        from hemaclip_research.leukaemia import DEFAULT_INITS, run_study  # research code: imported only when run
+
         paths = run_study(out, runs, init or list(DEFAULT_INITS), overrides, data_root=data, train_missing=train_runs, include_shipped=shipped,
                           max_eval_images=max_eval_images, bench=bench, command=command, progress=None)
         for kind, path in paths.items():
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
         """
         overrides = _overrides(set_, epochs, max_train_images)
         command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        from hemaclip.studies.leukaemia_colour import run_colour_study  # imports the trainer: only when run
+        from hemaclip_research.leukaemia_colour import run_colour_study  # imports the trainer: only when run
 
         paths = run_colour_study(out, runs, overrides, data_root=data, init=init, train_missing=train_runs, max_eval_images=max_eval_images,
                                  reference=reference, bench=bench, command=command, progress=None)

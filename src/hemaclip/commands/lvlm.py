@@ -1,5 +1,5 @@
 """`hemaclip lvlm run` and `hemaclip lvlm report`: parse the options, call :mod:`hemaclip.tasks.lvlm.runner`
-and :mod:`hemaclip.studies.lvlm`."""
+and :mod:`hemaclip_research.lvlm`."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
 
         Example: hemaclip lvlm report runs/lvlm-* --out reports/lvlm
         """
-        from hemaclip.studies.lvlm import write_lvlm_report
+        from hemaclip_research.lvlm import write_lvlm_report
 
         check_output_dir(out)
         paths = write_lvlm_report(runs, out, checkpoint=checkpoint, data_root=data, n_boot=n_boot, hemaclip=hemaclip_rows)

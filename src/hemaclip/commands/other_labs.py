@@ -1,4 +1,4 @@
-"""`hemaclip other-labs`: parses the options and runs :func:`hemaclip.studies.other_labs.run_other_labs`."""
+"""`hemaclip other-labs`: parses the options and runs :func:`hemaclip_research.other_labs.run_other_labs`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hemaclip.errors import HemaclipError
 
 
 def _model_entries(checkpoints: list[str]) -> list:
-    from hemaclip.studies.other_labs import ModelEntry
+    from hemaclip_research.other_labs import ModelEntry
 
     entries = []
     for text in checkpoints:
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
 
         Example: hemaclip other-labs --model old=old.pt --model new=default --out reports/other-labs
         """
-        from hemaclip.studies.other_labs import ADAPTATIONS, OTHER_LABS, run_other_labs
+        from hemaclip_research.other_labs import ADAPTATIONS, OTHER_LABS, run_other_labs
 
         entries = _model_entries(model or ["default"])
         m = run_other_labs(entries, out, _choices(labs, OTHER_LABS, "labs"), split, _choices(adapt, ADAPTATIONS, "adapt"),

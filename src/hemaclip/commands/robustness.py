@@ -1,4 +1,4 @@
-"""`hemaclip robustness`: parses the options and runs :func:`hemaclip.studies.robustness.run_robustness_report`."""
+"""`hemaclip robustness`: parses the options and runs :func:`hemaclip_research.robustness.run_robustness_report`."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         Quick look: hemaclip robustness --max-per-class 10 --corruptions stain_shift,jpeg --severities 1,5 --no-baseline --out /tmp/rob
         """
         from hemaclip.data.corruptions import CORRUPTION_NAMES, SEVERITIES
-        from hemaclip.studies.robustness import METRIC_TITLES, run_robustness_report
+        from hemaclip_research.robustness import METRIC_TITLES, run_robustness_report
 
         chosen = _parse_list(corruptions, CORRUPTION_NAMES, str, "corruptions")
         levels = _parse_list(severities, SEVERITIES, int, "severities")

@@ -1,7 +1,7 @@
 """`hemaclip synth train|sample|evaluate`: class-conditional GAN synthesis for class balancing.
 
 Training lives in `hemaclip.train.gan`, sampling in `hemaclip.tasks.synthesis`; the three-axis
-evaluation (fidelity, memorisation, downstream utility) and its report in `hemaclip.studies.synthesis`.
+evaluation (fidelity, memorisation, downstream utility) and its report in `hemaclip_research.synthesis`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def evaluate_command(
 
     Example: hemaclip synth evaluate --checkpoint runs/gan-all/last.pt --utility-checkpoint runs/gan-all-benign10/last.pt --out reports/synthesis
     """
-    from hemaclip.studies.synthesis import evaluate_synthesis
+    from hemaclip_research.synthesis import evaluate_synthesis
 
     command = "hemaclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = evaluate_synthesis(

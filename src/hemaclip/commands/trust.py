@@ -1,4 +1,4 @@
-"""`hemaclip trust`: parses the options and runs :func:`hemaclip.studies.trust.run_trust_report`."""
+"""`hemaclip trust`: parses the options and runs :func:`hemaclip_research.trust.run_trust_report`."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         The checkpoint needs its familiarity sidecar (hemaclip calibrate --checkpoint CKPT writes it).
         Example: hemaclip trust --holdout basophil=runs/holdout-basophil/best.pt --out reports/trust
         """
-        from hemaclip.studies.trust import run_trust_report
+        from hemaclip_research.trust import run_trust_report
 
         held = _holdouts(list(holdout or []))
         m = run_trust_report(None if checkpoint is None else str(checkpoint), out, held, data_root=data, n_resamples=n_boot,

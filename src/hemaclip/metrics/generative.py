@@ -1,7 +1,7 @@
 """Distances between feature sets for judging generated images: FID, KID, k-NN precision/recall, nearest neighbours.
 
 Plain numpy on any feature space (hemaclip measures in its 256-d image embedding, see
-:mod:`hemaclip.studies.synthesis`).
+:mod:`hemaclip_research.synthesis`).
 """
 
 from __future__ import annotations

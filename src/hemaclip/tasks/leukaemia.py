@@ -13,7 +13,7 @@ class-head macro F1 for the CE twin); the test split is only read to score those
 Image-text models are read by image-to-text similarity (the class prompt ensemble) and by probes on
 their embeddings; CE models by their head (and the same probes). Paired bootstrap tests on the test
 split compare the twins overall and per class (scoring and the report live in the studies layer,
-`hemaclip.studies.leukaemia`, above tasks).
+`hemaclip_research.leukaemia`, above tasks).
 
 The colour study (`hemaclip leukemia colour`) adds arm *variants*: ``grey`` (the same recipe on luma-only
 input, at training and inference: the model config's ``preprocess.colour``) and ``clusters`` (the same

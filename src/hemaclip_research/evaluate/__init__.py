@@ -2,7 +2,7 @@
 
 :func:`run_evaluation` is the whole protocol behind ``hemaclip evaluate``. It writes
 ``metrics.json``, ``report.md``, ``report.html`` and PNG figures into `out` (via
-:func:`hemaclip.studies.report.write_report`) and returns the metrics dictionary. Parts:
+:func:`hemaclip_research.report.write_report`) and returns the metrics dictionary. Parts:
 
 * **Zero-shot classes** (prompt ensembles of the prompt set's classes for the dataset; the model's
   own class vocabulary plays no role): accuracy, balanced accuracy, macro and weighted F1, each
@@ -22,7 +22,7 @@
   accuracy at coverage 0.5 ... 1.0.
 * **Faithfulness** of the sentences ``hemaclip describe`` writes (when the images carry attributes):
   statement agreement with the annotation and coverage, beside the two WBCAtt annotators' agreement,
-  a threshold sweep, and the textbook test on misclassified cells (:mod:`hemaclip.studies.faithfulness`).
+  a threshold sweep, and the textbook test on misclassified cells (:mod:`hemaclip_research.faithfulness`).
 * **Retrieval**, both directions, where any relevant item counts: text->image and image->text by
   class and by attribute value, image->image by class and by the full attribute profile;
   Hit@k, Precision@k, MRR@k and Recall@k for k = 1, 3, 5, 10; a retrieval grid figure.
@@ -69,9 +69,9 @@ from hemaclip.errors import DataError, HemaclipError
 from hemaclip.io import display_path
 from hemaclip.log import get_logger, logged_run, progress_level
 from hemaclip.metrics.summary import classification_metrics
-from hemaclip.studies.anchors import ANCHORS, anchors_section
-from hemaclip.studies.evaluate.calibration import calibration_part
-from hemaclip.studies.evaluate.classes import (
+from hemaclip_research.anchors import ANCHORS, anchors_section
+from hemaclip_research.evaluate.calibration import calibration_part
+from hemaclip_research.evaluate.classes import (
     ZeroShotReading,
     has_unseen_wording,
     head_class_predictions,
@@ -81,10 +81,10 @@ from hemaclip.studies.evaluate.classes import (
     zero_shot_class_part,
     zero_shot_reading,
 )
-from hemaclip.studies.evaluate.classmap import ClassMapping, load_class_map, resolve_class_map
-from hemaclip.studies.evaluate.embedding import embedding_part
-from hemaclip.studies.evaluate.faithfulness import faithfulness_part
-from hemaclip.studies.evaluate.inputs import (
+from hemaclip_research.evaluate.classmap import ClassMapping, load_class_map, resolve_class_map
+from hemaclip_research.evaluate.embedding import embedding_part
+from hemaclip_research.evaluate.faithfulness import faithfulness_part
+from hemaclip_research.evaluate.inputs import (
     DEFAULT_MAP_ATTRIBUTE,
     MIN_IMAGES_PER_CLASS,
     NSHOT_SEEDS,
@@ -102,9 +102,9 @@ from hemaclip.studies.evaluate.inputs import (
     relabel,
     split_records,
 )
-from hemaclip.studies.evaluate.probes import attribute_probe_part, fit_probes, lvlm_part, nshot_part, probe_part
-from hemaclip.studies.evaluate.retrieval import RETRIEVAL_KS, retrieval_part
-from hemaclip.studies.report import Section, Table, write_report
+from hemaclip_research.evaluate.probes import attribute_probe_part, fit_probes, lvlm_part, nshot_part, probe_part
+from hemaclip_research.evaluate.retrieval import RETRIEVAL_KS, retrieval_part
+from hemaclip_research.report import Section, Table, write_report
 
 __all__ = [
     "DEFAULT_MAP_ATTRIBUTE",

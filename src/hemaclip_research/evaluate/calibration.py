@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from hemaclip.metrics import calibration as cal
-from hemaclip.studies import plots
-from hemaclip.studies.evaluate.classes import ZeroShotReading
-from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part
-from hemaclip.studies.report import Section, Table
+from hemaclip_research import plots
+from hemaclip_research.evaluate.classes import ZeroShotReading
+from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part
+from hemaclip_research.report import Section, Table
 
 __all__ = ["ECE_BINS", "calibration_part"]
 

@@ -15,9 +15,9 @@ from hemaclip.io import display_path
 from hemaclip.metrics.baselines import beats_baselines, trivial_baselines
 from hemaclip.metrics.classification import attribute_table
 from hemaclip.metrics.summary import classification_metrics
-from hemaclip.studies import plots
-from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part, argmax_labels
-from hemaclip.studies.report import Section, Table
+from hemaclip_research import plots
+from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part, argmax_labels
+from hemaclip_research.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
 
 __all__ = [

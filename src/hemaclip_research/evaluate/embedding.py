@@ -8,9 +8,9 @@ import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.errors import HemaclipError
-from hemaclip.studies import plots
-from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part
-from hemaclip.studies.report import Section
+from hemaclip_research import plots
+from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part
+from hemaclip_research.report import Section
 
 __all__ = ["EMBED_MAX_POINTS", "embedding_part"]
 

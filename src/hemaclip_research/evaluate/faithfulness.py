@@ -10,21 +10,21 @@ import numpy as np
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.errors import DataError
 from hemaclip.metrics import calibration as cal
-from hemaclip.studies.evaluate.classes import ZeroShotReading
-from hemaclip.studies.evaluate.inputs import EvalInputs, Part
-from hemaclip.studies.report import Section, Table
+from hemaclip_research.evaluate.classes import ZeroShotReading
+from hemaclip_research.evaluate.inputs import EvalInputs, Part
+from hemaclip_research.report import Section, Table
 
 __all__ = ["faithfulness_part"]
 
 
 def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred: list[str] | None, head_attribute_mean: float | None) -> Part:
-    """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip.studies.faithfulness`.
+    """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip_research.faithfulness`.
 
     `class_pred` is the class reading of the rows of `zs` (the class head where it applies, else the
     prompts): cells predicted as a class without WBCAtt attributes get no sentence, as in describe.
     `head_attribute_mean` is the attribute heads' mean macro F1, shown beside the agreement.
     """
-    from hemaclip.studies import faithfulness as fa
+    from hemaclip_research import faithfulness as fa
     from hemaclip.tasks.describe import DEFAULTS, statements_for_rows
 
     fs = inputs.eval_fs

@@ -1,7 +1,7 @@
 """What the parts of an evaluation read and what each gives back.
 
 :class:`EvalInputs` holds everything a part may read (features of the evaluated, val and train splits,
-the model and its prompts, the settings); it is built once by :func:`hemaclip.studies.evaluate.run_evaluation`
+the model and its prompts, the settings); it is built once by :func:`hemaclip_research.evaluate.run_evaluation`
 and no part writes to it. Each part returns a :class:`Part`: its metrics (merged into ``metrics.json``
 under their keys), its report sections and any notes for the overview. Figures are registered in order
 through :class:`Figures`, so ``metrics["figures"]`` lists them as they were drawn.
@@ -18,7 +18,7 @@ import numpy as np
 
 from hemaclip.data.splits import SPLIT_NAMES
 from hemaclip.errors import HemaclipError
-from hemaclip.studies.report import Section
+from hemaclip_research.report import Section
 
 if TYPE_CHECKING:
     from hemaclip.data.datasets import CellDataset, CellRecord

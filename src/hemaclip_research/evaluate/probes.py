@@ -13,8 +13,8 @@ from hemaclip.errors import DataError
 from hemaclip.metrics.baselines import trivial_baselines
 from hemaclip.metrics.classification import macro_f1
 from hemaclip.metrics.summary import classification_metrics
-from hemaclip.studies import plots
-from hemaclip.studies.evaluate.classes import (
+from hemaclip_research import plots
+from hemaclip_research.evaluate.classes import (
     BASELINE_NOTE,
     ZeroShotReading,
     attribute_block,
@@ -22,8 +22,8 @@ from hemaclip.studies.evaluate.classes import (
     attribute_summary,
     reference_labels,
 )
-from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part
-from hemaclip.studies.report import Section, Table
+from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part
+from hemaclip_research.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
 
 __all__ = ["NSHOT_KINDS", "PROBE_KINDS", "attribute_probe_part", "fit_probes", "lvlm_part", "nshot_part", "probe_part"]

@@ -10,9 +10,9 @@ import numpy as np
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.metrics.retrieval import paired_recall_at_k, retrieval_metrics
-from hemaclip.studies import plots
-from hemaclip.studies.evaluate.inputs import EvalInputs, Figures, Part
-from hemaclip.studies.report import Section, Table
+from hemaclip_research import plots
+from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part
+from hemaclip_research.report import Section, Table
 
 __all__ = ["PAIRED_MAX_IMAGES", "RETRIEVAL_KS", "retrieval_part"]
 
