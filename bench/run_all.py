@@ -40,6 +40,8 @@ NOT_BENCHMARKS = {
     "stain_studies": "a study that trains models with and without stain jitter (tens of minutes); run on its own",
     "fuzz_inputs": "bad-input fuzzing (outcome counts, not speed or quality); run on its own",
     "repo_size": "a fresh clone's size at two commits (needs --before); run on its own",
+    "train_segmenter": "trains the cell segmenter on the Zheng val parts (about 15 minutes on 2 cores); run on its own",
+    "cell_finding_out_of_sample": "scores the weights train_segmenter wrote (needs them); run after it",
 }
 # Words that mark the figures worth lifting into the summary.
 KEY_FIGURE = re.compile(r"ratio|speedup|per_s|recall|p50|p99|seconds|peak|mib|f1", re.IGNORECASE)

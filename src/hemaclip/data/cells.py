@@ -8,8 +8,10 @@ scale is picked per image in two passes, so crops and fields of another magnific
 same code. `crop_cell` then centres each cell in a square of a fixed multiple of its diameter, padded
 with the smear's background colour (not black, not reflected: both invent structure).
 
-The segmenter was trained on the Zheng 2018 expert masks (nucleus/cytoplasm, no class labels) with
-strong colour, scale and blur augmentation; its cross-validated localisation is in docs/research-log.md (Other labs).
+The shipped weights (assets/cell-segmenter.pt) were trained on all 400 Zheng 2018 expert masks (nucleus/cytoplasm,
+no class labels), test parts included, with strong colour, scale and blur augmentation: its Zheng box figures are
+in-sample. The training code is :mod:`hemaclip.train.segmenter` (entry: ``python -m bench.train_segmenter``, Zheng val
+parts only by default); bench/cell_finding_out_of_sample.py scores such weights on the test parts.
 """
 from __future__ import annotations
 
