@@ -30,7 +30,7 @@ from hemaclip_research.lvlm import (
     parser_validation,
     write_lvlm_report,
 )
-from hemaclip.tasks.describe import attribute_sentence, sayable_statements
+from hemaclip.text.sentences import attribute_sentence, sayable_statements
 from hemaclip.tasks.lvlm.cache import CACHE_FILE
 from hemaclip.tasks.lvlm.client import ClientSettings
 from hemaclip.tasks.lvlm.protocols import FEATURES, parse_answer, parse_certainty, parse_features, parse_label

@@ -21,7 +21,7 @@ from hemaclip_research.faithfulness import (
     textbook_test,
     threshold_sweep,
 )
-from hemaclip.tasks.describe import attribute_sentence, statements_for_rows
+from hemaclip.text.sentences import attribute_sentence, statements_for_rows
 from hemaclip.text.captions import parse_caption
 
 FULL = {

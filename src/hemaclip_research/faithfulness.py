@@ -1,7 +1,7 @@
 """Is what `hemaclip describe` says true of the cell? Statement-level checks against WBCAtt annotations.
 
 Three measurements, all on the sentences `describe` actually writes (see
-:func:`hemaclip.tasks.describe.statements_for_rows`):
+:func:`hemaclip.text.sentences.statements_for_rows`):
 
 * **Statement agreement**: of all attribute statements made, the fraction that match the ground-truth
   annotation, with a percentile bootstrap interval over images (the ratio of sums is resampled, so an

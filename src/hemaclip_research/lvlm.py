@@ -269,7 +269,8 @@ def parser_validation(hemaclip_pairs: Sequence[tuple[str, Mapping[str, str]]]) -
 def hemaclip_answers(cells: Sequence[Cell], checkpoint: str | Path | None = None) -> tuple[Scored, list[tuple[str, dict[str, str]]]]:
     """`describe` on the cells: class, calibrated probability and sentence, scored like an LVLM's explain
     answer; plus (sentence, what it was written to say) pairs for the parser validation."""
-    from hemaclip.tasks.describe import DEFAULTS, Describer, sayable_statements, select_statements
+    from hemaclip.tasks.describe import DEFAULTS, Describer
+    from hemaclip.text.sentences import sayable_statements, select_statements
 
     describer = Describer.from_checkpoint(checkpoint, index=None)
     predicted, confidence, texts, pairs = [], [], [], []

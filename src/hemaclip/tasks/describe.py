@@ -36,25 +36,7 @@ from hemaclip.data.preprocess import CellView, decode_image, is_image_file, prep
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.log import get_logger
 from hemaclip.tasks.familiarity import DEFAULT_METHOD
-from hemaclip.text.captions import (
-    CHROMATIN_WORDS,
-    CYTOPLASM_COLOUR_WORDS,
-    CELL_SHAPE_WORDS,
-    CELL_SIZE_WORDS,
-    GRANULE_COLOUR_WORDS,
-    GRANULE_NIL_BOTH,
-    GRANULE_NIL_COLOUR,
-    GRANULE_NIL_TYPE,
-    GRANULE_TYPE_WORDS,
-    GRANULES_SPARSE,
-    NIL,
-    NUCLEUS_PRE,
-    RATIO_NOUNS,
-    RATIO_WORDS,
-    TEXTURE_WORDS,
-    parse_caption,
-    with_article,
-)
+from hemaclip.text.sentences import attribute_sentence, select_statements
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -63,16 +45,12 @@ __all__ = [
     "DescribeSettings",
     "Describer",
     "Readout",
-    "attribute_sentence",
     "calibration_path",
     "fit_calibration",
     "fit_familiarity_for",
     "UNFAMILIAR_WARNING",
     "iter_image_paths",
     "load_calibration",
-    "sayable_statements",
-    "select_statements",
-    "statements_for_rows",
 ]
 
 CALIBRATION_FORMAT = 1
@@ -110,112 +88,8 @@ DEFAULTS = DescribeSettings()
 
 
 # ------------------------------------------------------------------------------------------------ #
-# the sentence
+# the sentence a cell gets
 # ------------------------------------------------------------------------------------------------ #
-
-
-def _join(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-def _granule_np(kind: str | None, colour: str | None) -> str:
-    """Granules with the stated type and colour ('nil' said as 'of indeterminate ...')."""
-    words = []
-    if kind is not None and kind != NIL:
-        words.append(GRANULE_TYPE_WORDS[kind][0])
-    if colour is not None and colour != NIL:
-        words.append(GRANULE_COLOUR_WORDS[colour][0])
-    np_ = " ".join([*words, "granules"])
-    if kind == NIL and colour == NIL:
-        return f"{np_} {GRANULE_NIL_BOTH}"
-    if kind == NIL:
-        return f"{np_} {GRANULE_NIL_TYPE}"
-    if colour == NIL:
-        return f"{np_} {GRANULE_NIL_COLOUR}"
-    return np_
-
-
-def _granule_statements(stated: Mapping[str, str]) -> tuple[str | None, str, set[str]]:
-    """(granule phrase or None, state, attributes it states).
-
-    Any mention of granules states granularity, and "no granules" also states type and colour "nil"
-    to a reader, so granule type/colour are only said together with granularity, and absence only
-    when type and colour are confident too; otherwise granules are not mentioned at all.
-    """
-    granularity = stated.get("granularity")
-    kind, colour = stated.get("granule_type"), stated.get("granule_colour")
-    if granularity == "yes":
-        used = {"granularity"} | {n for n, v in (("granule_type", kind), ("granule_colour", colour)) if v is not None}
-        return _granule_np(kind, colour), "present", used
-    if granularity == "no" and kind is not None and colour is not None:
-        used = {"granularity", "granule_type", "granule_colour"}
-        if kind == NIL and colour == NIL:
-            return "no granules", "none", used
-        return GRANULES_SPARSE.format(_granule_np(kind, colour)), "sparse", used
-    return None, "", set()
-
-
-def attribute_sentence(stated: Mapping[str, str]) -> tuple[str, dict[str, str]]:
-    """One sentence in the training captions' words stating (a subset of) `stated`; returns it with
-    what it states as read back by :func:`parse_caption`.
-
-    Attributes that cannot be said alone without implying another one (granule type/colour without
-    granularity) are left out; the returned dict is therefore the truth about the sentence.
-    """
-    s = {k: v for k, v in stated.items() if k in ATTRIBUTES}
-    for name, value in s.items():
-        if value not in ATTRIBUTES[name]:
-            raise DataError(f"unknown value '{value}' for attribute '{name}'")
-    cell_adj = [w for w in (CELL_SIZE_WORDS[s["cell_size"]][0] if "cell_size" in s else None,
-                            CELL_SHAPE_WORDS[s["cell_shape"]][0] if "cell_shape" in s else None) if w]
-    with_items = []
-    if "nucleus_shape" in s:
-        with_items.append(f"{with_article(NUCLEUS_PRE[s['nucleus_shape']][0])} nucleus")
-    if "chromatin_density" in s:
-        with_items.append(f"{CHROMATIN_WORDS[s['chromatin_density']][0]} chromatin")
-    if "nuclear_cytoplasmic_ratio" in s:
-        with_items.append(f"{with_article(RATIO_WORDS[s['nuclear_cytoplasmic_ratio']][0])} {RATIO_NOUNS[0]}")
-    cyto_adj = [w for w in (CYTOPLASM_COLOUR_WORDS[s["cytoplasm_colour"]][0] if "cytoplasm_colour" in s else None,
-                            TEXTURE_WORDS[s["cytoplasm_texture"]][0] if "cytoplasm_texture" in s else None) if w]
-    granules, state, _ = _granule_statements(s)
-    vacuole = {"yes": "a few vacuoles", "no": "no vacuoles"}.get(s.get("cytoplasm_vacuole", ""))
-    if granules and vacuole:
-        if state == "none":
-            contents = "neither granules nor vacuoles" if vacuole == "no vacuoles" else f"{vacuole} but no granules"
-        elif state == "sparse":  # vacuoles first, as the training captions do
-            contents = f"{vacuole} and {granules}"
-        else:
-            contents = f"{granules} and {vacuole}"
-    else:
-        contents = granules or vacuole
-    if not cell_adj and not with_items and not cyto_adj and not contents:
-        return "No attribute is stated: none reaches the confidence threshold.", {}
-    text = with_article(" ".join(filter(None, [", ".join(cell_adj), "white blood cell"])))
-    if with_items:
-        text += f" with {_join(with_items)}"
-    if contents:
-        verb = "shows" if state == "sparse" else "contains"
-        subject = f"its {', '.join(cyto_adj)} cytoplasm" if cyto_adj else "its cytoplasm"
-        text += f"; {subject} {verb} {contents}"
-    elif cyto_adj:
-        text += f"; its cytoplasm is {_join(cyto_adj)}"
-    sentence = text[:1].upper() + text[1:] + "."
-    return sentence, parse_caption(sentence)
-
-
-def sayable_statements(stated: Mapping[str, str]) -> dict[str, str]:
-    """The part of `stated` that :func:`attribute_sentence` puts into words (granule type and colour only
-    together with granularity): what a reader of the sentence must recover exactly."""
-    _, _, used = _granule_statements(stated)
-    granule = {"granularity", "granule_type", "granule_colour"}
-    return {n: v for n, v in stated.items() if n in ATTRIBUTES and (n not in granule or n in used)}
-
-
-def select_statements(
-    values: Mapping[str, str], probabilities: Mapping[str, float], threshold: float
-) -> dict[str, str]:
-    """The predicted attribute values whose calibrated probability exceeds `threshold`."""
-    return {n: values[n] for n in ATTRIBUTE_NAMES if n in values and float(probabilities[n]) > threshold}
 
 
 def cell_sentence(
@@ -233,37 +107,6 @@ def cell_sentence(
         said, stated = attribute_sentence(select_statements(values, probabilities, strict))
         return UNFAMILIAR_WARNING + ("" if not stated else f" Still clear at p > {strict:g}: {said}"), stated
     return attribute_sentence(select_statements(values, probabilities, attribute_threshold))
-
-
-def statements_for_rows(
-    attribute_probs: Mapping[str, np.ndarray],
-    attribute_values: Mapping[str, Sequence[str]],
-    threshold: float,
-    allowed: Sequence[bool] | None = None,
-) -> list[dict[str, str]]:
-    """What the sentence of each row states, given calibrated attribute probabilities {name: [N, V]}.
-
-    This is exactly what `Describer` writes (same selection, same sentence, same read-back), so the
-    faithfulness check measures the sentences users see. `allowed[i]` False states nothing (the
-    predicted class has no WBCAtt attributes).
-    """
-    names = [n for n in ATTRIBUTE_NAMES if n in attribute_probs]
-    n = len(next(iter(attribute_probs.values()))) if attribute_probs else 0
-    best = {a: np.argmax(attribute_probs[a], axis=1) for a in names}
-    top = {a: np.max(attribute_probs[a], axis=1) for a in names}
-    said: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}  # many cells share one selection
-    out = []
-    for i in range(n):
-        if allowed is not None and not allowed[i]:
-            out.append({})
-            continue
-        values = {a: attribute_values[a][int(best[a][i])] for a in names}
-        chosen = select_statements(values, {a: float(top[a][i]) for a in names}, threshold)
-        key = tuple(chosen.items())
-        if key not in said:
-            said[key] = attribute_sentence(chosen)[1]
-        out.append(dict(said[key]))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ #

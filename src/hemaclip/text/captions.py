@@ -598,7 +598,8 @@ def _rng(attributes: Mapping[str, str], seed: int) -> random.Random:
     return random.Random(f"{seed}|" + "|".join(attributes[name] for name in ATTRIBUTE_NAMES))
 
 
-def _capitalise(text: str) -> str:
+def capitalise(text: str) -> str:
+    """`text` with its first letter upper-case (the rest untouched: "N:C ratio" stays): captions and describe sentences."""
     return text[:1].upper() + text[1:]
 
 
@@ -617,7 +618,7 @@ def caption_records(attributes: Mapping[str, str], n: int = 8, seed: int = 0) ->
     seen: set[str] = set()
     for name in order[:n]:
         for _ in range(_MAX_REDRAWS):
-            text = _capitalise(CAPTION_TEMPLATES[name](phrases))
+            text = capitalise(CAPTION_TEMPLATES[name](phrases))
             if text not in seen:
                 break
         seen.add(text)

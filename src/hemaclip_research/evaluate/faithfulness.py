@@ -25,7 +25,8 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
     `head_attribute_mean` is the attribute heads' mean macro F1, shown beside the agreement.
     """
     from hemaclip_research import faithfulness as fa
-    from hemaclip.tasks.describe import DEFAULTS, statements_for_rows
+    from hemaclip.tasks.describe import DEFAULTS
+    from hemaclip.text.sentences import statements_for_rows
 
     fs = inputs.eval_fs
     rows = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
