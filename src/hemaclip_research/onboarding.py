@@ -136,7 +136,7 @@ def _fit_and_read(data: dict[str, Any], cols: np.ndarray, pool: np.ndarray, pick
 
 
 def _model_rows(data: dict[str, Any], test: np.ndarray, n_resamples: int) -> list[dict[str, Any]]:
-    from hemaclip.tasks.describe import restrict_probabilities
+    from hemaclip.tasks.readout import restrict_probabilities
 
     classes = [str(c) for c in data["model_classes"]]
     probs = data["probabilities"][test]
