@@ -235,7 +235,8 @@ def main() -> None:
     bodies = [p.read_bytes() for p in paths]  # also warms the OS file cache for describe
     hostile = hostile_uploads()
 
-    describer = Describer.from_checkpoint(None, index="default", progress=False)
+    describer = Describer.from_checkpoint(None)
+    describer.build_reference_index()
     time_describe(describer, paths[: args.batch_size], args.batch_size)  # warm-up
     describes = [time_describe(describer, paths, args.batch_size)]
 

@@ -31,9 +31,10 @@ from hemaclip.metrics.calibration import expected_calibration_error, negative_lo
 from hemaclip.models.checkpoint import load_for_inference
 from hemaclip.models.default import resolve_checkpoint
 from hemaclip.models.inference import image_outputs
-from hemaclip.tasks.describe import Readout, load_calibration
+from hemaclip.tasks.calibration import load_calibration
 from hemaclip.tasks.familiarity import load_familiarity
 from hemaclip.tasks.features import extract_features
+from hemaclip.tasks.readout import Readout
 
 CORRUPTIONS = ("stain_shift", "brightness", "contrast", "defocus_blur", "jpeg", "resolution_drop")
 SEVERITIES = (2, 4, 5)

@@ -14,7 +14,8 @@ from hemaclip.data.datasets import load_dataset
 from hemaclip.data.preprocess import decode_image
 from hemaclip.errors import HemaclipError
 from hemaclip.models.checkpoint import load_checkpoint
-from hemaclip.tasks.describe import Calibration, Describer, calibration_path, load_calibration
+from hemaclip.tasks.calibration import Calibration, calibration_path, load_calibration
+from hemaclip.tasks.describe import Describer
 from hemaclip.cache import file_sha1
 from hemaclip.text.captions import parse_caption
 
@@ -128,7 +129,7 @@ def test_calibration_sidecar_and_neighbours(tiny, records: list, tmp_path: Path)
 
 
 def test_restricted_read_out_is_the_conditional_probability_over_the_allowed_classes() -> None:
-    from hemaclip.tasks.describe import class_mask, restrict_probabilities
+    from hemaclip.tasks.readout import class_mask, restrict_probabilities
 
     names = ["basophil", "erythroblast", "lymphocyte", "monocyte"]
     probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])

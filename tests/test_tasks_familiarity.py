@@ -102,7 +102,7 @@ def test_threshold_is_fitted_without_test_labels_or_test_images(monkeypatch, tin
     """Changing every test label (and the test images) leaves the fitted threshold exactly as it was."""
     import hemaclip.data.datasets as datasets
     from hemaclip.models.checkpoint import load_for_inference
-    from hemaclip.tasks.describe import fit_familiarity_for
+    from hemaclip.tasks.familiarity import fit_familiarity_for
 
     pngs = []
     rng = np.random.default_rng(0)

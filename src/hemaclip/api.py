@@ -443,7 +443,7 @@ def load(
         raise HemaclipError(f"load() takes a checkpoint path or a model config name, got {type(model).__name__}")
     if model is None or Path(model).is_file():
         path = resolve_checkpoint(model)
-        index = "default" if reference_index == "default" else (Path(reference_index) if reference_index is not None else None)
+        index = Path(reference_index) if reference_index not in (None, "default") else None
         profile = None
         if lab is not None:
             from hemaclip.tasks.lab import LabProfile
@@ -451,6 +451,8 @@ def load(
             profile = LabProfile.open(lab, labs, model_sha1=file_sha1(path))
         describer = Describer.from_checkpoint(profile.model_file if profile and profile.model_file else path, index=index,
                                               data_root=data_root, **options)
+        if reference_index == "default":
+            describer.build_reference_index()
         if profile is not None:
             from hemaclip.tasks.lab import lab_reader
 

@@ -71,7 +71,9 @@ def demo_describe(data: Path | None, checkpoint: Path | None, n: int, out: Path,
     from hemaclip.tasks.saliency import overlay_png, saliency_map
 
     path = resolve_checkpoint(checkpoint)
-    describer = Describer.from_checkpoint(path, index="default" if reference else None, data_root=data, progress=True)
+    describer = Describer.from_checkpoint(path, data_root=data, progress=True)
+    if reference:
+        describer.build_reference_index()
     test = load_dataset("wbcatt", data_root=data).split("test")
     chosen = [r for label in sorted({r.label for r in test}) for r in [x for x in test if x.label == label][:n]]
     descriptions = list(describer.describe_paths([r.path for r in chosen], progress=False))

@@ -13,8 +13,9 @@ from rich.table import Table
 from hemaclip.commands.common import CheckpointOption, DataOption, console, logger
 from hemaclip.errors import HemaclipError
 from hemaclip.io import check_output_dir, prepare_output_dir
-from hemaclip.tasks.describe import DEFAULTS, calibration_path, fit_calibration, fit_familiarity_for
-from hemaclip.tasks.familiarity import DEFAULT_METHOD, check_method, familiarity_path
+from hemaclip.tasks.calibration import calibration_path, fit_calibration
+from hemaclip.tasks.describe import DEFAULTS
+from hemaclip.tasks.familiarity import DEFAULT_METHOD, check_method, familiarity_path, fit_familiarity_for
 
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
 
@@ -131,10 +132,12 @@ def describe(
     normalizer = get_normalizer(stain_norm)
     from hemaclip.tasks.lab import checkpoint_for
 
-    describer = Describer.from_checkpoint(checkpoint_for(profile, checkpoint), index=_index_argument(index), data_root=data,
-                                          attribute_threshold=threshold, abstain_below=abstain_below,
-                                          stain_normalizer=normalizer, progress=True, adapt=adapt,
-                                          classes=classes)
+    reference = _index_argument(index)
+    describer = Describer.from_checkpoint(checkpoint_for(profile, checkpoint), index=None if reference == "default" else reference,
+                                          data_root=data, attribute_threshold=threshold, abstain_below=abstain_below,
+                                          stain_normalizer=normalizer, progress=True, adapt=adapt, classes=classes)
+    if reference == "default":
+        describer.build_reference_index()
     if profile is not None:
         from hemaclip.tasks.lab import lab_reader
 

@@ -74,13 +74,15 @@ def serve_command(
         profile.head()
         if list(profile.meta["towers"]) != ["model"]:
             raise HemaclipError(f"lab '{lab}' reads DINOv2 features from files; the server reads uploads with 'model'-tower profiles only")
-    loaded_index = CellIndex.load(index) if index is not None else "default"
+    loaded_index = CellIndex.load(index) if index is not None else None
     logger.info("loading the model%s", " and building the reference index (first run only)" if index is None else "")
     from hemaclip.tasks.lab import checkpoint_for
 
     path = Path(checkpoint_for(profile, path))  # a fine-tuned lab reads (and indexes) with its own model
     describer = Describer.from_checkpoint(path, index=loaded_index, data_root=data, stain_normalizer=get_normalizer(stain_norm), progress=True,
                                           classes=classes)
+    if loaded_index is None:
+        describer.build_reference_index()
     if profile is not None:
         from hemaclip.tasks.lab import lab_reader
 

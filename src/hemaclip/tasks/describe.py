@@ -3,14 +3,16 @@
 Why it is built this way:
 
 * **Calibrated probabilities.** A raw softmax is over-confident; the class and every attribute read-out
-  get a temperature fitted on validation images (`hemaclip calibrate`), stored beside the checkpoint
-  in ``<checkpoint>.calibration.json`` (the shipped model has one). A checkpoint without it is
-  described as *uncalibrated* (T = 1) instead of pretending.
+  (:mod:`hemaclip.tasks.readout`) get a temperature fitted on validation images (:mod:`hemaclip.tasks.calibration`,
+  `hemaclip calibrate`). A checkpoint without one is described as *uncalibrated* (T = 1) instead of pretending.
 * **Only confident statements.** The sentence states an attribute only when its calibrated probability
   exceeds a threshold; the rest is left unsaid, never filled in from what the class usually looks like.
-  The sentence uses the words of the training captions (:mod:`hemaclip.text.captions`), and what it
-  states is read back with :func:`hemaclip.text.captions.parse_caption`, so ``stated`` flags are the
-  parser's reading of the actual sentence, not a promise.
+  The sentence is written and read back in the training captions' words (:mod:`hemaclip.text.sentences`), so
+  ``stated`` flags are the parser's reading of the actual sentence, not a promise.
+* **Unfamiliar cells** (:mod:`hemaclip.tasks.familiarity`) get a plain warning instead of a confident sentence.
+* **Neighbours only when asked.** A describer has no reference index until the caller gives it one
+  (:meth:`Describer.use_index`) or builds the default one (:meth:`Describer.build_reference_index`, minutes the
+  first time), so loading a model never embeds a data set as a side effect.
 * **Streaming.** :meth:`Describer.describe_paths` decodes one batch at a time (a background thread
   decodes the next batch while the model runs), so a folder of any size runs in constant memory.
 """
@@ -18,43 +20,42 @@ Why it is built this way:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from hemaclip.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from hemaclip.data.preprocess import CellView, decode_image, is_image_file, preprocess_for, skipped_files_message
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.log import get_logger
-from hemaclip.tasks.familiarity import DEFAULT_METHOD
+from hemaclip.metrics.calibration import softmax
+from hemaclip.tasks.calibration import Calibration, load_calibration
+from hemaclip.tasks.readout import ZERO_SHOT_DATASET, Readout, class_mask, restrict_probabilities
 from hemaclip.text.sentences import attribute_sentence, select_statements
 
+if TYPE_CHECKING:
+    from hemaclip.data.stain import Normalizer
+    from hemaclip.models.model import DualEncoder
+    from hemaclip.tasks.familiarity import Familiarity
+    from hemaclip.tasks.index import CellIndex
+
 __all__ = [
-    "CALIBRATION_FORMAT",
-    "Calibration",
     "CellDescription",
+    "DEFAULTS",
     "DescribeSettings",
     "Describer",
-    "Readout",
-    "calibration_path",
-    "fit_calibration",
-    "fit_familiarity_for",
     "UNFAMILIAR_WARNING",
+    "cell_sentence",
     "iter_image_paths",
-    "load_calibration",
 ]
 
-CALIBRATION_FORMAT = 1
-CALIBRATION_SUFFIX = ".calibration.json"
 UNFAMILIAR_WARNING = (
     "Unfamiliar image: it lies outside what the model was trained on (another lab, stain or camera, or a cell "
     "type it does not know), so this reading may be wrong; check it by eye."
@@ -76,7 +77,7 @@ class DescribeSettings:
     # The 11 WBCAtt attributes describe white blood cells; for these predicted classes none is stated.
     classes_without_attributes: tuple[str, ...] = ("platelet", "erythroblast")
     # Prompt-set dataset whose class prompts are used when a checkpoint has no class head.
-    zero_shot_dataset: str = "pbc"
+    zero_shot_dataset: str = ZERO_SHOT_DATASET
     # An unfamiliar cell (see hemaclip.tasks.familiarity) gets a plain warning instead of a confident
     # sentence; an attribute is still stated only above this stricter calibrated probability.
     unfamiliar_attribute_threshold: float = 0.9
@@ -107,214 +108,6 @@ def cell_sentence(
         said, stated = attribute_sentence(select_statements(values, probabilities, strict))
         return UNFAMILIAR_WARNING + ("" if not stated else f" Still clear at p > {strict:g}: {said}"), stated
     return attribute_sentence(select_statements(values, probabilities, attribute_threshold))
-
-
-# ------------------------------------------------------------------------------------------------ #
-# calibration
-# ------------------------------------------------------------------------------------------------ #
-
-
-@dataclass
-class Calibration:
-    """Temperatures of the class read-out and of each attribute read-out, fitted on validation images."""
-
-    checkpoint_sha1: str
-    class_source: str  # "head" or "zero-shot"
-    class_names: list[str]
-    class_temperature: float
-    attribute_source: str  # "heads" or "zero-shot"
-    attribute_temperatures: dict[str, float]
-    fitted_on: dict[str, Any] = field(default_factory=dict)
-    format: int = CALIBRATION_FORMAT
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str) -> Calibration:
-        try:
-            if int(data.get("format", -1)) != CALIBRATION_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {CALIBRATION_FORMAT}")
-            return cls(
-                checkpoint_sha1=str(data["checkpoint_sha1"]),
-                class_source=str(data["class_source"]),
-                class_names=[str(c) for c in data["class_names"]],
-                class_temperature=float(data["class_temperature"]),
-                attribute_source=str(data["attribute_source"]),
-                attribute_temperatures={str(k): float(v) for k, v in data["attribute_temperatures"].items()},
-                fitted_on=dict(data.get("fitted_on", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{source}: not a valid calibration file ({err})") from err
-
-
-def calibration_path(checkpoint: str | Path) -> Path:
-    """Where the calibration of `checkpoint` lives: ``<name>.calibration.json`` beside it."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + CALIBRATION_SUFFIX)
-
-
-def load_calibration(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Calibration | None, str]:
-    """(calibration, "") if a sidecar exists and was fitted for these exact weights, else (None, reason)."""
-    path = calibration_path(checkpoint)
-    if not path.is_file():
-        return None, f"no calibration file {path.name} beside the checkpoint (run `hemaclip calibrate`)"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: calibration file cannot be read ({err})") from err
-    calibration = Calibration.from_dict(data, str(path))
-    if calibration.checkpoint_sha1 != checkpoint_sha1:
-        return None, f"{path.name} was fitted for other weights (SHA-1 {calibration.checkpoint_sha1[:10]})"
-    return calibration, ""
-
-
-def fit_calibration(
-    model: Any,
-    checkpoint: str | Path,
-    data_root: str | Path | None = None,
-    *,
-    zero_shot_dataset: str = DEFAULTS.zero_shot_dataset,
-    batch_size: int = 128,
-    progress: bool = False,
-    write: bool = True,
-) -> Calibration:
-    """Fit the class temperature on the PBC val split (it contains WBCAtt val and also has the three
-    classes WBCAtt lacks) and one temperature per attribute on the WBCAtt val split; never on test.
-
-    Writes ``<checkpoint>.calibration.json`` atomically when `write`.
-    """
-    from hemaclip.cache import file_sha1
-    from hemaclip.data.datasets import load_dataset
-    from hemaclip.io import write_json
-    from hemaclip.metrics.calibration import fit_temperature
-    from hemaclip.tasks.features import extract_features
-
-    checkpoint = Path(checkpoint)
-    sha1 = file_sha1(checkpoint)
-    readout = Readout(model, zero_shot_dataset)
-    pbc_val = load_dataset("pbc", data_root=data_root).split("val")
-    index = {c: i for i, c in enumerate(readout.class_names)}
-    pbc_val = [r for r in pbc_val if r.label in index]
-    if not pbc_val:
-        raise DataError("no PBC val image has a class the model knows; cannot fit the class temperature")
-    fs = extract_features(model, pbc_val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
-    logits = readout.class_logits(fs.features, fs.class_logits)
-    y = np.array([index[r.label] for r in pbc_val])
-    class_t = float(fit_temperature(logits, y))
-
-    wbc_val = [r for r in load_dataset("wbcatt", data_root=data_root).split("val") if r.attributes]
-    fa = extract_features(model, wbc_val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
-    attr_logits = readout.attribute_logits(fa.features, fa.attribute_logits)
-    temps = {}
-    for name, values in readout.attribute_values.items():
-        yv = np.array([values.index(r.attributes[name]) for r in wbc_val])
-        temps[name] = float(fit_temperature(attr_logits[name], yv))
-    calibration = Calibration(
-        checkpoint_sha1=sha1,
-        class_source="head" if readout.has_class_head else "zero-shot",
-        class_names=list(readout.class_names),
-        class_temperature=class_t,
-        attribute_source="heads" if readout.has_attribute_heads else "zero-shot",
-        attribute_temperatures=temps,
-        fitted_on={"class": f"pbc val ({len(pbc_val)} images)", "attributes": f"wbcatt val ({len(wbc_val)} images)",
-                   "method": "temperature scaling, minimum validation NLL"},
-    )
-    if write:
-        write_json(calibration_path(checkpoint), calibration.to_dict())
-    return calibration
-
-
-def fit_familiarity_for(
-    model: Any, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False, write: bool = True,
-    method: str = DEFAULT_METHOD,
-) -> Any:
-    """Fit the unfamiliarity score of a checkpoint (:mod:`hemaclip.tasks.familiarity`): class means and
-    covariance on the embeddings of the PBC train split (the images the shipped recipe trains on), the
-    flag threshold and the reference scores on the PBC val split; never test. Writes
-    ``<checkpoint>.familiarity.npz`` when `write`."""
-    from hemaclip.cache import file_sha1
-    from hemaclip.data.datasets import load_dataset
-    from hemaclip.tasks.familiarity import familiarity_path, fit_familiarity
-    from hemaclip.tasks.features import extract_features
-
-    checkpoint = Path(checkpoint)
-    sha1 = file_sha1(checkpoint)
-    pbc = load_dataset("pbc", data_root=data_root)
-    known = set(model.class_names)
-    train = [r for r in pbc.split("train") if r.label in known]
-    val = [r for r in pbc.split("val") if r.label in known]
-    if not train:
-        raise DataError("no PBC train image has a class the model knows; cannot fit the unfamiliarity score")
-    ft = extract_features(model, train, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
-    fv = extract_features(model, val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
-    familiarity = fit_familiarity(
-        ft.features, [r.label for r in train], fv.features, sha1,
-        fitted_on=f"reference embeddings, means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
-        method=method,
-    )
-    if write:
-        familiarity.save(familiarity_path(checkpoint))
-    return familiarity
-
-
-# ------------------------------------------------------------------------------------------------ #
-# read-outs: logits of the class and the attributes from image outputs
-# ------------------------------------------------------------------------------------------------ #
-
-
-class Readout:
-    """Class and attribute logits of a model: its supervised heads if it has them, else zero-shot prompts."""
-
-    def __init__(self, model: Any, zero_shot_dataset: str) -> None:
-        self.model = model
-        self.has_class_head = getattr(model, "class_head", None) is not None
-        self.has_attribute_heads = getattr(model, "attribute_heads", None) is not None
-        self._class_weights: np.ndarray | None = None
-        self._attr_weights: dict[str, np.ndarray] = {}
-        if self.has_class_head:
-            self.class_names = list(model.class_names)
-        else:
-            from hemaclip.text.prompts import load_prompts
-
-            prompts = load_prompts()
-            dataset = zero_shot_dataset
-            if dataset not in prompts.datasets:
-                raise HemaclipError(f"no prompts for dataset '{dataset}' in {prompts.source}")
-            self._class_prompts = prompts.class_prompts(dataset)
-            self.class_names = list(self._class_prompts)
-        if self.has_attribute_heads:
-            self.attribute_values = {n: list(v) for n, v in model.attributes.items() if n in ATTRIBUTES}
-        else:
-            from hemaclip.text.prompts import load_prompts
-
-            table = load_prompts().attribute_prompts()
-            self._attribute_prompts = table
-            self.attribute_values = {n: list(table[n]) for n in ATTRIBUTE_NAMES if n in table}
-
-    def _zero_shot(self, features: np.ndarray, prompts: Mapping[str, Sequence[str]], key: str | None) -> np.ndarray:
-        from hemaclip.models.text_cache import PooledTextCache
-        from hemaclip.tasks.zero_shot import class_embeddings, scores_against
-
-        if key is None:
-            if self._class_weights is None:
-                self._class_weights = class_embeddings(self.model, prompts, PooledTextCache(self.model.text))
-            weights = self._class_weights
-        else:
-            if key not in self._attr_weights:
-                self._attr_weights[key] = class_embeddings(self.model, prompts, PooledTextCache(self.model.text))
-            weights = self._attr_weights[key]
-        return scores_against(self.model, features, weights)
-
-    def class_logits(self, features: np.ndarray, head_logits: np.ndarray | None) -> np.ndarray:
-        if self.has_class_head and head_logits is not None:
-            return np.asarray(head_logits, dtype=np.float64)
-        return self._zero_shot(features, self._class_prompts, None).astype(np.float64)
-
-    def attribute_logits(self, features: np.ndarray, head_logits: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
-        if self.has_attribute_heads and head_logits:
-            return {n: np.asarray(head_logits[n], dtype=np.float64) for n in self.attribute_values}
-        return {n: self._zero_shot(features, self._attribute_prompts[n], n).astype(np.float64) for n in self.attribute_values}
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -365,36 +158,6 @@ class CellDescription:
         return data
 
 
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
-
-
-def class_mask(class_names: Sequence[str], classes: str | Sequence[str] | None) -> np.ndarray | None:
-    """Bool mask over the read-out's classes of those a folder can show (None: every class; a string is read as a
-    comma-separated list, as the commands take it). Unknown names are one clear error naming the model's classes."""
-    if classes is None:
-        return None
-    if isinstance(classes, str):
-        classes = classes.split(",")
-    wanted = list(dict.fromkeys(str(c).strip() for c in classes if str(c).strip()))
-    unknown = [c for c in wanted if c not in class_names]
-    if unknown or not wanted:
-        raise HemaclipError(f"unknown class(es) {', '.join(unknown) or '(none given)'}: the model reads {', '.join(class_names)}")
-    return np.array([c in wanted for c in class_names])
-
-
-def restrict_probabilities(probs: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The class probabilities given that the cell is one of the `mask` classes: P(c | c in S), the others 0.
-    A temperature-calibrated reading stays a conditional probability, and the order among the kept classes
-    is unchanged."""
-    if mask is None:
-        return probs
-    kept = np.where(mask[None, :], np.asarray(probs, dtype=np.float64), 0.0)
-    return kept / np.clip(kept.sum(axis=1, keepdims=True), 1e-300, None)
-
-
 def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
     """Each input file as given, and image files under each directory (recursively, sorted).
 
@@ -426,28 +189,29 @@ def iter_image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
 
 
 class Describer:
-    """Loads a model, its calibration, familiarity and a reference index once; describes arrays or files.
+    """Loads a model with its calibration and familiarity once; describes arrays or files.
 
     With cell finding in the model's preprocessing, a picture holding several white cells gives one
     description per cell, each with its box; with `adapt="bn"` (or "entropy"), `describe_paths` first re-estimates
     the model's BatchNorm statistics on the folder's own cells (or minimises the entropy of its class read-out on
-    them; :mod:`hemaclip.models.adapt`).
+    them; :mod:`hemaclip.models.adapt`). Neighbours come from a reference index given with `index` or
+    :meth:`use_index`, or built with :meth:`build_reference_index`; without one, descriptions list none.
     """
 
     def __init__(
         self,
-        model: Any,
+        model: DualEncoder,
         *,
         calibration: Calibration | None = None,
         uncalibrated_reason: str = "",
-        familiarity: Any = None,
-        index: Any = None,
+        familiarity: Familiarity | None = None,
+        index: CellIndex | None = None,
         attribute_threshold: float = DEFAULTS.attribute_threshold,
         abstain_below: float = DEFAULTS.abstain_below,
-        stain_normalizer: Any = None,
+        stain_normalizer: Normalizer | None = None,
         settings: DescribeSettings = DEFAULTS,
         device: str = "cpu",
-        training_model: Any = None,
+        training_model: DualEncoder | None = None,
         adapt_method: str = "bn",
         classes: str | Sequence[str] | None = None,
     ) -> None:
@@ -463,18 +227,22 @@ class Describer:
         self.calibration = calibration
         self.uncalibrated_reason = uncalibrated_reason
         self.familiarity = familiarity
-        self.index = index
+        self.index: CellIndex | None = None
+        self.use_index(index)
+        # Set by from_checkpoint: the checkpoint file (it names the default reference index), and the data folder
+        # and progress bar build_reference_index uses.
+        self.checkpoint: Path | None = None
+        self.data_root: str | Path | None = None
+        self.progress = False
         self.attribute_threshold = float(attribute_threshold)
         self.abstain_below = float(abstain_below)
         self.restrict_to(classes)
         self.stain_normalizer = stain_normalizer
         self.device = device
         self.preprocess = preprocess_for(model)
-        self.image_size = self.preprocess.image_size
         # The model before BatchNorm folding, kept only when test-time adaptation was asked for.
         self.training_model = training_model
         self.adapt_method = adapt_method  # a key of hemaclip.models.adapt.ADAPTERS
-        self.adapted_on: int | None = None
         self.lab_reader: Callable[[list[CellDescription]], list[CellDescription]] | None = None  # use_lab
         self.lab_name: str | None = None
 
@@ -493,8 +261,32 @@ class Describer:
         self.lab_name = name if reader is not None else None
 
     def read_with_lab(self, descriptions: list[CellDescription]) -> list[CellDescription]:
-        reader = getattr(self, "lab_reader", None)
-        return reader(descriptions) if reader is not None else descriptions
+        return self.lab_reader(descriptions) if self.lab_reader is not None else descriptions
+
+    def use_index(self, index: CellIndex | str | Path | None) -> CellIndex | None:
+        """Take neighbours from `index` (a loaded :class:`CellIndex`, or the folder of a saved one; None: no
+        neighbours). An index of another embedding width than the model's is one clear error."""
+        if isinstance(index, (str, Path)):
+            from hemaclip.tasks.index import CellIndex
+
+            index = CellIndex.load(Path(index))
+        width = self.model.config.embed_dim
+        if index is not None and getattr(index, "dim", width) != width:
+            raise CheckpointError(f"reference index has dimension {index.dim}, the model embeds to {width}")
+        self.index = index
+        return index
+
+    def build_reference_index(self) -> CellIndex:
+        """Use the default reference index: the WBCAtt train split (under :attr:`data_root`) embedded by this
+        checkpoint (:func:`hemaclip.tasks.index.default_reference_index`; built once into the cache, minutes the
+        first time)."""
+        from hemaclip.tasks.index import default_reference_index
+
+        if self.checkpoint is None:
+            raise HemaclipError("the default reference index belongs to a checkpoint file; load one with Describer.from_checkpoint")
+        index = default_reference_index(self.model, self.checkpoint, data_root=self.data_root, progress=self.progress)
+        self.use_index(index)
+        return index
 
     @property
     def allowed_classes(self) -> list[str] | None:
@@ -508,21 +300,21 @@ class Describer:
         cls,
         checkpoint: str | Path | None = None,
         *,
-        index: Any = "default",
+        index: CellIndex | str | Path | None = None,
         data_root: str | Path | None = None,
         attribute_threshold: float = DEFAULTS.attribute_threshold,
         abstain_below: float = DEFAULTS.abstain_below,
-        stain_normalizer: Any = None,
+        stain_normalizer: Normalizer | None = None,
         progress: bool = False,
         device: str = "cpu",
         adapt: str | None = None,
         classes: str | Sequence[str] | None = None,
     ) -> Describer:
-        """Load `checkpoint` (None = the shipped model), its calibration and familiarity sidecars and the
-        reference index.
+        """Load `checkpoint` (None = the shipped model) with its calibration and familiarity sidecars.
 
-        `index`: "default" (the WBCAtt train split embedded by this checkpoint, built once into the cache),
-        a path of a saved index, a loaded index, or None for no neighbours. `adapt`: None, "bn" to
+        `index`: a loaded reference index or the folder of a saved one (:meth:`use_index`); None (the default):
+        no neighbours, until :meth:`use_index` or :meth:`build_reference_index`, which builds from `data_root`
+        (None: the default data folder) and shows a progress bar when `progress`. `adapt`: None, "bn" to
         re-estimate BatchNorm statistics on each folder described, or "entropy" to minimise the entropy of the
         class read-out on it (see :meth:`describe_paths`). `classes`: the classes the pictures can show (None: all
         of the model's); the class read-out is renormalised over them (:func:`restrict_probabilities`).
@@ -530,14 +322,16 @@ class Describer:
         import copy
 
         from hemaclip.cache import file_sha1
+        from hemaclip.models.adapt import ADAPTERS
         from hemaclip.models.checkpoint import load_checkpoint
         from hemaclip.models.default import resolve_checkpoint
-        from hemaclip.models.adapt import ADAPTERS
         from hemaclip.models.inference import prepare_for_inference
         from hemaclip.tasks.familiarity import load_familiarity
 
         if adapt not in (None, "none", *ADAPTERS):
             raise HemaclipError(f"unknown adaptation '{adapt}' (choose none, {', '.join(ADAPTERS)})")
+        if isinstance(index, str) and index == "default":
+            raise HemaclipError("index='default' is built by an explicit step: call describer.build_reference_index()")
         path = resolve_checkpoint(checkpoint)
         raw, _meta = load_checkpoint(path, map_location=device)
         training_model = copy.deepcopy(raw) if adapt in ADAPTERS else None
@@ -545,23 +339,12 @@ class Describer:
         sha1 = file_sha1(path)
         calibration, reason = load_calibration(path, sha1)
         familiarity, _why = load_familiarity(path, sha1)
-        loaded = None
-        if isinstance(index, str) and index == "default":
-            from hemaclip.tasks.index import default_reference_index
-
-            loaded = default_reference_index(model, path, data_root=data_root, progress=progress)
-        elif isinstance(index, (str, Path)):
-            from hemaclip.tasks.index import CellIndex
-
-            loaded = CellIndex.load(Path(index))
-        else:
-            loaded = index
-        if loaded is not None and getattr(loaded, "dim", model.config.embed_dim) != model.config.embed_dim:
-            raise CheckpointError(f"reference index has dimension {loaded.dim}, the model embeds to {model.config.embed_dim}")
-        return cls(model, calibration=calibration, uncalibrated_reason=reason, familiarity=familiarity, index=loaded,
-                   attribute_threshold=attribute_threshold, abstain_below=abstain_below,
-                   stain_normalizer=stain_normalizer, device=device, training_model=training_model,
-                   adapt_method=adapt if adapt in ADAPTERS else "bn", classes=classes)
+        describer = cls(model, calibration=calibration, uncalibrated_reason=reason, familiarity=familiarity, index=index,
+                        attribute_threshold=attribute_threshold, abstain_below=abstain_below,
+                        stain_normalizer=stain_normalizer, device=device, training_model=training_model,
+                        adapt_method=adapt if adapt in ADAPTERS else "bn", classes=classes)
+        describer.checkpoint, describer.data_root, describer.progress = Path(path), data_root, progress
+        return describer
 
     # -- core ------------------------------------------------------------------------------------
 
@@ -598,11 +381,12 @@ class Describer:
         head_class = out["class_logits"].numpy() if out["class_logits"] is not None else None
         head_attr = {k: v.numpy() for k, v in out["attribute_logits"].items()} if out["attribute_logits"] else None
         cal = self.calibration
-        class_probs = restrict_probabilities(_softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0),
+        class_probs = restrict_probabilities(softmax(self.readout.class_logits(features, head_class), cal.class_temperature if cal else 1.0),
                                              self.class_mask)
         attr_logits = self.readout.attribute_logits(features, head_attr)
-        attr_probs = {n: _softmax(l, cal.attribute_temperatures.get(n, 1.0) if cal else 1.0) for n, l in attr_logits.items()}
+        attr_probs = {n: softmax(l, cal.attribute_temperatures.get(n, 1.0) if cal else 1.0) for n, l in attr_logits.items()}
         scores = self.familiarity.score(features) if self.familiarity is not None else None
+        flags = self.familiarity.cell_flags(scores) if scores is not None else None
         names = self.readout.class_names
         hits: list[list[dict[str, Any]]] = [[] for _ in views]
         if self.index is not None and self.settings.neighbours > 0:
@@ -612,8 +396,7 @@ class Describer:
             order = np.argsort(-class_probs[i], kind="stable")
             label = names[order[0]]
             second = names[order[1]] if len(order) > 1 else None
-            unfamiliar = bool(scores[i] > self.familiarity.threshold) if scores is not None else None
-            strict = bool(scores[i] > self.familiarity.shifted_threshold) if scores is not None else None
+            unfamiliar, strict = (bool(flags[0][i]), bool(flags[1][i])) if flags is not None else (None, None)
             attributes, values, probs = {}, {}, {}
             for name, p in attr_probs.items():
                 j = int(np.argmax(p[i]))
@@ -684,7 +467,6 @@ class Describer:
             chosen = np.random.default_rng(0).choice(len(arrays), self.settings.adapt_max_images, replace=False)
             arrays = [arrays[i] for i in sorted(chosen)]
         self.model = prepare_for_inference(adapt_model(self.training_model, arrays, self.adapt_method))
-        self.adapted_on = len(arrays)
 
     def describe_paths(
         self, paths: Iterable[str | Path], batch_size: int = DEFAULTS.batch_size, progress: bool = True

@@ -41,11 +41,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hemaclip.errors import CheckpointError, HemaclipError
+from hemaclip.errors import CheckpointError, DataError, HemaclipError
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = [
     "FAMILIARITY_SUFFIX",
@@ -58,6 +61,7 @@ __all__ = [
     "FolderShift",
     "familiarity_path",
     "fit_familiarity",
+    "fit_familiarity_for",
     "load_familiarity",
 ]
 
@@ -166,6 +170,12 @@ class Familiarity:
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """Per-cell flags with the in-lab threshold (a cell on its own, or a folder without a shift)."""
         return np.asarray(scores) > self.threshold
+
+    def cell_flags(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's flag under the in-lab bar and under the stricter bar of a shifted folder: a streamed
+        description carries both, since it is written before its folder's verdict is known."""
+        scores = np.asarray(scores)
+        return scores > self.threshold, scores > self.shifted_threshold
 
     @property
     def shifted_threshold(self) -> float:
@@ -321,4 +331,36 @@ def fit_familiarity(
     reference = np.sort(familiarity.score(val_features))
     familiarity.reference_scores = reference
     familiarity.threshold = float(np.quantile(reference, quantile))
+    return familiarity
+
+
+def fit_familiarity_for(
+    model: DualEncoder, checkpoint: str | Path, data_root: str | Path | None = None, *, batch_size: int = 128, progress: bool = False,
+    write: bool = True, method: str = DEFAULT_METHOD,
+) -> Familiarity:
+    """Fit the unfamiliarity score of a checkpoint (:func:`fit_familiarity` on its embeddings): class means and
+    covariance on the embeddings of the PBC train split (the images the shipped recipe trains on), the
+    flag threshold and the reference scores on the PBC val split; never test. Writes
+    ``<checkpoint>.familiarity.npz`` when `write`."""
+    from hemaclip.cache import file_sha1
+    from hemaclip.data.datasets import load_dataset
+    from hemaclip.tasks.features import extract_features
+
+    checkpoint = Path(checkpoint)
+    sha1 = file_sha1(checkpoint)
+    pbc = load_dataset("pbc", data_root=data_root)
+    known = set(model.class_names)
+    train = [r for r in pbc.split("train") if r.label in known]
+    val = [r for r in pbc.split("val") if r.label in known]
+    if not train:
+        raise DataError("no PBC train image has a class the model knows; cannot fit the unfamiliarity score")
+    ft = extract_features(model, train, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    fv = extract_features(model, val, checkpoint_id=sha1, batch_size=batch_size, progress=progress)
+    familiarity = fit_familiarity(
+        ft.features, [r.label for r in train], fv.features, sha1,
+        fitted_on=f"reference embeddings, means and covariance: pbc train ({len(train)} images); threshold: pbc val ({len(val)} images)",
+        method=method,
+    )
+    if write:
+        familiarity.save(familiarity_path(checkpoint))
     return familiarity
