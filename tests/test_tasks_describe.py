@@ -190,3 +190,42 @@ def test_a_cell_only_the_shifted_folder_bar_flags_gets_the_plain_warning_as_its_
     for d in same.describe_arrays(images, [str(r.path) for r in records]):
         assert d.unfamiliar is False and d.unfamiliar_in_shifted_folder is False
         assert d.sentence_in_shifted_folder == d.sentence
+
+
+def test_loading_builds_no_reference_index_until_the_caller_asks(tiny, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hemaclip.errors import CheckpointError
+    from hemaclip.tasks import index as index_module
+
+    model, ckpt = tiny
+    built = []
+
+    class Stub:  # stands in for the built index: what build_reference_index attaches
+        dim = model.config.embed_dim
+
+    def fake_default(network, checkpoint_path, data_root=None, progress=True):
+        built.append((Path(checkpoint_path), data_root, progress))
+        return Stub()
+
+    monkeypatch.setattr(index_module, "default_reference_index", fake_default)
+    describer = Describer.from_checkpoint(ckpt, data_root=tmp_path, progress=False)
+    assert describer.index is None and built == []  # loading is loading: nothing embedded
+    index = describer.build_reference_index()
+    assert built == [(ckpt, tmp_path, False)] and describer.index is index
+    assert describer.use_index(None) is None and describer.index is None
+    with pytest.raises(HemaclipError, match="build_reference_index"):
+        Describer.from_checkpoint(ckpt, index="default")
+    with pytest.raises(HemaclipError, match="checkpoint file"):
+        Describer(model).build_reference_index()  # a model without a file has no default index
+
+    class Narrow:
+        dim = model.config.embed_dim + 1
+
+    with pytest.raises(CheckpointError, match="dimension"):
+        describer.use_index(Narrow())
+
+
+def test_cli_refuses_a_missing_index_folder_in_one_line(tiny, records: list, tmp_path: Path, run_cli, assert_one_line_error) -> None:
+    _, ckpt = tiny
+    result = run_cli("describe", str(records[0].path), "--checkpoint", str(ckpt), "--index", str(tmp_path / "absent"), "--json")
+    assert_one_line_error(result, "no such index folder")
+    assert result.stdout == ""
