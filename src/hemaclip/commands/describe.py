@@ -14,7 +14,7 @@ from hemaclip.commands.common import CheckpointOption, DataOption, console, logg
 from hemaclip.errors import HemaclipError
 from hemaclip.io import check_output_dir, prepare_output_dir
 from hemaclip.tasks.calibration import calibration_path, fit_calibration
-from hemaclip.tasks.describe import DEFAULTS
+from hemaclip.tasks.describe import DEFAULTS, CellDescription, Describer
 from hemaclip.tasks.familiarity import DEFAULT_METHOD, check_method, familiarity_path, fit_familiarity_for
 
 ATTRIBUTE_ABBREVIATIONS = {"nuclear_cytoplasmic_ratio": "N:C ratio"}
@@ -39,7 +39,7 @@ def _saliency_target(value: str) -> str:
     return value
 
 
-def _write_saliency(describer, description, directory: Path, target: str, used: set[str]) -> None:
+def _write_saliency(describer: Describer, description: CellDescription, directory: Path, target: str, used: set[str]) -> None:
     from hemaclip.data.preprocess import decode_image
     from hemaclip.io import atomic_write
     from hemaclip.tasks.saliency import overlay_png, saliency_map
@@ -114,7 +114,7 @@ def describe(
 
     Example: hemaclip describe ../shared/data/PBC_dataset_normal_DIB/basophil --json --index none > out.jsonl
     """
-    from hemaclip.tasks.describe import Describer, iter_image_paths
+    from hemaclip.tasks.describe import iter_image_paths
 
     profile = None
     if lab is not None:  # before the model loads: an unknown or foreign profile is one line
