@@ -174,8 +174,7 @@ class Familiarity:
     def cell_flags(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each cell's flag under the in-lab bar and under the stricter bar of a shifted folder: a streamed
         description carries both, since it is written before its folder's verdict is known."""
-        scores = np.asarray(scores)
-        return scores > self.threshold, scores > self.shifted_threshold
+        return self.flags(scores), np.asarray(scores) > self.shifted_threshold
 
     @property
     def shifted_threshold(self) -> float:
