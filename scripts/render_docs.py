@@ -189,7 +189,11 @@ REST_ROLE = re.compile(r":[a-z]+:`([^`]+)`")
 REST_LITERAL = re.compile(r"``([^`]+)``")
 # A line that Markdown would read as a heading, quote, list item or thematic break if written as it stands.
 BLOCK_START = re.compile(r"^(#+|>|[-+*]|\d+[.)])(\s|$)")
-UNSET_REPR = " at 0x"  # an object's default repr holds its address: different on every run
+ADDRESS_IN_REPR = " at 0x"  # an object's default repr holds its address: different on every run
+
+
+class UnstablePage(Exception):
+    """The code cannot be rendered into a stable page (the message says which part)."""
 
 
 def prose(text: str, *, in_table: bool = False) -> str:
@@ -254,13 +258,9 @@ def default_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(default_text(v) for v in value)
     text = repr(value)
-    if UNSET_REPR in text:
+    if ADDRESS_IN_REPR in text:
         raise UnstablePage(f"a default without a stable text: {text}")
     return text
-
-
-class UnstablePage(Exception):
-    """The code cannot be rendered into a stable page (the message says which part)."""
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------ #
@@ -375,20 +375,21 @@ def signature_text(name: str, function: Any, *, skip_self: bool = False, prefix:
     """`name(params) -> return`, from `inspect.signature`, one parameter per line when it is long."""
     signature = inspect.signature(function)
     parts: list[str] = []
-    star_written = False
-    parameters = list(signature.parameters.values())[1 if skip_self else 0:]
-    for param in parameters:
-        if param.kind is param.KEYWORD_ONLY and not star_written:
+    previous = None
+    for param in list(signature.parameters.values())[1 if skip_self else 0:]:
+        if previous is param.POSITIONAL_ONLY and param.kind is not param.POSITIONAL_ONLY:
+            parts.append("/")
+        if param.kind is param.KEYWORD_ONLY and previous not in (param.KEYWORD_ONLY, param.VAR_POSITIONAL):
             parts.append("*")
-        star_written |= param.kind in (param.KEYWORD_ONLY, param.VAR_POSITIONAL)
         text = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "") + param.name
         if param.annotation is not param.empty:
             text += f": {annotation_text(param.annotation)}"
-        if param.default is not param.empty:
-            text += f" = {default_text(param.default)}"
+        if param.default is not param.empty:  # spaced only after an annotation, as PEP 8 writes it
+            text += (" = " if param.annotation is not param.empty else "=") + default_text(param.default)
         parts.append(text)
-        if param.kind is param.POSITIONAL_ONLY and (param is parameters[-1] or parameters[parameters.index(param) + 1].kind is not param.POSITIONAL_ONLY):
-            parts.append("/")
+        previous = param.kind
+    if previous is inspect.Parameter.POSITIONAL_ONLY:
+        parts.append("/")
     returns = "" if signature.return_annotation is signature.empty else f" -> {annotation_text(signature.return_annotation)}"
     one_line = f"{prefix}{name}({', '.join(parts)}){returns}"
     if len(one_line) <= MAX_SIGNATURE_LINE or not parts:

@@ -148,3 +148,16 @@ def test_option_types_read_from_click_as_well_as_typer() -> None:
     context = click.Context(command, info_name="run")
     assert render_docs.param_type(command.params[0], context) == "integer, 1<=x<=9"
     assert render_docs.param_row(command.params[0], context) == "| `--steps` | `integer, 1<=x<=9` | `3` | Steps. |"
+
+
+def test_signatures_are_written_as_python() -> None:
+    def every_kind(a, b=1, /, c=2, *args, d, e: "int" = 3, **kw) -> "str":  # noqa: ANN001, ANN002, ANN003
+        return ""
+
+    def keyword_only(a, *, b):  # noqa: ANN001, ANN202
+        return None
+
+    assert render_docs.signature_text("f", every_kind) == "f(a, b=1, /, c=2, *args, d, e: int = 3, **kw) -> str"
+    assert render_docs.signature_text("g", keyword_only) == "g(a, *, b)"
+    long = render_docs.signature_text("hemaclip.load", hemaclip.load)
+    assert long.startswith("hemaclip.load(\n    model: str | os.PathLike[str] | None = None,\n    *,\n") and long.endswith("\n) -> Model")
