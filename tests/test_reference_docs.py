@@ -151,7 +151,7 @@ def test_option_types_read_from_click_as_well_as_typer() -> None:
 
 
 def test_signatures_are_written_as_python() -> None:
-    def every_kind(a, b=1, /, c=2, *args, d, e: "int" = 3, **kw) -> "str":  # noqa: ANN001, ANN002, ANN003
+    def every_kind(a, b=1, /, c=2, *args, d, e: int = 3, **kw) -> str:  # noqa: ANN001, ANN002, ANN003
         return ""
 
     def keyword_only(a, *, b):  # noqa: ANN001, ANN202
