@@ -2,18 +2,19 @@
 
 The published recipe (Chossegros et al. 2024) fine-tunes the whole network on the target lab's few cells. Here, on
 the rest-of-the-lab protocol of `hemaclip_research.onboarding` (the lab's val+test cells are the pool, `lab add`'s own
-selection chooses 50 source cells, the read-out is scored on every other source cell), for draws 0-2:
+selection chooses 50 (and 20) source cells, the read-out is scored on every other source cell), 5 draws (the study's draw seeds):
 
 * **frozen**: the shipped recipe (`lab fit`, towers ``model``) on the model's frozen embedding;
 * **fine-tuned**: `lab fit --fine-tune`'s training (:func:`hemaclip.train.finetune.fine_tune_image_tower`: the
   model's whole image tower and class head, `--steps` steps, AdamW lr 1e-4, weight decay 0.05, the training
-  augmentation plus blur and JPEG, each batch half the lab's 50 labelled cells and half PBC training cells, 40 per
+  augmentation plus blur and JPEG, each batch half the lab's labelled cells and half PBC training cells, 40 per
   class), then the same `lab fit` read-out on the fine-tuned embedding and class head;
 * **fine-tuned + DINOv2**: the same read-out on the fine-tuned embedding beside the frozen DINOv2 ViT-S/14 features
   (`lab add --towers model,dinov2` then `lab fit --fine-tune`).
 
 Features of the frozen arm and the selection come from the study's cache (run scripts/onboarding_curve.py first).
-Writes bench/results/lab_finetune.json.   python -m bench.lab_finetune [--steps 150]
+Writes bench/results/lab_finetune.json after every draw; a run with the same --steps resumes from it.
+    python -m bench.lab_finetune [--steps 150] [--draws 5] [--sizes 50 20]
 """
 
 from __future__ import annotations
@@ -30,13 +31,36 @@ from bench.machine import machine_info
 
 from hemaclip.io import write_json
 
-N_LABELLED = 50
+SIZES = (50, 20)
+ARMS = ("frozen", "fine_tuned", "fine_tuned_dinov2")
+
+
+def _done_draws(path: Path, steps: int) -> dict[str, dict[str, list[dict]]]:
+    """Draws already measured with the same number of steps, by labelled-cell count and lab (a run resumes there).
+    A file written before the 20-cell arm (one `labs` block of 50-cell draws) counts as the 50-cell draws."""
+    import json
+
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("steps") != steps:
+        return {}
+    by_n = old.get("by_n") or {str(N): old.get("labs", {}) for N in (50,)}
+    return {n: {lab: list(block.get("draws", [])) for lab, block in labs.items()} for n, labs in by_n.items()}
+
+
+def _summary(rows: list[dict]) -> dict:
+    return {"draws": rows, **{f"{arm}_{k}": float(np.mean([r[arm][k] for r in rows]))
+                              for arm in ARMS for k in ("macro_f1", "accuracy", "ece")},
+            **{f"{arm}_macro_f1_sd": float(np.std([r[arm]["macro_f1"] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
+               for arm in ARMS}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="labelled source cells per draw")
     parser.add_argument("--datasets", nargs="+", default=["zheng1", "zheng2", "lisc"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_finetune.json")
     args = parser.parse_args()
@@ -61,8 +85,10 @@ def main() -> None:
     raw, _meta = load_checkpoint(path)
     classes = [str(c) for c in describer.readout.class_names]
     pbc_arrays, pbc_targets = reference_cells(describer, None)  # what `lab fit --fine-tune` mixes in
+    done = _done_draws(args.out, args.steps)
     result = {"what": __doc__.splitlines()[0], "date": date.today().isoformat(), "machine": machine_info(), "steps": args.steps,
-              "command": f"python -m bench.lab_finetune --steps {args.steps}", "labs": {}}
+              "command": f"python -m bench.lab_finetune --steps {args.steps} --draws {args.draws}",
+              "by_n": {str(n): {lab: _summary(rows) for lab, rows in labs.items() if rows} for n, labs in done.items()}}
     for dataset in args.datasets:
         cache = cache_dir() / "onboarding" / f"{dataset}-{sha1[:12]}-model-dinov2.npz"
         data = dict(np.load(cache))
@@ -72,35 +98,36 @@ def main() -> None:
         everything = np.arange(len(records))
         cols = study._columns(data, "model")
         z = Standardiser.fit(data["features"][:, cols])(data["features"][:, cols])
-        rows = []
-        for draw in range(args.draws):
-            pick = study._choose(data, z, everything, N_LABELLED, "tool", draw)
-            rest = everything[~np.isin(data["group"], data["group"][pick])]
-            truth, groups = data["label"][rest], data["group"][rest]
-            pred, probs, head_classes, _s = study._fit_and_read(data, cols, everything, pick, rest)
-            frozen = study._score(truth, pred, probs, head_classes, groups, 200)
-            start = time.perf_counter()
-            tuned = fine_tune_image_tower(raw, [arrays[i] for i in pick], [classes.index(str(data["label"][i])) for i in pick],
-                                          pbc_arrays, pbc_targets, FineTuneSettings(steps=args.steps), seed=draw)
-            tune_s = time.perf_counter() - start
-            out = image_outputs(tuned, np.stack(arrays))
-            tuned_data = {**data, "features": out["features"].numpy(), "model_dim": int(raw.config.embed_dim),
-                          "towers": np.array(["model"]), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
-            pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), everything, pick, rest)
-            fine = study._score(truth, pred, probs, head_classes, groups, 200)
-            dino = data["features"][:, data["model_dim"]:]  # frozen DINOv2 block of the study's cache
-            both = {**tuned_data, "features": np.concatenate([tuned_data["features"], dino], axis=1)}
-            pred, probs, head_classes, _s = study._fit_and_read(both, np.arange(both["features"].shape[1]), everything, pick, rest)
-            fine_dino = study._score(truth, pred, probs, head_classes, groups, 200)
-            row = {"draw": draw, "frozen": {k: frozen[k] for k in ("macro_f1", "accuracy", "ece")},
-                   "fine_tuned": {k: fine[k] for k in ("macro_f1", "accuracy", "ece")},
-                   "fine_tuned_dinov2": {k: fine_dino[k] for k in ("macro_f1", "accuracy", "ece")}, "fine_tune_seconds": round(tune_s, 1),
-                   "scored_cells": int(len(rest)), "scored_source_cells": int(len(set(groups)))}
-            rows.append(row)
-            print(dataset, row, flush=True)
-        result["labs"][dataset] = {"draws": rows, **{f"{arm}_{k}": float(np.mean([r[arm][k] for r in rows]))
-                                                      for arm in ("frozen", "fine_tuned", "fine_tuned_dinov2") for k in ("macro_f1", "accuracy", "ece")}}
-        write_json(args.out, result)
+        for n_labelled in args.sizes:
+            rows = [r for r in done.get(str(n_labelled), {}).get(dataset, []) if r["draw"] < args.draws]
+            for draw in range(len(rows), args.draws):
+                pick = study._choose(data, z, everything, n_labelled, "tool", draw)
+                rest = everything[~np.isin(data["group"], data["group"][pick])]
+                truth, groups = data["label"][rest], data["group"][rest]
+                pred, probs, head_classes, _s = study._fit_and_read(data, cols, everything, pick, rest)
+                frozen = study._score(truth, pred, probs, head_classes, groups, 200)
+                start = time.perf_counter()
+                tuned = fine_tune_image_tower(raw, [arrays[i] for i in pick], [classes.index(str(data["label"][i])) for i in pick],
+                                              pbc_arrays, pbc_targets, FineTuneSettings(steps=args.steps), seed=draw)
+                tune_s = time.perf_counter() - start
+                out = image_outputs(tuned, np.stack(arrays))
+                tuned_data = {**data, "features": out["features"].numpy(), "model_dim": int(raw.config.embed_dim),
+                              "towers": np.array(["model"]), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
+                pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), everything, pick, rest)
+                fine = study._score(truth, pred, probs, head_classes, groups, 200)
+                dino = data["features"][:, data["model_dim"]:]  # frozen DINOv2 block of the study's cache
+                both = {**tuned_data, "features": np.concatenate([tuned_data["features"], dino], axis=1)}
+                pred, probs, head_classes, _s = study._fit_and_read(both, np.arange(both["features"].shape[1]), everything, pick, rest)
+                fine_dino = study._score(truth, pred, probs, head_classes, groups, 200)
+                row = {"draw": draw, "frozen": {k: frozen[k] for k in ("macro_f1", "accuracy", "ece")},
+                       "fine_tuned": {k: fine[k] for k in ("macro_f1", "accuracy", "ece")},
+                       "fine_tuned_dinov2": {k: fine_dino[k] for k in ("macro_f1", "accuracy", "ece")}, "fine_tune_seconds": round(tune_s, 1),
+                       "scored_cells": int(len(rest)), "scored_source_cells": int(len(set(groups)))}
+                rows.append(row)
+                print(dataset, n_labelled, row, flush=True)
+                result["by_n"].setdefault(str(n_labelled), {})[dataset] = _summary(rows)
+                write_json(args.out, result)  # after every draw: an interrupted run resumes where it stopped
+    write_json(args.out, result)
     print(f"written to {args.out}")
 
 

@@ -2,8 +2,9 @@
 beside plain `describe` on the same files (the ratio is the lab read-out's cost).
 
 * fit: :func:`hemaclip.tasks.lab.fit_lab` on LISC (a `lab add --labels-from-folders --budget 100` profile built from
-  its val+test crops), each recipe (towers ``model`` and ``model,dinov2``), the cross-validated choice of penalty,
-  prior weight and temperature included;
+  its val+test crops), each recipe (towers ``model`` and ``model,dinov2`` with `--no-fine-tune`, and ``model`` with
+  `lab fit`'s default fine-tune, :func:`hemaclip.tasks.lab.fine_tune_lab`: PBC reference cells read, 150 steps, every
+  cell of the profile read again), the cross-validated choice of penalty, prior weight and temperature included;
 * read: `Describer.describe_paths` over 300 LISC crops without a lab, with a ``model`` lab and with a
   ``model,dinov2`` lab (DINOv2 decodes each file again at 224 px), in one process, no reference index.
 
@@ -33,7 +34,7 @@ def main() -> None:
     from hemaclip.data.datasets import load_dataset
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.describe import Describer
-    from hemaclip.tasks.lab import add_lab, fit_lab, lab_reader
+    from hemaclip.tasks.lab import add_lab, fine_tune_lab, fit_lab, lab_reader
 
     path = resolve_checkpoint(None)
     describer = Describer.from_checkpoint(path, index=None)
@@ -51,22 +52,27 @@ def main() -> None:
         plain = sum(1 for d in describer.describe_paths(files) if d.error is None)
         plain_s = time.perf_counter() - start
         result["describe_plain"] = {"cells": plain, "seconds": round(plain_s, 2), "cells_per_s": round(plain / plain_s, 1)}
-        for towers in (("model",), ("model", "dinov2")):
-            name = "+".join(towers)
+        for towers, fine_tune in ((("model",), False), (("model", "dinov2"), False), (("model",), True)):
+            name = "+".join(towers) + (", fine-tuned" if fine_tune else "")
             start = time.perf_counter()
-            profile = add_lab(describer, file_sha1(path), name.replace("+", "-"), folder, labs=Path(tmp) / "labs", budget=100,
-                              towers=towers, labels_from_folders=True)
+            profile = add_lab(describer, file_sha1(path), f"lab{len(result['recipes'])}", folder, labs=Path(tmp) / "labs",
+                              budget=100, towers=towers, labels_from_folders=True)
             add_s = time.perf_counter() - start
-            _head, summary = fit_lab(profile)
-            describer.use_lab(lab_reader(profile, describer), profile.name)
             start = time.perf_counter()
-            read = sum(1 for d in describer.describe_paths(files) if d.error is None)
+            if fine_tune:
+                fine_tune_lab(profile, path)
+            _head, summary = fit_lab(profile)
+            fit_s = time.perf_counter() - start
+            reader = Describer.from_checkpoint(profile.model_file, index=None) if fine_tune else describer
+            reader.use_lab(lab_reader(profile, reader), profile.name)
+            start = time.perf_counter()
+            read = sum(1 for d in reader.describe_paths(files) if d.error is None)
             read_s = time.perf_counter() - start
-            describer.use_lab(None)
+            reader.use_lab(None)
             result["recipes"][name] = {
                 "lab_add": {"cells": profile.meta["cells"], "seconds": round(add_s, 1)},
                 "lab_fit": {"labelled_cells": summary["labelled_cells"], "source_cells": summary["source_cells"],
-                            "seconds": summary["fit_seconds"]},
+                            "seconds": round(fit_s, 2), "read_out_seconds": summary["fit_seconds"]},
                 "describe_lab": {"cells": read, "seconds": round(read_s, 2), "cells_per_s": round(read / read_s, 1),
                                  "ratio_to_plain": round((read / read_s) / (plain / plain_s), 3)}}
             print(name, result["recipes"][name], flush=True)

@@ -300,9 +300,15 @@ def test_lab_commands_through_the_installed_entry_point(tiny_checkpoint: Path, l
     profile = tmp_path / "labs" / "mine"
     assert json.loads((profile / "profile.json").read_text())["cells"] == 36
     assert len((profile / "to_label.csv").read_text().splitlines()) == 13
-    fitted = _console("lab", "fit", "mine", *ckpt, env=env)
+    # no PBC data where --data points: asked for, the fine-tune is refused in one line and nothing is fitted; by
+    # default `lab fit` says it cannot fine-tune and fits the read-out on the base model's features
+    no_data = ["--data", str(tmp_path / "no-data")]
+    assert_one_line_error(_console("lab", "fit", "mine", "--fine-tune", *no_data, *ckpt, env=env), "PBC training cells")
+    assert not (profile / "head.npz").exists() and not (profile / "model.pt").exists()
+    fitted = _console("lab", "fit", "mine", *no_data, *ckpt, env=env)
     assert fitted.returncode == 0, fitted.stderr
-    assert "fitted on 12 labelled cells" in fitted.stdout
+    assert "not fine-tuned" in fitted.stdout and "fitted on 12 labelled cells" in fitted.stdout
+    assert not (profile / "model.pt").exists()
     report = _console("lab", "report", "mine", *ckpt, env=env)
     assert report.returncode == 0, report.stderr
     summary = json.loads((profile / "report" / "report.json").read_text())

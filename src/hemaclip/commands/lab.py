@@ -71,29 +71,40 @@ def lab_add(
 def lab_fit(
     name: LabName,
     labels: LabelsOption = None,
-    fine_tune: Annotated[bool, typer.Option("--fine-tune/--no-fine-tune", help="First fine-tune the model's image tower and "
-                                            "class head on the labelled cells mixed with PBC training cells (about 2 minutes "
-                                            "on 2 cores; needs the PBC data, --data); the lab then reads with its own model.")] = False,
+    fine_tune: Annotated[Optional[bool], typer.Option("--fine-tune/--no-fine-tune", help="First fine-tune the model's image "
+                                                      "tower and class head on the labelled cells mixed with PBC training cells "
+                                                      "(about 2 minutes on 2 cores; needs the PBC data, --data); the lab then reads "
+                                                      "with its own model. Default: fine-tune when the PBC data is readable, else "
+                                                      "say so and fit the read-out on the base model's features.",
+                                                      show_default=False)] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Fine-tuning steps (batches of 16 lab + 16 PBC cells).")] = 150,
     data: DataOption = None,
     labs: LabsOption = None,
     checkpoint: CheckpointOption = None,
 ) -> None:
-    """Fit the lab's read-out on its labelled cells: a linear read-out on the lab-standardised features with the
+    """Fine-tune the model's image tower on the lab's labelled cells (mixed with PBC training cells, about 2 minutes;
+    --no-fine-tune skips it), then fit the lab's read-out: a linear read-out on the lab-standardised features with the
     model's calibrated scores as its prior, its penalty, prior weight and temperature chosen by cross-validation over
-    source cells, and a familiarity bar from the labelled cells. Seconds for 100 cells on 2 cores.
+    source cells, and a familiarity bar from the labelled cells (seconds for 100 cells on 2 cores).
 
     Example: hemaclip lab fit tehran
     """
-    from hemaclip.tasks.lab import clear_fine_tune, fine_tune_lab, fit_lab, open_for_model, read_label_csv
+    from hemaclip.tasks.lab import (ReferenceCellsUnavailable, clear_fine_tune, fine_tune_lab, fit_lab, open_for_model,
+                                    read_label_csv)
+    from hemaclip.train.finetune import FineTuneSettings
 
     profile = open_for_model(name, labs, checkpoint)
     if labels is not None:
         profile.write_labels(read_label_csv(labels))
-    if fine_tune:
-        from hemaclip.train.finetune import FineTuneSettings
-
-        done = fine_tune_lab(profile, checkpoint, data_root=data, settings=FineTuneSettings(steps=steps), progress=True)
+    done = None
+    if fine_tune is not False:
+        try:
+            done = fine_tune_lab(profile, checkpoint, data_root=data, settings=FineTuneSettings(steps=steps), progress=True)
+        except ReferenceCellsUnavailable as error:
+            if fine_tune:  # asked for explicitly: refuse
+                raise
+            console.print(f"not fine-tuned: {error}; the read-out is fitted on the base model's features (--data PBC_ROOT to fine-tune)")
+    if done is not None:
         console.print(f"image tower fine-tuned on {done['labelled_cells']} labelled cells and {done['reference_cells']} PBC cells "
                       f"in {done['seconds']:.0f} s ({done['steps']} steps); saved in {profile.root / 'model.pt'}")
     elif profile.fine_tuned:

@@ -485,13 +485,21 @@ def _cell_arrays(describer: Describer, sources: Sequence[str], cells: Sequence[i
     return [describer.views(decode_image(text_to_path(str(s))))[int(c)].array for s, c in zip(sources, cells)]
 
 
+class ReferenceCellsUnavailable(HemaclipError):
+    """The training lab's cells (PBC), which a lab fine-tune mixes in, cannot be read here."""
+
+
 def reference_cells(describer: Describer, data_root: str | Path | None, per_class: int = REFERENCE_PER_CLASS,
                     seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
     """Training-lab cells mixed into a lab fine-tune: `per_class` PBC training cells of each of the model's classes."""
     from hemaclip.data.datasets import load_dataset
+    from hemaclip.errors import DataError
 
     classes = list(describer.readout.class_names)
-    pbc = load_dataset("pbc", data_root=data_root)
+    try:
+        pbc = load_dataset("pbc", data_root=data_root)
+    except DataError as error:
+        raise ReferenceCellsUnavailable(f"the PBC training cells are not readable ({error})") from error
     rng = np.random.default_rng(seed)
     arrays, targets = [], []
     for cls in classes:
@@ -500,7 +508,7 @@ def reference_cells(describer: Describer, data_root: str | Path | None, per_clas
             arrays.append(describer.preprocess.load(members[i].path))
             targets.append(classes.index(cls))
     if not arrays:
-        raise HemaclipError("no training-lab reference cells found for the model's classes")
+        raise ReferenceCellsUnavailable("no PBC training cells of the model's classes were found")
     return arrays, targets
 
 
