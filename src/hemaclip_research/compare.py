@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +50,10 @@ from hemaclip_research.evaluate import (
     split_records,
 )
 from hemaclip_research.report import Section, Table, write_report
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
+    from hemaclip.tasks.features import FeatureSet
 
 __all__ = ["parse_system", "run_compare"]
 
@@ -89,9 +93,9 @@ class _Scored:
     name: str
     sha1: str
     keys: list[str]  # resolved paths of the eval rows
-    eval_fs: Any
-    train_fs: Any
-    model: Any = None
+    eval_fs: FeatureSet
+    train_fs: FeatureSet | None
+    model: DualEncoder | None = None
 
 
 def _key(p: str) -> str:

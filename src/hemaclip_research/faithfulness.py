@@ -24,7 +24,7 @@ Three measurements, all on the sentences `describe` actually writes (see
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ def statement_agreement(statements: Statements, truth: Truth, n_boot: int = 2000
 
 
 def threshold_sweep(
-    statements_at: Any, truth: Truth, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    statements_at: Callable[[float], Statements], truth: Truth, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 ) -> list[dict[str, float]]:
     """Agreement and coverage at each threshold; `statements_at(t)` returns the statements at threshold t."""
     rows = []

@@ -22,11 +22,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hemaclip.errors import HemaclipError
+
+if TYPE_CHECKING:
+    from hemaclip.data.datasets import CellRecord
+    from hemaclip.tasks.describe import Describer
 
 WHITE_CELL_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 OTHER_LABS = ("lisc", "zheng1", "zheng2")
@@ -77,7 +81,7 @@ def trained_datasets(checkpoint: str | None) -> set[str]:
     return {str(d) for d in [config.get("dataset"), config.get("val_dataset"), *(config.get("extra_datasets") or [])] if d}
 
 
-def read_lab(describer: Any, records: Sequence[Any], adapt: str) -> LabReading:
+def read_lab(describer: Describer, records: Sequence[CellRecord], adapt: str) -> LabReading:
     """Read every record's cell with `describer` (cell finding, calibrated read-out, familiarity), after
     adapting the model to these cells first when `adapt` is one of :data:`MODEL_ADAPTATIONS`."""
     from hemaclip.data.image_cache import decoded_images

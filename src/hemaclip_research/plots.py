@@ -18,12 +18,17 @@ import math
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hemaclip.metrics.classification import row_normalize
 from hemaclip.io import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "DPI",
@@ -57,7 +62,7 @@ _MARKERS = ("o", "^", "s", "D", "P", "X", "v", "*")
 # --------------------------------------------------------------------------------------------- #
 
 
-def _new_figure(width: float, height: float) -> Any:
+def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -66,7 +71,7 @@ def _new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | Path, tight: bool = True) -> Path:
+def _save(fig: Figure, path: str | Path, tight: bool = True) -> Path:
     """Render `fig` to PNG in memory, write it atomically and release the figure's artists."""
     path = Path(path)
     try:
@@ -130,7 +135,7 @@ def _score_point_ci(row: Mapping[str, Any], key: str = "macro_f1") -> tuple[floa
 
 
 def _heatmap(
-    ax: Any,
+    ax: Axes,
     values: np.ndarray,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
@@ -181,7 +186,7 @@ def _heatmap(
 
 
 def plot_confusion(
-    matrix_counts: Any,
+    matrix_counts: ArrayLike,
     labels: Sequence[str],
     path: str | Path,
     normalized: bool = False,
@@ -459,7 +464,7 @@ def _umap_available() -> bool:
 
 
 def embed_2d(
-    features: Any, method: str = "auto", seed: int = 0, *, l2_normalize: bool = True
+    features: ArrayLike, method: str = "auto", seed: int = 0, *, l2_normalize: bool = True
 ) -> tuple[np.ndarray, str]:
     """Project ``[N, D]`` features to 2-D for a map; returns ``(points [N, 2], method_used)``.
 
@@ -521,7 +526,7 @@ _AXIS_NAMES = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PC"}
 
 
 def plot_embedding_map(
-    points_2d: Any,
+    points_2d: ArrayLike,
     colour_labels: Sequence[Any],
     path: str | Path,
     title: str | None = None,
@@ -623,7 +628,7 @@ def plot_selective_accuracy(
 
 
 def plot_robustness_heatmap(
-    matrix: Any,
+    matrix: ArrayLike,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     path: str | Path,

@@ -33,11 +33,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hemaclip.errors import HemaclipError
+
+if TYPE_CHECKING:
+    from hemaclip.data.datasets import CellRecord
+    from hemaclip.tasks.describe import Describer
 
 __all__ = ["SIZES", "describe_records", "learning_curve", "write_learning_curve"]
 
@@ -47,7 +51,7 @@ CROSS_FIT_FOLDS = 5
 CROSS_FIT_REPEATS = 3
 
 
-def describe_records(describer: Any, records: Sequence[Any], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def describe_records(describer: Describer, records: Sequence[CellRecord], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [N, D], calibrated class probabilities [N, C]) of each record's first cell, as `review` reads it."""
     first: dict[str, Any] = {}
     for d in describer.describe_paths([r.path for r in records], batch_size=batch_size, progress=False):
@@ -100,7 +104,7 @@ def _cross_fitted(features: np.ndarray, probs: np.ndarray, truth: Sequence[str],
 
 
 def learning_curve(
-    describer: Any, dataset: str, data_root: str | Path | None = None, sizes: Sequence[int] = SIZES, draws: int = DRAWS,
+    describer: Describer, dataset: str, data_root: str | Path | None = None, sizes: Sequence[int] = SIZES, draws: int = DRAWS,
     n_resamples: int = 2000,
 ) -> dict[str, Any]:
     """The curve on one other-lab dataset (see the module docstring for the protocol)."""

@@ -24,7 +24,7 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,12 +32,17 @@ from hemaclip.errors import HemaclipError
 from hemaclip.metrics.detection import separation_auroc
 from hemaclip.tasks.familiarity import METHODS, SHIFTED_FOLDER_QUANTILE
 
+if TYPE_CHECKING:
+    from hemaclip.data.datasets import CellRecord
+    from hemaclip.tasks.describe import Describer
+    from hemaclip_research.other_labs import LabReading
+
 ALL_BLASTS = ("early", "pre", "pro")
 ALL_BENIGN = "benign"
 N_RESAMPLES = 2000
 
 
-def _describer(checkpoint: str | None, data_root: Any, adapt: str | None = None) -> Any:
+def _describer(checkpoint: str | None, data_root: str | Path | None, adapt: str | None = None) -> Describer:
     from hemaclip.tasks.describe import Describer
 
     describer = Describer.from_checkpoint(checkpoint, index=None, data_root=data_root, adapt=adapt)
@@ -223,7 +228,7 @@ def run_trust_report(
     return metrics
 
 
-def _examples(name: str, records: Sequence[Any], reading: Any, k: int) -> list[tuple[str, list[tuple[Any, bool, str]]]]:
+def _examples(name: str, records: Sequence[CellRecord], reading: LabReading, k: int) -> list[tuple[str, list[tuple[Any, bool, str]]]]:
     """Up to `k` flagged and `k` unflagged cells of one set (evenly spread over the set, deterministic)."""
     rows = []
     for flagged in (True, False):

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,6 +37,8 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "PREPROCESS_OPTIONS",
     "CellView",
+    "ConfiguredModel",
+    "ImageConfig",
     "ImageDecodeError",
     "PREPROCESS_NUMBERS",
     "Preprocess",
@@ -224,6 +226,28 @@ class CellView:
     touches_border: bool = False
 
 
+class ImageConfig(Protocol):
+    """What preprocessing reads of a model config (:class:`hemaclip.models.config.ModelConfig` has it;
+    its optional ``preprocess`` field is read with a default)."""
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def image_mean(self) -> Sequence[float]: ...
+
+    @property
+    def image_std(self) -> Sequence[float]: ...
+
+
+class ConfiguredModel(Protocol):
+    """A model carrying its config (:class:`hemaclip.models.model.DualEncoder`): data/ sits below models/,
+    so it names the one attribute it reads instead of importing the class."""
+
+    @property
+    def config(self) -> ImageConfig: ...
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Decoded image -> the model's uint8 array -> normalised tensor, as one model config says.
@@ -238,7 +262,7 @@ class Preprocess:
     spec: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_config(cls, config: Any) -> Preprocess:
+    def from_config(cls, config: ImageConfig) -> Preprocess:
         """The preprocessing of a model config (`ModelConfig` or anything with its fields)."""
         spec = check_preprocess(getattr(config, "preprocess", None))
         defaults = _defaults()
@@ -366,6 +390,6 @@ class Preprocess:
         return torch.stack([transform(torch.from_numpy(np.array(self._colour(np.asarray(a)))).permute(2, 0, 1)) for a in arrays])
 
 
-def preprocess_for(model: Any) -> Preprocess:
+def preprocess_for(model: ConfiguredModel) -> Preprocess:
     """The preprocessing of a model (built from ``model.config``)."""
     return Preprocess.from_config(model.config)

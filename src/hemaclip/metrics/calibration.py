@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "apply_temperature",
@@ -31,7 +32,7 @@ DEFAULT_COVERAGES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TEMPERATURE_BOUNDS: tuple[float, float] = (1e-2, 1e2)
 
 
-def _probs_and_labels(probs: Any, y_true: Any) -> tuple[np.ndarray, np.ndarray]:
+def _probs_and_labels(probs: ArrayLike, y_true: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y_true)
     if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
@@ -46,7 +47,7 @@ def _probs_and_labels(probs: Any, y_true: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-def _confidence_and_correct(confidence: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+def _confidence_and_correct(confidence: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(confidence, dtype=np.float64)
     k = np.asarray(correct)
     if c.ndim != 1 or c.shape != k.shape:
@@ -58,7 +59,7 @@ def _confidence_and_correct(confidence: Any, correct: Any) -> tuple[np.ndarray, 
     return c, k.astype(bool)
 
 
-def reliability_bins(probs: Any, y_true: Any, n_bins: int = 15) -> dict[str, Any]:
+def reliability_bins(probs: ArrayLike, y_true: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
     """Top-label reliability data for diagrams and ECE, with equal-width bins on [0, 1].
 
     Confidence is the largest probability per row, the prediction its argmax (first on ties). Bin
@@ -98,12 +99,12 @@ def reliability_bins(probs: Any, y_true: Any, n_bins: int = 15) -> dict[str, Any
     }
 
 
-def expected_calibration_error(probs: Any, y_true: Any, n_bins: int = 15) -> float:
+def expected_calibration_error(probs: ArrayLike, y_true: ArrayLike, n_bins: int = 15) -> float:
     """Top-label ECE (Guo et al. 2017): sum over bins of (bin share) * |accuracy - mean confidence|."""
     return float(reliability_bins(probs, y_true, n_bins)["ece"])
 
 
-def ece_floor(probs: Any, n_bins: int = 15, n_draws: int = 200, seed: int = 0) -> float:
+def ece_floor(probs: ArrayLike, n_bins: int = 15, n_draws: int = 200, seed: int = 0) -> float:
     """The ECE a perfectly calibrated model would still show on these cells: the mean ECE when each cell's
     label is drawn from its own predicted probabilities (`n_draws` times).
 
@@ -120,7 +121,7 @@ def ece_floor(probs: Any, n_bins: int = 15, n_draws: int = 200, seed: int = 0) -
     return float(np.mean(draws))
 
 
-def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+def softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """Numerically stable softmax of ``logits / temperature`` along the last axis."""
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
     z = z - z.max(axis=-1, keepdims=True)
@@ -138,7 +139,7 @@ def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(lse - s[np.arange(y.size), y]))
 
 
-def negative_log_likelihood(logits: Any, y_true: Any, temperature: float = 1.0) -> float:
+def negative_log_likelihood(logits: ArrayLike, y_true: ArrayLike, temperature: float = 1.0) -> float:
     """Mean cross-entropy of ``softmax(logits / temperature)`` against integer labels."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true).astype(np.int64)
@@ -151,7 +152,7 @@ def negative_log_likelihood(logits: Any, y_true: Any, temperature: float = 1.0) 
     return _nll(z, y, float(temperature))
 
 
-def fit_temperature(logits_val: Any, y_val: Any) -> float:
+def fit_temperature(logits_val: ArrayLike, y_val: ArrayLike) -> float:
     """Temperature T > 0 minimising validation NLL of ``softmax(logits / T)`` (Guo et al. 2017).
 
     Searched on log T within :data:`TEMPERATURE_BOUNDS` with a bounded scalar minimiser, since NLL
@@ -182,7 +183,7 @@ def fit_temperature(logits_val: Any, y_val: Any) -> float:
     return temperature if _nll(z, y, temperature) < _nll(z, y, 1.0) else 1.0
 
 
-def confidence_auroc(confidence: Any, correct: Any) -> float:
+def confidence_auroc(confidence: ArrayLike, correct: ArrayLike) -> float:
     """AUROC of confidence for telling right from wrong predictions (1 = perfect ranking, 0.5 = none).
 
     Returns NaN when every prediction is right or every one is wrong: AUROC needs both classes and
@@ -196,7 +197,7 @@ def confidence_auroc(confidence: Any, correct: Any) -> float:
     return float(roc_auc_score(k, c))
 
 
-def confidence_correctness_correlation(confidence: Any, correct: Any) -> float:
+def confidence_correctness_correlation(confidence: ArrayLike, correct: ArrayLike) -> float:
     """Point-biserial correlation, i.e. Pearson r between confidence and correctness (0/1).
 
     NaN when either is constant (all right, all wrong, or one confidence value): r is undefined.
@@ -211,7 +212,7 @@ def confidence_correctness_correlation(confidence: Any, correct: Any) -> float:
 
 
 def selective_accuracy(
-    confidence: Any, correct: Any, coverages: Sequence[float] = DEFAULT_COVERAGES
+    confidence: ArrayLike, correct: ArrayLike, coverages: Sequence[float] = DEFAULT_COVERAGES
 ) -> dict[str, Any]:
     """Accuracy on the most confident fraction of items, for each coverage (accuracy-coverage curve).
 

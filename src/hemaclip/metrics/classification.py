@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 __all__ = [
@@ -68,7 +69,7 @@ def label_list(labels: LabelSet) -> list[Any]:
     return out
 
 
-def as_label_array(y: Any, name: str = "labels") -> np.ndarray:
+def as_label_array(y: ArrayLike, name: str = "labels") -> np.ndarray:
     """Return `y` as a 1-D int64 array; reject floats with fractions, NaN and other shapes early."""
     arr = np.asarray(y)
     if arr.ndim != 1:
@@ -83,7 +84,7 @@ def as_label_array(y: Any, name: str = "labels") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_label_pair(y_true: Any, y_pred: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def check_label_pair(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate integer codes: same non-zero length, truth in ``[0, n)``; a prediction outside
     ``[0, n)`` is kept as the code ``n`` (wrong for every image, never a class of its own)."""
     if int(n_classes) < 1:
@@ -149,7 +150,7 @@ def macro_f1_codes(t: np.ndarray, p: np.ndarray, n: int) -> float:
     return float(f1[present].mean()) if present.any() else float("nan")
 
 
-def macro_f1(y_true: Any, y_pred: Any, labels: LabelSet) -> float:
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, labels: LabelSet) -> float:
     """hemaclip's macro F1 (see :data:`MACRO_F1_CONVENTION` and the module docstring).
 
     `labels` is the task's label set: names, or an int n for integer codes ``0 .. n-1``.
@@ -158,7 +159,7 @@ def macro_f1(y_true: Any, y_pred: Any, labels: LabelSet) -> float:
     return macro_f1_codes(t, p, n)
 
 
-def class_f1(y_true: Any, y_pred: Any, label: Any) -> float:
+def class_f1(y_true: ArrayLike, y_pred: ArrayLike, label: Any) -> float:
     """F1 of one class: 2 TP / (true + predicted), 0 when the class is neither true nor predicted."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     tp = float(np.sum((t == label) & (p == label)))
@@ -203,7 +204,7 @@ def row_normalize(counts_: np.ndarray) -> np.ndarray:
     return out
 
 
-def classification_report_dict(y_true: Any, y_pred: Any, labels: Sequence[str]) -> dict[str, Any]:
+def classification_report_dict(y_true: ArrayLike, y_pred: ArrayLike, labels: Sequence[str]) -> dict[str, Any]:
     """Everything a results table needs for one classification task, as JSON-ready values.
 
     Keys: ``n``, ``labels``, ``accuracy``, ``balanced_accuracy`` (mean recall over classes that have

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["separation_auroc", "roc_points", "flag_rate"]
 
 
-def _scores(x: Any, name: str) -> np.ndarray:
+def _scores(x: ArrayLike, name: str) -> np.ndarray:
     s = np.asarray(x, dtype=np.float64).ravel()
     if s.size == 0:
         raise ValueError(f"{name}: need at least one score")
@@ -28,7 +29,7 @@ def _auroc(negative: np.ndarray, positive: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(negative.size), np.ones(positive.size)], np.r_[negative, positive]))
 
 
-def separation_auroc(negative: Any, positive: Any, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+def separation_auroc(negative: ArrayLike, positive: ArrayLike, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
     """AUROC of `positive` (should be flagged) against `negative` scores, with a percentile interval from
     resampling each group with replacement."""
     neg, pos = _scores(negative, "negative"), _scores(positive, "positive")
@@ -44,7 +45,7 @@ def separation_auroc(negative: Any, positive: Any, n_resamples: int = 2000, seed
     return out
 
 
-def roc_points(negative: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(negative: ArrayLike, positive: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates over every threshold (for a ROC figure)."""
     from sklearn.metrics import roc_curve
 
@@ -53,6 +54,6 @@ def roc_points(negative: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
-def flag_rate(scores: Any, threshold: float) -> float:
+def flag_rate(scores: ArrayLike, threshold: float) -> float:
     """Share of scores above the flag threshold."""
     return float(np.mean(_scores(scores, "scores") > float(threshold)))

@@ -6,9 +6,8 @@ Plain numpy on any feature space (hemaclip measures in its 256-d image embedding
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["fid", "kid", "nearest_real", "precision_recall"]
 
@@ -17,14 +16,14 @@ KID_SUBSET_SIZE = 1000
 PR_K = 3
 
 
-def _as_features(x: Any, name: str) -> np.ndarray:
+def _as_features(x: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 2 or len(arr) < 2:
         raise ValueError(f"{name} must be [N >= 2, D] features, got shape {arr.shape}")
     return arr
 
 
-def fid(a: Any, b: Any) -> float:
+def fid(a: ArrayLike, b: ArrayLike) -> float:
     """Fréchet distance between Gaussians fitted to feature sets `a` [N, D] and `b` [M, D].
 
     ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}). The last trace is computed as
@@ -53,7 +52,7 @@ def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
     )
 
 
-def kid(a: Any, b: Any, n_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict[str, float]:
+def kid(a: ArrayLike, b: ArrayLike, n_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict[str, float]:
     """Kernel Inception Distance in this feature space: mean and std of the unbiased MMD^2 over subsets.
 
     Kernel k(x, y) = (x.y / D + 1)^3. Each subset draws min(subset_size, N, M) items of each set
@@ -88,7 +87,7 @@ def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
     return np.partition(d, k - 1, axis=1)[:, k - 1]
 
 
-def precision_recall(real: Any, fake: Any, k: int = PR_K) -> dict[str, float]:
+def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = PR_K) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii (default k = 3)."""
     real, fake = _as_features(real, "real"), _as_features(fake, "fake")
     if k < 1 or k >= min(len(real), len(fake)):
@@ -100,7 +99,7 @@ def precision_recall(real: Any, fake: Any, k: int = PR_K) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "k": int(k)}
 
 
-def nearest_real(queries: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
+def nearest_real(queries: ArrayLike, reference: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """For each query row: (Euclidean distance to, index of) its nearest reference row."""
     q, r = _as_features(queries, "queries"), _as_features(reference, "reference")
     dist = np.empty(len(q))

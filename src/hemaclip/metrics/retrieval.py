@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["paired_recall_at_k", "relevance_from_labels", "retrieval_metrics"]
 
 _BLOCK_ELEMENTS = 4_000_000
 
 
-def _scores(scores: Any) -> np.ndarray:
+def _scores(scores: ArrayLike) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
         raise ValueError(f"scores must be a non-empty [queries, gallery] matrix, got shape {s.shape}")
@@ -39,7 +40,7 @@ def _ks(ks: Sequence[int]) -> list[int]:
     return out
 
 
-def relevance_from_labels(query_labels: Any, gallery_labels: Any) -> np.ndarray:
+def relevance_from_labels(query_labels: ArrayLike, gallery_labels: ArrayLike) -> np.ndarray:
     """Boolean ``[Q, G]`` matrix: gallery item ``g`` is relevant to query ``q`` when their labels match.
 
     Labels are 1-D (one label per item, any comparable dtype, e.g. class index or caption id) or
@@ -53,7 +54,7 @@ def relevance_from_labels(query_labels: Any, gallery_labels: Any) -> np.ndarray:
     return np.all(q[:, None, :] == g[None, :, :], axis=2)
 
 
-def retrieval_metrics(scores: Any, relevant: Any, ks: Sequence[int] = (1, 3, 5, 10)) -> dict[str, Any]:
+def retrieval_metrics(scores: ArrayLike, relevant: Any, ks: Sequence[int] = (1, 3, 5, 10)) -> dict[str, Any]:
     """Hit@k, Precision@k, Recall@k and MRR@k for a score matrix and a boolean relevance matrix.
 
     Per query, with ``r`` the 1-based rank of its first relevant item:
@@ -109,7 +110,7 @@ def retrieval_metrics(scores: Any, relevant: Any, ks: Sequence[int] = (1, 3, 5, 
     return out
 
 
-def paired_recall_at_k(scores: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+def paired_recall_at_k(scores: ArrayLike, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """open_clip's 1:1 retrieval recall: query ``i``'s only correct item is gallery item ``i``.
 
     ``R@k`` is the share of queries whose paired item ranks within the top k (ties broken by

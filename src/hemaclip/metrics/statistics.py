@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hemaclip.metrics.classification import LabelSet, encode_labels, macro_f1_codes
 
@@ -48,7 +49,7 @@ def _check_common(n_resamples: int, confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def _as_1d(x: Any, name: str) -> np.ndarray:
+def _as_1d(x: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -56,7 +57,7 @@ def _as_1d(x: Any, name: str) -> np.ndarray:
 
 
 def resample_indices(
-    y_true: Any, n_resamples: int, seed: int | None = 0, stratified: bool = True
+    y_true: ArrayLike, n_resamples: int, seed: int | None = 0, stratified: bool = True
 ) -> Iterator[np.ndarray]:
     """Yield blocks of bootstrap index arrays, shape ``[block, N]``, ``n_resamples`` rows in total.
 
@@ -120,8 +121,8 @@ def _per_row(metric_fn: MetricFn, *arrays: np.ndarray) -> BlockStat:
 
 def bootstrap_ci(
     metric_fn: MetricFn,
-    y_true: Any,
-    y_pred: Any,
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int | None = 0,
@@ -178,8 +179,8 @@ def _macro_f1_stat(t: np.ndarray, preds: list[np.ndarray], n_classes: int) -> Ca
 
 
 def bootstrap_macro_f1(
-    y_true: Any,
-    y_pred: Any,
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
     labels: LabelSet,
     n_resamples: int = 2000,
     confidence: float = 0.95,
@@ -224,9 +225,9 @@ def _paired_result(
 
 def paired_bootstrap_test(
     metric_fn: MetricFn,
-    y_true: Any,
-    pred_a: Any,
-    pred_b: Any,
+    y_true: ArrayLike,
+    pred_a: ArrayLike,
+    pred_b: ArrayLike,
     n_resamples: int = 2000,
     seed: int | None = 0,
     confidence: float = 0.95,
@@ -254,9 +255,9 @@ def paired_bootstrap_test(
 
 
 def paired_bootstrap_macro_f1(
-    y_true: Any,
-    pred_a: Any,
-    pred_b: Any,
+    y_true: ArrayLike,
+    pred_a: ArrayLike,
+    pred_b: ArrayLike,
     labels: LabelSet,
     n_resamples: int = 2000,
     seed: int | None = 0,
@@ -285,7 +286,7 @@ def paired_bootstrap_macro_f1(
 # ------------------------------------------------------------------------------------------------
 
 
-def _group_weights(t: np.ndarray, groups: Any, n_resamples: int, seed: int | None) -> np.ndarray:
+def _group_weights(t: np.ndarray, groups: ArrayLike, n_resamples: int, seed: int | None) -> np.ndarray:
     """[n_resamples, N] item weights of a stratified cluster bootstrap over `groups`."""
     g = _as_1d(groups, "groups")
     if g.size != t.size:
@@ -315,7 +316,7 @@ def _weighted_macro_f1(t: np.ndarray, p: np.ndarray, n_classes: int, weights: np
 
 
 def cluster_bootstrap_macro_f1(
-    y_true: Any, y_pred: Any, labels: LabelSet, groups: Any, n_resamples: int = 2000, confidence: float = 0.95, seed: int | None = 0
+    y_true: ArrayLike, y_pred: ArrayLike, labels: LabelSet, groups: ArrayLike, n_resamples: int = 2000, confidence: float = 0.95, seed: int | None = 0
 ) -> dict[str, Any]:
     """Percentile interval of macro F1 when items come in groups (resampled whole, stratified by class)."""
     _check_common(n_resamples, confidence)
@@ -327,7 +328,7 @@ def cluster_bootstrap_macro_f1(
 
 
 def cluster_bootstrap_accuracy(
-    y_true: Any, y_pred: Any, labels: LabelSet, groups: Any, n_resamples: int = 2000, confidence: float = 0.95, seed: int | None = 0
+    y_true: ArrayLike, y_pred: ArrayLike, labels: LabelSet, groups: ArrayLike, n_resamples: int = 2000, confidence: float = 0.95, seed: int | None = 0
 ) -> dict[str, Any]:
     """Percentile interval of accuracy when items come in groups (resampled whole, stratified by class): a
     group of near-duplicate crops counts as the one cell it is, not as independent evidence."""
@@ -342,7 +343,7 @@ def cluster_bootstrap_accuracy(
 
 
 def paired_cluster_bootstrap_macro_f1(
-    y_true: Any, pred_a: Any, pred_b: Any, labels: LabelSet, groups: Any, n_resamples: int = 2000, seed: int | None = 0,
+    y_true: ArrayLike, pred_a: ArrayLike, pred_b: ArrayLike, labels: LabelSet, groups: ArrayLike, n_resamples: int = 2000, seed: int | None = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Paired test of macro F1(A) - macro F1(B) when items come in groups (cluster bootstrap)."""
@@ -357,7 +358,7 @@ def paired_cluster_bootstrap_macro_f1(
 
 
 def unpaired_bootstrap_difference(
-    values_a: Any, values_b: Any, n_resamples: int = 2000, seed: int | None = 0, confidence: float = 0.95
+    values_a: ArrayLike, values_b: ArrayLike, n_resamples: int = 2000, seed: int | None = 0, confidence: float = 0.95
 ) -> dict[str, Any]:
     """Difference of means A - B of two *independent* samples (e.g. per-item correctness on two different
     test sets), with a percentile bootstrap interval that resamples each sample on its own (scipy)."""

@@ -14,12 +14,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from hemaclip.data.preprocess import preprocess_for
+from hemaclip.data.preprocess import Preprocess, preprocess_for
 from hemaclip.errors import HemaclipError
 from hemaclip.models.modes import eval_mode
 
 if TYPE_CHECKING:
     from hemaclip.models.model import DualEncoder
+    from hemaclip.models.text_cache import PooledTextCache
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -115,7 +116,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _batches(images: np.ndarray, batch_size: int, preprocess: Any, transform: Any) -> Iterable[torch.Tensor]:
+def _batches(images: np.ndarray, batch_size: int, preprocess: Preprocess, transform: Any) -> Iterable[torch.Tensor]:
     for start in range(0, len(images), batch_size):
         yield preprocess.batch(images[start : start + batch_size], transform)
 
@@ -155,7 +156,7 @@ TEXT_CHUNK = 1024  # pooled text features projected per step
 
 
 @torch.no_grad()
-def embed_texts(model: DualEncoder, texts: Sequence[str], text_cache: Any = None) -> np.ndarray:
+def embed_texts(model: DualEncoder, texts: Sequence[str], text_cache: PooledTextCache | None = None) -> np.ndarray:
     """L2-normalised text embeddings [T, D] float32: the one text-embedding helper (search queries,
     retrieval prompts and captions).
 

@@ -28,7 +28,7 @@ import asyncio
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -52,6 +52,11 @@ from hemaclip.serve.workers import (
     UploadSlots,
     release_memory,
 )
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
+    from hemaclip.tasks.describe import Describer
+    from hemaclip.tasks.index import CellIndex
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_UPLOAD_PIXELS", "ServeSettings", "UploadError", "allowed_hosts_for", "create_app", "decode_upload", "parse_where_param",
            "server_config"]
@@ -124,7 +129,7 @@ def _example_field(pixels: int) -> str:
     return f"{4 * side}x{3 * side}"
 
 
-def _cut_upload(describer: Any, data: bytes, name: str, max_pixels: int, budget: PixelBudget) -> tuple[list[Any], list[int]]:
+def _cut_upload(describer: Describer, data: bytes, name: str, max_pixels: int, budget: PixelBudget) -> tuple[list[Any], list[int]]:
     """Decode an upload and cut it into the views the model reads (in a decode worker), within the pixel
     budget; returns the views and the picture's [width, height]. The full picture is dropped here, so
     only the small views wait for the model."""
@@ -259,10 +264,10 @@ def _with_image_urls(hits: list[dict[str, Any]], row_for_path: Any) -> list[dict
 
 
 def create_app(
-    describer: Any = None,
-    index: Any = None,
+    describer: Describer | None = None,
+    index: CellIndex | None = None,
     *,
-    model: Any = None,
+    model: DualEncoder | None = None,
     settings: ServeSettings = ServeSettings(),
     title: str = "hemaclip",
     token: str | None = None,
@@ -434,7 +439,7 @@ def _batch_stats(batcher: DescribeBatcher | None) -> dict[str, Any] | None:
             "largest": max(sizes, default=None), "max_batch": batcher.max_batch}
 
 
-def _filter_columns(index: Any) -> dict[str, list[str]]:
+def _filter_columns(index: CellIndex) -> dict[str, list[str]]:
     if index is None:
         return {}
     from hemaclip.tasks.index import FILTER_COLUMNS

@@ -40,9 +40,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hemaclip.errors import HemaclipError
+
+if TYPE_CHECKING:
+    from hemaclip.tasks.describe import Describer
 
 __all__ = ["DEFAULT_BATCH_WAIT_S", "LARGE_UPLOAD_BYTES", "LARGE_UPLOAD_PIXELS", "DecodePool", "DescribeBatcher", "PixelBudget",
            "UploadError", "UploadSlots", "release_memory"]
@@ -170,7 +173,7 @@ class DescribeBatcher:
     and ``saliency_png`` (of the first cell, or None).
     """
 
-    def __init__(self, describer: Any, *, lock: threading.Lock, saliency: tuple[Any, Any] | None, max_batch: int = 32,
+    def __init__(self, describer: Describer, *, lock: threading.Lock, saliency: tuple[Any, Any] | None, max_batch: int = 32,
                  max_wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
         if max_batch < 1 or max_wait_s < 0:
             raise HemaclipError(f"batch size must be >= 1 and wait >= 0, got {max_batch} and {max_wait_s}")

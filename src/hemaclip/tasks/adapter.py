@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hemaclip.errors import HemaclipError
+
+if TYPE_CHECKING:
+    from hemaclip.tasks.describe import CellDescription
+    from hemaclip.tasks.review import ReviewStore
 
 __all__ = ["ADAPTER_FILE", "L2_GRID", "CorrectionAdapter", "adapt_description", "chosen_penalty", "cv_losses", "fit_adapter", "fit_adapter_from_store",
            "group_folds", "store_groups"]
@@ -178,7 +182,7 @@ def store_groups(cells: Sequence[dict[str, Any]]) -> list[str]:
     return [str(c["group"]) if c.get("group") else f"{c['file_sha1']}:{c['cell']}" for c in cells]
 
 
-def fit_adapter_from_store(store: Any) -> CorrectionAdapter:
+def fit_adapter_from_store(store: ReviewStore) -> CorrectionAdapter:
     """The adapter taught by a review's corrections: every cell a reviewer touched, with its current class
     (cross-validation folds by :func:`store_groups`)."""
     meta = store.meta()
@@ -191,7 +195,7 @@ def fit_adapter_from_store(store: Any) -> CorrectionAdapter:
                        [c["current"]["class"] for c in cells], meta["classes"], groups=store_groups(cells))
 
 
-def adapt_description(adapter: CorrectionAdapter, description: Any, abstain_below: float) -> Any:
+def adapt_description(adapter: CorrectionAdapter, description: CellDescription, abstain_below: float) -> CellDescription:
     """A :class:`hemaclip.tasks.describe.CellDescription` with its class read through `adapter`
     (attributes, sentence and unfamiliarity are the model's own)."""
     import dataclasses

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hemaclip.data.attributes import ATTRIBUTE_NAMES, validate_attributes
 from hemaclip.data.datasets import CellRecord, clean_csv_row
@@ -107,7 +108,7 @@ class FeatureSet:
 
     # ---- selection ----------------------------------------------------
 
-    def _indices(self, mask_or_indices: Any) -> np.ndarray:
+    def _indices(self, mask_or_indices: ArrayLike) -> np.ndarray:
         sel = np.asarray(mask_or_indices)
         if sel.dtype == bool:
             if sel.shape != (len(self),):
@@ -119,7 +120,7 @@ class FeatureSet:
             raise ValueError(f"subset takes a boolean mask or integer indices, got dtype {sel.dtype}")
         return sel.astype(np.int64).ravel()
 
-    def subset(self, mask_or_indices: Any) -> FeatureSet:
+    def subset(self, mask_or_indices: ArrayLike) -> FeatureSet:
         """Rows selected by a boolean mask [N] or integer indices (in the given order)."""
         idx = self._indices(mask_or_indices)
         return FeatureSet(

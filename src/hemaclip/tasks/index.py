@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from hemaclip.data.stain import Normalizer, normalize_batch, normalizer_id
 from hemaclip.errors import CheckpointError, DataError, HemaclipError
 from hemaclip.io import atomic_write, path_to_text, text_to_path
 from hemaclip.log import get_logger
+
+if TYPE_CHECKING:
+    from hemaclip.models.model import DualEncoder
 
 __all__ = [
     "AUTO_FLAT_BELOW",
@@ -94,7 +97,7 @@ class IndexSettings:
 
 
 def embed_images(
-    model: Any, images: np.ndarray, *, batch_size: int = 64, stain_normalizer: Normalizer | None = None
+    model: DualEncoder, images: np.ndarray, *, batch_size: int = 64, stain_normalizer: Normalizer | None = None
 ) -> np.ndarray:
     """L2-normalised image embeddings [N, D] float32 of uint8 images [N, S, S, 3] at the model's size."""
     from hemaclip.models.inference import image_outputs
@@ -241,7 +244,7 @@ def _write_sqlite(path: Path, records: Sequence[CellRecord], meta: Mapping[str, 
 
 
 def _embed_shards(
-    model: Any,
+    model: DualEncoder,
     records: Sequence[CellRecord],
     shard_dir: Path,
     *,
@@ -316,7 +319,7 @@ class CellIndex:
     @classmethod
     def build(
         cls,
-        model: Any,
+        model: DualEncoder,
         records: Sequence[CellRecord],
         out: str | Path,
         *,
@@ -465,7 +468,7 @@ class CellIndex:
     def close(self) -> None:
         self._con.close()
 
-    def check_model(self, model: Any, what: str = "the model") -> None:
+    def check_model(self, model: DualEncoder, what: str = "the model") -> None:
         """Refuse a model whose embedding width differs from the index's (queries would be meaningless)."""
         width = int(getattr(getattr(model, "config", None), "embed_dim", -1))
         if width != self.dim:
@@ -595,7 +598,7 @@ class CellIndex:
 # ------------------------------------------------------------------------------------------------
 
 
-def default_reference_index(model: Any, checkpoint_path: Path, data_root: str | Path | None = None, progress: bool = True) -> CellIndex:
+def default_reference_index(model: DualEncoder, checkpoint_path: Path, data_root: str | Path | None = None, progress: bool = True) -> CellIndex:
     """The WBCAtt train split embedded by `checkpoint_path`'s model, built once into the cache and reused."""
     from hemaclip.data.paths import resolve_data_root
     from hemaclip.cache import file_sha1

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hemaclip.errors import DataError
 from hemaclip.tasks.features import FeatureSet, l2_normalize
@@ -84,7 +85,7 @@ def attribute_labels(name: str) -> LabelFn:
 # --------------------------------------------------------------------------------------------------
 
 
-def _prepare(Xtr: Any, ytr: Any, Xte: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(Xtr: ArrayLike, ytr: ArrayLike, Xte: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     Xtr, Xte = l2_normalize(np.asarray(Xtr)), l2_normalize(np.asarray(Xte))
     ytr = np.asarray(list(ytr), dtype=object)
     if Xtr.ndim != 2 or Xte.ndim != 2 or Xtr.shape[1] != Xte.shape[1]:
@@ -110,7 +111,7 @@ def _sklearn_predict(clf: Any, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray
     return classes[np.argmax(proba, axis=1)], proba
 
 
-def logistic_probe(Xtr: Any, ytr: Any, Xte: Any) -> tuple[np.ndarray, np.ndarray]:
+def logistic_probe(Xtr: ArrayLike, ytr: ArrayLike, Xte: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Logistic regression, fixed C = 1.0, max_iter 2000, no class weights, on L2-normalised features.
 
     Returns (predicted labels [n_test], probabilities [n_test, C]) with columns in sorted class order.
@@ -124,7 +125,7 @@ def logistic_probe(Xtr: Any, ytr: Any, Xte: Any) -> tuple[np.ndarray, np.ndarray
     return _sklearn_predict(clf, Xtr, ytr, Xte, classes)
 
 
-def knn_probe(Xtr: Any, ytr: Any, Xte: Any, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def knn_probe(Xtr: ArrayLike, ytr: ArrayLike, Xte: ArrayLike, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Cosine kNN with a uniform vote (ties: larger summed similarity, then first class); proba = vote shares."""
     Xtr, ytr, Xte, classes = _prepare(Xtr, ytr, Xte)
     if k < 1:
@@ -152,7 +153,7 @@ def knn_probe(Xtr: Any, ytr: Any, Xte: Any, k: int = 20) -> tuple[np.ndarray, np
     return classes[np.argmax(key, axis=1)], votes / kk
 
 
-def mlp_probe(Xtr: Any, ytr: Any, Xte: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def mlp_probe(Xtr: ArrayLike, ytr: ArrayLike, Xte: ArrayLike, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """MLPClassifier (256 hidden, max_iter 300, random_state=seed); early stopping iff every class has >= 50."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
@@ -172,7 +173,7 @@ def mlp_probe(Xtr: Any, ytr: Any, Xte: Any, seed: int = 0) -> tuple[np.ndarray, 
         return _sklearn_predict(clf, Xtr, ytr, Xte, classes)
 
 
-def fit_predict(kind: str, Xtr: Any, ytr: Any, Xte: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fit_predict(kind: str, Xtr: ArrayLike, ytr: ArrayLike, Xte: ArrayLike, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Dispatch by probe name: 'logistic', 'mlp' or 'knn<k>' (e.g. 'knn1', 'knn20')."""
     if kind == "logistic":
         return logistic_probe(Xtr, ytr, Xte)

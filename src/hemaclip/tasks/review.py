@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -41,6 +41,10 @@ from PIL import Image
 from hemaclip.data.attributes import ATTRIBUTE_NAMES
 from hemaclip.errors import HemaclipError
 from hemaclip.io import path_to_text, text_to_path
+
+if TYPE_CHECKING:
+    from hemaclip.tasks.adapter import CorrectionAdapter
+    from hemaclip.tasks.describe import Describer
 
 __all__ = [
     "REVIEW_STORE",
@@ -435,14 +439,14 @@ def _grouped_by_source(descriptions: Iterable[Any]) -> Iterator[tuple[str, list[
 
 
 def review_folder(
-    describer: Any,
+    describer: Describer,
     model_sha1: str,
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
     settings: ReviewSettings = DEFAULTS,
     progress: bool = True,
-    adapter: Any = None,
+    adapter: CorrectionAdapter | None = None,
     adapter_id: str | None = None,
 ) -> ReviewStore:
     """Describe every image under `inputs` into ``<out>/review.sqlite`` (files already described by this
@@ -464,8 +468,8 @@ def review_folder(
         raise
 
 
-def _review_into(store: ReviewStore, describer: Any, model_sha1: str, inputs: Sequence[str | Path], out: Path,
-                 settings: ReviewSettings, progress: bool, adapter: Any, adapter_id: str | None) -> ReviewStore:
+def _review_into(store: ReviewStore, describer: Describer, model_sha1: str, inputs: Sequence[str | Path], out: Path,
+                 settings: ReviewSettings, progress: bool, adapter: CorrectionAdapter | None, adapter_id: str | None) -> ReviewStore:
     from hemaclip.cache import file_sha1
     from hemaclip.data.preprocess import decode_image
     from hemaclip.tasks.describe import iter_image_paths

@@ -132,7 +132,7 @@ class _ModelScorer:
 
 
 @torch.no_grad()
-def trunk_features(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def trunk_features(model: DualEncoder, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Pooled image-trunk features (before the hemaclip projection) of uint8 images [N, H, W, 3]."""
     preprocess = preprocess_for(model)
     transform = preprocess.eval_transform()
@@ -150,7 +150,7 @@ class _BaselineScorer:
     """The ImageNet-trunk logistic-probe baseline: fitted once on clean train images."""
 
     def __init__(
-        self, trunk_model: Any, train_images: np.ndarray, train_records: Sequence[CellRecord], classes: Sequence[str], batch_size: int
+        self, trunk_model: DualEncoder, train_images: np.ndarray, train_records: Sequence[CellRecord], classes: Sequence[str], batch_size: int
     ) -> None:
         self.model, self.batch_size = trunk_model, batch_size
         self.classes = list(classes)
@@ -241,7 +241,7 @@ def run_robustness(
     classes: Sequence[str],
     config: RobustnessConfig | None = None,
     *,
-    baseline_model: Any = None,
+    baseline_model: DualEncoder | None = None,
     baseline_train: tuple[np.ndarray, Sequence[CellRecord]] | None = None,
     stain_normalizer: Normalizer | None = None,
     progress: bool = False,

@@ -62,7 +62,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hemaclip
 from hemaclip.errors import DataError, HemaclipError
@@ -105,6 +105,9 @@ from hemaclip_research.evaluate.inputs import (
 from hemaclip_research.evaluate.probes import attribute_probe_part, fit_probes, lvlm_part, nshot_part, probe_part
 from hemaclip_research.evaluate.retrieval import RETRIEVAL_KS, retrieval_part
 from hemaclip_research.report import Section, Table, write_report
+
+if TYPE_CHECKING:
+    from hemaclip.data.stain import Normalizer
 
 __all__ = [
     "DEFAULT_MAP_ATTRIBUTE",
@@ -159,7 +162,7 @@ def run_evaluation(
     map_attribute: str | None = DEFAULT_MAP_ATTRIBUTE,
     batch_size: int = 128,
     device: str = "cpu",
-    stain_normalizer: Any = None,
+    stain_normalizer: Normalizer | None = None,
 ) -> dict[str, Any]:
     """Evaluate `checkpoint` (None = the shipped default) on `split` of `dataset`; write the report into `out`.
 
@@ -333,7 +336,7 @@ def _external_inputs(features: Path, index_csv: Path, split: str, max_per_class:
 
 def _checkpoint_inputs(checkpoint: Path | None, dataset: str, split: str, data_root: Path | None, folder: Path | None,
                        class_map: Path | None, probes: bool, nshot: bool, progress: bool, max_per_class: int | None,
-                       prompts: Path | None, split_dir: Path | None, batch_size: int, device: str, stain_normalizer: Any,
+                       prompts: Path | None, split_dir: Path | None, batch_size: int, device: str, stain_normalizer: Normalizer | None,
                        settings: dict[str, Any], header: dict[str, Any], log: Callable[[str], None]) -> tuple[EvalInputs, ClassMapping | None]:
     """Inputs for a checkpoint: the dataset's splits, their features, the prompts (and a class map for a
     folder); adds the checkpoint to `header`."""

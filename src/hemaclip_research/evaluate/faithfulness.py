@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from hemaclip.metrics import calibration as cal
 from hemaclip_research.evaluate.classes import ZeroShotReading
 from hemaclip_research.evaluate.inputs import EvalInputs, Part
 from hemaclip_research.report import Section, Table
+
+if TYPE_CHECKING:
+    from hemaclip.tasks.features import FeatureSet
 
 __all__ = ["faithfulness_part"]
 
@@ -34,7 +37,7 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
         return Part()
     notes: list[str] = []
 
-    def attribute_logits(feature_set: Any, keep: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list[str]], str]:
+    def attribute_logits(feature_set: FeatureSet, keep: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list[str]], str]:
         if feature_set.attribute_logits:
             vocab = feature_set.meta.get("attributes") or {}
             names = [n for n in ATTRIBUTE_NAMES if n in feature_set.attribute_logits and n in vocab]

@@ -22,6 +22,7 @@ from hemaclip_research.report import Section
 
 if TYPE_CHECKING:
     from hemaclip.data.datasets import CellDataset, CellRecord
+    from hemaclip.data.stain import Normalizer
     from hemaclip.models.model import DualEncoder
     from hemaclip.models.text_cache import PooledTextCache
     from hemaclip.tasks.features import FeatureSet
@@ -210,7 +211,7 @@ def load_model_features(
     batch_size: int = 128,
     device: str = "cpu",
     progress: bool = False,
-    stain_normalizer: Any = None,
+    stain_normalizer: Normalizer | None = None,
 ) -> tuple[DualEncoder, Path, str, dict[str, FeatureSet]]:
     """Load a checkpoint (None = the shipped default) and extract features for each named record list.
 

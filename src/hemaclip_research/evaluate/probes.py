@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from hemaclip_research.evaluate.classes import (
 from hemaclip_research.evaluate.inputs import EvalInputs, Figures, Part
 from hemaclip_research.report import Section, Table
 from hemaclip.tasks.features import FeatureSet
+
+if TYPE_CHECKING:
+    from hemaclip.tasks.probes import LVLMBenchmarkPreset
 
 __all__ = ["NSHOT_KINDS", "PROBE_KINDS", "attribute_probe_part", "fit_probes", "lvlm_part", "nshot_part", "probe_part"]
 
@@ -197,7 +200,7 @@ def lvlm_part(inputs: EvalInputs, zs: ZeroShotReading | None, probe_pred: Mappin
     return Part({"lvlm_benchmark": metrics}, [Section("LVLM benchmark preset", text, [table])])
 
 
-def lvlm_rows(fs: FeatureSet, lvlm_test_subset: Callable[..., Any], preset: Any) -> list[int]:
+def lvlm_rows(fs: FeatureSet, lvlm_test_subset: Callable[..., FeatureSet], preset: LVLMBenchmarkPreset) -> list[int]:
     """Rows of `fs` in the LVLM-benchmark subset (up to `preset.per_class` per label, seeded)."""
     sub = lvlm_test_subset(fs, per_class=preset.per_class, seed=preset.seed, split=None)
     pos = {p: i for i, p in enumerate(fs.paths)}
