@@ -190,8 +190,9 @@ def test_temperature_does_not_depend_on_test_labels_or_images(make_tiny_model, t
     val = features(40, "val")
 
     def temperature(test: FeatureSet, val_set: FeatureSet) -> float:
-        inputs = EvalInputs(out=tmp_path, dataset="wbcatt", split="test", n_boot=100, seed=0, eval_fs=test, eval_zs=test, val_zs=val_set,
-                            model=model, text_cache=cache, prompt_set=prompts, prompt_dataset="wbcatt", zs_classes=CLASSES)
+        inputs = EvalInputs(out=tmp_path, dataset="wbcatt", split="test", n_boot=100, seed=0, eval_features=test,
+                            eval_zero_shot_features=test, val_zero_shot_features=val_set,
+                            model=model, text_cache=cache, prompt_set=prompts, prompt_dataset="wbcatt", prompt_classes=CLASSES)
         zs = zero_shot_classes(model, test, prompts, "wbcatt", classes=list(CLASSES), text_cache=cache)
         reading = ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"],
                                   [CLASSES[i] for i in zs["logits"].argmax(axis=1)], 0, {})

@@ -93,8 +93,8 @@ class _Scored:
     name: str
     sha1: str
     keys: list[str]  # resolved paths of the eval rows
-    eval_fs: FeatureSet
-    train_fs: FeatureSet | None
+    eval_features: FeatureSet
+    train_features: FeatureSet | None
     model: DualEncoder | None = None
 
 
@@ -163,9 +163,9 @@ def _score_features(system: System, split: str, max_per_class: int | None, seed:
     from hemaclip.tasks.features import load_external_features
 
     fs = load_external_features(system.path, system.index_csv)
-    eval_fs = cap_feature_set(fs.by_split(split), max_per_class, seed)
-    train_fs = None if split in ("train", "all") else cap_feature_set(fs.by_split("train"), max_per_class, seed)
-    return _Scored(system.spec, file_sha1(system.path), [_key(p) for p in eval_fs.paths], eval_fs, train_fs)
+    eval_features = cap_feature_set(fs.by_split(split), max_per_class, seed)
+    train_features = None if split in ("train", "all") else cap_feature_set(fs.by_split("train"), max_per_class, seed)
+    return _Scored(system.spec, file_sha1(system.path), [_key(p) for p in eval_features.paths], eval_features, train_features)
 
 
 def _align(a: _Scored, b: _Scored) -> None:
@@ -175,8 +175,8 @@ def _align(a: _Scored, b: _Scored) -> None:
     if not common:
         raise DataError("the two systems share no evaluated image (images are paired by file path)")
     if len(common) != len(a.keys) or len(common) != len(b.keys):
-        a.eval_fs = a.eval_fs.subset(np.array(common, dtype=np.int64))
-        b.eval_fs = b.eval_fs.subset(np.array([pos_b[a.keys[i]] for i in common], dtype=np.int64))
+        a.eval_features = a.eval_features.subset(np.array(common, dtype=np.int64))
+        b.eval_features = b.eval_features.subset(np.array([pos_b[a.keys[i]] for i in common], dtype=np.int64))
         a.keys = [a.keys[i] for i in common]
         b.keys = list(a.keys)
 
@@ -221,7 +221,7 @@ def run_compare(
 
     sys_a, sys_b = parse_system(a), parse_system(b)
     needs_data = "checkpoint" in (sys_a.kind, sys_b.kind)
-    prompt_set = prompt_dataset = zs_classes = mapping = None
+    prompt_set = prompt_dataset = prompt_classes = mapping = None
     records: dict[str, list[Any]] = {}
     if needs_data:
         from hemaclip.data.datasets import load_dataset
@@ -238,11 +238,11 @@ def run_compare(
         vocab = prompt_vocabularies(prompt_set)
         if dataset == "folder":
             mapping = resolve_class_map(None, list(ds.classes), vocab)
-            prompt_dataset, zs_classes = mapping.prompt_dataset, list(mapping.targets)
+            prompt_dataset, prompt_classes = mapping.prompt_dataset, list(mapping.targets)
         else:
             if dataset not in vocab:
                 raise DataError(f"{prompt_set.source}: no prompts for dataset '{dataset}'")
-            prompt_dataset, zs_classes = dataset, list(vocab[dataset])
+            prompt_dataset, prompt_classes = dataset, list(vocab[dataset])
     cache: dict[str, Any] = {}
     scored = []
     for system in (sys_a, sys_b):
@@ -258,7 +258,7 @@ def run_compare(
     comparisons: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     both_models = sa.model is not None and sb.model is not None
-    labels = list(sa.eval_fs.labels)
+    labels = list(sa.eval_features.labels)
 
     if both_models:
         from hemaclip.models.text_cache import PooledTextCache
@@ -269,11 +269,11 @@ def run_compare(
         zsa = []
         for s in (sa, sb):
             cache_t = PooledTextCache(s.model.text)
-            fs_zs = relabel(s.eval_fs, m)
-            res = zero_shot_classes(s.model, fs_zs, prompt_set, prompt_dataset, classes=zs_classes, text_cache=cache_t)
+            fs_zs = relabel(s.eval_features, m)
+            res = zero_shot_classes(s.model, fs_zs, prompt_set, prompt_dataset, classes=prompt_classes, text_cache=cache_t)
             zs.append((res, fs_zs))
-            if any(x is not None for x in s.eval_fs.attributes):
-                zsa.append(zero_shot_attributes(s.model, s.eval_fs, prompt_set, text_cache=cache_t))
+            if any(x is not None for x in s.eval_features.attributes):
+                zsa.append(zero_shot_attributes(s.model, s.eval_features, prompt_set, text_cache=cache_t))
         (ra, fa), (rb, fb) = zs
         if len(ra["y_true"]) == 0:
             skipped["zero_shot_class_macro_f1"] = "no evaluated image has a prompt class"
@@ -299,13 +299,13 @@ def run_compare(
             if annotated:
                 comparisons["zero_shot_attribute_mean_macro_f1"] = _paired_attribute_mean(
                     strata, truth, pred_a, pred_b, n_boot, seed)
-                heads_a, heads_b = sa.eval_fs.attribute_logits, sb.eval_fs.attribute_logits
+                heads_a, heads_b = sa.eval_features.attribute_logits, sb.eval_features.attribute_logits
                 if heads_a and heads_b:
                     idx = np.array(annotated, dtype=np.int64)
                     ha_pred, hb_pred = {}, {}
                     for name in ATTRIBUTE_NAMES:
-                        va = (sa.eval_fs.meta.get("attributes") or {}).get(name)
-                        vb = (sb.eval_fs.meta.get("attributes") or {}).get(name)
+                        va = (sa.eval_features.meta.get("attributes") or {}).get(name)
+                        vb = (sb.eval_features.meta.get("attributes") or {}).get(name)
                         if name in heads_a and name in heads_b and va and vb:
                             ha_pred[name] = argmax_labels(heads_a[name][idx], list(va))
                             hb_pred[name] = argmax_labels(heads_b[name][idx], list(vb))
@@ -320,14 +320,14 @@ def run_compare(
         skipped["zero_shot_class_macro_f1"] = "needs two checkpoints (external features have no text tower)"
 
     if probes:
-        if sa.train_fs is None or sb.train_fs is None or not len(sa.train_fs) or not len(sb.train_fs):
+        if sa.train_features is None or sb.train_features is None or not len(sa.train_features) or not len(sb.train_features):
             skipped["logistic_probe_macro_f1"] = "no train split to fit the probe on"
         else:
             from hemaclip.tasks.probes import run_probes
 
             log("logistic probes")
-            pa = run_probes(sa.train_fs, sa.eval_fs, kinds=("logistic",), seed=seed)["logistic"]
-            pb = run_probes(sb.train_fs, sb.eval_fs, kinds=("logistic",), seed=seed)["logistic"]
+            pa = run_probes(sa.train_features, sa.eval_features, kinds=("logistic",), seed=seed)["logistic"]
+            pb = run_probes(sb.train_features, sb.eval_features, kinds=("logistic",), seed=seed)["logistic"]
             probe_labels = sorted(set(pa["classes"]) | set(pb["classes"]))
             comparisons["logistic_probe_macro_f1"] = _paired_macro(pa["y_true"], pa["y_pred"], pb["y_pred"], probe_labels, n_boot, seed)
             comparisons["logistic_probe_macro_f1"]["n_train"] = [int(pa["n_train"]), int(pb["n_train"])]

@@ -339,13 +339,14 @@ class LVLMBenchmarkPreset:
 LVLM_BENCHMARK_PRESET = LVLMBenchmarkPreset()
 
 
-def lvlm_test_subset(fs: FeatureSet, per_class: int = 50, seed: int = 0, split: str | None = "test") -> FeatureSet:
+def lvlm_test_subset(feature_set: FeatureSet, per_class: int = 50, seed: int = 0, split: str | None = "test") -> FeatureSet:
     """Up to `per_class` rows per label from split `split` (None = all rows), deterministic for `seed`.
 
     Candidates are ordered by path before sampling, so the chosen images do not depend on row
-    order; the subset keeps the row order of `fs`.
+    order; the subset keeps the row order of `feature_set`.
     """
-    return fs.subset(benchmark_rows(fs.paths, fs.labels, fs.splits, per_class=per_class, seed=seed, split=split))
+    rows = benchmark_rows(feature_set.paths, feature_set.labels, feature_set.splits, per_class=per_class, seed=seed, split=split)
+    return feature_set.subset(rows)
 
 
 def benchmark_rows(

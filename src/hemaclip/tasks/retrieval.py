@@ -100,13 +100,13 @@ def _label_counts(labels: Sequence[str]) -> dict[str, int]:
 
 def text_to_image_by_class(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
     classes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
 ) -> dict[str, Any]:
-    """One query per class (its prompt-ensemble embedding); gallery = all rows of `fs`.
+    """One query per class (its prompt-ensemble embedding); gallery = all rows of `feature_set`.
 
     ``scores`` [C, N] cosine, ``relevant`` [C, N] = image of that class. Rows whose label is not a
     query class stay in the gallery as distractors and are counted in ``n_unmatched``.
@@ -117,22 +117,22 @@ def text_to_image_by_class(
     if unknown:
         raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
     weights = class_embeddings(model, {c: all_prompts[c] for c in names}, text_cache)
-    check_same_width(fs.features, weights)
-    labels = np.asarray(fs.labels, dtype=object)
+    check_same_width(feature_set.features, weights)
+    labels = np.asarray(feature_set.labels, dtype=object)
     wanted = set(names)
-    relevant = np.stack([labels == c for c in names]) if names else np.zeros((0, len(fs)), dtype=bool)
+    relevant = np.stack([labels == c for c in names]) if names else np.zeros((0, len(feature_set)), dtype=bool)
     return {
         "queries": names,
-        "scores": (weights @ fs.features.T).astype(np.float32, copy=False),
+        "scores": (weights @ feature_set.features.T).astype(np.float32, copy=False),
         "relevant": relevant.astype(bool),
         "n_relevant": relevant.sum(axis=1),
-        "n_unmatched": int(sum(1 for label in fs.labels if label not in wanted)),
+        "n_unmatched": int(sum(1 for label in feature_set.labels if label not in wanted)),
     }
 
 
 def text_to_image_by_attribute(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     attributes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
@@ -140,18 +140,18 @@ def text_to_image_by_attribute(
     """One query per attribute value ("cell_size=big", its prompt ensemble); gallery = rows with attributes.
 
     ``scores`` [Q, M], ``relevant`` [Q, M] = image has that value; ``indices`` are the gallery rows
-    of `fs`, ``missing_attributes`` counts rows without annotations (left out of the gallery), and
+    of `feature_set`, ``missing_attributes`` counts rows without annotations (left out of the gallery), and
     ``query_attributes`` lists (attribute, value) per query. Values no image has still get a query
     (no relevant item; :func:`retrieval_metrics` reports such queries).
     """
-    table, names, keep = annotated_attributes(prompt_set, fs, attributes)
+    table, names, keep = annotated_attributes(prompt_set, feature_set, attributes)
     cache = _text_cache(model, text_cache)
-    gallery = fs.features[keep]
+    gallery = feature_set.features[keep]
     pairs = [(name, value) for name in names for value in table[name]]
     weights = class_embeddings(model, {f"{n}={v}": table[n][v] for n, v in pairs}, cache)
-    check_same_width(gallery if len(gallery) else fs.features, weights)
+    check_same_width(gallery if len(gallery) else feature_set.features, weights)
     relevant = np.array(
-        [[fs.attributes[i][name] == value for i in keep] for name, value in pairs], dtype=bool
+        [[feature_set.attributes[i][name] == value for i in keep] for name, value in pairs], dtype=bool
     ).reshape(len(pairs), len(keep))
     return {
         "queries": [f"{n}={v}" for n, v in pairs],
@@ -160,13 +160,13 @@ def text_to_image_by_attribute(
         "relevant": relevant,
         "n_relevant": relevant.sum(axis=1),
         "indices": keep,
-        "missing_attributes": int(len(fs) - len(keep)),
+        "missing_attributes": int(len(feature_set) - len(keep)),
     }
 
 
 def image_to_text_by_class(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
     classes: Sequence[str] | None = None,
@@ -176,7 +176,7 @@ def image_to_text_by_class(
 
     (Unlike zero-shot, which scores prompt ensembles, this ranks single sentences.) Rows whose
     label is not among the classes are excluded and counted in ``missing_labels``; ``indices`` are
-    the query rows of `fs`; ``gallery`` / ``gallery_labels`` are the prompt texts and their classes.
+    the query rows of `feature_set`; ``gallery`` / ``gallery_labels`` are the prompt texts and their classes.
     """
     all_prompts = prompt_set.class_prompts(dataset)
     names = list(all_prompts) if classes is None else [str(c) for c in classes]
@@ -186,34 +186,34 @@ def image_to_text_by_class(
     texts = [t for c in names for t in all_prompts[c]]
     text_labels = np.asarray([c for c in names for _ in all_prompts[c]], dtype=object)
     text_emb = embed_texts(model, texts, _text_cache(model, text_cache))
-    check_same_width(fs.features, text_emb)
+    check_same_width(feature_set.features, text_emb)
     wanted = set(names)
-    keep = np.array([i for i, label in enumerate(fs.labels) if label in wanted], dtype=np.int64)
-    query_labels = np.asarray([fs.labels[i] for i in keep], dtype=object)
+    keep = np.array([i for i, label in enumerate(feature_set.labels) if label in wanted], dtype=np.int64)
+    query_labels = np.asarray([feature_set.labels[i] for i in keep], dtype=object)
     relevant = (query_labels[:, None] == text_labels[None, :]).astype(bool).reshape(len(keep), len(texts))
     return {
-        "scores": (fs.features[keep] @ text_emb.T).astype(np.float32, copy=False),
+        "scores": (feature_set.features[keep] @ text_emb.T).astype(np.float32, copy=False),
         "relevant": relevant,
         "n_relevant": relevant.sum(axis=1),
         "indices": keep,
         "query_labels": query_labels.tolist(),
         "gallery": texts,
         "gallery_labels": text_labels.tolist(),
-        "missing_labels": int(len(fs) - len(keep)),
+        "missing_labels": int(len(feature_set) - len(keep)),
     }
 
 
-def image_to_image(fs: FeatureSet, k: int | None = 20, labels: Sequence[str] | None = None) -> dict[str, Any]:
-    """Each image queries all other images (itself excluded); relevant = same label (`labels` or fs.labels).
+def image_to_image(feature_set: FeatureSet, k: int | None = 20, labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Each image queries all other images (itself excluded); relevant = same label (`labels` or feature_set.labels).
 
     Top-k form (see the module docstring): ``scores``/``indices``/``relevant`` [N, k], and
     ``n_relevant`` [N] = other images with the same label. Also works for external features.
     """
-    labels_arr = np.asarray(list(fs.labels if labels is None else labels), dtype=object)
-    if len(labels_arr) != len(fs):
-        raise ValueError(f"labels has {len(labels_arr)} entries for {len(fs)} images")
+    labels_arr = np.asarray(list(feature_set.labels if labels is None else labels), dtype=object)
+    if len(labels_arr) != len(feature_set):
+        raise ValueError(f"labels has {len(labels_arr)} entries for {len(feature_set)} images")
     out = ranked_topk(
-        fs.features, fs.features, k, lambda rows, cols: labels_arr[cols] == labels_arr[rows][:, None], exclude_self=True
+        feature_set.features, feature_set.features, k, lambda rows, cols: labels_arr[cols] == labels_arr[rows][:, None], exclude_self=True
     )
     counts = _label_counts(labels_arr.tolist())
     out["n_relevant"] = np.array([counts[label] - 1 for label in labels_arr], dtype=np.int64)
@@ -223,7 +223,7 @@ def image_to_image(fs: FeatureSet, k: int | None = 20, labels: Sequence[str] | N
 
 def paired_image_text(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     captions: Sequence[str],
     k: int | None = None,
     text_cache: PooledTextCache | None = None,
@@ -236,16 +236,16 @@ def paired_image_text(
     :func:`retrieval_metrics` equals R@k for cut-offs <= k.
     """
     captions = list(captions)
-    if len(captions) != len(fs):
-        raise DataError(f"paired retrieval needs one caption per image: {len(captions)} captions for {len(fs)} images")
+    if len(captions) != len(feature_set):
+        raise DataError(f"paired retrieval needs one caption per image: {len(captions)} captions for {len(feature_set)} images")
     text_emb = embed_texts(model, captions, _text_cache(model, text_cache))
-    check_same_width(fs.features, text_emb)
-    n = len(fs)
+    check_same_width(feature_set.features, text_emb)
+    n = len(feature_set)
     if k is None:
         scores = np.empty((n, n), dtype=np.float32)
         block = max(1, _BLOCK_ELEMENTS // max(n, 1))
         for start in range(0, n, block):
-            scores[start : start + block] = fs.features[start : start + block] @ text_emb.T
+            scores[start : start + block] = feature_set.features[start : start + block] @ text_emb.T
         eye = np.eye(n, dtype=bool)
         ones = np.ones(n, dtype=np.int64)
         return {
@@ -254,8 +254,8 @@ def paired_image_text(
         }
     same = lambda rows, cols: cols == rows[:, None]  # noqa: E731
     out = {
-        "image_to_text": ranked_topk(fs.features, text_emb, k, same),
-        "text_to_image": ranked_topk(text_emb, fs.features, k, same),
+        "image_to_text": ranked_topk(feature_set.features, text_emb, k, same),
+        "text_to_image": ranked_topk(text_emb, feature_set.features, k, same),
     }
     for part in out.values():
         part["n_relevant"] = np.ones(n, dtype=np.int64)

@@ -43,33 +43,33 @@ def _text_cache(model: DualEncoder, text_cache: PooledTextCache | None) -> Poole
 
 
 def annotated_attributes(
-    prompt_set: PromptSet, fs: FeatureSet, attributes: Sequence[str] | None, wording: str = "train"
+    prompt_set: PromptSet, feature_set: FeatureSet, attributes: Sequence[str] | None, wording: str = "train"
 ) -> tuple[dict[str, dict[str, list[str]]], list[str], np.ndarray]:
-    """(attribute prompt table, attribute names asked for, rows of `fs` that carry attribute labels)."""
+    """(attribute prompt table, attribute names asked for, rows of `feature_set` that carry attribute labels)."""
     table = prompt_set.attribute_prompts(wording)
     names = list(table) if attributes is None else [str(a) for a in attributes]
     unknown = [a for a in names if a not in table]
     if unknown:
         raise DataError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(table)}")
-    keep = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
+    keep = np.array([i for i, a in enumerate(feature_set.attributes) if a is not None], dtype=np.int64)
     return table, names, keep
 
 
 def zero_shot_classes(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
     classes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
     wording: str = "train",
 ) -> dict[str, Any]:
-    """Zero-shot class logits for the rows of `fs` whose label is one of the prompt classes.
+    """Zero-shot class logits for the rows of `feature_set` whose label is one of the prompt classes.
 
     `classes` restricts (and orders) the classes of `dataset`'s prompts; None = all of them. `wording`
     chooses the prompt file's training ("train") or held-out ("heldout") wording. Returns
     ``y_true`` (labels of the kept rows), ``logits`` [M, C], ``class_names``, ``indices`` (kept rows
-    of `fs`), ``missing_labels`` (how many rows were excluded because their label has no prompt)
+    of `feature_set`), ``missing_labels`` (how many rows were excluded because their label has no prompt)
     and ``missing_label_counts`` ({label: count}).
     """
     all_prompts = prompt_set.class_prompts(dataset, wording)
@@ -81,11 +81,11 @@ def zero_shot_classes(
         raise DataError("zero-shot needs at least one class")
     prompts = {c: all_prompts[c] for c in names}
     wanted = set(names)
-    keep = np.array([i for i, label in enumerate(fs.labels) if label in wanted], dtype=np.int64)
-    missing = Counter(label for label in fs.labels if label not in wanted)
-    logits = zero_shot_scores(model, fs.features[keep], prompts, text_cache)
+    keep = np.array([i for i, label in enumerate(feature_set.labels) if label in wanted], dtype=np.int64)
+    missing = Counter(label for label in feature_set.labels if label not in wanted)
+    logits = zero_shot_scores(model, feature_set.features[keep], prompts, text_cache)
     return {
-        "y_true": [fs.labels[i] for i in keep],
+        "y_true": [feature_set.labels[i] for i in keep],
         "logits": logits,
         "class_names": names,
         "indices": keep,
@@ -96,7 +96,7 @@ def zero_shot_classes(
 
 def generalised_zero_shot(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     dataset: str,
     holdout: Sequence[str],
@@ -111,13 +111,13 @@ def generalised_zero_shot(
         raise DataError(f"--holdout {', '.join(unknown)}: not a class of '{dataset}' ({', '.join(class_prompts)})")
     prompts = {c: list(prompt_set.description(c).sentences) if c in holdout else texts for c, texts in class_prompts.items()}
     names = list(prompts)
-    keep = np.array([i for i, label in enumerate(fs.labels) if label in prompts], dtype=np.int64)
-    missing = Counter(label for label in fs.labels if label not in prompts)
+    keep = np.array([i for i, label in enumerate(feature_set.labels) if label in prompts], dtype=np.int64)
+    missing = Counter(label for label in feature_set.labels if label not in prompts)
     if len(keep) == 0:
         raise DataError(f"no image has a class of '{dataset}'")
     return {
-        "y_true": [fs.labels[i] for i in keep],
-        "logits": zero_shot_scores(model, fs.features[keep], prompts, _text_cache(model, text_cache)),
+        "y_true": [feature_set.labels[i] for i in keep],
+        "logits": zero_shot_scores(model, feature_set.features[keep], prompts, _text_cache(model, text_cache)),
         "class_names": names,
         "indices": keep,
         "missing_labels": int(sum(missing.values())),
@@ -128,30 +128,30 @@ def generalised_zero_shot(
 
 def zero_shot_attributes(
     model: DualEncoder,
-    fs: FeatureSet,
+    feature_set: FeatureSet,
     prompt_set: PromptSet,
     attributes: Sequence[str] | None = None,
     text_cache: PooledTextCache | None = None,
     wording: str = "train",
 ) -> dict[str, dict[str, Any]]:
-    """Per WBCAtt attribute: zero-shot logits over its values for the rows of `fs` that have attributes
+    """Per WBCAtt attribute: zero-shot logits over its values for the rows of `feature_set` that have attributes
     (`wording`: the prompt file's "train" or "heldout" wording).
 
     Returns {attribute: {"y_true", "logits" [M, V], "values", "indices", "missing_attributes"}};
     ``missing_attributes`` counts rows without attribute annotations (excluded). An attribute with
     no annotated rows still appears, with empty arrays.
     """
-    table, names, keep = annotated_attributes(prompt_set, fs, attributes, wording)
+    table, names, keep = annotated_attributes(prompt_set, feature_set, attributes, wording)
     cache = _text_cache(model, text_cache)
-    feats = fs.features[keep]
+    feats = feature_set.features[keep]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         prompts = table[name]
         out[name] = {
-            "y_true": [fs.attributes[i][name] for i in keep],
+            "y_true": [feature_set.attributes[i][name] for i in keep],
             "logits": zero_shot_scores(model, feats, prompts, cache),
             "values": list(prompts),
             "indices": keep,
-            "missing_attributes": int(len(fs) - len(keep)),
+            "missing_attributes": int(len(feature_set) - len(keep)),
         }
     return out

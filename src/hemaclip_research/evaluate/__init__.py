@@ -229,15 +229,15 @@ def run_evaluation(
         notes.append(warning)
     unmapped = sorted(mapping.unmapped) if mapping is not None else []
     metrics: dict[str, Any] = dict(header)
-    metrics["n_images"] = int(len(inputs.eval_fs))
+    metrics["n_images"] = int(len(inputs.eval_features))
     metrics["unmapped_classes"] = unmapped
     metrics["data"] = {
-        "eval_images_per_class": dict(sorted(Counter(inputs.eval_fs.labels).items())),
-        "n_train": int(len(inputs.train_fs)) if inputs.train_fs is not None else 0,
-        "n_val": int(len(inputs.val_zs)) if inputs.val_zs is not None else 0,
+        "eval_images_per_class": dict(sorted(Counter(inputs.eval_features.labels).items())),
+        "n_train": int(len(inputs.train_features)) if inputs.train_features is not None else 0,
+        "n_val": int(len(inputs.val_zero_shot_features)) if inputs.val_zero_shot_features is not None else 0,
     }
     if mapping is not None:
-        excluded = Counter(label for label in inputs.eval_fs.labels if label in mapping.unmapped)
+        excluded = Counter(label for label in inputs.eval_features.labels if label in mapping.unmapped)
         metrics["ood"] = {
             "class_map": str(class_map) if class_map is not None else None,
             "prompt_dataset": mapping.prompt_dataset,
@@ -320,18 +320,19 @@ def _external_inputs(features: Path, index_csv: Path, split: str, max_per_class:
     header["checkpoint_sha1"] = file_sha1(features)
     header["features"] = str(features)
     header["index_csv"] = str(index_csv)
-    eval_fs = cap_feature_set(fs_all.by_split(split), max_per_class, seed)
-    if len(eval_fs) == 0:
+    eval_features = cap_feature_set(fs_all.by_split(split), max_per_class, seed)
+    if len(eval_features) == 0:
         raise DataError(f"{index_csv}: no rows in split '{split}'")
-    header["warnings"] = check_classes(eval_fs.labels, f"split '{split}' of {index_csv}")
-    train_fs = None
+    header["warnings"] = check_classes(eval_features.labels, f"split '{split}' of {index_csv}")
+    train_features = None
     if split not in ("train", "all"):
-        train_fs = cap_feature_set(fs_all.by_split("train"), max_per_class, seed)
+        train_features = cap_feature_set(fs_all.by_split("train"), max_per_class, seed)
     train_missing = "the evaluated split contains the train split." if split in ("train", "all") else "no train rows."
     note = ("External encoder: no text tower, so zero-shot, attribute, head, calibration and image-text "
             "retrieval parts do not apply; only probes, n-shot curves, the LVLM probe rows, image→image "
             "retrieval and the embedding map are reported.")
-    return EvalInputs(eval_fs=eval_fs, eval_zs=eval_fs, train_fs=train_fs, train_missing=train_missing, **settings), [note]
+    return EvalInputs(eval_features=eval_features, eval_zero_shot_features=eval_features, train_features=train_features,
+                      train_missing=train_missing, **settings), [note]
 
 
 def _checkpoint_inputs(checkpoint: Path | None, dataset: str, split: str, data_root: Path | None, folder: Path | None,
@@ -354,16 +355,16 @@ def _checkpoint_inputs(checkpoint: Path | None, dataset: str, split: str, data_r
         rows, hint = (load_class_map(class_map) if class_map is not None else (None, None))
         mapping = resolve_class_map(rows, list(ds.classes), vocabularies, hint,
                                     source=str(class_map) if class_map is not None else "identity")
-        prompt_dataset, zs_classes = mapping.prompt_dataset, list(mapping.targets)
+        prompt_dataset, prompt_classes = mapping.prompt_dataset, list(mapping.targets)
     else:
         if dataset not in vocabularies:
             raise DataError(f"{prompt_set.source}: no prompts for dataset '{dataset}'")
-        prompt_dataset, zs_classes = dataset, list(vocabularies[dataset])
+        prompt_dataset, prompt_classes = dataset, list(vocabularies[dataset])
     eval_records = split_records(ds, split, max_per_class, seed)
     if not eval_records:
         raise DataError(f"dataset '{dataset}' has no images in split '{split}'")
     what = f"split '{split}' of folder {folder}" if dataset == "folder" else f"split '{split}' of dataset '{dataset}'"
-    header["warnings"] = check_classes([r.label for r in eval_records], what, zs_classes)
+    header["warnings"] = check_classes([r.label for r in eval_records], what, prompt_classes)
     needed = {"eval": eval_records}
     if split not in ("val", "all"):
         needed["val"] = split_records(ds, "val", max_per_class, seed)
@@ -377,10 +378,10 @@ def _checkpoint_inputs(checkpoint: Path | None, dataset: str, split: str, data_r
     header["checkpoint"] = display_path(path)
     header["checkpoint_sha1"] = sha1
     m = mapping.mapping if mapping is not None else None
-    inputs = EvalInputs(eval_fs=sets["eval"], eval_zs=relabel(sets["eval"], m), train_fs=sets.get("train"),
-                        val_zs=relabel(sets.get("val"), m), train_missing=train_missing, model=model,
+    inputs = EvalInputs(eval_features=sets["eval"], eval_zero_shot_features=relabel(sets["eval"], m), train_features=sets.get("train"),
+                        val_zero_shot_features=relabel(sets.get("val"), m), train_missing=train_missing, model=model,
                         text_cache=PooledTextCache(model.text), prompt_set=prompt_set, prompt_dataset=prompt_dataset,
-                        zs_classes=tuple(zs_classes), **settings)
+                        prompt_classes=tuple(prompt_classes), **settings)
     return inputs, mapping
 
 

@@ -15,24 +15,24 @@ __all__ = ["ECE_BINS", "calibration_part"]
 ECE_BINS = 15
 
 
-def calibration_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures) -> Part:
+def calibration_part(inputs: EvalInputs, zero_shot: ZeroShotReading, figures: Figures) -> Part:
     """Zero-shot class probabilities: temperature fitted on val only, ECE/MCE/NLL before and after,
     confidence AUROC and correlation with correctness, selective accuracy, reliability diagrams."""
     from hemaclip.tasks.zero_shot import zero_shot_classes
 
-    names = zs.class_names
+    names = zero_shot.class_names
     index = {c: i for i, c in enumerate(names)}
-    y = np.array([index[c] for c in zs.y_true], dtype=np.int64)
-    logits = np.asarray(zs.logits, dtype=np.float64)
+    y = np.array([index[c] for c in zero_shot.y_true], dtype=np.int64)
+    logits = np.asarray(zero_shot.logits, dtype=np.float64)
     notes = []
     temperature, fitted_on, n_val = 1.0, None, 0
     if inputs.split in ("val", "all"):
         notes.append(f"No temperature was fitted: the evaluated split '{inputs.split}' contains the val split, "
                      "and the temperature is never fitted on the evaluated images (T = 1).")
-    elif inputs.val_zs is None or len(inputs.val_zs) == 0:
+    elif inputs.val_zero_shot_features is None or len(inputs.val_zero_shot_features) == 0:
         notes.append("No temperature was fitted: the dataset has no val images (T = 1).")
     else:
-        val = zero_shot_classes(inputs.model, inputs.val_zs, inputs.prompt_set, inputs.prompt_dataset, classes=names,
+        val = zero_shot_classes(inputs.model, inputs.val_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=names,
                                 text_cache=inputs.text_cache)
         n_val = len(val["y_true"])
         if n_val:

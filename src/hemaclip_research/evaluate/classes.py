@@ -40,7 +40,7 @@ class ZeroShotReading:
     y_true: list[str]
     logits: np.ndarray
     class_names: list[str]
-    indices: np.ndarray  # rows of eval_zs that have a prompt class
+    indices: np.ndarray  # rows of eval_zero_shot_features that have a prompt class
     pred: list[str]
     missing_labels: int
     missing_label_counts: dict[str, int]
@@ -51,32 +51,32 @@ def zero_shot_reading(inputs: EvalInputs, wording: str = "train") -> ZeroShotRea
     (one-line DataError if no image has a prompt class)."""
     from hemaclip.tasks.zero_shot import zero_shot_classes
 
-    zs = zero_shot_classes(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
+    zs = zero_shot_classes(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
                            text_cache=inputs.text_cache, wording=wording)
     if len(zs["y_true"]) == 0:
         raise DataError(
             f"no '{inputs.split}' image of dataset '{inputs.dataset}' has a class with '{inputs.prompt_dataset}' prompts "
-            f"(classes {', '.join(inputs.zs_classes)})"
+            f"(classes {', '.join(inputs.prompt_classes)})"
         )
     return ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"], argmax_labels(zs["logits"], zs["class_names"]),
                            zs["missing_labels"], zs["missing_label_counts"])
 
 
-def head_class_predictions(fs: FeatureSet, rows: np.ndarray, classes: Sequence[str]) -> tuple[list[str] | None, str]:
+def head_class_predictions(feature_set: FeatureSet, rows: np.ndarray, classes: Sequence[str]) -> tuple[list[str] | None, str]:
     """Class-head predictions restricted to `classes` (by name), or (None, reason)."""
-    if fs.class_logits is None:
+    if feature_set.class_logits is None:
         return None, "the checkpoint has no class head"
-    vocab = list(fs.meta.get("class_names") or [])
+    vocab = list(feature_set.meta.get("class_names") or [])
     missing = [c for c in classes if c not in vocab]
     if missing:
         return None, f"class(es) {', '.join(missing)} are not in the model's head vocabulary ({', '.join(vocab)})"
     cols = [vocab.index(c) for c in classes]
-    return argmax_labels(fs.class_logits[rows][:, cols], list(classes)), ""
+    return argmax_labels(feature_set.class_logits[rows][:, cols], list(classes)), ""
 
 
-def head_class_reading(inputs: EvalInputs, zs: ZeroShotReading) -> tuple[list[str] | None, str]:
+def head_class_reading(inputs: EvalInputs, zero_shot: ZeroShotReading) -> tuple[list[str] | None, str]:
     """The class head on the rows the prompts read, restricted to the prompt classes, or (None, reason)."""
-    return head_class_predictions(inputs.eval_zs, np.asarray(zs.indices), zs.class_names)
+    return head_class_predictions(inputs.eval_zero_shot_features, np.asarray(zero_shot.indices), zero_shot.class_names)
 
 
 def overall_table(result: Mapping[str, Any], caption: str) -> Table:
@@ -97,7 +97,8 @@ BASELINE_NOTE = (
 def reference_labels(inputs: EvalInputs, attribute: str | None = None) -> tuple[list[str], str]:
     """The labels baselines take their prior from: the train split's classes (or one attribute's values);
     the scored split itself only when there is no train split (said in the name)."""
-    fs, name = (inputs.train_fs, "train split") if inputs.train_fs is not None else (inputs.eval_zs, "the scored split (no train split)")
+    fs, name = ((inputs.train_features, "train split") if inputs.train_features is not None
+                else (inputs.eval_zero_shot_features, "the scored split (no train split)"))
     if attribute is None:
         return [str(y) for y in fs.labels], name
     return [a[attribute] for a in fs.attributes if a is not None and attribute in a], name
@@ -138,10 +139,10 @@ def per_class_table(result: Mapping[str, Any], more_f1: Mapping[str, Mapping[str
     return Table(columns, rows, caption="Per class" + (f" (baselines' prior: {baselines['reference']})" if baselines else ""))
 
 
-def class_baselines(inputs: EvalInputs, zs: ZeroShotReading) -> dict[str, Any]:
+def class_baselines(inputs: EvalInputs, zero_shot: ZeroShotReading) -> dict[str, Any]:
     """Majority and prior-random baselines of the scored classes (the train split's prior)."""
     reference, name = reference_labels(inputs)
-    return trivial_baselines(zs.y_true, zs.class_names, reference, name)
+    return trivial_baselines(zero_shot.y_true, zero_shot.class_names, reference, name)
 
 
 def attribute_block(y_true: Sequence[str], y_pred: Sequence[str], values: Sequence[str], n_boot: int, seed: int,
@@ -226,15 +227,15 @@ def wording_table(results: Mapping[str, Mapping[str, Any]], caption: str) -> Tab
                  caption=f"{caption} (95 % bootstrap intervals)")
 
 
-def zero_shot_class_part(inputs: EvalInputs, zs: ZeroShotReading, figures: Figures, unseen: ZeroShotReading | None = None) -> Part:
+def zero_shot_class_part(inputs: EvalInputs, zero_shot: ZeroShotReading, figures: Figures, unseen: ZeroShotReading | None = None) -> Part:
     """Zero-shot class metrics with intervals, per class, confusion matrices; with `unseen` (the same images
     read through the held-out wording) the two wordings side by side."""
-    result = classification_metrics(zs.y_true, zs.pred, zs.class_names, inputs.n_boot, inputs.seed)
+    result = classification_metrics(zero_shot.y_true, zero_shot.pred, zero_shot.class_names, inputs.n_boot, inputs.seed)
     result["prompt_dataset"] = inputs.prompt_dataset
     result["wording"] = "train"
-    result["excluded_images"] = int(zs.missing_labels)
-    result["excluded_label_counts"] = zs.missing_label_counts
-    result["baselines"] = class_baselines(inputs, zs)
+    result["excluded_images"] = int(zero_shot.missing_labels)
+    result["excluded_label_counts"] = zero_shot.missing_label_counts
+    result["baselines"] = class_baselines(inputs, zero_shot)
     metrics: dict[str, Any] = {"zero_shot": {"classes": result}}
     tables = [overall_table(result, "Zero-shot classes, trained wording"), per_class_table(result, baselines=result["baselines"])]
     if unseen is not None:
@@ -268,7 +269,7 @@ def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
     """Each WBCAtt attribute read through its value prompts (only for images with attributes)."""
     from hemaclip.tasks.zero_shot import zero_shot_attributes
 
-    fs = inputs.eval_fs
+    fs = inputs.eval_features
     if not any(a is not None for a in fs.attributes):
         return Part()
 
@@ -299,9 +300,9 @@ def zero_shot_attribute_part(inputs: EvalInputs, figures: Figures) -> Part:
     return Part(metrics, [attribute_section("Zero-shot attributes", blocks, mean, fig, text, unseen)])
 
 
-def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | None, head_reason: str, figures: Figures) -> Part:
+def heads_part(inputs: EvalInputs, zero_shot: ZeroShotReading, head_pred: list[str] | None, head_reason: str, figures: Figures) -> Part:
     """The supervised class head (on the prompt classes, by name) and the attribute heads."""
-    fs = inputs.eval_fs
+    fs = inputs.eval_features
     if fs.class_logits is None and not fs.attribute_logits:
         return Part({"heads": {"available": False}})
     heads: dict[str, Any] = {"available": True}
@@ -311,9 +312,9 @@ def heads_part(inputs: EvalInputs, zs: ZeroShotReading, head_pred: list[str] | N
         heads["class"] = {"applicable": False, "reason": head_reason}
         text.append(f"Class head not applicable: {head_reason}.")
     else:
-        result = classification_metrics(zs.y_true, head_pred, zs.class_names, inputs.n_boot, inputs.seed)
+        result = classification_metrics(zero_shot.y_true, head_pred, zero_shot.class_names, inputs.n_boot, inputs.seed)
         result["applicable"] = True
-        result["baselines"] = class_baselines(inputs, zs)
+        result["baselines"] = class_baselines(inputs, zero_shot)
         heads["class"] = result
         tables += [overall_table(result, "Class head"), per_class_table(result, baselines=result["baselines"])]
         figs.append((plots.plot_confusion(result["confusion_matrix"], result["confusion_labels"], figures.path("head_confusion_normalized.png"),

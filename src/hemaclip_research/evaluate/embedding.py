@@ -22,7 +22,7 @@ def embedding_part(inputs: EvalInputs, figures: Figures) -> Part:
     and by one attribute."""
     from hemaclip.tasks.zero_shot import class_embeddings
 
-    fs = inputs.eval_zs if inputs.eval_zs is not None else inputs.eval_fs
+    fs = inputs.eval_zero_shot_features if inputs.eval_zero_shot_features is not None else inputs.eval_features
     n = len(fs)
     if n < 2:
         return Part()
@@ -33,10 +33,10 @@ def embedding_part(inputs: EvalInputs, figures: Figures) -> Part:
     markers = ["image"] * len(idx)
     if inputs.model is not None:
         prompts = inputs.prompt_set.class_prompts(inputs.prompt_dataset)
-        emb = class_embeddings(inputs.model, {c: prompts[c] for c in inputs.zs_classes}, inputs.text_cache)
+        emb = class_embeddings(inputs.model, {c: prompts[c] for c in inputs.prompt_classes}, inputs.text_cache)
         feats.append(emb)
-        colours += list(inputs.zs_classes)
-        markers += ["class prompt"] * len(inputs.zs_classes)
+        colours += list(inputs.prompt_classes)
+        markers += ["class prompt"] * len(inputs.prompt_classes)
     from threadpoolctl import threadpool_limits
 
     # One OpenMP thread: scikit-learn's t-SNE spins badly when its threads compete for busy cores

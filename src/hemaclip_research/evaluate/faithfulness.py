@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 __all__ = ["faithfulness_part"]
 
 
-def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred: list[str] | None, head_attribute_mean: float | None) -> Part:
+def faithfulness_part(inputs: EvalInputs, zero_shot: ZeroShotReading | None, class_pred: list[str] | None,
+                      head_attribute_mean: float | None) -> Part:
     """Are the sentences of `hemaclip describe` true of the cells? See :mod:`hemaclip_research.faithfulness`.
 
-    `class_pred` is the class reading of the rows of `zs` (the class head where it applies, else the
+    `class_pred` is the class reading of the rows of `zero_shot` (the class head where it applies, else the
     prompts): cells predicted as a class without WBCAtt attributes get no sentence, as in describe.
     `head_attribute_mean` is the attribute heads' mean macro F1, shown beside the agreement.
     """
@@ -31,7 +32,7 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
     from hemaclip.tasks.describe import DEFAULTS
     from hemaclip.text.sentences import statements_for_rows
 
-    fs = inputs.eval_fs
+    fs = inputs.eval_features
     rows = np.array([i for i, a in enumerate(fs.attributes) if a is not None], dtype=np.int64)
     if not len(rows):
         return Part()
@@ -51,7 +52,7 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
 
     logits, values, source = attribute_logits(fs, rows)
     temps = {n: 1.0 for n in logits}
-    val = inputs.val_zs
+    val = inputs.val_zero_shot_features
     val_rows = (np.array([i for i, a in enumerate(val.attributes) if a is not None], dtype=np.int64)
                 if val is not None and inputs.split not in ("val", "all") else np.zeros(0, dtype=np.int64))
     val_probs: dict[str, np.ndarray] = {}
@@ -67,7 +68,7 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
     truth = [fs.attributes[i] for i in rows]
 
     predicted: list[str | None] = [None] * len(fs)
-    for j, i in enumerate(np.asarray(zs.indices) if zs is not None else []):
+    for j, i in enumerate(np.asarray(zero_shot.indices) if zero_shot is not None else []):
         predicted[int(i)] = class_pred[j]
     pred_rows = [predicted[i] for i in rows]
     allowed = [p not in DEFAULTS.classes_without_attributes for p in pred_rows]
@@ -97,9 +98,9 @@ def faithfulness_part(inputs: EvalInputs, zs: ZeroShotReading | None, class_pred
         human = same = None
         notes.append(f"Human ceiling not available: {err}")
     result["human"] = human
-    if inputs.train_fs is not None and any(a is not None for a in inputs.train_fs.attributes):
-        textbook = fa.textbook_attributes(inputs.train_fs.labels, inputs.train_fs.attributes)
-        true_labels = [inputs.eval_zs.labels[i] for i in rows]
+    if inputs.train_features is not None and any(a is not None for a in inputs.train_features.attributes):
+        textbook = fa.textbook_attributes(inputs.train_features.labels, inputs.train_features.attributes)
+        true_labels = [inputs.eval_zero_shot_features.labels[i] for i in rows]
         result["textbook"] = {"classes": textbook,
                               **fa.textbook_test(statements, truth, true_labels, pred_rows, textbook)}
     else:

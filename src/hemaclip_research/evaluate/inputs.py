@@ -62,8 +62,8 @@ EVAL_SPLITS: tuple[str, ...] = (*SPLIT_NAMES, "all")
 class EvalInputs:
     """Everything the parts of one evaluation read; built once, never written by a part.
 
-    `eval_fs` carries the labels as the data has them (folder class names for an out-of-distribution
-    folder), `eval_zs` the same rows with labels mapped onto prompt classes (the same object outside
+    `eval_features` carries the labels as the data has them (folder class names for an out-of-distribution
+    folder), `eval_zero_shot_features` the same rows with labels mapped onto prompt classes (the same object outside
     OOD). `model`, `text_cache` and `prompt_set` are None for another encoder's features.
     """
 
@@ -72,16 +72,16 @@ class EvalInputs:
     split: str
     n_boot: int
     seed: int
-    eval_fs: FeatureSet
-    eval_zs: FeatureSet
-    train_fs: FeatureSet | None = None
-    val_zs: FeatureSet | None = None
+    eval_features: FeatureSet
+    eval_zero_shot_features: FeatureSet
+    train_features: FeatureSet | None = None
+    val_zero_shot_features: FeatureSet | None = None
     train_missing: str = ""
     model: DualEncoder | None = None
     text_cache: PooledTextCache | None = None
     prompt_set: PromptSet | None = None
     prompt_dataset: str = ""
-    zs_classes: tuple[str, ...] = ()
+    prompt_classes: tuple[str, ...] = ()
     data_root: Path | None = None
     nshot_shots: tuple[int, ...] = NSHOT_SHOTS
     nshot_seeds: tuple[int, ...] = NSHOT_SEEDS
@@ -174,25 +174,25 @@ def split_records(ds: CellDataset, split: str, max_per_class: int | None, seed: 
     return cap_per_class(ds.split(split), max_per_class, seed)
 
 
-def cap_feature_set(fs: FeatureSet, max_per_class: int | None, seed: int) -> FeatureSet:
+def cap_feature_set(feature_set: FeatureSet, max_per_class: int | None, seed: int) -> FeatureSet:
     """:func:`cap_per_class` for the rows of a feature set."""
     if max_per_class is None:
-        return fs
-    order = np.argsort(np.asarray(fs.paths, dtype=object), kind="stable")
+        return feature_set
+    order = np.argsort(np.asarray(feature_set.paths, dtype=object), kind="stable")
     rng = np.random.default_rng(seed)
-    labels = np.asarray(fs.labels, dtype=object)[order]
+    labels = np.asarray(feature_set.labels, dtype=object)[order]
     keep = []
     for label in sorted(set(labels.tolist())):
         rows = order[labels == label]
         keep.append(rows[rng.permutation(len(rows))[: int(max_per_class)]])
-    return fs.subset(np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64))
+    return feature_set.subset(np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64))
 
 
-def relabel(fs: FeatureSet | None, mapping: Mapping[str, str] | None) -> FeatureSet | None:
+def relabel(feature_set: FeatureSet | None, mapping: Mapping[str, str] | None) -> FeatureSet | None:
     """The feature set with folder labels mapped onto prompt classes (unmapped ones marked)."""
-    if fs is None or mapping is None:
-        return fs
-    return replace(fs, labels=[mapping.get(label, f"<unmapped:{label}>") for label in fs.labels])
+    if feature_set is None or mapping is None:
+        return feature_set
+    return replace(feature_set, labels=[mapping.get(label, f"<unmapped:{label}>") for label in feature_set.labels])
 
 
 def prompt_vocabularies(prompt_set: PromptSet) -> dict[str, list[str]]:

@@ -41,9 +41,9 @@ def fit_probes(inputs: EvalInputs) -> dict[str, dict[str, Any]] | None:
     """Each probe fitted on the train split's features and run on the evaluated split (None: no train split)."""
     from hemaclip.tasks.probes import run_probes
 
-    if inputs.train_fs is None or len(inputs.train_fs) == 0:
+    if inputs.train_features is None or len(inputs.train_features) == 0:
         return None
-    return run_probes(inputs.train_fs, inputs.eval_fs, kinds=PROBE_KINDS, seed=inputs.seed)
+    return run_probes(inputs.train_features, inputs.eval_features, kinds=PROBE_KINDS, seed=inputs.seed)
 
 
 def probe_part(inputs: EvalInputs, probes: Mapping[str, Mapping[str, Any]] | None) -> Part:
@@ -74,9 +74,9 @@ def nshot_part(inputs: EvalInputs, zero_shot_macro_f1: float | None, figures: Fi
     """Probes trained on n images per class (several seeds), beside the zero-shot macro F1 (n = 0)."""
     from hemaclip.tasks.probes import nshot_curve
 
-    if inputs.train_fs is None or len(inputs.train_fs) == 0:
+    if inputs.train_features is None or len(inputs.train_features) == 0:
         return Part(notes=["n-shot curves skipped: " + (inputs.train_missing or "no train images.")])
-    rows = nshot_curve(inputs.train_fs, inputs.eval_fs, shots=inputs.nshot_shots, seeds=inputs.nshot_seeds, kinds=NSHOT_KINDS)
+    rows = nshot_curve(inputs.train_features, inputs.eval_features, shots=inputs.nshot_shots, seeds=inputs.nshot_seeds, kinds=NSHOT_KINDS)
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         grouped.setdefault((r["kind"], r["shots"]), []).append(r)
@@ -116,17 +116,18 @@ def attribute_probe_part(inputs: EvalInputs, figures: Figures) -> Part:
     """Logistic probe per WBCAtt attribute (train split -> evaluated split) and its n-shot curve."""
     from hemaclip.tasks.probes import attribute_labels, nshot_curve, run_probes
 
-    if inputs.train_fs is None or not any(a is not None for a in inputs.eval_fs.attributes):
+    if inputs.train_features is None or not any(a is not None for a in inputs.eval_features.attributes):
         return Part()
-    if not any(a is not None for a in inputs.train_fs.attributes):
+    if not any(a is not None for a in inputs.train_features.attributes):
         return Part()
     blocks: dict[str, Any] = {}
     curves: dict[int, list[float]] = {}
     for name, values in ATTRIBUTES.items():
-        result = run_probes(inputs.train_fs, inputs.eval_fs, kinds=("logistic",), label_fn=attribute_labels(name), seed=inputs.seed)["logistic"]
+        result = run_probes(inputs.train_features, inputs.eval_features, kinds=("logistic",), label_fn=attribute_labels(name),
+                            seed=inputs.seed)["logistic"]
         blocks[name] = attribute_block(result["y_true"], result["y_pred"], list(values), inputs.n_boot, inputs.seed,
                                        reference_labels(inputs, name))
-        for row in nshot_curve(inputs.train_fs, inputs.eval_fs, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=inputs.nshot_seeds,
+        for row in nshot_curve(inputs.train_features, inputs.eval_features, shots=ATTRIBUTE_NSHOT_SHOTS, seeds=inputs.nshot_seeds,
                                kinds=("logistic",), label_fn=attribute_labels(name)):
             curves.setdefault(int(row["shots"]), []).append(macro_f1(row["y_true"], row["y_pred"], list(values)))
     table_rows, mean = attribute_summary(blocks)
@@ -149,32 +150,32 @@ def attribute_probe_part(inputs: EvalInputs, figures: Figures) -> Part:
     return Part({"attribute_probes": metrics}, [section])
 
 
-def lvlm_part(inputs: EvalInputs, zs: ZeroShotReading | None, probe_pred: Mapping[str, Sequence[str]] | None) -> Part:
+def lvlm_part(inputs: EvalInputs, zero_shot: ZeroShotReading | None, probe_pred: Mapping[str, Sequence[str]] | None) -> Part:
     """The LVLM-benchmark preset (50 evaluated images per class, weighted F1) beside the quoted GPT-4o numbers."""
     from hemaclip.tasks.probes import LVLM_BENCHMARK_PRESET, fit_predict, lvlm_test_subset, sample_per_class
 
     preset = LVLM_BENCHMARK_PRESET
-    fs = inputs.eval_fs
+    fs = inputs.eval_features
     try:
         sub_idx = lvlm_rows(fs, lvlm_test_subset, preset)
     except DataError as err:
         return Part(notes=[f"LVLM benchmark preset skipped: {err}"])
     rows_out: dict[str, Any] = {}
     wf1 = ("weighted_f1", "macro_f1")
-    if zs is not None:
-        pos = {int(i): j for j, i in enumerate(zs.indices)}
+    if zero_shot is not None:
+        pos = {int(i): j for j, i in enumerate(zero_shot.indices)}
         keep = [pos[i] for i in sub_idx if i in pos]
         if keep:
             rows_out["hemaclip zero-shot (prompts)"] = classification_metrics(
-                [zs.y_true[j] for j in keep], [zs.pred[j] for j in keep], zs.class_names,
+                [zero_shot.y_true[j] for j in keep], [zero_shot.pred[j] for j in keep], zero_shot.class_names,
                 inputs.n_boot, inputs.seed, cis=wf1)
     if probe_pred and "logistic" in probe_pred:
-        labels = sorted(set(inputs.train_fs.labels) | set(fs.labels))
+        labels = sorted(set(inputs.train_features.labels) | set(fs.labels))
         rows_out["logistic probe, full train split"] = classification_metrics(
             [fs.labels[i] for i in sub_idx], [probe_pred["logistic"][i] for i in sub_idx], labels, inputs.n_boot, inputs.seed,
             cis=wf1)
-        pick = sample_per_class(inputs.train_fs.labels, LVLM_FEW_SHOT, 0)
-        pred, _ = fit_predict("logistic", inputs.train_fs.features[pick], [inputs.train_fs.labels[i] for i in pick],
+        pick = sample_per_class(inputs.train_features.labels, LVLM_FEW_SHOT, 0)
+        pred, _ = fit_predict("logistic", inputs.train_features.features[pick], [inputs.train_features.labels[i] for i in pick],
                               fs.features[sub_idx], seed=0)
         rows_out[f"logistic probe, {LVLM_FEW_SHOT} train images per class"] = classification_metrics(
             [fs.labels[i] for i in sub_idx], [str(p) for p in pred], labels, inputs.n_boot, inputs.seed, cis=wf1)
@@ -200,10 +201,10 @@ def lvlm_part(inputs: EvalInputs, zs: ZeroShotReading | None, probe_pred: Mappin
     return Part({"lvlm_benchmark": metrics}, [Section("LVLM benchmark preset", text, [table])])
 
 
-def lvlm_rows(fs: FeatureSet, lvlm_test_subset: Callable[..., FeatureSet], preset: LVLMBenchmarkPreset) -> list[int]:
-    """Rows of `fs` in the LVLM-benchmark subset (up to `preset.per_class` per label, seeded)."""
-    sub = lvlm_test_subset(fs, per_class=preset.per_class, seed=preset.seed, split=None)
-    pos = {p: i for i, p in enumerate(fs.paths)}
+def lvlm_rows(feature_set: FeatureSet, lvlm_test_subset: Callable[..., FeatureSet], preset: LVLMBenchmarkPreset) -> list[int]:
+    """Rows of `feature_set` in the LVLM-benchmark subset (up to `preset.per_class` per label, seeded)."""
+    sub = lvlm_test_subset(feature_set, per_class=preset.per_class, seed=preset.seed, split=None)
+    pos = {p: i for i, p in enumerate(feature_set.paths)}
     return [pos[p] for p in sub.paths]
 
 

@@ -44,13 +44,13 @@ def retrieval_part(inputs: EvalInputs, figures: Figures) -> Part:
 
     ks = list(RETRIEVAL_KS)
     results: dict[str, Any] = {}
-    fs = inputs.eval_fs
+    fs = inputs.eval_features
     figs = []
     if inputs.model is not None:
-        t2i = rt.text_to_image_by_class(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
+        t2i = rt.text_to_image_by_class(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
                                         text_cache=inputs.text_cache)
         results["text_to_image_by_class"] = retrieval_metrics(t2i["scores"], t2i["relevant"], ks)
-        i2t = rt.image_to_text_by_class(inputs.model, inputs.eval_zs, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.zs_classes),
+        i2t = rt.image_to_text_by_class(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
                                         text_cache=inputs.text_cache)
         if len(i2t["indices"]):
             results["image_to_text_by_class"] = retrieval_metrics(i2t["scores"], i2t["relevant"], ks)
@@ -100,10 +100,10 @@ def paired_retrieval(inputs: EvalInputs) -> dict[str, Any]:
 
     if inputs.model is None:
         return {}
-    rows = np.array([i for i, a in enumerate(inputs.eval_fs.attributes) if a is not None], dtype=np.int64)[:PAIRED_MAX_IMAGES]
+    rows = np.array([i for i, a in enumerate(inputs.eval_features.attributes) if a is not None], dtype=np.int64)[:PAIRED_MAX_IMAGES]
     if len(rows) < 2:
         return {}
-    sub = inputs.eval_fs.subset(rows)
+    sub = inputs.eval_features.subset(rows)
     captions = [caption_variants(a, n=1, seed=inputs.seed)[0] for a in sub.attributes]
     res = rt.paired_image_text(inputs.model, sub, captions, text_cache=inputs.text_cache)
     out: dict[str, Any] = {"caption_seed": inputs.seed}
@@ -121,7 +121,7 @@ def _thumbnail(path: str, size: int = 192) -> Any:
 
 
 def retrieval_grid(inputs: EvalInputs, t2i: Mapping[str, Any], figures: Figures) -> tuple[Path, str]:
-    fs = inputs.eval_zs
+    fs = inputs.eval_zero_shot_features
     queries, results = [], []
     prompts = inputs.prompt_set.class_prompts(inputs.prompt_dataset)
     for q, name in enumerate(t2i["queries"]):
