@@ -39,7 +39,7 @@ from hemaclip.models.checkpoint import load_checkpoint
 from hemaclip.models.default import resolve_checkpoint
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import extract_features
-from hemaclip.tasks.zero_shot import zero_shot_attributes, zero_shot_classes
+from hemaclip.tasks.zero_shot import ZeroShotSetting, zero_shot_attributes, zero_shot_classes
 from hemaclip.text.prompts import DATASET_CLASSES, PromptSet, load_prompts
 
 DATASET = "wbcatt"
@@ -86,7 +86,7 @@ def main() -> None:
     held = prompts.heldout
 
     def class_f1(p: PromptSet) -> float:
-        out = zero_shot_classes(model, fs, p, DATASET, text_cache=cache, wording="heldout")
+        out = zero_shot_classes(ZeroShotSetting(model, p, DATASET, text_cache=cache), fs, wording="heldout")
         predicted = [out["class_names"][k] for k in out["logits"].argmax(1)]
         return round(macro_f1(out["y_true"], predicted, out["class_names"]), DIGITS)
 

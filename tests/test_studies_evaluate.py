@@ -193,7 +193,7 @@ def test_temperature_does_not_depend_on_test_labels_or_images(make_tiny_model, t
         inputs = EvalInputs(out=tmp_path, dataset="wbcatt", split="test", n_boot=100, seed=0, eval_features=test,
                             eval_zero_shot_features=test, val_zero_shot_features=val_set,
                             model=model, text_cache=cache, prompt_set=prompts, prompt_dataset="wbcatt", prompt_classes=CLASSES)
-        zs = zero_shot_classes(model, test, prompts, "wbcatt", classes=list(CLASSES), text_cache=cache)
+        zs = zero_shot_classes(inputs.zero_shot_setting, test)
         reading = ZeroShotReading(zs["y_true"], zs["logits"], zs["class_names"], zs["indices"],
                                   [CLASSES[i] for i in zs["logits"].argmax(axis=1)], 0, {})
         result = calibration_part(inputs, reading, Figures(tmp_path)).metrics["calibration"]
@@ -391,3 +391,19 @@ def test_validation_equals_evaluate_where_the_old_conventions_differed(checkpoin
     assert logged["val_head_class_macro_f1"] == heads["class"]["macro_f1"]["point"]
     assert logged["val_zs_attr_macro_f1"] == zs["attribute_mean_macro_f1"]
     assert logged["val_head_attr_macro_f1"] == heads["attribute_mean_macro_f1"]
+
+
+def test_external_features_have_no_zero_shot_setting(tmp_path):
+    """Another encoder's features carry no text tower: asking their inputs for the class-prompt setting is refused
+    in one line instead of building a setting around a missing model."""
+    import numpy as np
+
+    from hemaclip_research.evaluate.inputs import EvalInputs
+    from hemaclip.tasks.features import FeatureSet
+
+    features = FeatureSet(np.eye(2, 4, dtype=np.float32), ["a", "b"], ["a.png", "b.png"], ["test"] * 2, [None] * 2)
+    inputs = EvalInputs(out=tmp_path, dataset="folder", split="test", n_boot=0, seed=0, eval_features=features,
+                        eval_zero_shot_features=features)
+    assert inputs.external
+    with pytest.raises(HemaclipError, match="no text tower"):
+        inputs.zero_shot_setting

@@ -23,7 +23,7 @@ from hemaclip.tasks.retrieval import (
     text_to_image_by_attribute,
     text_to_image_by_class,
 )
-from hemaclip.tasks.zero_shot import class_embeddings
+from hemaclip.tasks.zero_shot import ZeroShotSetting, class_embeddings
 
 DIM = 12
 
@@ -137,7 +137,7 @@ def test_text_to_image_by_class_relevance() -> None:
     model, prompts = FakeModel(), StubPrompts()
     w = class_embeddings(model, prompts.class_prompts("toy"))
     fs = feature_set(w[[1, 0, 2, 1]], ["b", "a", "c", "z"])
-    out = text_to_image_by_class(model, fs, prompts, "toy")
+    out = text_to_image_by_class(ZeroShotSetting(model, prompts, "toy"), fs)
     assert out["queries"] == ["a", "b", "c"]
     expected = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=bool)
     np.testing.assert_array_equal(out["relevant"], expected)
@@ -164,7 +164,7 @@ def test_image_to_text_by_class_relevance() -> None:
     model, prompts = FakeModel(), StubPrompts()
     texts = embed_texts(model, ["c two"])
     fs = feature_set(np.concatenate([texts, np.eye(2, DIM)]), ["c", "a", "q"])
-    out = image_to_text_by_class(model, fs, prompts, "toy")
+    out = image_to_text_by_class(ZeroShotSetting(model, prompts, "toy"), fs)
     assert out["gallery"] == ["an a", "the a", "a b", "c one", "c two", "c three"]
     assert out["gallery_labels"] == ["a", "a", "b", "c", "c", "c"]
     assert out["indices"].tolist() == [0, 1] and out["missing_labels"] == 1

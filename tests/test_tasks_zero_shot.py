@@ -13,7 +13,7 @@ from torch import nn
 
 from hemaclip.errors import DataError
 from hemaclip.tasks.features import FeatureSet, l2_normalize
-from hemaclip.tasks.zero_shot import class_embeddings, zero_shot_attributes, zero_shot_classes, zero_shot_scores
+from hemaclip.tasks.zero_shot import ZeroShotSetting, class_embeddings, zero_shot_attributes, zero_shot_classes, zero_shot_scores
 from hemaclip.text.prompts import load_prompts
 
 DIM = 16
@@ -93,7 +93,7 @@ def test_zero_shot_classes_counts_missing_labels() -> None:
     class_w = class_embeddings(model, prompt_set.class_prompts("wbcatt"))
     labels = ["basophil", "neutrophil", "platelet", "eosinophil", "platelet"]
     fs = feature_set(class_w[[0, 4, 1, 1, 2]], labels)
-    out = zero_shot_classes(model, fs, prompt_set, "wbcatt")
+    out = zero_shot_classes(ZeroShotSetting(model, prompt_set, "wbcatt"), fs)
     assert out["class_names"] == list(prompt_set.classes("wbcatt"))
     assert out["missing_labels"] == 2 and out["missing_label_counts"] == {"platelet": 2}
     assert out["y_true"] == ["basophil", "neutrophil", "eosinophil"]
@@ -101,10 +101,10 @@ def test_zero_shot_classes_counts_missing_labels() -> None:
     assert out["logits"].shape == (3, 5)
     assert out["logits"].argmax(axis=1).tolist() == [0, 4, 1]
 
-    sub = zero_shot_classes(model, fs, prompt_set, "wbcatt", classes=["neutrophil", "basophil"])
+    sub = zero_shot_classes(ZeroShotSetting(model, prompt_set, "wbcatt", classes=["neutrophil", "basophil"]), fs)
     assert sub["class_names"] == ["neutrophil", "basophil"] and sub["missing_labels"] == 3
     with pytest.raises(DataError, match="no 'wbcatt' prompts"):
-        zero_shot_classes(model, fs, prompt_set, "wbcatt", classes=["platelet"])
+        zero_shot_classes(ZeroShotSetting(model, prompt_set, "wbcatt", classes=["platelet"]), fs)
 
 
 def test_zero_shot_attributes_only_rows_with_attributes() -> None:
@@ -122,3 +122,22 @@ def test_zero_shot_attributes_only_rows_with_attributes() -> None:
     assert out["granularity"]["values"] == ["yes", "no"]
     with pytest.raises(DataError, match="unknown attribute"):
         zero_shot_attributes(model, fs, prompt_set, attributes=["colour"])
+
+
+def test_zero_shot_setting_is_one_frozen_reading_of_the_classes() -> None:
+    """The setting keeps its own copy of the classes (a caller's list changed later changes nothing), cannot be
+    changed, and refuses a class without prompts in one line before any text is embedded."""
+    import dataclasses
+
+    model, prompt_set = FakeModel(), load_prompts()
+    chosen = ["neutrophil", "basophil"]
+    setting = ZeroShotSetting(model, prompt_set, "wbcatt", classes=chosen)
+    chosen.append("platelet")
+    assert setting.classes == ("neutrophil", "basophil")
+    assert list(setting.class_prompts()) == ["neutrophil", "basophil"]
+    assert setting.class_prompts() == {c: prompt_set.class_prompts("wbcatt")[c] for c in ("neutrophil", "basophil")}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setting.dataset = "pbc"  # type: ignore[misc]
+    with pytest.raises(DataError, match="no 'wbcatt' prompts for class\\(es\\) platelet"):
+        ZeroShotSetting(model, prompt_set, "wbcatt", classes=chosen).class_prompts()
+    assert list(ZeroShotSetting(model, prompt_set, "wbcatt").class_prompts()) == list(prompt_set.classes("wbcatt"))

@@ -262,7 +262,7 @@ def run_compare(
 
     if both_models:
         from hemaclip.models.text_cache import PooledTextCache
-        from hemaclip.tasks.zero_shot import zero_shot_attributes, zero_shot_classes
+        from hemaclip.tasks.zero_shot import ZeroShotSetting, zero_shot_attributes, zero_shot_classes
 
         m = mapping.mapping if mapping is not None else None
         zs = []
@@ -270,7 +270,7 @@ def run_compare(
         for s in (sa, sb):
             cache_t = PooledTextCache(s.model.text)
             fs_zs = relabel(s.eval_features, m)
-            res = zero_shot_classes(s.model, fs_zs, prompt_set, prompt_dataset, classes=prompt_classes, text_cache=cache_t)
+            res = zero_shot_classes(ZeroShotSetting(s.model, prompt_set, prompt_dataset, prompt_classes, cache_t), fs_zs)
             zs.append((res, fs_zs))
             if any(x is not None for x in s.eval_features.attributes):
                 zsa.append(zero_shot_attributes(s.model, s.eval_features, prompt_set, text_cache=cache_t))

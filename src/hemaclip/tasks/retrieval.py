@@ -28,7 +28,7 @@ from hemaclip.errors import DataError
 from hemaclip.models.inference import embed_texts
 from hemaclip.models.text_cache import PooledTextCache
 from hemaclip.tasks.features import FeatureSet
-from hemaclip.tasks.zero_shot import _text_cache, annotated_attributes, check_same_width, class_embeddings
+from hemaclip.tasks.zero_shot import ZeroShotSetting, _text_cache, annotated_attributes, check_same_width, class_embeddings
 from hemaclip.text.prompts import PromptSet
 
 if TYPE_CHECKING:
@@ -98,25 +98,15 @@ def _label_counts(labels: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-def text_to_image_by_class(
-    model: DualEncoder,
-    feature_set: FeatureSet,
-    prompt_set: PromptSet,
-    dataset: str,
-    classes: Sequence[str] | None = None,
-    text_cache: PooledTextCache | None = None,
-) -> dict[str, Any]:
+def text_to_image_by_class(setting: ZeroShotSetting, feature_set: FeatureSet) -> dict[str, Any]:
     """One query per class (its prompt-ensemble embedding); gallery = all rows of `feature_set`.
 
     ``scores`` [C, N] cosine, ``relevant`` [C, N] = image of that class. Rows whose label is not a
     query class stay in the gallery as distractors and are counted in ``n_unmatched``.
     """
-    all_prompts = prompt_set.class_prompts(dataset)
-    names = list(all_prompts) if classes is None else [str(c) for c in classes]
-    unknown = [c for c in names if c not in all_prompts]
-    if unknown:
-        raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
-    weights = class_embeddings(model, {c: all_prompts[c] for c in names}, text_cache)
+    prompts = setting.class_prompts()
+    names = list(prompts)
+    weights = class_embeddings(setting.model, prompts, setting.text_cache)
     check_same_width(feature_set.features, weights)
     labels = np.asarray(feature_set.labels, dtype=object)
     wanted = set(names)
@@ -164,31 +154,19 @@ def text_to_image_by_attribute(
     }
 
 
-def image_to_text_by_class(
-    model: DualEncoder,
-    feature_set: FeatureSet,
-    prompt_set: PromptSet,
-    dataset: str,
-    classes: Sequence[str] | None = None,
-    text_cache: PooledTextCache | None = None,
-) -> dict[str, Any]:
+def image_to_text_by_class(setting: ZeroShotSetting, feature_set: FeatureSet) -> dict[str, Any]:
     """Query = image, gallery = every individual prompt of every class; relevant = a prompt of its own class.
 
     (Unlike zero-shot, which scores prompt ensembles, this ranks single sentences.) Rows whose
     label is not among the classes are excluded and counted in ``missing_labels``; ``indices`` are
     the query rows of `feature_set`; ``gallery`` / ``gallery_labels`` are the prompt texts and their classes.
     """
-    all_prompts = prompt_set.class_prompts(dataset)
-    names = list(all_prompts) if classes is None else [str(c) for c in classes]
-    unknown = [c for c in names if c not in all_prompts]
-    if unknown:
-        raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
-    texts = [t for c in names for t in all_prompts[c]]
-    text_labels = np.asarray([c for c in names for _ in all_prompts[c]], dtype=object)
-    text_emb = embed_texts(model, texts, _text_cache(model, text_cache))
+    prompts = setting.class_prompts()
+    texts = [t for texts_of_class in prompts.values() for t in texts_of_class]
+    text_labels = np.asarray([c for c, texts_of_class in prompts.items() for _ in texts_of_class], dtype=object)
+    text_emb = embed_texts(setting.model, texts, _text_cache(setting.model, setting.text_cache))
     check_same_width(feature_set.features, text_emb)
-    wanted = set(names)
-    keep = np.array([i for i, label in enumerate(feature_set.labels) if label in wanted], dtype=np.int64)
+    keep = np.array([i for i, label in enumerate(feature_set.labels) if label in prompts], dtype=np.int64)
     query_labels = np.asarray([feature_set.labels[i] for i in keep], dtype=object)
     relevant = (query_labels[:, None] == text_labels[None, :]).astype(bool).reshape(len(keep), len(texts))
     return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from hemaclip.models.model import DualEncoder
 
 __all__ = [
+    "ZeroShotSetting",
     "annotated_attributes",
     "generalised_zero_shot",
     "check_same_width",
@@ -42,6 +44,36 @@ def _text_cache(model: DualEncoder, text_cache: PooledTextCache | None) -> Poole
     return text_cache if text_cache is not None else PooledTextCache(model.text)
 
 
+@dataclass(frozen=True)
+class ZeroShotSetting:
+    """How cells are read through class prompts, apart from which cells: the model (its text tower), the prompt
+    file, which of its datasets, which classes (None = all, in the file's order) and the pooled-text cache.
+
+    Built once per evaluation and handed to every class-prompt reading (the scored split, the val split for the
+    temperature, both class retrievals), so they all read the same classes the same way.
+    """
+
+    model: DualEncoder
+    prompt_set: PromptSet
+    dataset: str
+    classes: tuple[str, ...] | None = None
+    text_cache: PooledTextCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:  # a list given stays the caller's; the setting keeps its own copy
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    def class_prompts(self, wording: str = "train") -> dict[str, list[str]]:
+        """{class: prompts} of the chosen classes in their order (`wording`: the file's "train" or "heldout"
+        wording); a class without prompts for the dataset is a one-line DataError."""
+        all_prompts = self.prompt_set.class_prompts(self.dataset, wording)
+        names = list(all_prompts) if self.classes is None else [str(c) for c in self.classes]
+        unknown = [c for c in names if c not in all_prompts]
+        if unknown:
+            raise DataError(f"{self.prompt_set.source}: no '{self.dataset}' prompts for class(es) {', '.join(unknown)}")
+        return {c: all_prompts[c] for c in names}
+
+
 def annotated_attributes(
     prompt_set: PromptSet, feature_set: FeatureSet, attributes: Sequence[str] | None, wording: str = "train"
 ) -> tuple[dict[str, dict[str, list[str]]], list[str], np.ndarray]:
@@ -55,35 +87,22 @@ def annotated_attributes(
     return table, names, keep
 
 
-def zero_shot_classes(
-    model: DualEncoder,
-    feature_set: FeatureSet,
-    prompt_set: PromptSet,
-    dataset: str,
-    classes: Sequence[str] | None = None,
-    text_cache: PooledTextCache | None = None,
-    wording: str = "train",
-) -> dict[str, Any]:
-    """Zero-shot class logits for the rows of `feature_set` whose label is one of the prompt classes.
+def zero_shot_classes(setting: ZeroShotSetting, feature_set: FeatureSet, wording: str = "train") -> dict[str, Any]:
+    """Zero-shot class logits for the rows of `feature_set` whose label is one of the setting's classes.
 
-    `classes` restricts (and orders) the classes of `dataset`'s prompts; None = all of them. `wording`
-    chooses the prompt file's training ("train") or held-out ("heldout") wording. Returns
+    `wording` chooses the prompt file's training ("train") or held-out ("heldout") wording. Returns
     ``y_true`` (labels of the kept rows), ``logits`` [M, C], ``class_names``, ``indices`` (kept rows
     of `feature_set`), ``missing_labels`` (how many rows were excluded because their label has no prompt)
     and ``missing_label_counts`` ({label: count}).
     """
-    all_prompts = prompt_set.class_prompts(dataset, wording)
-    names = list(all_prompts) if classes is None else [str(c) for c in classes]
-    unknown = [c for c in names if c not in all_prompts]
-    if unknown:
-        raise DataError(f"{prompt_set.source}: no '{dataset}' prompts for class(es) {', '.join(unknown)}")
-    if not names:
+    prompts = setting.class_prompts(wording)
+    if not prompts:
         raise DataError("zero-shot needs at least one class")
-    prompts = {c: all_prompts[c] for c in names}
+    names = list(prompts)
     wanted = set(names)
     keep = np.array([i for i, label in enumerate(feature_set.labels) if label in wanted], dtype=np.int64)
     missing = Counter(label for label in feature_set.labels if label not in wanted)
-    logits = zero_shot_scores(model, feature_set.features[keep], prompts, text_cache)
+    logits = zero_shot_scores(setting.model, feature_set.features[keep], prompts, setting.text_cache)
     return {
         "y_true": [feature_set.labels[i] for i in keep],
         "logits": logits,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from hemaclip.metrics import calibration as cal
@@ -32,8 +34,7 @@ def calibration_part(inputs: EvalInputs, zero_shot: ZeroShotReading, figures: Fi
     elif inputs.val_zero_shot_features is None or len(inputs.val_zero_shot_features) == 0:
         notes.append("No temperature was fitted: the dataset has no val images (T = 1).")
     else:
-        val = zero_shot_classes(inputs.model, inputs.val_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=names,
-                                text_cache=inputs.text_cache)
+        val = zero_shot_classes(replace(inputs.zero_shot_setting, classes=tuple(names)), inputs.val_zero_shot_features)
         n_val = len(val["y_true"])
         if n_val:
             yv = np.array([index[c] for c in val["y_true"]], dtype=np.int64)

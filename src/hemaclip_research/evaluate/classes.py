@@ -51,8 +51,7 @@ def zero_shot_reading(inputs: EvalInputs, wording: str = "train") -> ZeroShotRea
     (one-line DataError if no image has a prompt class)."""
     from hemaclip.tasks.zero_shot import zero_shot_classes
 
-    zs = zero_shot_classes(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
-                           text_cache=inputs.text_cache, wording=wording)
+    zs = zero_shot_classes(inputs.zero_shot_setting, inputs.eval_zero_shot_features, wording=wording)
     if len(zs["y_true"]) == 0:
         raise DataError(
             f"no '{inputs.split}' image of dataset '{inputs.dataset}' has a class with '{inputs.prompt_dataset}' prompts "

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from hemaclip.models.model import DualEncoder
     from hemaclip.models.text_cache import PooledTextCache
     from hemaclip.tasks.features import FeatureSet
+    from hemaclip.tasks.zero_shot import ZeroShotSetting
     from hemaclip.text.prompts import PromptSet
 
 __all__ = [
@@ -92,6 +93,16 @@ class EvalInputs:
     def external(self) -> bool:
         """Another encoder's features: no text tower, so no text-based part applies."""
         return self.model is None
+
+    @property
+    def zero_shot_setting(self) -> ZeroShotSetting:
+        """How the class prompts read this evaluation's images (model, prompts, prompt dataset and classes, text cache):
+        one setting for every class-prompt reading, so they cannot drift apart."""
+        from hemaclip.tasks.zero_shot import ZeroShotSetting
+
+        if self.model is None or self.prompt_set is None:
+            raise HemaclipError("another encoder's features have no text tower: no class-prompt reading applies")
+        return ZeroShotSetting(self.model, self.prompt_set, self.prompt_dataset, self.prompt_classes, self.text_cache)
 
 
 @dataclass

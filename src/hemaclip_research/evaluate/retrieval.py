@@ -47,11 +47,10 @@ def retrieval_part(inputs: EvalInputs, figures: Figures) -> Part:
     fs = inputs.eval_features
     figs = []
     if inputs.model is not None:
-        t2i = rt.text_to_image_by_class(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
-                                        text_cache=inputs.text_cache)
+        setting = inputs.zero_shot_setting
+        t2i = rt.text_to_image_by_class(setting, inputs.eval_zero_shot_features)
         results["text_to_image_by_class"] = retrieval_metrics(t2i["scores"], t2i["relevant"], ks)
-        i2t = rt.image_to_text_by_class(inputs.model, inputs.eval_zero_shot_features, inputs.prompt_set, inputs.prompt_dataset, classes=list(inputs.prompt_classes),
-                                        text_cache=inputs.text_cache)
+        i2t = rt.image_to_text_by_class(setting, inputs.eval_zero_shot_features)
         if len(i2t["indices"]):
             results["image_to_text_by_class"] = retrieval_metrics(i2t["scores"], i2t["relevant"], ks)
         if any(a is not None for a in fs.attributes):
