@@ -2,10 +2,11 @@
 
 The published recipe (Chossegros et al. 2024) fine-tunes the whole network on the target lab's few cells. Here, on
 the rest-of-the-lab protocol of `hemaclip_research.onboarding` (the lab's val+test cells are the pool, `lab add`'s own
-selection chooses 50 (and 20) source cells, the read-out is scored on every other source cell), 5 draws (the study's draw seeds):
+selection chooses 50 (and 20) source cells, the read-out is scored on every other source cell; or, with
+`--protocol val-test`, cells chosen from the lab's val part and scored on its test part), 5 draws (the study's seeds):
 
-* **frozen**: the shipped recipe (`lab fit`, towers ``model``) on the model's frozen embedding;
-* **fine-tuned**: `lab fit --fine-tune`'s training (:func:`hemaclip.train.finetune.fine_tune_image_tower`: the
+* **frozen**: `lab fit --no-fine-tune` (towers ``model``): the read-out on the model's frozen embedding;
+* **fine-tuned**: `lab fit`'s default training (:func:`hemaclip.train.finetune.fine_tune_image_tower`: the
   model's whole image tower and class head, `--steps` steps, AdamW lr 1e-4, weight decay 0.05, the training
   augmentation plus blur and JPEG, each batch half the lab's labelled cells and half PBC training cells, 40 per
   class), then the same `lab fit` read-out on the fine-tuned embedding and class head;
@@ -14,7 +15,7 @@ selection chooses 50 (and 20) source cells, the read-out is scored on every othe
 
 Features of the frozen arm and the selection come from the study's cache (run scripts/onboarding_curve.py first).
 Writes bench/results/lab_finetune.json after every draw; a run with the same --steps resumes from it.
-    python -m bench.lab_finetune [--steps 150] [--draws 5] [--sizes 50 20]
+    python -m bench.lab_finetune [--steps 150] [--draws 5] [--sizes 50 20] [--protocol rest|val-test]
 """
 
 from __future__ import annotations
@@ -33,20 +34,22 @@ from hemaclip.io import write_json
 
 SIZES = (50, 20)
 ARMS = ("frozen", "fine_tuned", "fine_tuned_dinov2")
+PROTOCOLS = {"rest": "by_n", "val-test": "val_test_by_n"}  # protocol -> its block in the JSON
 
 
-def _done_draws(path: Path, steps: int) -> dict[str, dict[str, list[dict]]]:
-    """Draws already measured with the same number of steps, by labelled-cell count and lab (a run resumes there).
-    A file written before the 20-cell arm (one `labs` block of 50-cell draws) counts as the 50-cell draws."""
+def _previous(path: Path, steps: int) -> dict:
+    """The file of an earlier run with the same number of steps (a run resumes from its draws), else {}."""
     import json
 
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if old.get("steps") != steps:
-        return {}
-    by_n = old.get("by_n") or {str(N): old.get("labs", {}) for N in (50,)}
-    return {n: {lab: list(block.get("draws", [])) for lab, block in labs.items()} for n, labs in by_n.items()}
+    return old if old.get("steps") == steps else {}
+
+
+def _done_draws(previous: dict, key: str) -> dict[str, dict[str, list[dict]]]:
+    """Draws already measured under `key` (a protocol), by labelled-cell count and lab."""
+    return {n: {lab: list(block.get("draws", [])) for lab, block in labs.items()} for n, labs in previous.get(key, {}).items()}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -62,6 +65,10 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="labelled source cells per draw")
     parser.add_argument("--datasets", nargs="+", default=["zheng1", "zheng2", "lisc"])
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="rest",
+                        help="rest: cells chosen from the whole lab, scored on its other source cells (by_n); val-test: "
+                             "chosen from the lab's val part, scored on its test part (val_test_by_n; sizes above the "
+                             "val part's source cells are skipped)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_finetune.json")
     args = parser.parse_args()
 
@@ -85,10 +92,13 @@ def main() -> None:
     raw, _meta = load_checkpoint(path)
     classes = [str(c) for c in describer.readout.class_names]
     pbc_arrays, pbc_targets = reference_cells(describer, None)  # what `lab fit --fine-tune` mixes in
-    done = _done_draws(args.out, args.steps)
-    result = {"what": __doc__.splitlines()[0], "date": date.today().isoformat(), "machine": machine_info(), "steps": args.steps,
-              "command": f"python -m bench.lab_finetune --steps {args.steps} --draws {args.draws}",
-              "by_n": {str(n): {lab: _summary(rows) for lab, rows in labs.items() if rows} for n, labs in done.items()}}
+    key = PROTOCOLS[args.protocol]
+    previous = _previous(args.out, args.steps)
+    done = _done_draws(previous, key)
+    result = {**previous, "what": __doc__.splitlines()[0], "date": date.today().isoformat(), "machine": machine_info(),
+              "steps": args.steps, "command": f"python -m bench.lab_finetune --steps {args.steps} --draws {args.draws} "
+                                              f"--protocol {{{'|'.join(PROTOCOLS)}}}",
+              key: {str(n): {lab: _summary(rows) for lab, rows in labs.items() if rows} for n, labs in done.items()}}
     for dataset in args.datasets:
         cache = cache_dir() / "onboarding" / f"{dataset}-{sha1[:12]}-model-dinov2.npz"
         data = dict(np.load(cache))
@@ -96,15 +106,17 @@ def main() -> None:
         records = [r for r in load_dataset(dataset).records if r.split in ("val", "test")]
         arrays = [describer.preprocess.load(r.path) for r in records]
         everything = np.arange(len(records))
+        pool = everything if args.protocol == "rest" else np.flatnonzero(data["split"] == "val")
         cols = study._columns(data, "model")
-        z = Standardiser.fit(data["features"][:, cols])(data["features"][:, cols])
-        for n_labelled in args.sizes:
+        z = Standardiser.fit(data["features"][pool][:, cols])(data["features"][:, cols])
+        for n_labelled in [n for n in args.sizes if n <= len(set(data["group"][pool]))]:
             rows = [r for r in done.get(str(n_labelled), {}).get(dataset, []) if r["draw"] < args.draws]
             for draw in range(len(rows), args.draws):
-                pick = study._choose(data, z, everything, n_labelled, "tool", draw)
-                rest = everything[~np.isin(data["group"], data["group"][pick])]
+                pick = study._choose(data, z, pool, n_labelled, "tool", draw)
+                rest = (everything[~np.isin(data["group"], data["group"][pick])] if args.protocol == "rest"
+                        else np.flatnonzero(data["split"] == "test"))
                 truth, groups = data["label"][rest], data["group"][rest]
-                pred, probs, head_classes, _s = study._fit_and_read(data, cols, everything, pick, rest)
+                pred, probs, head_classes, _s = study._fit_and_read(data, cols, pool, pick, rest)
                 frozen = study._score(truth, pred, probs, head_classes, groups, 200)
                 start = time.perf_counter()
                 tuned = fine_tune_image_tower(raw, [arrays[i] for i in pick], [classes.index(str(data["label"][i])) for i in pick],
@@ -113,11 +125,11 @@ def main() -> None:
                 out = image_outputs(tuned, np.stack(arrays))
                 tuned_data = {**data, "features": out["features"].numpy(), "model_dim": int(raw.config.embed_dim),
                               "towers": np.array(["model"]), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
-                pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), everything, pick, rest)
+                pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), pool, pick, rest)
                 fine = study._score(truth, pred, probs, head_classes, groups, 200)
                 dino = data["features"][:, data["model_dim"]:]  # frozen DINOv2 block of the study's cache
                 both = {**tuned_data, "features": np.concatenate([tuned_data["features"], dino], axis=1)}
-                pred, probs, head_classes, _s = study._fit_and_read(both, np.arange(both["features"].shape[1]), everything, pick, rest)
+                pred, probs, head_classes, _s = study._fit_and_read(both, np.arange(both["features"].shape[1]), pool, pick, rest)
                 fine_dino = study._score(truth, pred, probs, head_classes, groups, 200)
                 row = {"draw": draw, "frozen": {k: frozen[k] for k in ("macro_f1", "accuracy", "ece")},
                        "fine_tuned": {k: fine[k] for k in ("macro_f1", "accuracy", "ece")},
@@ -125,7 +137,7 @@ def main() -> None:
                        "scored_cells": int(len(rest)), "scored_source_cells": int(len(set(groups)))}
                 rows.append(row)
                 print(dataset, n_labelled, row, flush=True)
-                result["by_n"].setdefault(str(n_labelled), {})[dataset] = _summary(rows)
+                result[key].setdefault(str(n_labelled), {})[dataset] = _summary(rows)
                 write_json(args.out, result)  # after every draw: an interrupted run resumes where it stopped
     write_json(args.out, result)
     print(f"written to {args.out}")
