@@ -54,6 +54,13 @@ def _fingerprint(model: DualEncoder, keys: list[str]) -> list[float]:
     return [float(total), float(squares)]
 
 
+def sidecar_path(checkpoint: str | Path, suffix: str) -> Path:
+    """Where a file fitted for `checkpoint` (its calibration, its familiarity) lives: ``<name><suffix>`` beside it, so
+    the two travel together and a renamed checkpoint keeps its sidecars only if they are renamed too."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + suffix)
+
+
 def save_checkpoint(
     path: str | Path,
     model: DualEncoder,

@@ -65,8 +65,9 @@ class Calibration:
 
 def calibration_path(checkpoint: str | Path) -> Path:
     """Where the calibration of `checkpoint` lives: ``<name>.calibration.json`` beside it."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + CALIBRATION_SUFFIX)
+    from hemaclip.models.checkpoint import sidecar_path
+
+    return sidecar_path(checkpoint, CALIBRATION_SUFFIX)
 
 
 def load_calibration(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Calibration | None, str]:

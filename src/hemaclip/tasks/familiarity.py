@@ -256,8 +256,9 @@ _SCORERS = {"mahalanobis": Familiarity._mahalanobis, "knn": Familiarity._knn}
 
 def familiarity_path(checkpoint: str | Path) -> Path:
     """Where the familiarity of `checkpoint` lives: ``<name>.familiarity.npz`` beside it."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + FAMILIARITY_SUFFIX)
+    from hemaclip.models.checkpoint import sidecar_path
+
+    return sidecar_path(checkpoint, FAMILIARITY_SUFFIX)
 
 
 def load_familiarity(checkpoint: str | Path, checkpoint_sha1: str) -> tuple[Familiarity | None, str]:
