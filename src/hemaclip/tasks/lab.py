@@ -539,8 +539,8 @@ def fine_tune_lab(profile: LabProfile, checkpoint: str | Path | None, *, data_ro
     unknown = sorted({r["label"] for r in rows} - set(classes))
     if unknown:
         raise HemaclipError(f"labels {unknown} are not classes of the model")
+    ref_arrays, ref_targets = reference_cells(base, data_root, seed=seed)  # first: without PBC, nothing else is read
     lab_arrays = _cell_arrays(base, [r["source"] for r in rows], [r["cell"] for r in rows])
-    ref_arrays, ref_targets = reference_cells(base, data_root, seed=seed)
     start = time.perf_counter()
     tuned = fine_tune_image_tower(raw, lab_arrays, [classes.index(r["label"]) for r in rows], ref_arrays, ref_targets,
                                   settings, seed=seed)
