@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from hemaclip.errors import CheckpointError, HemaclipError
-from hemaclip.tasks.onboarding import LabHead, Standardiser, fit_lab_head, group_folds, select_cells
+from hemaclip.tasks.onboarding import SELECTION_RULES, LabHead, Standardiser, fit_lab_head, group_folds, select_cells
 
 ENTRY_POINT = Path(sys.executable).parent / "hemaclip"
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
@@ -25,18 +25,40 @@ CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 # ---------------------------------------------------------------- selection
 
 
-def test_selection_never_takes_two_crops_of_one_source_cell_while_others_remain() -> None:
+@pytest.mark.parametrize("rule", list(SELECTION_RULES))
+def test_selection_never_takes_two_crops_of_one_source_cell_while_others_remain(rule: str) -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(30, 8))
     features = np.repeat(centres, 4, axis=0) + 0.01 * rng.normal(size=(120, 8))  # 4 near-identical crops per source cell
     groups = [f"cell{i // 4}" for i in range(120)]
     uncertainty = rng.random(120)
     for budget in (10, 30):
-        picked = select_cells(features, uncertainty, groups, budget)
+        picked = select_cells(features, uncertainty, groups, budget, rule=rule)
         assert len(picked) == budget
         assert len({groups[i] for i in picked}) == budget  # one crop per source cell while others remain
-    more = select_cells(features, uncertainty, groups, 35)
+    more = select_cells(features, uncertainty, groups, 35, rule=rule)
     assert len({groups[i] for i in more}) == 30 and len(set(more)) == 35  # only then a second crop of a cell
+
+
+def test_the_default_selection_leaves_outliers_that_plain_kcenter_takes() -> None:
+    """Two dense classes of 200 cells each and 20 scattered outliers: plain k-center spends its budget on the
+    outliers (each is far from everything), the default keeps to the typical cells and still covers both classes."""
+    rng = np.random.default_rng(1)
+    classes = np.concatenate([rng.normal(0.0, 1.0, size=(200, 6)), rng.normal(6.0, 1.0, size=(200, 6))])
+    outliers = rng.normal(0.0, 1.0, size=(20, 6)) * 25.0
+    features = np.concatenate([classes, outliers])
+    groups = [str(i) for i in range(len(features))]
+    uncertainty = np.full(len(features), 0.5)
+    plain = select_cells(features, uncertainty, groups, 10, rule="kcenter")
+    default = select_cells(features, uncertainty, groups, 10)
+    assert sum(i >= 400 for i in plain) >= 8
+    assert not any(i >= 400 for i in default)
+    assert {i < 200 for i in default} == {True, False}  # both classes
+
+
+def test_an_unknown_selection_rule_is_refused() -> None:
+    with pytest.raises(HemaclipError, match="unknown selection rule 'best'.*typical-kcenter"):
+        select_cells(np.zeros((4, 2)), np.zeros(4), ["a", "b", "c", "d"], 2, rule="best")
 
 
 def test_selection_starts_at_the_least_certain_cell_and_spreads_out() -> None:
@@ -320,6 +342,9 @@ def test_lab_commands_through_the_installed_entry_point(tiny_checkpoint: Path, l
     # the shipped model is another model: the profile is refused before anything is read
     assert_one_line_error(_console("describe", str(labelled_lab), "--lab", "mine", "--index", "none", env=env), "another model")
     assert_one_line_error(_console("lab", "fit", "nobody", *ckpt, env=env), "no lab 'nobody'")
+    assert_one_line_error(_console("lab", "add", "other", str(labelled_lab), "--selection", "best", *ckpt, env=env),
+                          "unknown selection rule 'best'")
+    assert not (tmp_path / "labs" / "other").exists()
     odd = tmp_path / "odd"
     shutil.copytree(labelled_lab, odd)
     (odd / "lymphocyte").rename(odd / "blast")

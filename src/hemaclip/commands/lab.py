@@ -36,11 +36,15 @@ def lab_add(
                                         "or 'model,dinov2' (adds frozen DINOv2 ViT-S/14 features: better on some labs, "
                                         "about 10x slower to read; docs/onboarding.md).")] = "model",
     replace: Annotated[bool, typer.Option("--replace", help="Build an existing lab again (its labels are lost).")] = False,
+    selection: Annotated[str, typer.Option("--selection", help="How the cells to label are chosen: typical-kcenter (the least "
+                                           "certain and most different among the lab's more typical half), kcenter (the "
+                                           "same over every cell: picks outliers in a large folder), typiclust (the most "
+                                           "typical cell of each k-means cluster) or random; compared in docs/onboarding.md.")] = "typical-kcenter",
     labs: LabsOption = None,
     checkpoint: CheckpointOption = None,
 ) -> None:
     """Read every cell of FOLDER, choose which cells a person should label first (the least certain and most
-    different ones, one crop per source cell), and save the lab's profile.
+    different ones among the lab's typical cells, one crop per source cell), and save the lab's profile.
 
     Label the chosen cells (to_label.csv in the profile) in `hemaclip serve --review`, or take them from a labelled
     archive with --labels-from-folders; then run `hemaclip lab fit NAME`.
@@ -51,15 +55,17 @@ def lab_add(
     from hemaclip.models.default import resolve_checkpoint
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import add_lab, check_name, check_towers
+    from hemaclip.tasks.onboarding import check_selection
 
     check_name(name)
     tower_list = check_towers(towers)
+    check_selection(selection)
     if not folder.is_dir():
         raise HemaclipError(f"{folder}: not a folder of cell images")
     path = resolve_checkpoint(checkpoint)
     describer = Describer.from_checkpoint(path, index=None, progress=True)
     profile = add_lab(describer, file_sha1(path), name, folder, labs=labs, budget=budget, towers=tower_list,
-                      labels_from_folders=labels_from_folders, replace=replace, progress=True)
+                      labels_from_folders=labels_from_folders, replace=replace, progress=True, selection=selection)
     meta = profile.meta
     console.print(f"lab '{name}': {meta['cells']} cells ({meta['source_cells']} source cells) read; {len(profile.chosen())} chosen "
                   f"for labelling in {profile.root / 'to_label.csv'}")

@@ -209,14 +209,16 @@ def label_from_folder(source: str, root: Path) -> str:
 
 def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, labs: str | Path | None = None,
             budget: int = 50, towers: Sequence[str] = ("model",), labels_from_folders: bool = False,
-            replace: bool = False, progress: bool = False,
+            replace: bool = False, progress: bool = False, selection: str | None = None,
             label_reader: Callable[[str, Path], str] = label_from_folder) -> LabProfile:
     """Read every cell of `folder`, choose `budget` cells to label (:func:`hemaclip.tasks.onboarding.select_cells`),
     and write the profile. With `labels_from_folders`, the chosen cells (and only those) take their class from
-    their folder name (`label_reader`)."""
+    their folder name (`label_reader`). `selection`: a rule of :data:`hemaclip.tasks.onboarding.SELECTION_RULES`
+    (None: the default, :data:`~hemaclip.tasks.onboarding.DEFAULT_SELECTION`)."""
     from hemaclip.tasks.describe import iter_image_paths
-    from hemaclip.tasks.onboarding import Standardiser, select_cells, uncertainty
+    from hemaclip.tasks.onboarding import SELECTION_RULES, Standardiser, check_selection, select_cells, uncertainty
 
+    selection = check_selection(selection)
     towers = check_towers(towers)
     root = labs_dir(labs) / check_name(name)
     if (root / PROFILE).exists() and not replace:
@@ -236,7 +238,7 @@ def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, l
     probabilities = np.stack([d.class_probabilities for d in described])
     groups = _groups_of(described)
     z = Standardiser.fit(features)(features)
-    picked = select_cells(z, uncertainty(probabilities), groups, budget)
+    picked = select_cells(z, uncertainty(probabilities), groups, budget, rule=selection)
     sources = [d.source for d in described]
     chosen_rows = [{"rank": r + 1, "source": path_to_text(sources[i]), "cell": described[i].cell, "group": groups[i]}
                    for r, i in enumerate(picked)]
@@ -262,7 +264,7 @@ def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, l
         _write_csv(root / LABELS, ("source", "cell", "label", "origin"), label_rows)
     meta = {"format": LAB_FORMAT, "name": name, "folder": path_to_text(Path(folder).resolve()), "model_sha1": model_sha1,
             "towers": towers, "budget": budget, "cells": len(described), "source_cells": len(set(groups)),
-            "selection": "uncertainty-weighted k-center, one crop per source cell", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "selection": selection, "selection_rule": SELECTION_RULES[selection].description + ", one crop per source cell", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with atomic_write(root / PROFILE) as handle:
         json.dump(meta, handle, indent=2)
     return LabProfile(root, meta)
