@@ -22,7 +22,7 @@ sub-command, with each option's flags, type, default and help, walked through cl
 docs/reference/python-api.md from the public API's signatures and docstrings (`hemaclip.__all__`, `hemaclip.api`).
 They hold no date, terminal width or absolute path, so a page differs from its render only when the code changed.
 
-Usage: python scripts/render_docs.py [FILE ...] [--check]   (default: README.md at the repository root and the reference pages)
+Usage: python scripts/render_docs.py [FILE ...] [--check]   (default: README.md, docs/onboarding.md and the reference pages)
   default mode  rewrites each file in place (atomically) with the figures its sources give now, and with no FILE
                 the reference pages with what the code gives now;
   --check       changes nothing; exit status 1 and one line per figure that is stale, unsourced or unreadable, and
@@ -47,7 +47,7 @@ from typing import Any
 from hemaclip.io import atomic_write
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-DEFAULT_FILES = (REPOSITORY / "README.md",)
+DEFAULT_FILES = (REPOSITORY / "README.md", REPOSITORY / "docs" / "onboarding.md")  # the pages with rendered figures
 MARKER = re.compile(r"<!-- fig: (?P<source>.+?) :: (?P<key>.+?) :: (?P<spec>\S+?) -->(?P<text>.*?)<!-- /fig -->")
 RESULTS_HEADING = re.compile(r"^## Results\b")
 NEXT_SECTION = re.compile(r"^## ")
@@ -519,7 +519,7 @@ def render_reference(root: Path = REPOSITORY, *, check: bool = False, pages: dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="*", type=Path, help="Markdown files (default: README.md, and the reference pages)")
+    parser.add_argument("files", nargs="*", type=Path, help="Markdown files (default: README.md, docs/onboarding.md and the reference pages)")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any figure or reference page is stale or unsourced")
     args = parser.parse_args(argv)
     failed = False
