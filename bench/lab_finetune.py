@@ -2,8 +2,9 @@
 
 The published recipe (Chossegros et al. 2024) fine-tunes the whole network on the target lab's few cells. Here, on
 the rest-of-the-lab protocol of `hemaclip_research.onboarding` (the lab's val+test cells are the pool, `lab add`'s own
-selection chooses 50 (and 20) source cells, the read-out is scored on every other source cell; or, with
-`--protocol val-test`, cells chosen from the lab's val part and scored on its test part), 5 draws (the study's seeds):
+selection (`--selection`, default typical-kcenter) chooses 50 (and 20) source cells, the read-out is scored on every
+other source cell; or, with `--protocol val-test`, cells chosen from the lab's val part and scored on its test part),
+5 draws (the study's seeds; a block per protocol and selection rule, :func:`block_name`):
 
 * **frozen**: `lab fit --no-fine-tune` (towers ``model``): the read-out on the model's frozen embedding;
 * **fine-tuned**: `lab fit`'s default training (:func:`hemaclip.train.finetune.fine_tune_image_tower`: the
@@ -35,6 +36,15 @@ from hemaclip.io import write_json
 SIZES = (50, 20)
 ARMS = ("frozen", "fine_tuned", "fine_tuned_dinov2")
 PROTOCOLS = {"rest": "by_n", "val-test": "val_test_by_n"}  # protocol -> its block in the JSON
+
+
+def block_name(protocol: str, selection: str) -> str:
+    """The JSON block of a protocol and selection rule: ``by_n`` / ``val_test_by_n`` for `lab add`'s default rule,
+    with ``_<rule>`` appended for any other (the blocks measured before typical-kcenter became the default are
+    ``*_kcenter``)."""
+    from hemaclip.tasks.onboarding import DEFAULT_SELECTION
+
+    return PROTOCOLS[protocol] + ("" if selection == DEFAULT_SELECTION else f"_{selection}")
 
 
 def _previous(path: Path, steps: int) -> dict:
@@ -69,6 +79,7 @@ def main() -> None:
                         help="rest: cells chosen from the whole lab, scored on its other source cells (by_n); val-test: "
                              "chosen from the lab's val part, scored on its test part (val_test_by_n; sizes above the "
                              "val part's source cells are skipped)")
+    parser.add_argument("--selection", default=None, help="lab add's selection rule (default: its default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_finetune.json")
     args = parser.parse_args()
 
@@ -82,7 +93,7 @@ def main() -> None:
     from hemaclip_research import onboarding as study
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import reference_cells
-    from hemaclip.tasks.onboarding import Standardiser
+    from hemaclip.tasks.onboarding import Standardiser, check_selection, select_cells, uncertainty
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     torch.set_num_threads(2)
@@ -92,12 +103,13 @@ def main() -> None:
     raw, _meta = load_checkpoint(path)
     classes = [str(c) for c in describer.readout.class_names]
     pbc_arrays, pbc_targets = reference_cells(describer, None)  # what `lab fit --fine-tune` mixes in
-    key = PROTOCOLS[args.protocol]
+    selection = check_selection(args.selection)
+    key = block_name(args.protocol, selection)
     previous = _previous(args.out, args.steps)
     done = _done_draws(previous, key)
     result = {**previous, "what": __doc__.splitlines()[0], "date": date.today().isoformat(), "machine": machine_info(),
               "steps": args.steps, "command": f"python -m bench.lab_finetune --steps {args.steps} --draws {args.draws} "
-                                              f"--protocol {{{'|'.join(PROTOCOLS)}}}",
+                                              f"--protocol {{{'|'.join(PROTOCOLS)}}} [--selection RULE]",
               key: {str(n): {lab: _summary(rows) for lab, rows in labs.items() if rows} for n, labs in done.items()}}
     for dataset in args.datasets:
         cache = cache_dir() / "onboarding" / f"{dataset}-{sha1[:12]}-model-dinov2.npz"
@@ -112,7 +124,10 @@ def main() -> None:
         for n_labelled in [n for n in args.sizes if n <= len(set(data["group"][pool]))]:
             rows = [r for r in done.get(str(n_labelled), {}).get(dataset, []) if r["draw"] < args.draws]
             for draw in range(len(rows), args.draws):
-                pick = study._choose(data, z, pool, n_labelled, "tool", draw)
+                rng = np.random.default_rng(draw)  # the learning curve's draws: the whole pool, then 90 % subsamples
+                sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
+                pick = sub[select_cells(z[sub], uncertainty(data["probabilities"][sub]), data["group"][sub], n_labelled,
+                                        rule=selection, seed=draw)]
                 rest = (everything[~np.isin(data["group"], data["group"][pick])] if args.protocol == "rest"
                         else np.flatnonzero(data["split"] == "test"))
                 truth, groups = data["label"][rest], data["group"][rest]
