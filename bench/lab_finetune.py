@@ -93,7 +93,7 @@ def main() -> None:
     from hemaclip_research import onboarding as study
     from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import reference_cells
-    from hemaclip.tasks.onboarding import Standardiser, check_selection, select_cells, uncertainty
+    from hemaclip.tasks.onboarding import Standardiser, check_selection
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     torch.set_num_threads(2)
@@ -124,10 +124,7 @@ def main() -> None:
         for n_labelled in [n for n in args.sizes if n <= len(set(data["group"][pool]))]:
             rows = [r for r in done.get(str(n_labelled), {}).get(dataset, []) if r["draw"] < args.draws]
             for draw in range(len(rows), args.draws):
-                rng = np.random.default_rng(draw)  # the learning curve's draws: the whole pool, then 90 % subsamples
-                sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
-                pick = sub[select_cells(z[sub], uncertainty(data["probabilities"][sub]), data["group"][sub], n_labelled,
-                                        rule=selection, seed=draw)]
+                pick = study._choose(data, z, pool, n_labelled, selection, draw)  # the learning curve's draws
                 rest = (everything[~np.isin(data["group"], data["group"][pick])] if args.protocol == "rest"
                         else np.flatnonzero(data["split"] == "test"))
                 truth, groups = data["label"][rest], data["group"][rest]

@@ -92,14 +92,17 @@ def _one_per_group(pool: np.ndarray, groups: np.ndarray, n: int, rng: np.random.
 
 
 def _choose(data: dict[str, Any], z: np.ndarray, pool: np.ndarray, n: int, selection: str, draw: int) -> np.ndarray:
-    from hemaclip.tasks.onboarding import select_cells, uncertainty
+    """`n` cells of `pool` for one draw: "random" (one crop of n random source cells), or "tool" (`lab add`'s default
+    rule) or any rule of SELECTION_RULES on the whole pool (draw 0) or a 90 % subsample (later draws)."""
+    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, select_cells, uncertainty
 
     groups = data["group"]
     rng = np.random.default_rng(draw)
     if selection == "random":
         return _one_per_group(pool, groups, n, rng)
     sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
-    return sub[select_cells(z[sub], uncertainty(data["probabilities"][sub]), groups[sub], n)]
+    rule = DEFAULT_SELECTION if selection == "tool" else selection
+    return sub[select_cells(z[sub], uncertainty(data["probabilities"][sub]), groups[sub], n, rule=rule, seed=draw)]
 
 
 def _score(truth: np.ndarray, pred: Sequence[str], probs: np.ndarray, classes: Sequence[str], groups: np.ndarray,
