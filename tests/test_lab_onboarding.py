@@ -61,6 +61,25 @@ def test_an_unknown_selection_rule_is_refused() -> None:
         select_cells(np.zeros((4, 2)), np.zeros(4), ["a", "b", "c", "d"], 2, rule="best")
 
 
+def test_selection_columns_are_the_model_block_whatever_other_towers_a_profile_holds() -> None:
+    from hemaclip.tasks.lab import selection_columns
+
+    assert list(selection_columns(["model"], 256, 256)) == list(range(256))
+    assert list(selection_columns(["model", "dinov2"], 1024, 256)) == list(range(256))
+    assert list(selection_columns(["dinov2", "model"], 1024, 256)) == list(range(768, 1024))
+    assert list(selection_columns(["dinov2"], 768, 256)) == list(range(768))  # no model block: every column
+    # the picks then do not move when the other tower's columns change
+    rng = np.random.default_rng(2)
+    model_block, uncertainty = rng.normal(size=(60, 4)), rng.random(60)
+    groups = [str(i) for i in range(60)]
+    picks = []
+    for other in (rng.normal(size=(60, 12)), 50.0 * rng.normal(size=(60, 12))):
+        features = np.concatenate([model_block, other], axis=1)
+        on = selection_columns(["model", "dinov2"], features.shape[1], 4)
+        picks.append(select_cells(Standardiser.fit(features[:, on])(features[:, on]), uncertainty, groups, 8))
+    assert picks[0] == picks[1]
+
+
 def test_selection_starts_at_the_least_certain_cell_and_spreads_out() -> None:
     features = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [-5.0, 5.0]])
     uncertainty = np.array([0.9, 0.1, 0.1, 0.1])

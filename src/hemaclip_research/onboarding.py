@@ -157,7 +157,8 @@ def _curve_rows(data: dict[str, Any], recipe: str, pool: np.ndarray, test_of: An
     from hemaclip.tasks.onboarding import Standardiser
 
     cols = _columns(data, recipe)
-    z = Standardiser.fit(data["features"][pool][:, cols])(data["features"][:, cols])
+    on = _columns(data, "model")  # cells are chosen on the model's block, as `lab add` does (selection_columns)
+    z = Standardiser.fit(data["features"][pool][:, on])(data["features"][:, on])
     pool_groups = len(set(data["group"][pool]))
     rows = []
     for n in [s for s in sizes if 0 < s <= pool_groups]:

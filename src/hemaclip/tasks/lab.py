@@ -99,6 +99,22 @@ def tower_features(towers: Sequence[str], descriptions: Sequence[CellDescription
     return np.concatenate(blocks, axis=1)
 
 
+def selection_columns(towers: Sequence[str], width: int, model_width: int) -> np.ndarray:
+    """The feature columns `lab add` chooses cells on: the model tower's block when the profile has one, else all.
+
+    Why: the selection rules were compared on the model's own embedding (bench.lab_selection); with DINOv2's 768
+    columns beside it, choosing on every tower gave the two-tower read-out a lower mean macro F1 over the labs' val
+    parts (bench/results/lab_selection_space.json); the read-out itself still uses every tower."""
+    towers = list(towers)
+    if "model" not in towers:
+        return np.arange(width)
+    position = towers.index("model")
+    if 0 < position < len(towers) - 1:
+        raise HemaclipError(f"towers {','.join(towers)}: the model tower must come first or last")
+    start = 0 if position == 0 else width - model_width
+    return np.arange(start, start + model_width)
+
+
 # ---------------------------------------------------------------- the profile
 
 
@@ -237,7 +253,8 @@ def add_lab(describer: Describer, model_sha1: str, name: str, folder: Path, *, l
     features = tower_features(towers, described, describer)
     probabilities = np.stack([d.class_probabilities for d in described])
     groups = _groups_of(described)
-    z = Standardiser.fit(features)(features)
+    on = selection_columns(towers, features.shape[1], len(described[0].embedding))
+    z = Standardiser.fit(features[:, on])(features[:, on])
     picked = select_cells(z, uncertainty(probabilities), groups, budget, rule=selection)
     sources = [d.source for d in described]
     chosen_rows = [{"rank": r + 1, "source": path_to_text(sources[i]), "cell": described[i].cell, "group": groups[i]}
