@@ -85,23 +85,18 @@ def main() -> None:
 
     from scipy.special import softmax
 
-    from hemaclip.cache import cache_dir, file_sha1
+    from bench.lab_common import shipped_model
+    from hemaclip.cache import cache_dir
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.checkpoint import load_checkpoint
-    from hemaclip.models.default import resolve_checkpoint
     from hemaclip.models.inference import image_outputs
     from hemaclip_research import onboarding as study
-    from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import reference_cells
     from hemaclip.tasks.onboarding import Standardiser, check_selection
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     torch.set_num_threads(2)
-    path = resolve_checkpoint(None)
-    sha1 = file_sha1(path)
-    describer = Describer.from_checkpoint(path, index=None)
-    raw, _meta = load_checkpoint(path)
-    classes = [str(c) for c in describer.readout.class_names]
+    shipped = shipped_model()
+    describer, sha1, raw, classes = shipped.describer, shipped.sha1, shipped.raw, shipped.classes
     pbc_arrays, pbc_targets = reference_cells(describer, None)  # what `lab fit --fine-tune` mixes in
     selection = check_selection(args.selection)
     key = block_name(args.protocol, selection)

@@ -54,17 +54,12 @@ def _read(model, arrays: np.ndarray) -> dict:
 
 
 def _zero_cells(data: dict, pool: np.ndarray, classes: list[str]) -> dict:
-    from bench.lab_selection import MIN_SCORED, _one_per_group
-    from hemaclip.metrics.classification import macro_f1
+    from bench.lab_common import one_per_group, pool_score
 
-    rest = _one_per_group(pool, data["group"])
+    rest = one_per_group(pool, data["group"])
     white = np.array([c in WHITE_CELLS for c in classes])
     probs = np.where(white, data["probabilities"][rest], 0.0)
-    pred = np.array([classes[i] for i in probs.argmax(1)])
-    truth = data["label"][rest]
-    present = [c for c in sorted(set(truth)) if (truth == c).sum() >= MIN_SCORED]
-    keep = np.isin(truth, present)
-    return {"macro_f1": float(macro_f1(list(truth[keep]), list(pred[keep]), present)), "accuracy": float(np.mean(pred == truth))}
+    return pool_score(data["label"][rest], np.array([classes[i] for i in probs.argmax(1)]))
 
 
 def main() -> None:
@@ -78,22 +73,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_multisource.json")
     args = parser.parse_args()
 
+    from bench.lab_common import one_per_group, pool_score, shipped_model
     from bench.lab_selection import _score
-    from hemaclip.cache import cache_dir, file_sha1
+    from hemaclip.cache import cache_dir
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.checkpoint import load_checkpoint
-    from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.lab import reference_cells
-    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, select_cells, uncertainty
+    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, fit_lab_head, select_cells, uncertainty
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     torch.set_num_threads(2)
-    path = resolve_checkpoint(None)
-    sha1 = file_sha1(path)
-    describer = Describer.from_checkpoint(path, index=None)
-    raw, _meta = load_checkpoint(path)
-    classes = [str(c) for c in describer.readout.class_names]
+    shipped = shipped_model()
+    describer, sha1, raw, classes = shipped.describer, shipped.sha1, shipped.raw, shipped.classes
     pbc_arrays, pbc_targets = reference_cells(describer, None)
     result = {"what": __doc__.splitlines()[0], "protocol": __doc__, "date": date.today().isoformat(), "machine": machine_info(),
               "command": f"python -m bench.lab_multisource --base-steps {args.base_steps} --sizes {' '.join(map(str, args.sizes))} "
@@ -140,10 +130,6 @@ def main() -> None:
             for n in [n for n in args.sizes if n <= lab_row["val_source_cells"] - 5]:
                 row[str(n)] = _score(data, pool, None, n, DEFAULT_SELECTION, args.draws)
             if args.fine_tune_draws:
-                from bench.lab_selection import _one_per_group
-                from hemaclip.metrics.classification import macro_f1
-                from hemaclip.tasks.onboarding import fit_lab_head
-
                 tuned_rows = []
                 z = Standardiser.fit(data["features"][pool])(data["features"])
                 for draw in range(args.fine_tune_draws):
@@ -154,15 +140,10 @@ def main() -> None:
                     tuned = fine_tune_image_tower(model, [arrays[i] for i in pick], [classes.index(str(meta["label"][i])) for i in pick],
                                                   pbc_arrays, pbc_targets, FineTuneSettings(), seed=draw)
                     t = {**meta, **_read(tuned, arrays)}
-                    rest = _one_per_group(pool[~np.isin(meta["group"][pool], meta["group"][pick])], meta["group"])
+                    rest = one_per_group(pool[~np.isin(meta["group"][pool], meta["group"][pick])], meta["group"])
                     head = fit_lab_head(t["features"][pick], t["probabilities"][pick], [str(v) for v in meta["label"][pick]],
                                         [str(g) for g in meta["group"][pick]], classes, t["features"][pool], seed=draw)
-                    pred = np.array(head.predict(t["features"][rest], t["probabilities"][rest]))
-                    truth = meta["label"][rest]
-                    present = [c for c in sorted(set(truth)) if (truth == c).sum() >= 3]
-                    keep = np.isin(truth, present)
-                    tuned_rows.append({"macro_f1": float(macro_f1(list(truth[keep]), list(pred[keep]), present)),
-                                       "accuracy": float(np.mean(pred == truth))})
+                    tuned_rows.append(pool_score(meta["label"][rest], np.array(head.predict(t["features"][rest], t["probabilities"][rest]))))
                     print(target, arm, "fine-tuned draw", draw, tuned_rows[-1], flush=True)
                 row[f"fine_tuned_{args.fine_tune_size}"] = {k: float(np.mean([r[k] for r in tuned_rows])) for k in tuned_rows[0]} | {"draws": tuned_rows}
             lab_row["arms"][arm] = row

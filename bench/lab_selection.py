@@ -27,28 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.lab_common import one_per_group, pool_score, shipped_model
 from bench.machine import machine_info
 
 from hemaclip.io import write_json
 
-MIN_SCORED = 3
 ALL_POOLS = (300, 600, None)  # ALL training images in the pool (None: all of them); fixed subsample seed below
 ALL_SUBSAMPLE_SEED = 123
 
 
-def _one_per_group(indices: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """The first crop of each source cell among `indices` (scores count source cells, not crops)."""
-    seen: set[str] = set()
-    keep = []
-    for i in indices:
-        if groups[i] not in seen:
-            seen.add(groups[i])
-            keep.append(i)
-    return np.array(keep, dtype=int)
-
-
 def _score(data: dict, pool: np.ndarray, scored: np.ndarray | None, n: int, rule: str, draws: int) -> dict:
-    from hemaclip.metrics.classification import macro_f1
     from hemaclip.tasks.onboarding import Standardiser, fit_lab_head, select_cells, uncertainty
 
     x, y, groups = data["features"], data["label"], data["group"]
@@ -58,18 +46,14 @@ def _score(data: dict, pool: np.ndarray, scored: np.ndarray | None, n: int, rule
         rng = np.random.default_rng(draw)
         sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
         pick = sub[select_cells(z[sub], uncertainty(data["selection_probabilities"][sub]), groups[sub], n, rule=rule, seed=draw)]
-        rest = scored if scored is not None else _one_per_group(pool[~np.isin(groups[pool], groups[pick])], groups)
+        rest = scored if scored is not None else one_per_group(pool[~np.isin(groups[pool], groups[pick])], groups)
         if len(set(y[pick])) < 2:
             rows.append({"macro_f1": 0.0, "accuracy": 0.0, "classes_covered": len(set(y[pick]))})
             continue
         head = fit_lab_head(x[pick], data["probabilities"][pick], [str(v) for v in y[pick]], [str(g) for g in groups[pick]],
                             data["model_classes"], x[pool], seed=draw)
         pred = np.array(head.predict(x[rest], data["probabilities"][rest]))
-        truth = y[rest]
-        present = [c for c in sorted(set(truth)) if (truth == c).sum() >= MIN_SCORED]
-        keep = np.isin(truth, present)
-        rows.append({"macro_f1": float(macro_f1(list(truth[keep]), list(pred[keep]), present)),
-                     "accuracy": float(np.mean(pred == truth)), "classes_covered": len(set(y[pick]))})
+        rows.append({**pool_score(y[rest], pred), "classes_covered": len(set(y[pick]))})
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"draws": rows}
 
 
@@ -130,16 +114,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_selection.json")
     args = parser.parse_args()
 
-    from hemaclip.cache import file_sha1
-    from hemaclip.models.checkpoint import load_checkpoint
-    from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.describe import Describer
     from hemaclip.tasks.onboarding import DEFAULT_SELECTION, SELECTION_RULES
 
-    path = resolve_checkpoint(None)
-    sha1 = file_sha1(path)
-    describer = Describer.from_checkpoint(path, index=None)
-    model_dim = int(load_checkpoint(path)[0].config.embed_dim)
+    shipped = shipped_model()
+    describer, sha1, model_dim = shipped.describer, shipped.sha1, int(shipped.raw.config.embed_dim)
     pools: dict[str, dict] = {}
     for name, data, pool, scored in [*_lab_pools(describer, sha1, model_dim), *_all_pools(describer, sha1)]:
         source_cells = len(set(data["group"][pool].tolist()))

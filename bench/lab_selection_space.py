@@ -32,19 +32,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_selection_space.json")
     args = parser.parse_args()
 
-    from bench.lab_selection import MIN_SCORED, _one_per_group
-    from hemaclip.cache import cache_dir, file_sha1
-    from hemaclip.metrics.classification import macro_f1
-    from hemaclip.models.checkpoint import load_checkpoint
-    from hemaclip.models.default import resolve_checkpoint
-    from hemaclip.tasks.describe import Describer
+    from bench.lab_common import one_per_group, pool_score, shipped_model
+    from hemaclip.cache import cache_dir
     from hemaclip.tasks.onboarding import Standardiser, fit_lab_head, select_cells, uncertainty
     from hemaclip_research import onboarding as study
 
-    path = resolve_checkpoint(None)
-    sha1 = file_sha1(path)
-    describer = Describer.from_checkpoint(path, index=None)
-    model_dim = int(load_checkpoint(path)[0].config.embed_dim)
+    shipped = shipped_model()
+    describer, sha1, model_dim = shipped.describer, shipped.sha1, int(shipped.raw.config.embed_dim)
     pools: dict = {}
     for lab in ("lisc", "zheng1", "zheng2"):
         d = study.lab_features(describer, lab, ["model", "dinov2"], None, cache_dir() / "onboarding" / f"{lab}-{sha1[:12]}-model-dinov2.npz")
@@ -60,13 +54,10 @@ def main() -> None:
                         rng = np.random.default_rng(draw)
                         sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
                         pick = sub[select_cells(z[sub], uncertainty(d["probabilities"][sub]), g[sub], n, rule=rule, seed=draw)]
-                        rest = _one_per_group(pool[~np.isin(g[pool], g[pick])], g)
+                        rest = one_per_group(pool[~np.isin(g[pool], g[pick])], g)
                         head = fit_lab_head(x[pick], d["probabilities"][pick], [str(v) for v in y[pick]], [str(v) for v in g[pick]],
                                             classes, x[pool], seed=draw)
-                        pred, truth = np.array(head.predict(x[rest], d["probabilities"][rest])), y[rest]
-                        present = [c for c in sorted(set(truth)) if (truth == c).sum() >= MIN_SCORED]
-                        keep = np.isin(truth, present)
-                        scores.append(float(macro_f1(list(truth[keep]), list(pred[keep]), present)))
+                        scores.append(pool_score(y[rest], np.array(head.predict(x[rest], d["probabilities"][rest])))["macro_f1"])
                     pools.setdefault(f"{lab} val", {}).setdefault(str(n), {}).setdefault(space, {})[rule] = {
                         "macro_f1": float(np.mean(scores)), "draws": scores}
                     print(lab, n, space, rule, round(float(np.mean(scores)), 3), flush=True)
