@@ -471,3 +471,14 @@ def test_fine_tuning_keeps_a_frozen_second_tower_as_read(tiny_checkpoint: Path, 
     assert after.shape == before.shape
     assert np.array_equal(after[:, -6:], before[:, -6:])  # the frozen tower's block is kept as read
     assert not np.allclose(after[:, :-6], before[:, :-6])  # the model's block is read again by the tuned tower
+
+
+def test_class_balanced_fine_tune_draws_give_every_labelled_class_the_same_weight() -> None:
+    from hemaclip.train.finetune import _class_balanced_weights
+
+    targets = [0] * 8 + [3] * 2 + [5]
+    weights = _class_balanced_weights(targets)
+    assert weights.sum() == pytest.approx(1.0)
+    mass = {c: weights[np.array(targets) == c].sum() for c in (0, 3, 5)}
+    assert all(m == pytest.approx(1 / 3) for m in mass.values())
+    assert weights[-1] == pytest.approx(8 * weights[0])  # the single rare cell is drawn 8x as often as a common one

@@ -36,6 +36,7 @@ class FineTuneSettings:
     weight_decay: float = 0.05
     blur_p: float = 0.2
     jpeg_p: float = 0.2
+    balance_lab_classes: bool = False  # draw the lab's cells with each class equally likely (not the default: see bench.lab_balance)
 
 
 def fine_tune_image_tower(model: DualEncoder, lab_arrays: Sequence[np.ndarray], lab_targets: Sequence[int],
@@ -64,8 +65,10 @@ def fine_tune_image_tower(model: DualEncoder, lab_arrays: Sequence[np.ndarray], 
     for parameter in trained:
         parameter.requires_grad_(True)
     optimiser = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=settings.weight_decay)
+    lab_p = _class_balanced_weights(lab_targets) if settings.balance_lab_classes else None
     for _step in range(int(settings.steps)):
-        a = rng.integers(0, len(lab_arrays), settings.lab_per_batch)
+        a = (rng.integers(0, len(lab_arrays), settings.lab_per_batch) if lab_p is None  # the default's draws, as measured
+             else rng.choice(len(lab_arrays), settings.lab_per_batch, p=lab_p))
         b = rng.integers(0, len(reference_arrays), settings.reference_per_batch) if len(reference_arrays) else np.array([], int)
         arrays = [lab_arrays[i] for i in a] + [reference_arrays[i] for i in b]
         targets = torch.tensor([int(lab_targets[i]) for i in a] + [int(reference_targets[i]) for i in b])
@@ -77,3 +80,11 @@ def fine_tune_image_tower(model: DualEncoder, lab_arrays: Sequence[np.ndarray], 
     for parameter in tuned.parameters():
         parameter.requires_grad_(True)
     return tuned.eval()
+
+
+def _class_balanced_weights(targets: Sequence[int]) -> np.ndarray:
+    """Sampling probabilities that give each class the same total weight (a rare class's few cells drawn more often)."""
+    targets = np.asarray(targets)
+    counts = {t: int((targets == t).sum()) for t in set(targets.tolist())}
+    weights = np.array([1.0 / counts[t] for t in targets.tolist()])
+    return weights / weights.sum()
