@@ -36,14 +36,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_balance.json")
     args = parser.parse_args()
 
-    from scipy.special import softmax
-
-    from bench.lab_common import one_per_group, pool_score, shipped_model
+    from bench.lab_common import model_read, one_per_group, pool_score, shipped_model
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.inference import image_outputs
     from hemaclip.tasks.lab import reference_cells
-    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, fit_lab_head, select_cells, uncertainty
+    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, fit_lab_head
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
+    from hemaclip_research import onboarding as study
 
     torch.set_num_threads(2)
     shipped = shipped_model()
@@ -55,29 +53,24 @@ def main() -> None:
     if args.out.is_file() and json.loads(args.out.read_text()).get("command") == command:
         result["labs"] = json.loads(args.out.read_text())["labs"]  # resume: labs already measured are kept
 
-    def read(model, arrays):
-        out = image_outputs(model, arrays)
-        return out["features"].numpy(), softmax(out["class_logits"].numpy(), axis=1)
-
     for lab in [lab for lab in LABS if lab not in result["labs"]]:
         records = [r for r in load_dataset(lab).records if r.split == "val"]
         arrays = np.stack([describer.preprocess.load(r.path) for r in records])
         labels, groups = np.array([r.label for r in records]), np.array([r.group or str(r.path) for r in records])
         pool = np.arange(len(records))
-        features, probabilities = read(raw, arrays)
-        z = Standardiser.fit(features)(features)
+        base = {**model_read(raw, arrays), "group": groups}
+        z = Standardiser.fit(base["features"])(base["features"])
         rows = {arm: [] for arm in ARMS}
         for draw in range(args.draws):
-            rng = np.random.default_rng(draw)
-            sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
-            pick = sub[select_cells(z[sub], uncertainty(probabilities[sub]), groups[sub], args.size, rule=DEFAULT_SELECTION, seed=draw)]
+            pick = study._choose(base, z, pool, args.size, DEFAULT_SELECTION, draw)  # the learning curve's draws
             rest = one_per_group(pool[~np.isin(groups, groups[pick])], groups)
             for arm, balanced in ARMS.items():
                 start = time.perf_counter()
                 tuned = fine_tune_image_tower(raw, [arrays[i] for i in pick], [classes.index(str(labels[i])) for i in pick],
                                               pbc_arrays, pbc_targets, FineTuneSettings(balance_lab_classes=balanced), seed=draw)
                 seconds = time.perf_counter() - start
-                f, p = read(tuned, arrays)
+                tuned_read = model_read(tuned, arrays)
+                f, p = tuned_read["features"], tuned_read["probabilities"]
                 head = fit_lab_head(f[pick], p[pick], [str(v) for v in labels[pick]], [str(g) for g in groups[pick]], classes, f[pool], seed=draw)
                 rows[arm].append({**pool_score(labels[rest], np.array(head.predict(f[rest], p[rest]))), "draw": draw,
                                   "labelled_per_class": {c: int((labels[pick] == c).sum()) for c in sorted(set(labels[pick].tolist()))},

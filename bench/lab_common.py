@@ -34,6 +34,16 @@ def shipped_model() -> ShippedModel:
     return ShippedModel(path, file_sha1(path), describer, raw, [str(c) for c in describer.readout.class_names])
 
 
+def model_read(model: Any, arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Embedding and class-head softmax of uint8 cell arrays, as the benches read a base or fine-tuned model."""
+    from scipy.special import softmax
+
+    from hemaclip.models.inference import image_outputs
+
+    out = image_outputs(model, arrays)
+    return {"features": out["features"].numpy(), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
+
+
 def one_per_group(indices: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """The first crop of each source cell among `indices` (scores count source cells, not crops)."""
     seen: set[str] = set()

@@ -83,12 +83,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_finetune.json")
     args = parser.parse_args()
 
-    from scipy.special import softmax
-
-    from bench.lab_common import shipped_model
+    from bench.lab_common import model_read, shipped_model
     from hemaclip.cache import cache_dir
     from hemaclip.data.datasets import load_dataset
-    from hemaclip.models.inference import image_outputs
     from hemaclip_research import onboarding as study
     from hemaclip.tasks.lab import reference_cells
     from hemaclip.tasks.onboarding import Standardiser, check_selection
@@ -129,10 +126,9 @@ def main() -> None:
                 tuned = fine_tune_image_tower(raw, [arrays[i] for i in pick], [classes.index(str(data["label"][i])) for i in pick],
                                               pbc_arrays, pbc_targets, FineTuneSettings(steps=args.steps), seed=draw)
                 tune_s = time.perf_counter() - start
-                out = image_outputs(tuned, np.stack(arrays))
-                tuned_data = {**data, "features": out["features"].numpy(), "model_dim": int(raw.config.embed_dim),
-                              "towers": np.array(["model"]), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
-                pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(out["features"].shape[1]), pool, pick, rest)
+                tuned_data = {**data, **model_read(tuned, np.stack(arrays)), "model_dim": int(raw.config.embed_dim),
+                              "towers": np.array(["model"])}
+                pred, probs, head_classes, _s = study._fit_and_read(tuned_data, np.arange(tuned_data["features"].shape[1]), pool, pick, rest)
                 fine = study._score(truth, pred, probs, head_classes, groups, 200)
                 dino = data["features"][:, data["model_dim"]:]  # frozen DINOv2 block of the study's cache
                 both = {**tuned_data, "features": np.concatenate([tuned_data["features"], dino], axis=1)}

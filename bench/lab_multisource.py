@@ -15,7 +15,7 @@ each batch half second-source cells and half PBC reference cells, `--base-steps`
   then the same read-out.
 
 Arms: ``pbc`` (the shipped model) and ``multi`` (the continued base). Both read through the same code (features
-and softmax of the class head from :func:`hemaclip.models.inference.image_outputs`).
+and softmax of the class head from :func:`bench.lab_common.model_read`).
     python -m bench.lab_multisource [--base-steps 300] [--sizes 10 20] [--draws 5] [--fine-tune-draws 0]
 """
 
@@ -44,15 +44,6 @@ def second_sources(target: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(lab, ("train",) if lab == "lisc" else ("val", "test")) for lab in LABS if lab != target]
 
 
-def _read(model, arrays: np.ndarray) -> dict:
-    from scipy.special import softmax
-
-    from hemaclip.models.inference import image_outputs
-
-    out = image_outputs(model, arrays)
-    return {"features": out["features"].numpy(), "probabilities": softmax(out["class_logits"].numpy(), axis=1)}
-
-
 def _zero_cells(data: dict, pool: np.ndarray, classes: list[str]) -> dict:
     from bench.lab_common import one_per_group, pool_score
 
@@ -73,12 +64,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lab_multisource.json")
     args = parser.parse_args()
 
-    from bench.lab_common import one_per_group, pool_score, shipped_model
+    from bench.lab_common import model_read, one_per_group, pool_score, shipped_model
     from bench.lab_selection import _score
     from hemaclip.cache import cache_dir
     from hemaclip.data.datasets import load_dataset
     from hemaclip.tasks.lab import reference_cells
-    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, fit_lab_head, select_cells, uncertainty
+    from hemaclip.tasks.onboarding import DEFAULT_SELECTION, Standardiser, fit_lab_head
+    from hemaclip_research import onboarding as study
     from hemaclip.train.finetune import FineTuneSettings, fine_tune_image_tower
 
     torch.set_num_threads(2)
@@ -124,7 +116,7 @@ def main() -> None:
         lab_row: dict = {"second_sources": [f"{d} ({'+'.join(s)})" for d, s in sources], "second_source_cells": len(source_arrays),
                          "base_seconds": round(base_seconds, 1), "val_source_cells": len(set(meta["group"].tolist())), "arms": {}}
         for arm, model in (("pbc", raw), ("multi", multi)):
-            data = {**meta, **_read(model, arrays)}
+            data = {**meta, **model_read(model, arrays)}
             data["selection_probabilities"] = data["probabilities"]
             row = {"0": _zero_cells(data, pool, classes)}
             for n in [n for n in args.sizes if n <= lab_row["val_source_cells"] - 5]:
@@ -133,13 +125,10 @@ def main() -> None:
                 tuned_rows = []
                 z = Standardiser.fit(data["features"][pool])(data["features"])
                 for draw in range(args.fine_tune_draws):
-                    rng = np.random.default_rng(draw)
-                    sub = pool if draw == 0 else pool[rng.random(len(pool)) > 0.1]
-                    pick = sub[select_cells(z[sub], uncertainty(data["probabilities"][sub]), data["group"][sub],
-                                            args.fine_tune_size, rule=DEFAULT_SELECTION, seed=draw)]
+                    pick = study._choose(data, z, pool, args.fine_tune_size, DEFAULT_SELECTION, draw)  # the curve's draws
                     tuned = fine_tune_image_tower(model, [arrays[i] for i in pick], [classes.index(str(meta["label"][i])) for i in pick],
                                                   pbc_arrays, pbc_targets, FineTuneSettings(), seed=draw)
-                    t = {**meta, **_read(tuned, arrays)}
+                    t = {**meta, **model_read(tuned, arrays)}
                     rest = one_per_group(pool[~np.isin(meta["group"][pool], meta["group"][pick])], meta["group"])
                     head = fit_lab_head(t["features"][pick], t["probabilities"][pick], [str(v) for v in meta["label"][pick]],
                                         [str(g) for g in meta["group"][pick]], classes, t["features"][pool], seed=draw)

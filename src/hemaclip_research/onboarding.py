@@ -154,10 +154,11 @@ def _model_rows(data: dict[str, Any], test: np.ndarray, n_resamples: int) -> lis
 
 def _curve_rows(data: dict[str, Any], recipe: str, pool: np.ndarray, test_of: Any, sizes: Sequence[int], draws: int,
                 n_resamples: int, protocol: str) -> list[dict[str, Any]]:
+    from hemaclip.tasks.lab import selection_columns
     from hemaclip.tasks.onboarding import Standardiser
 
     cols = _columns(data, recipe)
-    on = _columns(data, "model")  # cells are chosen on the model's block, as `lab add` does (selection_columns)
+    on = selection_columns([str(t) for t in data["towers"]], data["features"].shape[1], data["model_dim"])  # as `lab add`
     z = Standardiser.fit(data["features"][pool][:, on])(data["features"][:, on])
     pool_groups = len(set(data["group"][pool]))
     rows = []
